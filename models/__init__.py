@@ -1,0 +1,25 @@
+"""Model adapters: one per family, one interface (see ``models.base.VLMAdapter``).
+
+    adapter = load_adapter("qwen2", model_path="tiny-random")
+
+``model_path`` is a hub id, a local checkpoint folder, or ``tiny-random`` for a
+random-weight model of the same architecture built offline (numbers mean nothing).
+"""
+from __future__ import annotations
+
+from models.base import TINY_RANDOM, Batch, TokenLayout, VLMAdapter
+from models.llava import LlavaAdapter
+from models.qwen2vl import Qwen2VLAdapter
+from spatial_attention.errors import OptionError
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter}
+
+
+def load_adapter(family: str, model_path: str | None = None, **kwargs) -> VLMAdapter:
+    """Load ``family`` ("llava" or "qwen2"); kwargs go to ``VLMAdapter.load``."""
+    if family not in ADAPTERS:
+        raise OptionError(f"--model {family!r} is not one of {', '.join(ADAPTERS)}")
+    return ADAPTERS[family].load(model_path, **kwargs)
+
+
+__all__ = ["ADAPTERS", "TINY_RANDOM", "Batch", "TokenLayout", "VLMAdapter", "load_adapter"]

@@ -1,0 +1,288 @@
+"""The interface every model adapter offers, and the token layout of one input.
+
+An adapter hides what differs between model families: how a checkpoint is
+loaded, how a prompt is built, where the image tokens sit and how they map to an
+image grid, and where the attention modules live. Everything downstream (the
+capture engine, the experiments, the metrics) talks only to this interface.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from spatial_attention.errors import OptionError
+
+log = logging.getLogger(__name__)
+
+TINY_RANDOM = "tiny-random"
+
+
+@dataclass
+class TokenLayout:
+    """Where things are in one (unpadded) input sequence.
+
+    Positions index the padded batch row; the batch is right-padded, so position
+    0 is the first real token and ``length - 1`` the last one.
+    """
+
+    input_ids: np.ndarray  # (length,) the real tokens only
+    offsets: np.ndarray  # (length, 2) character span of each token in ``prompt`` (expanded)
+    prompt: str  # the prompt string as tokenised (image placeholders expanded)
+    text_start: int  # character offset of the user text inside ``prompt``
+    text: str  # the user text
+    image_positions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    grid: tuple[int, int] | None = None  # image-token grid (gh, gw), raster order
+
+    @property
+    def length(self) -> int:
+        return int(len(self.input_ids))
+
+    @property
+    def last_position(self) -> int:
+        """The position whose output predicts the answer's first token."""
+        return self.length - 1
+
+    def text_positions(self) -> np.ndarray:
+        """Token positions covering the user text (the caption)."""
+        return self.span_positions(0, len(self.text))
+
+    def span_positions(self, start: int, end: int) -> np.ndarray:
+        """Token positions overlapping characters [start, end) of the user text.
+
+        Works from the tokenizer's character offsets, so a word split into
+        several sub-tokens yields all of them, for SentencePiece and byte-level
+        BPE alike. Raises if no token covers the span.
+        """
+        lo, hi = self.text_start + start, self.text_start + end
+        tok_lo, tok_hi = self.offsets[:, 0], self.offsets[:, 1]
+        hit = (tok_hi > lo) & (tok_lo < hi) & (tok_hi > tok_lo)
+        positions = np.flatnonzero(hit)
+        if positions.size == 0:
+            raise ValueError(f"no token covers characters {start}:{end} ({self.text[start:end]!r}) of {self.text!r}")
+        return positions
+
+    def word_positions(self, word: str, occurrence: int = 0) -> np.ndarray:
+        """Token positions of the ``occurrence``-th whole-word match of ``word`` in the user text."""
+        start = -1
+        for _ in range(occurrence + 1):
+            start = _find_word(self.text, word, start + 1)
+            if start < 0:
+                raise ValueError(f"word {word!r} (occurrence {occurrence}) not in {self.text!r}")
+        return self.span_positions(start, start + len(word))
+
+
+def _find_word(text: str, word: str, begin: int) -> int:
+    """Index of the next whole-word occurrence of ``word`` at or after ``begin``, or -1."""
+    i = text.find(word, begin)
+    while i >= 0:
+        before = text[i - 1] if i > 0 else " "
+        after = text[i + len(word)] if i + len(word) < len(text) else " "
+        if not before.isalnum() and not after.isalnum():
+            return i
+        i = text.find(word, i + 1)
+    return -1
+
+
+@dataclass
+class Batch:
+    """Model inputs for several samples (right-padded) and each sample's layout."""
+
+    inputs: dict  # processor output, tensors on the model's device
+    layouts: list[TokenLayout]
+
+    def __len__(self) -> int:
+        return len(self.layouts)
+
+
+def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """Default: the GPU in bf16 when there is one, else the CPU in fp32."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype is None or dtype == "auto":
+        return dev, (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if dtype not in names:
+        raise OptionError(f"--dtype {dtype!r} is not one of auto, bf16, fp16, fp32")
+    return dev, names[dtype]
+
+
+def model_load_error(model_path: str, family: str, exc: Exception) -> OptionError:
+    """One line that says the model could not be loaded and what to do."""
+    where = "local folder" if Path(model_path).exists() else "hub id (not in the local cache and the hub not reachable?)"
+    return OptionError(
+        f"--model-path {model_path!r}: cannot load a {family} checkpoint from this {where}: "
+        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} -- pass a downloaded checkpoint "
+        f"folder with --model-path, or --model-path {TINY_RANDOM} for a random-weight smoke run")
+
+
+class VLMAdapter:
+    """One model family behind one small interface (see the module docstring).
+
+    Subclasses set ``family``, ``default_model_path`` and implement the methods
+    that raise ``NotImplementedError``.
+    """
+
+    family: str = ""
+    default_model_path: str = ""
+    # vision_feature_layer-style index of the last vision layer whose output the
+    # language model sees (-1: all layers; LLaVA-1.5 uses -2).
+    vision_select_layer: int = -1
+
+    def __init__(self, model, processor, model_path: str, revision: str | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.model_path = model_path
+        self.revision = revision
+        self.tokenizer = processor.tokenizer
+        self.tokenizer.padding_side = "right"
+
+    # -- loading -----------------------------------------------------------
+    @classmethod
+    def load(cls, model_path: str | None = None, device: str | None = None, dtype: str | None = None,
+             device_map: str | None = None, revision: str | None = None, seed: int = 0) -> "VLMAdapter":
+        """Load from a hub id or local folder, or build ``tiny-random`` offline."""
+        model_path = model_path or cls.default_model_path
+        dev, torch_dtype = pick_device_and_dtype(device, dtype)
+        if model_path == TINY_RANDOM:
+            torch.manual_seed(seed)
+            model, processor = cls.build_tiny_random()
+            model = model.to(device=dev, dtype=torch_dtype)
+            return cls(model, processor, model_path)
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        kwargs = dict(dtype=torch_dtype, attn_implementation=_registered_attention(), revision=revision)
+        try:
+            processor = AutoProcessor.from_pretrained(model_path, revision=revision)
+            if device_map:
+                model = AutoModelForImageTextToText.from_pretrained(model_path, device_map=device_map, **kwargs)
+            else:
+                model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).to(dev)
+        except (OSError, ValueError) as exc:
+            raise model_load_error(model_path, cls.family, exc) from None
+        return cls(model, processor, model_path, revision)
+
+    @classmethod
+    def build_tiny_random(cls):
+        """A random-weight model of the real architecture and its processor, built offline."""
+        raise NotImplementedError
+
+    # -- structure ---------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def lm_attention_modules(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self.model.model.language_model.layers]
+
+    def vision_attention_modules(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.lm_attention_modules())
+
+    @property
+    def num_heads(self) -> int:
+        return self.model.config.text_config.num_attention_heads
+
+    def vision_map_layers(self) -> list[int]:
+        """Vision layers averaged into the encoder's self-attention map: 0 .. L + select_layer."""
+        n = len(self.vision_attention_modules())
+        return list(range(n + self.vision_select_layer + 1))
+
+    # -- inputs ------------------------------------------------------------
+    def image_prompt(self, text: str) -> str:
+        """The model's prompt for one image followed by ``text`` (one image placeholder)."""
+        raise NotImplementedError
+
+    def text_prompt(self, text: str) -> str:
+        """The model's prompt for ``text`` alone, no image."""
+        raise NotImplementedError
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """The image as the model will be fed it (Qwen2-VL resizes to the feed size)."""
+        return image.convert("RGB")
+
+    def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
+        """The image-token grid (gh, gw) of sample ``index``."""
+        raise NotImplementedError
+
+    def encode(self, texts: list[str], images: list[Image.Image] | None = None) -> Batch:
+        """Tokenise a batch (right padding) and work out each sample's layout."""
+        if images is not None and len(images) != len(texts):
+            raise ValueError("encode: one image per text")
+        prompts = [self.image_prompt(t) if images is not None else self.text_prompt(t) for t in texts]
+        kwargs = dict(text=prompts, return_tensors="pt", padding=True, return_offsets_mapping=True)
+        if images is not None:
+            kwargs["images"] = [self.prepare_image(im) for im in images]
+            inputs = self.processor(**kwargs)
+        else:
+            inputs = self.tokenizer(**kwargs)
+            inputs.pop("token_type_ids", None)
+        offsets = inputs.pop("offset_mapping").numpy()
+        image_token_id = self.model.config.image_token_id
+        layouts = []
+        for b, (prompt, text) in enumerate(zip(prompts, texts)):
+            length = int(inputs["attention_mask"][b].sum())
+            ids = inputs["input_ids"][b, :length].numpy()
+            if int(inputs["attention_mask"][b, :length].min()) != 1:
+                raise RuntimeError("encode expects right padding")
+            image_positions = np.flatnonzero(ids == image_token_id)
+            expanded = self._expanded_prompt(prompt, len(image_positions))
+            text_start = expanded.rindex(text)
+            grid = self.image_grid(inputs, b) if images is not None else None
+            if grid is not None and grid[0] * grid[1] != len(image_positions):
+                raise RuntimeError(f"image grid {grid} does not match {len(image_positions)} image tokens")
+            layouts.append(TokenLayout(ids, offsets[b, :length], expanded, text_start, text, image_positions, grid))
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return Batch(inputs, layouts)
+
+    def _expanded_prompt(self, prompt: str, n_image_tokens: int) -> str:
+        """The prompt with its image placeholder repeated as the processor expands it."""
+        token = getattr(self.processor, "image_token", None)
+        if n_image_tokens == 0 or token is None:
+            return prompt
+        return prompt.replace(token, token * n_image_tokens, 1)
+
+    # -- vision encoder maps -----------------------------------------------
+    def vision_to_grid(self, attn: torch.Tensor, image_index: int, inputs: dict) -> torch.Tensor:
+        """Map one image's head-mean vision self-attention (N, N) to the image-token grid.
+
+        Returns (gh*gw, gh*gw) in raster order with rows renormalised: CLS dropped
+        (LLaVA) or merge-window order undone and pooled to merged cells (Qwen2-VL).
+        """
+        raise NotImplementedError
+
+    def vision_chunk_sizes(self, inputs: dict) -> list[int]:
+        """How many vision tokens each image of the batch has, in call order."""
+        raise NotImplementedError
+
+    # -- bookkeeping ---------------------------------------------------------
+    def describe(self) -> dict:
+        """What run.json records about the model."""
+        cfg = self.model.config
+        return {"family": self.family, "model_path": self.model_path, "revision": self.revision,
+                "commit_hash": getattr(cfg, "_commit_hash", None), "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device), "num_layers": self.num_layers, "num_heads": self.num_heads,
+                "vision_layers": len(self.vision_attention_modules())}
+
+
+def _registered_attention() -> str:
+    """The attention implementation name under which the capture engine runs."""
+    from spatial_attention.capture import ATTENTION_NAME, register
+
+    register()
+    return ATTENTION_NAME

@@ -1,0 +1,69 @@
+"""LLaVA-1.5 (the llava-hf conversion): CLIP ViT-L/14-336 + Llama-7B.
+
+Prompt as in the paper, without the system sentence:
+``USER: <image>\\n{text} ASSISTANT:``. The processor expands ``<image>`` to 576
+tokens (a 24x24 grid, CLS dropped), which sit right after ``USER: `` and not at
+the end of the sequence; they are found from the input ids.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from models.base import VLMAdapter, _registered_attention
+from models.tiny import llama_style_tokenizer
+
+
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+    default_model_path = "llava-hf/llava-1.5-7b-hf"
+    vision_select_layer = -2  # config.vision_feature_layer of LLaVA-1.5
+
+    def __init__(self, model, processor, model_path, revision=None):
+        super().__init__(model, processor, model_path, revision)
+        self.vision_select_layer = int(model.config.vision_feature_layer)
+        self._patch_grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+
+    @classmethod
+    def build_tiny_random(cls):
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
+            LlavaForConditionalGeneration, LlavaProcessor
+
+        tokenizer = llama_style_tokenizer(["<image>", "<pad>"])
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                  image_size=336, patch_size=14, projection_dim=32)
+        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+        config = LlavaConfig(vision_config=vision, text_config=text,
+                             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_layer=-2, vision_feature_select_strategy="default")
+        model = LlavaForConditionalGeneration._from_config(copy.deepcopy(config),
+                                                           attn_implementation=_registered_attention())
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                             image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276])
+        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        return model, processor
+
+    def image_prompt(self, text: str) -> str:
+        return f"USER: <image>\n{text} ASSISTANT:"
+
+    def text_prompt(self, text: str) -> str:
+        return f"USER: {text} ASSISTANT:"
+
+    def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
+        return (self._patch_grid, self._patch_grid)
+
+    def vision_attention_modules(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]
+
+    def vision_chunk_sizes(self, inputs: dict) -> list[int]:
+        # CLIP runs the whole batch in one call per layer: one chunk per image.
+        return [self._patch_grid ** 2 + 1] * int(inputs["pixel_values"].shape[0])
+
+    def vision_to_grid(self, attn: torch.Tensor, image_index: int, inputs: dict) -> torch.Tensor:
+        patches = attn[1:, 1:]  # drop CLS row and column
+        return patches / patches.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -1,0 +1,129 @@
+"""Qwen2-VL-Instruct: a ViT on 14-px patches, 2x2 patch merging, Qwen2 language model.
+
+The image is resized to the feed size (672x672 by default) with qwen-vl-utils;
+the processor then gives ``image_grid_thw`` = [1, H/14, W/14] and
+(H/28) x (W/28) ``<|image_pad|>`` tokens in raster order of the merged grid.
+The grid is read from ``image_grid_thw`` and the merge size, never guessed from
+the token count. The ViT stores its patches in 2x2 merge-window order; its
+attention is reordered to raster order before it becomes a map.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from PIL import Image
+
+from models.base import VLMAdapter, _registered_attention
+from models.tiny import byte_level_tokenizer
+
+# The Qwen2-VL-Instruct chat template (image and text content, default system turn),
+# used by the tiny model; real checkpoints carry their own.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+
+
+def window_to_raster(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
+    """perm such that ``x_raster = x_window[perm]`` for one image's ViT patches.
+
+    In merge-window order the patches of merged cell (i, j) (raster over the
+    merged grid) come together, themselves in raster order inside the window.
+    """
+    rows = torch.arange(grid_h).view(-1, 1).expand(grid_h, grid_w)
+    cols = torch.arange(grid_w).view(1, -1).expand(grid_h, grid_w)
+    cell = (rows // merge) * (grid_w // merge) + cols // merge
+    within = (rows % merge) * merge + cols % merge
+    return (cell * merge * merge + within).reshape(-1)
+
+
+def pool_to_merged(attn_raster: torch.Tensor, grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
+    """Patch-level raster attention (N, N) -> merged-cell attention (N/m^2, N/m^2).
+
+    Mean over the m*m query patches of a cell, sum over its m*m key patches, so
+    rows that summed to 1 still do.
+    """
+    gh, gw = grid_h // merge, grid_w // merge
+    a = attn_raster.view(gh, merge, gw, merge, gh, merge, gw, merge)
+    return a.mean(dim=(1, 3)).sum(dim=(3, 5)).reshape(gh * gw, gh * gw)
+
+
+class Qwen2VLAdapter(VLMAdapter):
+    family = "qwen2"
+    default_model_path = "Qwen/Qwen2-VL-7B-Instruct"
+    vision_select_layer = -1  # the merger reads the last ViT layer
+
+    def __init__(self, model, processor, model_path, revision=None, feed_size=(672, 672)):
+        super().__init__(model, processor, model_path, revision)
+        self.feed_size = feed_size
+        self.merge = int(model.config.vision_config.spatial_merge_size)
+
+    def set_feed_size(self, feed_size: int | tuple[int, int]) -> None:
+        """Feed images at (height, width); an int means a square."""
+        self.feed_size = (feed_size, feed_size) if isinstance(feed_size, int) else tuple(feed_size)
+
+    @classmethod
+    def build_tiny_random(cls):
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, \
+            Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+        tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                         chat_template=CHAT_TEMPLATE)
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+                    pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                               vision_end_token_id=ids["<|vision_end|>"])
+        model = Qwen2VLForConditionalGeneration._from_config(copy.deepcopy(config),
+                                                             attn_implementation=_registered_attention())
+        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+        return model, processor
+
+    def image_prompt(self, text: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def text_prompt(self, text: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        from qwen_vl_utils import fetch_image
+
+        height, width = self.feed_size
+        patch = self.model.config.vision_config.patch_size
+        return fetch_image({"image": image.convert("RGB"), "resized_height": height, "resized_width": width},
+                           image_patch_size=patch)
+
+    def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
+        _, h, w = (int(v) for v in inputs["image_grid_thw"][index])
+        return (h // self.merge, w // self.merge)
+
+    def vision_attention_modules(self) -> list[torch.nn.Module]:
+        return [block.attn for block in self.model.model.visual.blocks]
+
+    def vision_chunk_sizes(self, inputs: dict) -> list[int]:
+        return [int(t * h * w) for t, h, w in inputs["image_grid_thw"].tolist()]
+
+    def vision_to_grid(self, attn: torch.Tensor, image_index: int, inputs: dict) -> torch.Tensor:
+        _, h, w = (int(v) for v in inputs["image_grid_thw"][image_index])
+        perm = window_to_raster(h, w, self.merge).to(attn.device)
+        raster = attn[perm][:, perm]
+        return pool_to_merged(raster, h, w, self.merge)

@@ -1,0 +1,108 @@
+"""The slow, obvious path the capture engine is checked against.
+
+The language model runs under transformers' own eager attention with
+``output_attentions=True``: every layer's full (B, H, T, T) tensor comes back
+and the reductions are taken from it on the CPU in float64. The vision encoders
+do not all return their attention (Qwen2-VL's ViT returns none, even under
+eager), so for them a plain eager function that keeps every probability tensor
+is registered under its own name. This is what the paper's scripts did, and
+what ``--verify-attention`` / ``verify_attention.py`` compare with.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from spatial_attention.capture import ATTENTION_NAME, CaptureRequest, capture, plain_logits
+
+REFERENCE_NAME = "spatial_attention_reference"
+_kept: dict[int, list[torch.Tensor]] | None = None
+
+
+def _keep_everything(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    groups = getattr(module, "num_key_value_groups", 1)
+    weights = torch.matmul(query, repeat_kv(key, groups).transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask[:, :, :, : key.shape[-2]]
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if _kept is not None:
+        _kept.setdefault(id(module), []).append(weights.float().cpu())
+    return torch.matmul(weights, repeat_kv(value, groups)).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register(REFERENCE_NAME, _keep_everything)
+AttentionMaskInterface.register(REFERENCE_NAME, eager_mask)
+
+
+@contextlib.contextmanager
+def eager_model(adapter):
+    """The adapter's model with eager attention (vision: the keep-everything function)."""
+    global _kept
+    adapter.model.set_attn_implementation({"text_config": "eager", "vision_config": REFERENCE_NAME, "": "eager"})
+    _kept = {}
+    try:
+        yield _kept
+    finally:
+        _kept = None
+        adapter.model.set_attn_implementation(ATTENTION_NAME)
+
+
+@torch.inference_mode()
+def reference_capture(adapter, batch, request: CaptureRequest) -> tuple[list[dict[str, np.ndarray]], torch.Tensor]:
+    """The same recordings as ``capture``, from full eager attention tensors."""
+    with eager_model(adapter) as kept:
+        out = adapter.model(**batch.inputs, use_cache=False, output_attentions=True)
+        lm = [a.double().cpu() for a in out.attentions]  # per layer (B, H, T, T)
+        vision_calls = {i: kept.get(id(m), []) for i, m in enumerate(adapter.vision_attention_modules())}
+    last = [lay.last_position for lay in batch.layouts]
+    logits = out.logits[torch.arange(len(last)), torch.tensor(last)].float().cpu()
+    results = []
+    for b in range(len(batch)):
+        sample = {}
+        for name, pairs in request.blocks.items():
+            rows, cols = (torch.as_tensor(x) for x in pairs[b])
+            per_layer_head = torch.stack([lm[l][b][:, rows][:, :, cols] for l in request.layers])  # (L, H, R, C)
+            sample[name] = {"mean": per_layer_head.mean(dim=(0, 1)), "layer": per_layer_head.mean(1),
+                            "layer_head": per_layer_head}[request.keep].numpy()
+        if request.last_mass is not None:
+            cols = torch.as_tensor(request.last_mass[b])
+            sample["last_mass"] = torch.stack(
+                [lm[l][b][:, last[b]][:, cols].sum(-1) for l in request.layers]).numpy()
+        if request.vision:
+            sample["vision"] = _vision_reference(adapter, batch, vision_calls, b)
+        results.append(sample)
+    return results, logits
+
+
+def _vision_reference(adapter, batch, vision_calls, image: int) -> np.ndarray:
+    """Layer average of the adapter's grid mapping of each layer's head-mean attention of one image."""
+    maps = []
+    for layer in adapter.vision_map_layers():
+        per_image = torch.cat([c.reshape(-1, *c.shape[-3:]) for c in vision_calls[layer]])  # (images, H, N, N)
+        head_mean = per_image[image].double().mean(0)
+        maps.append(adapter.vision_to_grid(head_mean, image, batch.inputs))
+    return torch.stack(maps).mean(0).numpy()
+
+
+def verify(adapter, batch, request: CaptureRequest) -> dict:
+    """Compare every recording and the logits of the engine with the reference path.
+
+    Returns the largest absolute difference per recording, and between the
+    engine's logits and a plain forward's, plus whether the argmax agrees.
+    """
+    engine, engine_logits = capture(adapter, batch, request)
+    reference, _ = reference_capture(adapter, batch, request)
+    plain = plain_logits(adapter, batch)
+    diffs = {}
+    for got, want in zip(engine, reference):
+        for name in want:
+            d = float(np.max(np.abs(got[name].astype(np.float64) - want[name]))) if want[name].size else 0.0
+            diffs[name] = max(diffs.get(name, 0.0), d)
+    return {"max_abs_diff": diffs,
+            "logits_max_abs_diff": float((engine_logits - plain).abs().max()),
+            "argmax_agree": bool((engine_logits.argmax(-1) == plain.argmax(-1)).all())}
