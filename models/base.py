@@ -152,7 +152,7 @@ class VLMAdapter:
         dev, torch_dtype = pick_device_and_dtype(device, dtype)
         if model_path == TINY_RANDOM:
             torch.manual_seed(seed)
-            model, processor = cls.build_tiny_random()
+            model, processor = cls.build_random()
             model = model.to(device=dev, dtype=torch_dtype)
             return cls(model, processor, model_path)
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -169,8 +169,12 @@ class VLMAdapter:
         return cls(model, processor, model_path, revision)
 
     @classmethod
-    def build_tiny_random(cls):
-        """A random-weight model of the real architecture and its processor, built offline."""
+    def build_random(cls, text: dict | None = None, vision: dict | None = None):
+        """A random-weight model of the real architecture and its processor, built offline.
+
+        With no arguments: the ``tiny-random`` shapes. ``text`` / ``vision``
+        override entries of the language-model / vision-encoder configs.
+        """
         raise NotImplementedError
 
     # -- structure ---------------------------------------------------------

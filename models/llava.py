@@ -25,16 +25,20 @@ class LlavaAdapter(VLMAdapter):
         self.vision_select_layer = int(model.config.vision_feature_layer)
         self._patch_grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
 
+    # The tiny-random shapes; ``build_random`` overrides them (the benchmark's sizes).
+    TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+    TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                       projection_dim=32)
+
     @classmethod
-    def build_tiny_random(cls):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None):
         from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
             LlavaForConditionalGeneration, LlavaProcessor
 
         tokenizer = llama_style_tokenizer(["<image>", "<pad>"])
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                  image_size=336, patch_size=14, projection_dim=32)
-        text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=2048,
+        vision = CLIPVisionConfig(**{**cls.TINY_VISION, **(vision or {})}, image_size=336, patch_size=14)
+        text = LlamaConfig(**{**cls.TINY_TEXT, **(text or {})}, vocab_size=len(tokenizer), max_position_embeddings=4096,
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
         config = LlavaConfig(vision_config=vision, text_config=text,

@@ -73,20 +73,28 @@ class Qwen2VLAdapter(VLMAdapter):
         """Feed images at (height, width); an int means a square."""
         self.feed_size = (feed_size, feed_size) if isinstance(feed_size, int) else tuple(feed_size)
 
+    # The tiny-random shapes; ``build_random`` overrides them (the benchmark's sizes).
+    TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2)
+    TINY_VISION = dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=4)
+
     @classmethod
-    def build_tiny_random(cls):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None):
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, \
             Qwen2VLProcessor, Qwen2VLVideoProcessor
 
         tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                          chat_template=CHAT_TEMPLATE)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=4096,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+        text = {**cls.TINY_TEXT, **(text or {})}
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        spatial = 3 * head_dim // 16  # mrope sections (t, h, w) share head_dim / 2 like 16/24/24 at 7B
+        text.update(vocab_size=len(tokenizer), max_position_embeddings=32768,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                     "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=4, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        vision = {**cls.TINY_VISION, **(vision or {}), "hidden_size": text["hidden_size"], "patch_size": 14,
+                  "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
         config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                vision_end_token_id=ids["<|vision_end|>"])

@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny-random models (built once per session) and paths."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+REAL_SAMPLE = REPO.parent / "shared" / "fixtures" / "shapeworld_real" / "agreement" / "relational"
+
+
+@pytest.fixture(scope="session")
+def real_sample() -> Path:
+    """The real ShapeWorld sample in ../shared/fixtures (skips when absent)."""
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip(f"real ShapeWorld sample absent: {REAL_SAMPLE} does not exist (it lives in ../shared, beside the checkout)")
+    return REAL_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """family -> tiny-random adapter (fp32, CPU). Qwen2-VL fed at 224x224 unless a test sets it."""
+    from models import load_adapter
+
+    return {family: load_adapter(family, "tiny-random", device="cpu", dtype="fp32") for family in ("llava", "qwen2")}
+
+
+@pytest.fixture(params=["llava", "qwen2"])
+def adapter(request, tiny_models):
+    ad = tiny_models[request.param]
+    if request.param == "qwen2":
+        ad.set_feed_size(224)
+    return ad
+
+
+def random_images(n: int, seed: int = 0, size: int = 100) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]

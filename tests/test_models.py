@@ -1,0 +1,129 @@
+"""Adapters: prompts, token layouts, grids, word positions, vision raster order, load errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import random_images
+from models import load_adapter
+from models.qwen2vl import pool_to_merged, window_to_raster
+from spatial_attention.errors import OptionError
+
+CAPTION = ("there are two shapes a cyan semicircle and a blue pentagon . what is the spatial relationship "
+           "from the first shape to the second shape ? the spatial relation is left .")
+
+
+def _decoded(adapter, layout, positions):
+    return "".join(adapter.tokenizer.decode([int(layout.input_ids[p])]) for p in positions).replace(" ", "")
+
+
+def test_llava_image_tokens_follow_user_not_at_end(tiny_models):
+    ad = tiny_models["llava"]
+    layout = ad.encode([CAPTION], random_images(1)).layouts[0]
+    pos = layout.image_positions
+    assert len(pos) == 576 and layout.grid == (24, 24)
+    assert np.array_equal(pos, np.arange(pos[0], pos[0] + 576))  # contiguous
+    assert _decoded(ad, layout, range(pos[0])).endswith("USER:")
+    assert pos[-1] < layout.length - 20  # the caption and "ASSISTANT:" come after the image
+    assert _decoded(ad, layout, range(layout.length - 4, layout.length)).endswith("ASSISTANT:")
+
+
+@pytest.mark.parametrize("feed,grid", [((672, 672), (24, 24)), ((480, 640), (17, 23))])
+def test_qwen2_grid_from_image_grid_thw(tiny_models, feed, grid):
+    ad = tiny_models["qwen2"]
+    ad.set_feed_size(feed)
+    try:
+        batch = ad.encode([CAPTION], random_images(1))
+    finally:
+        ad.set_feed_size(224)
+    layout = batch.layouts[0]
+    assert layout.grid == grid
+    assert len(layout.image_positions) == grid[0] * grid[1]
+    ids = layout.input_ids
+    start = ad.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert ids[layout.image_positions[0] - 1] == start
+
+
+def test_multi_token_word_positions(adapter):
+    layout = adapter.encode([CAPTION], random_images(1)).layouts[0]
+    for word in ("semicircle", "pentagon", "left", "cyan"):
+        pos = layout.word_positions(word)
+        assert _decoded(adapter, layout, pos) == word
+    assert len(layout.word_positions("semicircle")) > 1  # split into sub-tokens by these tokenizers
+    assert np.all(np.diff(layout.word_positions("semicircle")) == 1)
+
+
+def test_word_occurring_twice(adapter):
+    layout = adapter.encode([CAPTION], random_images(1)).layouts[0]
+    first, second = layout.word_positions("shape", 0), layout.word_positions("shape", 1)
+    assert _decoded(adapter, layout, first) == "shape" == _decoded(adapter, layout, second)
+    assert second[0] > first[-1]
+    # "shape" must not match inside "shapes"
+    shapes = layout.word_positions("shapes")
+    assert first[0] > shapes[-1]
+    with pytest.raises(ValueError):
+        layout.word_positions("shape", 2)
+
+
+def test_text_only_layout(adapter):
+    layout = adapter.encode([CAPTION]).layouts[0]
+    assert layout.image_positions.size == 0 and layout.grid is None
+    assert _decoded(adapter, layout, layout.text_positions()) == CAPTION.replace(" ", "")
+
+
+def test_window_to_raster_matches_the_real_image_processor(tiny_models):
+    """Patch k of the processor's pixel_values (merge-window order) lands at raster position perm^-1."""
+    ad = tiny_models["qwen2"]
+    h, w = 4, 6  # patches
+    img = np.zeros((h * 14, w * 14, 3), np.uint8)
+    for r in range(h):
+        for c in range(w):
+            img[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = (r * 40, c * 40, 0)
+    out = ad.processor.image_processor(images=[Image.fromarray(img)], return_tensors="pt", do_resize=False,
+                                       do_normalize=False, do_rescale=False)
+    assert out["image_grid_thw"].tolist() == [[1, h, w]]
+    patches = out["pixel_values"].view(h * w, 3, 2, 14, 14)[:, :2, 0, 0, 0]  # (patch, [red, green])
+    raster = patches[window_to_raster(h, w, 2)]
+    expect = torch.tensor([[r * 40, c * 40] for r in range(h) for c in range(w)], dtype=raster.dtype)
+    assert torch.equal(raster, expect)
+    assert not torch.equal(patches, expect)  # window order is not raster order
+
+
+def test_qwen2_vision_map_is_raster_order(tiny_models):
+    """vision_to_grid against a naive loop; pooling without the reorder gives something else."""
+    ad = tiny_models["qwen2"]
+    h, w, m = 4, 6, 2
+    attn = torch.rand(h * w, h * w, dtype=torch.float64)
+    attn /= attn.sum(-1, keepdim=True)
+    inputs = {"image_grid_thw": torch.tensor([[1, h, w]])}
+    got = ad.vision_to_grid(attn, 0, inputs)
+
+    def window_index(r, c):
+        return ((r // m) * (w // m) + c // m) * m * m + (r % m) * m + c % m
+
+    gh, gw = h // m, w // m
+    want = torch.zeros(gh * gw, gh * gw, dtype=torch.float64)
+    for qi in range(gh):
+        for qj in range(gw):
+            for ki in range(gh):
+                for kj in range(gw):
+                    total = 0.0
+                    for dq in [(a, b) for a in range(m) for b in range(m)]:
+                        for dk in [(a, b) for a in range(m) for b in range(m)]:
+                            q = window_index(qi * m + dq[0], qj * m + dq[1])
+                            k = window_index(ki * m + dk[0], kj * m + dk[1])
+                            total += attn[q, k].item()
+                    want[qi * gw + qj, ki * gw + kj] = total / (m * m)
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(pool_to_merged(attn, h, w, m), want)
+    torch.testing.assert_close(got.sum(-1), torch.ones(gh * gw, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_unloadable_model_is_one_clear_line(family, tmp_path):
+    with pytest.raises(OptionError) as err:
+        load_adapter(family, str(tmp_path / "no-such-checkpoint"), device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and "--model-path" in message and "tiny-random" in message
