@@ -1,0 +1,161 @@
+"""Output plumbing shared by every experiment: logging, append-as-you-go JSONL
+with resume, atomic summaries, ``run.json``, and splitting work across the
+processes of ``accelerate launch``.
+
+Guarantees a researcher relies on: a result line is on disk (flushed and
+fsynced) as soon as its item finishes; a summary file is either the old one or
+the new one, never half written; a rerun with the same output folder skips
+what is already there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from spatial_attention.stats import json_safe
+
+log = logging.getLogger("spatial_attention")
+
+PACKAGES = ("torch", "torchvision", "transformers", "accelerate", "numpy", "matplotlib", "pillow", "tqdm",
+            "qwen-vl-utils")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("transformers", "httpx", "huggingface_hub", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write; NaN and infinities become null."""
+    write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def append_jsonl(path: Path, obj) -> None:
+    """Append one JSON line and make sure it is on disk before returning."""
+    line = json.dumps(json_safe(obj), allow_nan=False)
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> Iterator[dict]:
+    """The complete lines of a JSONL file; a torn last line (a killed run) is dropped with a warning."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping an incomplete last line (interrupted run); it will be redone", path)
+                _truncate_to(path, sum(len(x) for x in lines[:i]))
+            else:
+                raise ValueError(f"{path}:{i + 1}: not a JSON line; move the file away or use another --out") from None
+
+
+def _truncate_to(path: Path, n_chars: int) -> None:
+    with open(path, "r+") as f:
+        f.seek(n_chars)
+        f.truncate()
+
+
+def package_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_record(args, adapter=None, **extra) -> dict:
+    """What ``run.json`` holds: the command, every setting, the model, versions."""
+    record = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if adapter is not None:
+        record["model"] = adapter.describe()
+    record.update(extra)
+    return record
+
+
+class ProcessShare:
+    """This process's part of the work under ``accelerate launch`` (all of it otherwise).
+
+    Items are dealt round-robin; each process appends to its own part file and
+    the main process merges the parts once all are done.
+    """
+
+    def __init__(self):
+        from accelerate import PartialState
+
+        self.state = PartialState()
+        self.rank = self.state.process_index
+        self.size = self.state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self):
+        return self.state.device
+
+    def take(self, items: Iterable) -> list:
+        return [item for i, item in enumerate(items) if i % self.size == self.rank]
+
+    def part_path(self, path: Path) -> Path:
+        """Where this process appends: ``path`` itself in a single-process run."""
+        path = Path(path)
+        return path if self.size == 1 else path.with_name(f"{path.stem}.part{self.rank}{path.suffix}")
+
+    def wait(self) -> None:
+        self.state.wait_for_everyone()
+
+    def merge_jsonl(self, path: Path, key) -> None:
+        """Main process: fold every part file into ``path``, one record per key, sorted by key."""
+        path = Path(path)
+        if self.size == 1 or not self.is_main:
+            return
+        parts = [path.with_name(f"{path.stem}.part{rank}{path.suffix}") for rank in range(self.size)]
+        records = {}
+        for source in [path, *parts]:
+            for record in read_jsonl(source):
+                records.setdefault(key(record), record)
+        lines = [json.dumps(json_safe(records[k]), allow_nan=False) for k in sorted(records)]
+        write_atomic(path, "".join(line + "\n" for line in lines))
+        for part in parts:
+            part.unlink(missing_ok=True)
