@@ -219,7 +219,11 @@ class VLMAdapter:
         return image.convert("RGB")
 
     def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
-        """The image-token grid (gh, gw) of sample ``index``."""
+        """The image-token grid (gh, gw) of sample ``index`` of processor output ``inputs``."""
+        raise NotImplementedError
+
+    def token_grid(self, prepared: Image.Image) -> tuple[int, int]:
+        """The image-token grid (gh, gw) an image from ``prepare_image`` will get."""
         raise NotImplementedError
 
     def encode(self, texts: list[str], images: list[Image.Image] | None = None) -> Batch:

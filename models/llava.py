@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import torch
+from PIL import Image
 
 from models.base import VLMAdapter, _registered_attention
 from models.tiny import llama_style_tokenizer
@@ -58,7 +59,21 @@ class LlavaAdapter(VLMAdapter):
     def text_prompt(self, text: str) -> str:
         return f"USER: {text} ASSISTANT:"
 
+    def prepare_image(self, image: Image.Image) -> Image.Image:
+        """Resize the shortest edge to the tower's input size and centre-crop, as the CLIP
+        processor does, so that what is fed (and patch-shuffled) is exactly this image."""
+        side = self.model.config.vision_config.image_size
+        image = image.convert("RGB")
+        w, h = image.size
+        scale = side / min(w, h)
+        image = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        return image.crop((left, top, left + side, top + side))
+
     def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
+        return (self._patch_grid, self._patch_grid)
+
+    def token_grid(self, prepared: Image.Image) -> tuple[int, int]:
         return (self._patch_grid, self._patch_grid)
 
     def vision_attention_modules(self) -> list[torch.nn.Module]:

@@ -124,6 +124,10 @@ class Qwen2VLAdapter(VLMAdapter):
         _, h, w = (int(v) for v in inputs["image_grid_thw"][index])
         return (h // self.merge, w // self.merge)
 
+    def token_grid(self, prepared: Image.Image) -> tuple[int, int]:
+        cell = self.model.config.vision_config.patch_size * self.merge
+        return (prepared.height // cell, prepared.width // cell)
+
     def vision_attention_modules(self) -> list[torch.nn.Module]:
         return [block.attn for block in self.model.model.visual.blocks]
 

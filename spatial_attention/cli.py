@@ -1,0 +1,98 @@
+"""Command-line pieces every experiment script shares: model options, data
+options, the default data folder (generated with a notice when absent), and
+turning user-facing errors into one line and exit status 2."""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+from pathlib import Path
+
+from spatial_attention.errors import DataError, OptionError
+
+log = logging.getLogger("spatial_attention")
+
+DEFAULT_SHAPEWORLD = Path("data/spatial_twoshapes/agreement/relational")
+PAPER_CHECKPOINTS = {"llava": "llava-hf/llava-1.5-7b-hf", "qwen2": "Qwen/Qwen2-VL-7B-Instruct"}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the description's line breaks."""
+
+
+def add_model_args(parser: argparse.ArgumentParser, family: str | None) -> None:
+    group = parser.add_argument_group("model")
+    default = PAPER_CHECKPOINTS.get(family)
+    group.add_argument("--model-path", default=default,
+                       help="hub id or local checkpoint folder; 'tiny-random' builds a random-weight model of the "
+                            "same architecture offline (smoke runs: its numbers mean nothing)"
+                            + ("" if default else "; default: the paper's checkpoint of --model"))
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to load")
+    group.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                       help="'auto': bf16 on a GPU, fp32 on the CPU")
+    group.add_argument("--device-map", default=None,
+                       help="passed to from_pretrained (e.g. 'auto' shards the model over several GPUs)")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="inputs per forward pass (default: 8 on a GPU, 1 on the CPU)")
+    group.add_argument("--seed", type=int, default=0, help="seed for every random choice (shuffles, background seeds)")
+    group.add_argument("--layers", default=None,
+                       help="language-model layers to average: all, first_third, mid_third, last_third, last_K "
+                            "(e.g. last_4), or 1-based numbers '1,5,30'")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def add_shapeworld_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", type=Path, default=DEFAULT_SHAPEWORLD,
+                       help="ShapeWorld agreement/relational folder with shard0..shardK; the default folder is "
+                            "generated offline (5 x 100 worlds) with a notice when it does not exist")
+    group.add_argument("--shards", default=None, help="comma-separated shard numbers to read (default: all present)")
+    group.add_argument("--limit", type=int, default=None, help="read at most this many worlds (after filtering)")
+
+
+def default_batch_size(args, device) -> int:
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise OptionError(f"--batch-size {args.batch_size}: must be at least 1")
+        return args.batch_size
+    return 8 if device.type == "cuda" else 1
+
+
+def parse_shards(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise OptionError(f"--shards {text!r}: expected comma-separated shard numbers such as 0,1,2") from None
+
+
+def ensure_shapeworld(path: Path, seed: int = 0) -> Path:
+    """``path`` itself; the default folder is generated first when it is missing."""
+    if path.exists():
+        return path
+    if Path(path) != DEFAULT_SHAPEWORLD:
+        raise DataError(f"--data {path}: folder does not exist (point it at a ShapeWorld agreement/relational "
+                        f"folder, or generate one with: python generate_data.py shapeworld --out {path})")
+    from spatial_attention.generate import generate_shapeworld
+
+    log.warning("NOTICE: %s does not exist; generating 5 x 100 ShapeWorld-format worlds there (seed %d). "
+                "For the paper's data, put real ShapeWorld output in that folder.", path, seed)
+    generate_shapeworld(path, seed=seed)
+    return path
+
+
+def user_errors_exit(main):
+    """Decorator: OptionError / DataError become one line on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (OptionError, DataError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapper

@@ -1,0 +1,320 @@
+"""Experiment 1: where each caption word looks in the image, and how the image
+attends to itself, on the ShapeWorld two-shape scenes (metrics.md).
+
+For every world: the caption's mentions are bound to entities by attributes;
+the subject's shape word, the object's shape word and the relation word get
+text-to-image maps; the image self-attention gets seed maps (subject centre,
+object centre, a seeded background patch) from the language model's image
+block and from the vision encoder; every metric is computed against the
+entity masks, then the same on the patch-shuffled image (the baseline).
+
+One implementation for both families: ``vlm_atten_analysis_{llava,qwen2}.py``
+call ``main(family)``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from spatial_attention import metrics as M
+from spatial_attention.capture import CaptureRequest, capture
+from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, default_batch_size,
+                                   ensure_shapeworld, parse_shards, user_errors_exit)
+from spatial_attention.errors import DataError, OptionError
+from spatial_attention.runio import ProcessShare, append_jsonl, read_jsonl, run_record, setup_logging, write_json
+from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
+
+log = logging.getLogger("spatial_attention")
+
+MAPS = ("subject_cross", "object_cross", "relation_cross", "subject_self_lm", "object_self_lm",
+        "background_self_lm", "subject_self_vit", "object_self_vit", "background_self_vit")
+DEFAULT_LAYERS = {"llava": "all", "qwen2": "mid_third"}  # as in the paper
+
+
+def build_parser(family: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"vlm_atten_analysis_{family}.py", formatter_class=HelpFormatter,
+        description=f"Experiment 1 for {family}: text-to-image cross-attention and image self-attention on "
+                    "ShapeWorld two-shape scenes, scored against the entity boxes and against a patch-shuffle "
+                    "baseline. Writes OUT/samples.jsonl (one line per world, as it finishes), OUT/summary.json, "
+                    "OUT/summary.csv, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
+    add_model_args(parser, family)
+    add_shapeworld_args(parser)
+    parser.add_argument("--out", type=Path, default=Path(f"results/vlm_atten_analysis/{family}"),
+                        help="output folder")
+    parser.add_argument("--relations", default=",".join(RELATIONS),
+                        help="comma-separated relations to analyse (left, right, above, below)")
+    parser.add_argument("--feed-size", type=int, default=672,
+                        help="Qwen2-VL: the square side, in pixels, the image is resized to before the model "
+                             "(672 gives a 24x24 token grid); ignored for LLaVA (336, fixed by CLIP)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the patch-shuffled baseline")
+    parser.add_argument("--plot-samples", type=int, default=8, help="per-world figures for the first N worlds")
+    parser.add_argument("--save-maps", action="store_true",
+                        help="also write OUT/maps/shard{S}_world{I}.npz with every cross-attention map and "
+                             "the masks, to recompute any metric without the model")
+    parser.add_argument("--verify-attention", action="store_true",
+                        help="before the run, check the capture against plain eager attention on the first "
+                             "batch; stop if they disagree")
+    return parser
+
+
+@user_errors_exit
+def main(family: str, argv=None) -> None:
+    args = build_parser(family).parse_args(argv)
+    setup_logging(args.verbose)
+    args.layers = args.layers or DEFAULT_LAYERS[family]
+    relations = [r.strip() for r in args.relations.split(",") if r.strip()]
+    if not relations or set(relations) - set(RELATIONS):
+        raise OptionError(f"--relations {args.relations!r}: choose from {', '.join(RELATIONS)}")
+    run(family, args, relations)
+
+
+def run(family: str, args, relations: list[str]) -> None:
+    from models import load_adapter
+
+    started = time.time()
+    share = ProcessShare()
+    data = ensure_shapeworld(args.data, args.seed) if share.is_main else args.data
+    share.wait()
+    device = str(share.device) if share.size > 1 and args.device == "auto" else args.device
+    adapter = load_adapter(family, args.model_path, device=device, dtype=args.dtype, device_map=args.device_map,
+                           revision=args.revision, seed=args.seed)
+    if family == "qwen2":
+        adapter.set_feed_size(args.feed_size)
+    layers = M.layer_indices(args.layers, adapter.num_layers)
+    batch_size = default_batch_size(args, adapter.device)
+
+    out = args.out
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    samples_path = out / "samples.jsonl"
+    done = {_key(r) for source in _result_files(samples_path) for r in read_jsonl(source)}
+    worlds, skipped = _select_worlds(data, parse_shards(args.shards), relations, args.limit)
+    first_plots = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
+    todo = [w for w in worlds if (w.shard, w.index) not in done]
+    if done:
+        log.info("resuming: %d of %d worlds already in %s", len(worlds) - len(todo), len(worlds), samples_path)
+    mine = share.take(todo)
+    if share.is_main:
+        write_json(out / "run.json", run_record(args, adapter, status="running", data=str(data), layers_0based=layers,
+                                                feed_size=getattr(adapter, "feed_size", None)))
+
+    part_path = share.part_path(samples_path)
+    failed = Counter()
+    progress = tqdm(total=len(mine), desc=f"{family} worlds", unit="world", disable=not share.is_main)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        loaded = []
+        for world in chunk:
+            try:
+                loaded.append((world, world.load_image()))
+            except DataError as err:
+                failed[str(err)] += 1
+                log.warning("skipping world: %s", err)
+        if loaded:
+            if args.verify_attention and start == 0:
+                _verify(adapter, loaded, layers)
+            for record, maps in analyse_worlds(adapter, loaded, layers, args):
+                append_jsonl(part_path, record)
+                if (record["shard"], record["index"]) in first_plots:
+                    _plot_world(out, record, maps)
+                if args.save_maps:
+                    _save_maps(out, record, maps)
+        progress.update(len(chunk))
+    progress.close()
+
+    share.wait()
+    share.merge_jsonl(samples_path, _key)
+    if share.is_main:
+        _finish(out, args, adapter, data, layers, worlds, skipped, failed, started)
+
+
+def _key(record: dict) -> tuple[int, int]:
+    return (int(record["shard"]), int(record["index"]))
+
+
+def _result_files(path: Path) -> list[Path]:
+    """The merged file and any part files a killed multi-process run left behind."""
+    return [path] + sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+
+
+def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], Counter]:
+    worlds, skipped = [], Counter()
+    for item in iter_worlds(data, shards=shards):
+        if isinstance(item, Skipped):
+            skipped[item.reason] += 1
+            continue
+        if item.caption.relation not in relations:
+            continue
+        worlds.append(item)
+        if limit is not None and len(worlds) >= limit:
+            break
+    if skipped:
+        log.warning("%d worlds skipped while reading %s (reasons in summary.json)", sum(skipped.values()), data)
+    if not worlds:
+        raise DataError(f"--data {data}: no usable worlds (check --shards, --relations and the folder)")
+    return worlds, skipped
+
+
+def _world_rng(seed: int, world: World) -> np.random.Generator:
+    """A generator for one world that does not depend on batch size or process count."""
+    return np.random.default_rng([seed, world.shard, world.index])
+
+
+def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], args) -> list[tuple[dict, dict]]:
+    """One forward pass over the worlds' real (and shuffled) images; a record and the maps per world."""
+    worlds = [w for w, _ in loaded]
+    fed = [adapter.prepare_image(image) for _, image in loaded]
+    grids = [adapter.token_grid(image) for image in fed]
+    rngs = [_world_rng(args.seed, w) for w in worlds]
+    kinds = ["real"]
+    images = list(fed)
+    if not args.no_baseline:
+        kinds.append("shuffled")
+        images += [M.shuffle_patches(image, grid, seed=int(rng.integers(2**31)))
+                   for image, grid, rng in zip(fed, grids, rngs)]
+    texts = [w.caption.text for w in worlds] * len(kinds)
+    batch = adapter.encode(texts, images)
+    word_rows = [_word_rows(layout, w) for layout, w in zip(batch.layouts, worlds * len(kinds))]
+    request = CaptureRequest(
+        layers=layers, vision=True,
+        blocks={"cross": [(np.concatenate(list(rows.values())), lay.image_positions)
+                          for rows, lay in zip(word_rows, batch.layouts)],
+                "image_self": [(lay.image_positions, lay.image_positions) for lay in batch.layouts]})
+    recordings, _ = capture(adapter, batch, request)
+
+    outputs = []
+    n = len(worlds)
+    for i, (world, grid, rng) in enumerate(zip(worlds, grids, rngs)):
+        regions = _regions(world, grid)
+        seeds = {"subject": M.entity_seed(regions["subject"]), "object": M.entity_seed(regions["object"]),
+                 "background": M.background_seed(regions["background"], rng)}
+        record = _record_head(world, grid, regions)
+        maps = {}
+        for k, kind in enumerate(kinds):
+            j = k * n + i
+            kind_maps = _maps(recordings[j], word_rows[j], grid, seeds)
+            record["metrics"][kind] = _metrics(kind_maps, regions, world)
+            maps[kind] = kind_maps
+        maps["masks"] = regions
+        maps["images"] = {kind: images[k * n + i] for k, kind in enumerate(kinds)}
+        outputs.append((record, maps))
+    return outputs
+
+
+def _word_rows(layout, world: World) -> dict[str, np.ndarray]:
+    """Token positions of the subject's shape word, the object's shape word and the relation word."""
+    spans = world.caption.spans()
+    return {name: layout.span_positions(*spans[key])
+            for name, key in (("subject", "shape1"), ("object", "shape2"), ("relation", "relation"))}
+
+
+def _regions(world: World, grid) -> dict[str, np.ndarray]:
+    subject = M.entity_mask(world.subject.bbox, grid)
+    obj = M.entity_mask(world.object.bbox, grid)
+    subject_only, object_only, background = M.region_masks(subject, obj)
+    return {"subject": subject, "object": obj, "subject_only": subject_only, "object_only": object_only,
+            "background": background, "entities": subject | obj}
+
+
+def _maps(recording: dict, rows: dict[str, np.ndarray], grid, seeds: dict) -> dict[str, np.ndarray | None]:
+    """Word maps (rows renormalised over the image, sub-token rows averaged) and seed maps."""
+    cross = recording["cross"].astype(np.float64)
+    cross = cross / cross.sum(1, keepdims=True)
+    maps, start = {}, 0
+    for name, positions in rows.items():
+        maps[f"{name}_cross"] = cross[start:start + len(positions)].mean(0).reshape(grid)
+        start += len(positions)
+    lm = recording["image_self"].astype(np.float64)
+    lm = lm / lm.sum(1, keepdims=True)
+    vit = recording["vision"].astype(np.float64)
+    for source, matrix in (("lm", lm), ("vit", vit)):
+        for name, seed in seeds.items():
+            seed_map = None if seed is None else M.seed_map(matrix, seed)
+            maps[f"{name}_self_{source}"] = None if seed_map is None else seed_map.reshape(grid)
+    return maps
+
+
+def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
+    """Every metric of every map against its target region (README: what each map is scored against)."""
+    targets = {"subject": (regions["subject"], regions["subject_only"], regions["background"]),
+               "object": (regions["object"], regions["object_only"], regions["background"]),
+               "relation": (regions["entities"], regions["entities"], regions["background"]),
+               "background": (regions["background"], regions["background"], regions["entities"])}
+    result = {}
+    for name in MAPS:
+        target = targets[name.split("_")[0]]
+        a = maps[name]
+        result[name] = ({metric: None for metric in M.METRIC_NAMES} if a is None
+                        else M.map_metrics(a, *target))
+    rel = world.caption.relation
+    axis = RELATION_AXIS[rel]
+    first = M.first_along_axis(rel)
+    second = "object" if first == "subject" else "subject"
+    g = M.relation_target(regions[first], regions[second], axis)
+    result["relation_cross"]["relation_wasserstein"] = (
+        None if g is None else M.relation_wasserstein(maps["relation_cross"], g, axis))
+    return result
+
+
+def _record_head(world: World, grid, regions) -> dict:
+    def entity(e, mask):
+        return {"shape": e.shape, "color": e.color, "bbox": [float(v) for v in e.clipped_bbox()],
+                "mask_cells": int(mask.sum())}
+
+    return {"shard": world.shard, "index": world.index, "image": str(world.image_path),
+            "caption": world.caption.text, "relation": world.caption.relation,
+            "axis": RELATION_AXIS[world.caption.relation],
+            "subject": entity(world.subject, regions["subject"]), "object": entity(world.object, regions["object"]),
+            "grid": [int(grid[0]), int(grid[1])], "metrics": {}}
+
+
+def _save_maps(out: Path, record: dict, maps: dict) -> None:
+    arrays = {f"{kind}_{name}": maps[kind][name].astype(np.float32)
+              for kind in ("real", "shuffled") if kind in maps
+              for name in ("subject_cross", "object_cross", "relation_cross")}
+    arrays["subject_mask"] = maps["masks"]["subject"].astype(np.uint8)
+    arrays["object_mask"] = maps["masks"]["object"].astype(np.uint8)
+    (out / "maps").mkdir(exist_ok=True)
+    np.savez_compressed(out / "maps" / f"shard{record['shard']}_world{record['index']}.npz", **arrays)
+
+
+def _plot_world(out: Path, record: dict, maps: dict) -> None:
+    from spatial_attention.figures import plot_world_panel
+
+    title = f"shard {record['shard']} world {record['index']}: {record['caption'].split(' . ')[0]} -- " \
+            f"relation '{record['relation']}'"
+    plot_world_panel(out / "figures" / f"world_shard{record['shard']}_{record['index']}.png",
+                     maps["images"]["real"], maps["real"], maps["masks"]["subject"], maps["masks"]["object"], title,
+                     shuffled_maps=maps.get("shuffled"), shuffled_image=maps["images"].get("shuffled"))
+
+
+def _verify(adapter, loaded, layers) -> None:
+    from spatial_attention.verify import check, log_report, verification_request
+
+    batch = adapter.encode([w.caption.text for w, _ in loaded], [image for _, image in loaded])
+    report, passed = check(adapter, batch, verification_request(batch, layers))
+    log_report(report)
+    if not passed:
+        raise SystemExit("--verify-attention: the capture disagrees with eager attention beyond the tolerance "
+                         "(see the log above); no results were written")
+
+
+def _finish(out, args, adapter, data, layers, worlds, skipped, failed, started) -> None:
+    from spatial_attention.summary import plot_summary, summarise_samples, write_summary
+
+    records = (r for r in read_jsonl(out / "samples.jsonl"))
+    summary = summarise_samples(records, seed=args.seed)
+    counts = {"worlds_selected": len(worlds), "worlds_in_samples": summary["n_worlds"],
+              "skipped_reading": dict(skipped), "skipped_images": dict(failed)}
+    write_summary(out, summary, {"counts": counts})
+    plot_summary(summary, out / "figures")
+    write_json(out / "run.json", run_record(args, adapter, status="finished", data=str(data), layers_0based=layers,
+                                            feed_size=getattr(adapter, "feed_size", None), counts=counts,
+                                            wall_seconds=round(time.time() - started, 1)))
+    log.info("done: %d worlds in %s (summary.json, summary.csv, figures/)", summary["n_worlds"], out)

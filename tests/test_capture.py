@@ -1,0 +1,114 @@
+"""The capture engine against the naive eager path, on both tiny-random models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_images
+from spatial_attention.capture import CaptureRequest, _Recorder, capture, plain_logits
+from spatial_attention.metrics import layer_indices
+from spatial_attention.reference import reference_capture
+
+CAPTIONS = [
+    "there are two shapes a cyan semicircle and a blue pentagon . what is the spatial relationship from the "
+    "first shape to the second shape ? the spatial relation is left .",
+    "there are two shapes a red square and a red cross . the spatial relation is above .",
+    "a gray ellipse",
+]
+LAYER_MODES = ["all", "first_third", "mid_third", "last_third", "last_2", "1,3"]
+
+
+def _request(batch, layers, keep="mean", vision=True):
+    lays = batch.layouts
+    return CaptureRequest(
+        layers=layers, keep=keep, vision=vision,
+        blocks={"cross": [(l.text_positions(), l.image_positions) for l in lays],
+                "image_self": [(l.image_positions, l.image_positions) for l in lays]},
+        last_mass=[l.image_positions[: len(l.image_positions) // 3] for l in lays])
+
+
+def _assert_close(got, want, tol=1e-5):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for name in w:
+            assert g[name].shape == w[name].shape, name
+            np.testing.assert_allclose(g[name], w[name], rtol=0, atol=tol, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", LAYER_MODES)
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_engine_equals_eager_for_every_layer_mode(adapter, mode, batch_size):
+    batch = adapter.encode(CAPTIONS[:batch_size], random_images(batch_size))
+    request = _request(batch, layer_indices(mode, adapter.num_layers))
+    got, _ = capture(adapter, batch, request)
+    want, _ = reference_capture(adapter, batch, request)
+    _assert_close(got, want)
+
+
+@pytest.mark.parametrize("keep", ["layer", "layer_head"])
+def test_per_layer_and_per_head_recordings_equal_eager(adapter, keep):
+    batch = adapter.encode(CAPTIONS, random_images(3, seed=1))
+    request = _request(batch, [0, 2], keep=keep, vision=False)
+    got, _ = capture(adapter, batch, request)
+    want, _ = reference_capture(adapter, batch, request)
+    _assert_close(got, want)
+    heads = adapter.num_heads
+    assert got[0]["cross"].shape[:2] == ((2, heads) if keep == "layer_head" else (2, len(batch.layouts[0].text_positions())))
+
+
+def test_batched_equals_batch_size_one(adapter):
+    images = random_images(3, seed=2)
+    batch = adapter.encode(CAPTIONS, images)
+    together, logits = capture(adapter, batch, _request(batch, list(range(adapter.num_layers))))
+    for i in range(3):
+        single = adapter.encode(CAPTIONS[i:i + 1], images[i:i + 1])
+        alone, alone_logits = capture(adapter, single, _request(single, list(range(adapter.num_layers))))
+        _assert_close([together[i]], alone)
+        torch.testing.assert_close(logits[i:i + 1], alone_logits, rtol=0, atol=1e-5)
+
+
+def test_capture_leaves_logits_unchanged(adapter):
+    batch = adapter.encode(CAPTIONS, random_images(3, seed=3))
+    _, captured = capture(adapter, batch, _request(batch, list(range(adapter.num_layers))))
+    plain = plain_logits(adapter, batch)
+    torch.testing.assert_close(captured, plain, rtol=0, atol=1e-5)
+    assert torch.equal(captured.argmax(-1), plain.argmax(-1))
+    # and the ordinary forward is untouched: same logits as a model loaded with plain sdpa
+    model = adapter.model
+    model.set_attn_implementation("sdpa")
+    try:
+        sdpa = plain_logits(adapter, batch)
+    finally:
+        from spatial_attention.capture import ATTENTION_NAME
+        model.set_attn_implementation(ATTENTION_NAME)
+    assert torch.equal(sdpa, plain)
+
+
+def test_retained_capture_state_does_not_grow_with_depth():
+    """What the engine keeps between layers is the same for 2 and 8 layers (keep="mean")."""
+    from models.llava import LlavaAdapter
+
+    sizes = {}
+    for depth in (2, 8):
+        model, processor = LlavaAdapter.build_random(text={"num_hidden_layers": depth})
+        ad = LlavaAdapter(model, processor, "tiny-random")
+        batch = ad.encode(CAPTIONS[:2], random_images(2))
+        request = _request(batch, list(range(depth)))
+        recorder = _Recorder(ad, batch, request)
+        held = []
+        observe = recorder.observe
+
+        def observing(module, probs):
+            observe(module, probs)
+            tensors = [t for sums in recorder.block_sum.values() for t in sums if t is not None]
+            tensors += [t for t in recorder.vision_sum if t is not None]  # (last_mass is the L x H result itself)
+            held.append(sum(t.numel() * t.element_size() for t in tensors))
+
+        recorder.observe = observing
+        from spatial_attention.capture import active
+        with active(recorder), torch.inference_mode():
+            ad.model(**batch.inputs)
+        sizes[depth] = max(held)
+    assert sizes[2] > 0 and sizes[2] == sizes[8]
