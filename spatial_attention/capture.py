@@ -149,6 +149,7 @@ class _Recorder(AttentionHook):
             self.last_cols = [torch.as_tensor(c, device=device) for c in request.last_mass]
             self.last_rows = [lay.last_position for lay in batch.layouts]
             self.mass = torch.zeros(len(batch), len(request.layers), adapter.num_heads, device=device)
+            self.mass_passes = [0] * len(request.layers)  # > 1 when generating: averaged over steps
 
     def wants_probabilities(self, module):
         key = id(module)
@@ -167,7 +168,8 @@ class _Recorder(AttentionHook):
                 self._accumulate(name, b, slot, block, n_layers)
         if self.last_cols is not None:
             for b, cols in enumerate(self.last_cols):
-                self.mass[b, slot] = probs[b, :, self.last_rows[b]].index_select(-1, cols).sum(-1)
+                self.mass[b, slot] += probs[b, :, self.last_rows[b]].index_select(-1, cols).sum(-1)
+            self.mass_passes[slot] += 1
 
     def _accumulate(self, name, b, slot, block, n_layers):
         keep = self.request.keep
@@ -196,7 +198,8 @@ class _Recorder(AttentionHook):
         for b in range(len(self.batch)):
             sample = {name: sums[b].float().cpu().numpy() for name, sums in self.block_sum.items()}
             if self.last_cols is not None:
-                sample["last_mass"] = self.mass[b].cpu().numpy()
+                passes = torch.tensor(self.mass_passes, device=self.mass.device).clamp_min(1).view(-1, 1)
+                sample["last_mass"] = (self.mass[b] / passes).cpu().numpy()
             if self.request.vision:
                 sample["vision"] = self.vision_sum[b].float().cpu().numpy()
             out.append(sample)
@@ -210,6 +213,25 @@ def capture(adapter, batch, request: CaptureRequest) -> tuple[list[dict[str, np.
     with active(recorder):
         logits = last_position_logits(adapter, batch)
     return recorder.results(), logits
+
+
+@torch.inference_mode()
+def capture_generate(adapter, batch, request: CaptureRequest, max_new_tokens: int) -> tuple[dict, str]:
+    """Greedy generation of one sample with ``last_mass`` averaged over the generated steps.
+
+    At every step the position that predicts the next token is the last query
+    row (the prompt's last position first, then each new token), so the score
+    is the mean over the ``max_new_tokens`` predictions. Returns (recording, answer).
+    """
+    if len(batch) != 1 or request.blocks or request.vision:
+        raise ValueError("capture_generate takes one sample and records last_mass only")
+    recorder = _Recorder(adapter, batch, request)
+    recorder.last_rows = [-1]
+    with active(recorder):
+        ids = adapter.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=adapter.tokenizer.pad_token_id)
+    answer = adapter.tokenizer.decode(ids[0, batch.layouts[0].length:], skip_special_tokens=True)
+    return recorder.results()[0], answer.strip()
 
 
 @torch.inference_mode()
