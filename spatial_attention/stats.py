@@ -1,0 +1,155 @@
+"""Numpy statistics for every summary: means, bootstrap intervals, paired sign-flip
+permutation tests, Benjamini-Hochberg, and JSON-safe conversion.
+
+Missing values (None, NaN, +-inf) are dropped wherever a function takes a sample.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+# Random draws (matrix elements) per chunk, so that memory stays bounded for large samples.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _finite(x: Iterable[float | None] | np.ndarray) -> np.ndarray:
+    """The finite values of x as a float64 vector (None, NaN and +-inf dropped)."""
+    if isinstance(x, np.ndarray) and x.dtype != object:
+        values = x.astype(np.float64).ravel()
+    else:
+        values = np.array([np.nan if v is None else v for v in np.ravel(np.asarray(x, dtype=object))],
+                          dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
+def mean_std(x: Iterable[float | None] | np.ndarray) -> tuple[int, float | None, float | None]:
+    """(n, mean, sample std with ddof=1) of the finite values; mean None when n = 0, std None when n < 2."""
+    v = _finite(x)
+    n = int(v.size)
+    mean = float(v.mean()) if n else None
+    std = float(v.std(ddof=1)) if n >= 2 else None
+    return n, mean, std
+
+
+def bootstrap_ci(x: Iterable[float | None] | np.ndarray, n_boot: int = 2000, alpha: float = 0.05,
+                 seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile bootstrap (1 - alpha) interval of the mean: the alpha/2 and 1 - alpha/2
+    quantiles of the means of ``n_boot`` resamples with replacement. (None, None) when n < 2."""
+    v = _finite(x)
+    n = v.size
+    if n < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    means = np.concatenate([v[rng.integers(0, n, size=(min(rows, n_boot - start), n))].mean(axis=1)
+                            for start in range(0, n_boot, rows)])
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def _signflip_p(diff: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
+    """Two-sided sign-flip p-values of mean(diff[:, c]) = 0 for every column c of diff [N, C].
+
+    Statistic |sum of diff| (equivalent to |mean|). Exact when 2**N <= n_perm: all 2**N
+    sign vectors, p = share with a statistic >= the observed one. Otherwise n_perm random
+    sign vectors (one set shared by all columns) and p = (count + 1) / (n_perm + 1).
+    Ties are judged with a tolerance of 1e-12 * sum |diff| (rounding of reordered sums).
+    """
+    n, cells = diff.shape
+    observed = np.abs(diff.sum(axis=0))
+    tol = 1e-12 * np.abs(diff).sum(axis=0)
+    exact = n < 63 and 2 ** n <= n_perm
+    total = 2 ** n if exact else n_perm
+    rng = np.random.default_rng(seed)
+    rows = max(1, _CHUNK_ELEMENTS // max(n, cells))
+    count = np.zeros(cells, dtype=np.int64)
+    for start in range(0, total, rows):
+        size = min(rows, total - start)
+        if exact:
+            codes = np.arange(start, start + size)[:, None]
+            signs = 1.0 - 2.0 * ((codes >> np.arange(n)) & 1)
+        else:
+            signs = 1.0 - 2.0 * rng.integers(0, 2, size=(size, n))
+        count += (np.abs(signs @ diff) >= observed - tol).sum(axis=0)
+    return count / total if exact else (count + 1) / (n_perm + 1)
+
+
+def paired_permutation_p(diff: Iterable[float | None] | np.ndarray, n_perm: int = 10000, seed: int = 0) -> float | None:
+    """Two-sided paired sign-flip permutation p-value of mean(diff) = 0 (see _signflip_p);
+    None when there is no finite difference."""
+    v = _finite(diff)
+    if v.size == 0:
+        return None
+    return float(_signflip_p(v[:, None], n_perm, seed)[0])
+
+
+def paired_summary(real: Iterable[float | None], shuffled: Iterable[float | None], seed: int = 0,
+                   n_boot: int = 2000, n_perm: int = 10000) -> dict:
+    """REAL vs SHUF over the pairs where both are finite: n, real_mean/std, shuffled_mean/std,
+    mean_diff (real - shuffled), its bootstrap ci_lo/ci_hi, and the permutation p_value."""
+    r = np.array([np.nan if v is None else v for v in real], dtype=np.float64)
+    s = np.array([np.nan if v is None else v for v in shuffled], dtype=np.float64)
+    if r.shape != s.shape:
+        raise ValueError(f"paired_summary: {r.size} real values but {s.size} shuffled")
+    keep = np.isfinite(r) & np.isfinite(s)
+    r, s = r[keep], s[keep]
+    diff = r - s
+    n, real_mean, real_std = mean_std(r)
+    _, shuffled_mean, shuffled_std = mean_std(s)
+    ci_lo, ci_hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+    return {"n": n, "real_mean": real_mean, "real_std": real_std,
+            "shuffled_mean": shuffled_mean, "shuffled_std": shuffled_std,
+            "mean_diff": float(diff.mean()) if n else None, "ci_lo": ci_lo, "ci_hi": ci_hi,
+            "p_value": paired_permutation_p(diff, n_perm=n_perm, seed=seed)}
+
+
+def benjamini_hochberg(pvalues: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(q-values, reject) for p-values of any shape: q_(i) = min over j >= i of p_(j) * m / j
+    (sorted ascending, capped at 1), reject = q <= alpha. NaN p-values are left out
+    (q NaN, not rejected) and do not count in m."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    flat = p.ravel()
+    ok = np.flatnonzero(np.isfinite(flat))
+    q = np.full(flat.shape, np.nan)
+    if ok.size:
+        order = ok[np.argsort(flat[ok], kind="stable")]
+        m = ok.size
+        scaled = flat[order] * m / np.arange(1, m + 1)
+        q[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+    q = q.reshape(p.shape)
+    with np.errstate(invalid="ignore"):
+        reject = q <= alpha
+    return q, reject
+
+
+def paired_signflip_test(full: np.ndarray, control: np.ndarray, n_perm: int = 2000, seed: int = 0) -> np.ndarray:
+    """Two-sided paired sign-flip p-value of mean(full - control) = 0 for every cell of the
+    trailing dimensions: full, control [N, ...] -> p [...] (see _signflip_p; every cell
+    sees the same sign vectors). NaN where a cell has a non-finite difference."""
+    full, control = np.asarray(full, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    if full.shape != control.shape or full.ndim < 1:
+        raise ValueError(f"paired_signflip_test: shapes {full.shape} and {control.shape} must match, [N, ...]")
+    diff = (full - control).reshape(full.shape[0], int(np.prod(full.shape[1:])))
+    ok = np.isfinite(diff).all(axis=0)
+    p = np.full(diff.shape[1], np.nan)
+    if ok.any() and diff.shape[0] > 0:
+        p[ok] = _signflip_p(diff[:, ok], n_perm, seed)
+    return p.reshape(full.shape[1:])
+
+
+def json_safe(obj):
+    """obj with numpy scalars and arrays made Python (lists, int, float, bool), tuples made
+    lists, and NaN / +-inf made None, recursively: JSON never holds NaN."""
+    if isinstance(obj, dict):
+        return {json_safe(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

@@ -1,0 +1,126 @@
+"""spatial_attention.stats against hand-worked examples and planted effects."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from spatial_attention.stats import (benjamini_hochberg, bootstrap_ci, json_safe, mean_std, paired_permutation_p,
+                                     paired_signflip_test, paired_summary)
+
+
+def test_mean_std_ignores_missing():
+    # [1, 3]: mean 2, sample std sqrt(((1-2)^2 + (3-2)^2) / 1) = sqrt(2)
+    n, mean, std = mean_std([1.0, None, float("nan"), 3.0])
+    assert (n, mean) == (2, 2.0) and std == pytest.approx(math.sqrt(2))
+    assert mean_std([]) == (0, None, None)
+    assert mean_std(np.array([5.0])) == (1, 5.0, None)
+
+
+def test_bootstrap_ci_covers_the_mean_and_repeats():
+    x = np.random.default_rng(0).normal(5.0, 1.0, size=50)
+    lo, hi = bootstrap_ci(x, seed=1)
+    assert lo < x.mean() < hi
+    assert hi - lo == pytest.approx(2 * 1.96 / math.sqrt(50), rel=0.3)   # ~ normal-theory width for sd 1
+    assert bootstrap_ci(x, seed=1) == (lo, hi)
+    assert bootstrap_ci(x, seed=2) != (lo, hi)
+    assert bootstrap_ci([1.0, None, 1.0, float("nan")]) == (1.0, 1.0)   # constant sample
+    assert bootstrap_ci([3.0]) == (None, None)
+    assert bootstrap_ci([]) == (None, None)
+
+
+def test_permutation_p_small_for_a_clear_shift():
+    diff = 1.0 + 0.1 * np.random.default_rng(0).normal(size=30)
+    # no random sign vector reaches the observed sum: p = (0 + 1) / (10000 + 1)
+    assert paired_permutation_p(diff, n_perm=10000, seed=0) == pytest.approx(1 / 10001)
+
+
+def test_permutation_p_large_for_symmetric_noise():
+    # exactly symmetric differences: observed mean 0, every sign vector reaches it -> p = 1
+    assert paired_permutation_p([1.0, -1.0, 2.0, -2.0, 0.5, -0.5] * 4, n_perm=2000) == 1.0
+    noise = np.random.default_rng(1).normal(size=40)
+    assert paired_permutation_p(noise, n_perm=2000, seed=0) > 0.1
+    assert paired_permutation_p([None, float("nan")]) is None
+
+
+def test_permutation_p_exact_enumeration():
+    # 2**4 = 16 <= n_perm: all sign vectors. diff [3, 1, 1, 1], observed |sum| = 6; only all + and
+    # all - reach |sum| >= 6 (flipping any element gives at most 4) -> p = 2/16
+    assert paired_permutation_p([3.0, 1.0, 1.0, 1.0], n_perm=10000) == 0.125
+    # [2, 1, 1]: sums +-4, +-2, +-2, 0 (x2) -> |sum| >= 4 twice in 8 -> 0.25
+    assert paired_permutation_p([2.0, 1.0, 1.0]) == 0.25
+    # with n_perm < 16 it samples instead: p = (count + 1) / (n_perm + 1) with count <= n_perm
+    p = paired_permutation_p([3.0, 1.0, 1.0, 1.0], n_perm=8, seed=0)
+    assert p in [(c + 1) / 9 for c in range(9)]
+
+
+def test_paired_summary_drops_incomplete_pairs():
+    # pairs kept: (1, 0), (2, 1) -> diff [1, 1]
+    got = paired_summary([1.0, 2.0, None, 4.0], [0.0, 1.0, 5.0, float("nan")], seed=0)
+    assert got["n"] == 2
+    assert (got["real_mean"], got["shuffled_mean"], got["mean_diff"]) == (1.5, 0.5, 1.0)
+    assert got["real_std"] == pytest.approx(math.sqrt(0.5)) and got["shuffled_std"] == pytest.approx(math.sqrt(0.5))
+    assert (got["ci_lo"], got["ci_hi"]) == (1.0, 1.0)
+    # exact: sign vectors give sums 2, 0, 0, -2 -> |sum| >= 2 in 2 of 4
+    assert got["p_value"] == 0.5
+    empty = paired_summary([None], [1.0])
+    assert empty["n"] == 0 and empty["mean_diff"] is None and empty["p_value"] is None
+
+
+def test_benjamini_hochberg_hand_example():
+    # p sorted: .005 (rank 1), .01 (2), .03 (3), .04 (4); m = 4
+    # p*m/rank: .02, .02, .04, .04; running min from the top: .02, .02, .04, .04
+    q, reject = benjamini_hochberg(np.array([[0.01, 0.04], [0.03, 0.005]]), alpha=0.03)
+    np.testing.assert_allclose(q, [[0.02, 0.04], [0.04, 0.02]])
+    np.testing.assert_array_equal(reject, [[True, False], [False, True]])
+    # [.01, .04, .045]: p*m/rank = .03, .06, .045 -> the min from above pulls .06 down to .045
+    q, _ = benjamini_hochberg([0.01, 0.04, 0.045])
+    np.testing.assert_allclose(q, [0.03, 0.045, 0.045])
+    # q is capped at 1; NaN stays out of m
+    q, reject = benjamini_hochberg([0.9, np.nan, 0.8])
+    np.testing.assert_allclose(q, [0.9, np.nan, 0.9])
+    assert not reject.any()
+
+
+def test_signflip_test_finds_a_planted_effect():
+    rng = np.random.default_rng(0)
+    control = rng.normal(size=(40, 3, 4))
+    full = control + rng.normal(size=(40, 3, 4))
+    full[:, 1, 2] += 2.0
+    p = paired_signflip_test(full, control, n_perm=2000, seed=0)
+    assert p.shape == (3, 4)
+    assert p[1, 2] == pytest.approx(1 / 2001)
+    _, reject = benjamini_hochberg(p, alpha=0.05)
+    assert reject.sum() == 1 and reject[1, 2]
+    # one cell alone gives the same p as the scalar test with the same seed
+    assert paired_permutation_p(full[:, 0, 0] - control[:, 0, 0], n_perm=2000, seed=0) == pytest.approx(p[0, 0])
+
+
+def test_signflip_test_exact_and_noise():
+    full = np.array([[2.0, 1.0], [1.0, -1.0], [1.0, 0.0]])   # N = 3, two cells
+    p = paired_signflip_test(full, np.zeros_like(full), n_perm=2000)
+    # cell 0: [2, 1, 1] -> 0.25 (see the exact test above); cell 1: [1, -1, 0] -> observed 0 -> 1
+    np.testing.assert_allclose(p, [0.25, 1.0])
+    noise = np.random.default_rng(3).normal(size=(30, 8, 8))
+    _, reject = benjamini_hochberg(paired_signflip_test(noise, np.zeros_like(noise), n_perm=1000, seed=0))
+    assert not reject.any()
+
+
+def test_signflip_test_head_grid_size():
+    # the head ranking's size: N = 100 pairs, 32 layers x 32 heads, 2000 sign vectors
+    rng = np.random.default_rng(0)
+    full, control = rng.random((100, 32, 32)), rng.random((100, 32, 32))
+    p = paired_signflip_test(full, control, n_perm=2000, seed=0)
+    assert p.shape == (32, 32) and np.all((p >= 1 / 2001) & (p <= 1))
+
+
+def test_json_safe():
+    obj = {"a": np.float64("nan"), "b": [np.int64(3), float("inf")], "c": np.array([1.0, np.nan]),
+           np.int64(2): (np.bool_(True), np.float32(0.5)), "d": {"e": -np.inf, "f": "text", "g": None}}
+    got = json_safe(obj)
+    assert got == {"a": None, "b": [3, None], "c": [1.0, None], 2: [True, 0.5],
+                   "d": {"e": None, "f": "text", "g": None}}
+    assert type(got["b"][0]) is int and type(got[2][0]) is bool and type(got[2][1]) is float
+    json.dumps(got, allow_nan=False)
