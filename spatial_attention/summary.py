@@ -211,6 +211,7 @@ def plot_summary(summary: dict, fig_dir: Path) -> None:
             if r["p_value"] is not None and r["p_value"] < 0.05:
                 ax.annotate("*", (i, 0.99), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=13)
         ax.set_xticks(x, [r["map"].replace("_", " ") for r in mrows], rotation=40, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(mrows) - 0.4)
         ax.set_title(_title(metric), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"Real vs patch-shuffled attention, {summary['n_worlds']} worlds "

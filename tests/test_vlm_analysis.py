@@ -1,0 +1,145 @@
+"""Experiment 1 end to end on the tiny-random models: outputs, resume, saved maps, batching."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spatial_attention import metrics as M
+from spatial_attention.generate import generate_shapeworld
+from spatial_attention.vlm_analysis import MAPS, main
+
+FAST = ["--model-path", "tiny-random", "--feed-size", "224", "--plot-samples", "1"]
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sw")
+    generate_shapeworld(root, shards=2, worlds_per_shard=3, seed=1)
+    return root
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def _no_nan(text: str) -> None:
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-finite JSON constant {c}"))
+
+
+def _check_outputs(out: Path, n_worlds: int, baseline: bool = True) -> list[dict]:
+    records = _records(out)
+    assert len(records) == n_worlds
+    assert len({(r["shard"], r["index"]) for r in records}) == n_worlds
+    for r in records:
+        assert {"shard", "index", "image", "caption", "relation", "axis", "subject", "object", "grid",
+                "metrics"} <= r.keys()
+        assert r["axis"] == ("x" if r["relation"] in ("left", "right") else "y")
+        for entity in ("subject", "object"):
+            assert set(r[entity]) == {"shape", "color", "bbox", "mask_cells"}
+            assert all(0.0 <= v <= 1.0 for v in r[entity]["bbox"])
+            assert r[entity]["mask_cells"] > 0
+        kinds = ["real", "shuffled"] if baseline else ["real"]
+        assert sorted(r["metrics"]) == sorted(kinds)
+        for kind in kinds:
+            assert set(r["metrics"][kind]) == set(MAPS)
+            for name in MAPS:
+                assert set(M.METRIC_NAMES) <= set(r["metrics"][kind][name])
+            assert "relation_wasserstein" in r["metrics"][kind]["relation_cross"]
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        _no_nan(line)
+    _no_nan((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_worlds"] == n_worlds and summary["by_metric"]
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert rows and {"map", "metric", "real_mean", "shuffled_mean", "mean_diff", "ci_lo", "ci_hi", "p_value"} <= rows[0].keys()
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and run["model"]["model_path"] == "tiny-random"
+    assert {"torch", "transformers", "numpy"} <= run["versions"].keys()
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"real_vs_shuffled.png", "metric_by_relation.png"} <= figures
+    assert any(name.startswith("world_") for name in figures)
+    return records
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_runs_on_generated_shards(family, two_shards, tmp_path):
+    out = tmp_path / "out"
+    main(family, [*FAST, "--data", str(two_shards), "--out", str(out), "--save-maps", "--verify-attention"])
+    records = _check_outputs(out, 6)
+    assert {r["shard"] for r in records} == {0, 1}
+    # recompute the cross-map metrics from the saved maps: equal to samples.jsonl
+    for r in records:
+        saved = np.load(out / "maps" / f"shard{r['shard']}_world{r['index']}.npz")
+        subject, obj = saved["subject_mask"].astype(bool), saved["object_mask"].astype(bool)
+        subject_only, object_only, background = M.region_masks(subject, obj)
+        for kind in ("real", "shuffled"):
+            got = M.map_metrics(saved[f"{kind}_subject_cross"].astype(np.float64), subject, subject_only, background)
+            want = r["metrics"][kind]["subject_cross"]
+            for metric, value in got.items():
+                assert (value is None and want[metric] is None) or math.isclose(value, want[metric], rel_tol=1e-5,
+                                                                                  abs_tol=1e-6), metric
+            g = M.relation_target(*((subject, obj) if M.first_along_axis(r["relation"]) == "subject" else (obj, subject)),
+                                  r["axis"])
+            rw = None if g is None else M.relation_wasserstein(saved[f"{kind}_relation_cross"].astype(np.float64), g,
+                                                               r["axis"])
+            want_rw = r["metrics"][kind]["relation_cross"]["relation_wasserstein"]
+            assert (rw is None and want_rw is None) or math.isclose(rw, want_rw, rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_runs_on_the_real_sample(family, real_sample, tmp_path):
+    out = tmp_path / "out"
+    main(family, [*FAST, "--data", str(real_sample), "--out", str(out), "--no-baseline"])
+    records = _records(out)
+    assert len(records) == 16
+    world_model = json.loads((real_sample / "shard0" / "world_model.json").read_text())
+    for r in records:
+        # the subject is the caption's first-mentioned shape, whatever its place in world_model.json
+        first_shape = r["caption"].split(" ")[6]
+        assert r["subject"]["shape"] == first_shape
+        entities = world_model[r["index"]]["entities"]
+        match = [e for e in entities if e["shape"]["name"] == first_shape][0]
+        assert r["subject"]["bbox"][0] == pytest.approx(max(0.0, match["bounding_box"]["topleft"]["x"]))
+
+
+def test_resume_after_interruption_gives_the_same_numbers(two_shards, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main("llava", [*FAST, "--data", str(two_shards), "--out", str(full)])
+    main("llava", [*FAST, "--data", str(two_shards), "--out", str(resumed), "--limit", "3"])
+    # a run killed while writing its fourth line: a torn last line
+    with open(resumed / "samples.jsonl", "a") as f:
+        f.write('{"shard": 1, "index": 0, "image": "trunc')
+    main("llava", [*FAST, "--data", str(two_shards), "--out", str(resumed)])
+    key = lambda r: (r["shard"], r["index"])  # noqa: E731
+    assert sorted(_records(resumed), key=key) == sorted(_records(full), key=key)
+    assert json.loads((resumed / "summary.json").read_text())["n_worlds"] == 6
+
+
+def test_batched_equals_batch_size_one(two_shards, tmp_path):
+    one, three = tmp_path / "bs1", tmp_path / "bs3"
+    main("qwen2", [*FAST, "--data", str(two_shards), "--out", str(one), "--batch-size", "1"])
+    main("qwen2", [*FAST, "--data", str(two_shards), "--out", str(three), "--batch-size", "4"])
+    for a, b in zip(_records(one), _records(three)):
+        for kind in a["metrics"]:
+            for name, values in a["metrics"][kind].items():
+                for metric, value in values.items():
+                    other = b["metrics"][kind][name][metric]
+                    assert (value is None) == (other is None)
+                    if value is not None:
+                        assert math.isclose(value, other, rel_tol=1e-4, abs_tol=1e-6), (kind, name, metric)
+
+
+def test_bad_options_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as code:
+        main("llava", ["--model-path", "tiny-random", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data") and "\n" not in err
+    with pytest.raises(SystemExit) as code:
+        main("llava", ["--model-path", "tiny-random", "--relations", "inside", "--out", str(tmp_path)])
+    assert code.value.code == 2
