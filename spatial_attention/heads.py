@@ -21,10 +21,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from spatial_attention.counterfactual import CORNERS
 from spatial_attention.errors import OptionError
 from spatial_attention.stats import benjamini_hochberg, paired_signflip_test
-
-CORNERS = ("topleft", "topright", "bottomleft", "bottomright")
 
 
 def _check_cube_pair(full: np.ndarray, control: np.ndarray) -> None:

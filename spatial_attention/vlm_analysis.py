@@ -147,7 +147,8 @@ def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], C
     worlds, skipped = [], Counter()
     for item in iter_worlds(data, shards=shards):
         if isinstance(item, Skipped):
-            skipped[item.reason] += 1
+            skipped[item.kind] += 1
+            log.warning("skipping: %s", item.reason)
             continue
         if item.caption.relation not in relations:
             continue
