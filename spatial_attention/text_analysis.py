@@ -30,10 +30,11 @@ from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture
 from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, default_batch_size,
                                    ensure_shapeworld, parse_shards, user_errors_exit)
-from spatial_attention.errors import DataError
+from spatial_attention.errors import DataError, OptionError
 from spatial_attention.runio import (ProcessShare, append_jsonl, read_jsonl, run_record, setup_logging,
                                      write_atomic, write_json)
-from spatial_attention.shapeworld import Caption, Skipped, World, counterfactual_caption, iter_worlds
+from spatial_attention.shapeworld import (FLIPPED_RELATION, Caption, ReadStats, Skipped, counterfactual_caption,
+                                         iter_worlds)
 from spatial_attention.stats import bootstrap_ci, json_safe
 
 log = logging.getLogger("spatial_attention")
@@ -79,8 +80,10 @@ def run(family: str, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pairs_path = out / "pairs.jsonl"
 
-    captions, skipped = _select_captions(data, parse_shards(args.shards), args.limit)
-    done = {_key(r) for source in [pairs_path, *sorted(out.glob("pairs.part*.jsonl"))] for r in read_jsonl(source)}
+    captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
+    existing = [r for source in [pairs_path, *sorted(out.glob("pairs.part*.jsonl"))] for r in read_jsonl(source)]
+    _check_same_layers(existing, layers, out)
+    done = {_key(r) for r in existing}
     todo = [c for c in captions if (c[0], c[1]) not in done]
     if done:
         log.info("resuming: %d of %d pairs already in %s", len(captions) - len(todo), len(captions), pairs_path)
@@ -96,17 +99,27 @@ def run(family: str, args) -> None:
     share.wait()
     share.merge_jsonl(pairs_path, _key)
     if share.is_main:
-        _finish(out, args, adapter, data, layers, captions, skipped, failed, started)
+        _finish(out, args, adapter, data, layers, stats, skipped, failed, started)
+
+
+def _check_same_layers(existing: list[dict], layers: list[int], out: Path) -> None:
+    """Refuse to resume into pairs averaged over other layers: the summary would mix them."""
+    wanted = [layer + 1 for layer in layers]
+    other = next((r["layers"] for r in existing if r["layers"] != wanted), None)
+    if other is not None:
+        raise OptionError(f"--out {out} holds pairs averaged over layers {other} (1-based), not the selected "
+                          f"{wanted}; rerun with the same --layers, or choose another --out")
 
 
 def _key(record: dict) -> tuple[int, int]:
     return (int(record["shard"]), int(record["index"]))
 
 
-def _select_captions(data: Path, shards, limit) -> tuple[list[tuple[int, int, Caption]], Counter]:
-    """(shard, index, caption) of every usable world; skipped worlds counted by reason."""
-    captions, skipped = [], Counter()
-    for item in iter_worlds(data, shards=shards):
+def _select_captions(data: Path, shards, limit) -> tuple[list[tuple[int, int, Caption]], Counter, ReadStats]:
+    """(shard, index, caption) of every usable world with a true caption; skipped worlds
+    counted by reason; the reader's counts (captions read, left out as not true)."""
+    captions, skipped, stats = [], Counter(), ReadStats()
+    for item in iter_worlds(data, shards=shards, stats=stats):
         if isinstance(item, Skipped):
             skipped[item.reason] += 1
             continue
@@ -115,7 +128,7 @@ def _select_captions(data: Path, shards, limit) -> tuple[list[tuple[int, int, Ca
             break
     if not captions:
         raise DataError(f"--data {data}: no usable captions (check --shards and the folder)")
-    return captions, skipped
+    return captions, skipped, stats
 
 
 def sentence_positions(layout, caption: Caption) -> dict[str, np.ndarray]:
@@ -130,19 +143,19 @@ def analyse_pairs(adapter, items: list[tuple[int, int, Caption]], layers: list[i
     pairs = [(s, i, c, counterfactual_caption(c)) for s, i, c in items]
     sentences = [c for *_, c, _ in pairs] + [cf for *_, cf in pairs]
     batch = adapter.encode([c.text for c in sentences])
-    positions, broken = [], set()
+    n = len(pairs)
+    positions, broken = [], {}  # broken: pair -> why (counted once per pair)
     empty = np.zeros(0, dtype=np.int64)
     for k, (layout, sentence) in enumerate(zip(batch.layouts, sentences)):
         try:
             positions.append(sentence_positions(layout, sentence))
         except ValueError as err:  # a word no token covers: count it, keep the batch going
-            failed[f"tokens not found: {err}"] += 1
-            broken.add(k % len(pairs))
+            broken.setdefault(k % n, f"tokens not found: {err}")
             positions.append({"relation": empty, "e1": empty, "e2": empty})
+    failed.update(broken.values())
     request = CaptureRequest(layers=layers, keep="layer",
                              blocks={e: [(p["relation"], p[e]) for p in positions] for e in ("e1", "e2")})
     recordings, _ = capture(adapter, batch, request)
-    n = len(pairs)
     return [pair_record(shard, index, caption, cf, recordings[k], recordings[n + k], layers)
             for k, (shard, index, caption, cf) in enumerate(pairs) if k not in broken]
 
@@ -198,10 +211,10 @@ def _csv_text(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _finish(out, args, adapter, data, layers, captions, skipped, failed, started) -> None:
+def _finish(out, args, adapter, data, layers, stats, skipped, failed, started) -> None:
     records = sorted(read_jsonl(out / "pairs.jsonl"), key=_key)
     write_atomic(out / "pairs.csv", _csv_text(records))
-    counts = {"captions_read": len(captions) + sum(skipped.values()), "pairs_built": len(records),
+    counts = {"captions_read": stats.worlds, "captions_not_true": stats.filtered, "pairs_built": len(records),
               "pairs_skipped": sum(skipped.values()) + sum(failed.values()),
               "skipped_reasons": {**skipped, **failed}}
     summary = {"counts": counts, **summarise_pairs(records, seed=args.seed), "layer_profile": layer_profile(records)}
@@ -217,45 +230,69 @@ def _plot(fig_dir: Path, records: list[dict], profile: dict) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     if not records:
         return
     a1 = np.array([r["asym_s1"] for r in records])
     a2 = np.array([r["asym_s2"] for r in records])
-    fig, ax = plt.subplots(figsize=(5, 5))
-    for rel in sorted({r["relation"] for r in records}):
-        keep = np.array([r["relation"] == rel for r in records])
-        ax.scatter(a1[keep], a2[keep], s=12, alpha=0.7, label=rel)
-    lim = max(np.abs(np.concatenate([a1, a2])).max(), 1e-6) * 1.1
-    ax.plot([-lim, lim], [lim, -lim], "k--", lw=1, label="y = -x (role-consistent)")
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="asym, original sentence (s1)",
-           ylabel="asym, counterfactual sentence (s2)", title="Relation-word attention asymmetry")
+    fig, ax = plt.subplots(figsize=(5.5, 6.5))
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.legend(fontsize=8)
+    for rel in sorted({r["relation"] for r in records}):
+        keep = np.array([r["relation"] == rel for r in records])
+        ax.scatter(a1[keep], a2[keep], s=12, alpha=0.7, label=f"s1 says '{rel}'")
+    lim = max(np.abs(np.concatenate([a1, a2])).max(), 1e-6) * 1.1
+    ax.plot([-lim, lim], [lim, -lim], "k--", lw=1, label="y = -x: symmetry 0 (role-consistent)")
+    ax.plot([-lim, lim], [-lim, lim], "k:", lw=1, label="y = x: asym unchanged (position only)")
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="asym, original sentence (s1)",
+           ylabel="asym, counterfactual sentence (s2)")
+    ax.set_title(f"Relation-word attention asymmetry ({len(records)} pairs)", pad=14)  # room for the 1e-N
+    ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # no data hidden
     fig.tight_layout()
     fig.savefig(fig_dir / "asym_scatter.png", dpi=120)
     plt.close(fig)
 
-    example = records[0]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = ["s1: r->e1", "s1: r->e2", "s2: r->e1", "s2: r->e2"]
-    values = [example["r_to_e1_s1"], example["r_to_e2_s1"], example["r_to_e1_s2"], example["r_to_e2_s2"]]
-    ax.bar(labels, values, color=["C0", "C1", "C0", "C1"])
-    ax.set(ylabel="mean attention", title=f"Example pair (shard {example['shard']}, world {example['index']}): "
-                                          f"{example['e1']} / {example['e2']}, '{example['relation']}'")
-    ax.title.set_fontsize(8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "example_pair_bars.png", dpi=120)
-    plt.close(fig)
+    _plot_example(fig_dir / "example_pair_bars.png", records[0], plt)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(profile["layers"], profile["asym_s1"], marker="o", ms=3, label="original (s1)")
-    ax.plot(profile["layers"], profile["asym_s2"], marker="o", ms=3, label="counterfactual (s2)")
+    order = np.argsort(profile["layers"])
+    layer_axis = np.array(profile["layers"])[order]
+    s1, s2 = np.array(profile["asym_s1"])[order], np.array(profile["asym_s2"])[order]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="layer (1-based)", ylabel="mean asym = r->e1 - r->e2", title="Where in depth the role appears")
+    ax.plot(layer_axis, s1, marker="o", ms=3, label="original (s1)")
+    ax.plot(layer_axis, s2, marker="o", ms=3, label="counterfactual (s2)")
+    ax.plot(layer_axis, s1 + s2, "k--", lw=1, label="symmetry = s1 + s2")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.set(xlabel="layer (1-based)", ylabel="mean asym = r->e1 - r->e2")
+    ax.set_title(f"Asymmetry by layer (mean over {len(records)} pairs, heads averaged)", pad=14)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(fig_dir / "layer_asym_profile.png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_example(path: Path, example: dict, plt) -> None:
+    """Bars of one pair: in each sentence, the relation word's attention to the first- then the
+    second-mentioned shape (asym = left bar - right bar); one colour per shape across sentences."""
+    first, second = example["e1"], example["e2"]  # the shapes as s1 mentions them
+    heights = [example["r_to_e1_s1"], example["r_to_e2_s1"], example["r_to_e1_s2"], example["r_to_e2_s2"]]
+    names = [first, second, second, first]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    bars = ax.bar([0, 1, 3, 4], heights, color=["C0", "C1", "C1", "C0"])
+    ax.bar_label(bars, fmt="%.4g", fontsize=8)
+    ax.set_xticks([0, 1, 3, 4], [f"{name}\n({rank})" for name, rank in zip(names, ["1st", "2nd"] * 2)], fontsize=8)
+    ax.set_ylim(0, max(heights) * 1.3 if max(heights) > 0 else 1)
+    for x, tag, relation in ((0.5, "s1", example["relation"]), (3.5, "s2", FLIPPED_RELATION[example["relation"]])):
+        ax.text(x, max(heights) * 1.17, f"{tag}: '... relation is {relation}'\nasym = {example['asym_' + tag]:+.3g}",
+                ha="center", va="center", fontsize=8)
+    ax.set(ylabel="mean attention, relation word -> shape word",
+           title=f"Example pair (shard {example['shard']}, world {example['index']}): "
+                 f"symmetry = {example['symmetry_score']:+.3g}")
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
