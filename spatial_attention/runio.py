@@ -119,10 +119,14 @@ class ProcessShare:
     the main process merges the parts once all are done.
     """
 
-    def __init__(self):
+    def __init__(self, device: str = "auto"):
+        import torch
         from accelerate import PartialState
 
-        self.state = PartialState()
+        # Processes started by `accelerate launch --multi_gpu` (torchrun) on a machine without
+        # GPUs, or asked to run on the CPU, join one gloo group.
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        self.state = PartialState(cpu=cpu)
         self.rank = self.state.process_index
         self.size = self.state.num_processes
 

@@ -68,7 +68,7 @@ def run(family: str, args) -> None:
     from models import load_adapter
 
     started = time.time()
-    share = ProcessShare()
+    share = ProcessShare(args.device)
     data = ensure_shapeworld(args.data, args.seed) if share.is_main else args.data
     share.wait()
     device = str(share.device) if share.size > 1 and args.device == "auto" else args.device
@@ -89,7 +89,10 @@ def run(family: str, args) -> None:
         log.info("resuming: %d of %d pairs already in %s", len(captions) - len(todo), len(captions), pairs_path)
     if share.is_main:
         write_json(out / "run.json", run_record(args, adapter, status="running", data=str(data), layers_0based=layers))
+    share.wait()  # every process has read what is done before any of them appends
     mine = share.take(todo)
+    if share.size > 1:
+        log.info("process %d of %d: %d of %d pairs to do", share.rank + 1, share.size, len(mine), len(todo))
     part_path = share.part_path(pairs_path)
     failed = Counter()
     for start in tqdm(range(0, len(mine), batch_size), desc=f"{family} caption pairs", unit="batch",

@@ -79,7 +79,7 @@ def run(family: str, args, relations: list[str]) -> None:
     from models import load_adapter
 
     started = time.time()
-    share = ProcessShare()
+    share = ProcessShare(args.device)
     data = ensure_shapeworld(args.data, args.seed) if share.is_main else args.data
     share.wait()
     device = str(share.device) if share.size > 1 and args.device == "auto" else args.device
@@ -99,7 +99,10 @@ def run(family: str, args, relations: list[str]) -> None:
     todo = [w for w in worlds if (w.shard, w.index) not in done]
     if done:
         log.info("resuming: %d of %d worlds already in %s", len(worlds) - len(todo), len(worlds), samples_path)
+    share.wait()  # every process has read what is done before any of them appends
     mine = share.take(todo)
+    if share.size > 1:
+        log.info("process %d of %d: %d of %d worlds to do", share.rank + 1, share.size, len(mine), len(todo))
     if share.is_main:
         write_json(out / "run.json", run_record(args, adapter, status="running", data=str(data), layers_0based=layers,
                                                 feed_size=getattr(adapter, "feed_size", None)))
