@@ -1,0 +1,246 @@
+"""Benchmark: the capture engine against the paper's extraction path and the plain forward.
+
+    python bench/bench_capture.py --model llava --size small
+    python bench/bench_capture.py --model qwen2 --size 7b --device cuda --batch-size 8
+
+Random-weight models are built from configs (no download), so any size runs
+anywhere it fits; ``7b`` has the full 7B shapes and is meant for a GPU. Each
+mode runs in a fresh process on the same inputs (generated ShapeWorld scenes
+with real captions):
+
+- ``plain``:  the model's ordinary forward (sdpa), nothing recorded: the floor;
+- ``paper``:  eager attention + ``output_attentions=True``, every layer's tensor
+              ``.float().cpu()`` and averaged on the CPU, batch size 1, as the
+              paper's scripts did;
+- ``engine``: this project's capture of experiment 1's reductions (caption x
+              image block, image x image block, vision-encoder map), at --batch-size.
+
+Reported per mode: seconds per sample (median over --repeats after a warm-up)
+and peak memory (GPU: max_memory_allocated; CPU: the process's peak RSS during
+the timed passes); for ``engine``, the largest absolute difference from
+``paper`` on every reduction. One JSON object is printed and written to
+bench/results/{model}-{size}-{device}[-L{layers}].json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Language-model / vision-encoder shapes per size (``7b``: the configs' defaults).
+SIZES = {
+    "tiny": {"llava": ({}, {}), "qwen2": ({}, {})},
+    "small": {  # >= 8 layers, 8 heads, 576 image tokens: depth-dependent costs show
+        "llava": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=8),
+                  dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8)),
+        "qwen2": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=8),
+                  dict(depth=4, embed_dim=256, mlp_ratio=4, num_heads=8)),
+    },
+}
+SEVEN_B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                    num_key_value_heads=32)
+SIZES["7b"] = {
+    "llava": (SEVEN_B_TEXT, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                 num_attention_heads=16, projection_dim=768)),
+    "qwen2": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4),
+              dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16)),
+}
+MODES = ("plain", "paper", "engine")
+
+
+def build_adapter(args):
+    from models import ADAPTERS
+
+    cls = ADAPTERS[args.model]
+    text, vision = (dict(d) for d in SIZES[args.size][args.model])
+    if args.text_layers:
+        text["num_hidden_layers"] = args.text_layers
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    with device:
+        model, processor = cls.build_random(text=text, vision=vision)
+    adapter = cls(model.to(device=device, dtype=dtype), processor, f"random-{args.size}")
+    if args.model == "qwen2":
+        adapter.set_feed_size(672)
+    return adapter
+
+
+def scenes(n: int):
+    from spatial_attention.generate import generate_shapeworld
+    from spatial_attention.shapeworld import World, iter_worlds
+
+    root = Path(tempfile.mkdtemp(prefix="bench_scenes_"))
+    generate_shapeworld(root, shards=1, worlds_per_shard=n, seed=0)
+    worlds = [w for w in iter_worlds(root) if isinstance(w, World)][:n]
+    return [w.caption.text for w in worlds], [w.load_image() for w in worlds]
+
+
+def request_for(batch, layers):
+    from spatial_attention.capture import CaptureRequest
+
+    return CaptureRequest(layers=layers, vision=True,
+                          blocks={"cross": [(l.text_positions(), l.image_positions) for l in batch.layouts],
+                                  "image_self": [(l.image_positions, l.image_positions) for l in batch.layouts]})
+
+
+def paper_reductions(adapter, batch) -> dict:
+    """The paper's path for one sample: eager, every layer to the CPU in fp32, mean there."""
+    from spatial_attention.reference import eager_model
+
+    layout = batch.layouts[0]
+    with eager_model(adapter) as kept, torch.inference_mode():
+        out = adapter.model(**batch.inputs, output_attentions=True, use_cache=False)
+        per_layer = [a.float().cpu()[0].mean(0) for a in out.attentions]  # (T, T) per layer, on the CPU
+        vision_layers = [torch.cat([c.float().cpu() for c in kept[id(m)]]) for m in adapter.vision_attention_modules()]
+    mean = torch.stack(per_layer).mean(0)
+    text, image = torch.as_tensor(layout.text_positions()), torch.as_tensor(layout.image_positions)
+    vision = torch.stack([adapter.vision_to_grid(vision_layers[i][0].mean(0), 0, batch.inputs)
+                          for i in adapter.vision_map_layers()]).mean(0)
+    return {"cross": mean[text][:, image].numpy(), "image_self": mean[image][:, image].numpy(),
+            "vision": vision.numpy()}
+
+
+def run_mode(args) -> dict:
+    """Worker: time one mode in this (fresh) process; reductions go to --dump."""
+    from spatial_attention.capture import capture, plain_logits
+
+    adapter = build_adapter(args)
+    texts, images = scenes(args.samples)
+    layers = list(range(adapter.num_layers))
+    batch_size = 1 if args.mode == "paper" else args.batch_size
+    batches = [adapter.encode(texts[i:i + batch_size], images[i:i + batch_size])
+               for i in range(0, len(texts), batch_size)]
+    requests = [request_for(b, layers) for b in batches]
+
+    def one_pass(keep: bool):
+        results = []
+        for batch, request in zip(batches, requests):
+            if args.mode == "plain":
+                plain_logits(adapter, batch)
+            elif args.mode == "paper":
+                results.append(paper_reductions(adapter, batch))
+            else:
+                results += capture(adapter, batch, request)[0]
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return results if keep else None
+
+    reductions = one_pass(keep=True)  # warm-up, and the numbers to compare
+    _reset_peak(args.device)
+    seconds = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        one_pass(keep=False)
+        seconds.append((time.perf_counter() - start) / args.samples)
+    if args.dump and reductions:
+        np.savez(args.dump, **{f"{i}_{k}": v for i, r in enumerate(reductions) for k, v in r.items()})
+    return {"mode": args.mode, "seconds_per_sample": statistics.median(seconds), "runs": seconds,
+            "peak_memory_mb": _peak_mb(args.device), "batch_size": batch_size,
+            "num_layers": adapter.num_layers, "num_heads": adapter.num_heads,
+            "image_tokens": int(len(batches[0].layouts[0].image_positions)),
+            "sequence_length": int(batches[0].layouts[0].length), "threads": torch.get_num_threads()}
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS
+            f.write("5")
+
+
+def _peak_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["llava", "qwen2"], required=True)
+    parser.add_argument("--size", choices=list(SIZES), default="small")
+    parser.add_argument("--batch-size", type=int, default=None, help="engine batch size (default 8 on cuda, 1 on cpu)")
+    parser.add_argument("--samples", type=int, default=4, help="scenes per timed pass")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes after the warm-up (median reported)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--text-layers", type=int, default=None, help="override the language model's depth")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/{model}-{size}-{device}.json")
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # worker process
+    parser.add_argument("--dump", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.batch_size = args.batch_size or (8 if args.device == "cuda" else 1)
+    if args.mode:
+        print(json.dumps(run_mode(args)))
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_"))
+    modes = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, *_forwarded(args), "--mode", mode, "--dump", str(tmp / f"{mode}.npz")]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if done.returncode != 0:
+            sys.exit(f"{mode} run failed:\n{done.stderr[-3000:]}")
+        modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"{mode}: {modes[mode]['seconds_per_sample']:.4f} s/sample, peak {modes[mode]['peak_memory_mb']:.0f} MB",
+              file=sys.stderr)
+    paper, engine = np.load(tmp / "paper.npz"), np.load(tmp / "engine.npz")
+    max_abs_diff = {}
+    for key in paper.files:
+        name = key.split("_", 1)[1]
+        max_abs_diff[name] = max(max_abs_diff.get(name, 0.0), float(np.abs(paper[key] - engine[key]).max()))
+    plain_peak = modes["plain"]["peak_memory_mb"]
+    extra_paper = modes["paper"]["peak_memory_mb"] - plain_peak
+    extra_engine = modes["engine"]["peak_memory_mb"] - plain_peak
+    result = {
+        "model": args.model, "size": args.size, "device": args.device, "dtype": args.dtype,
+        "batch_size": args.batch_size, "samples": args.samples, "repeats": args.repeats,
+        "machine": _machine(args.device), "modes": modes,
+        "speedup_vs_paper": modes["paper"]["seconds_per_sample"] / modes["engine"]["seconds_per_sample"],
+        "overhead_vs_plain": modes["engine"]["seconds_per_sample"] / modes["plain"]["seconds_per_sample"],
+        "extra_peak_mb": {"paper": extra_paper, "engine": extra_engine},
+        "memory_saving_vs_paper": extra_paper / extra_engine if extra_engine > 0 else None,
+        "max_abs_diff": max_abs_diff,
+    }
+    out = args.out or REPO / "bench" / "results" / (
+        f"{args.model}-{args.size}-{args.device}" + (f"-L{args.text_layers}" if args.text_layers else "") + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+def _forwarded(args) -> list[str]:
+    flags = ["--model", args.model, "--size", args.size, "--batch-size", str(args.batch_size), "--samples",
+             str(args.samples), "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+    return flags + (["--text-layers", str(args.text_layers)] if args.text_layers else [])
+
+
+def _machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()
