@@ -7,11 +7,12 @@
 #   MAX_NEW_TOKENS [1]   TOPK [3]          PATCH_SIZE [empty: all image tokens]
 #   DATA_DIR [data]      OUT_DIR [results/corners/$MODEL]
 #   BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]   DEVICE [auto]   DTYPE [auto]
-#   PYTHON [.venv/bin/python when it exists, else python3]
+#   PYTHON [the checkout's .venv/bin/python when it exists, else python3]
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
+# Relative paths are taken from the current folder, as for the Python scripts.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 MODEL="${MODEL:-qwen2}"
 MODEL_PATH="${MODEL_PATH:-}"
@@ -26,21 +27,23 @@ BATCH_SIZE="${BATCH_SIZE:-}"
 DEVICE="${DEVICE:-auto}"
 DTYPE="${DTYPE:-auto}"
 if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+  if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
 CORNERS=(topleft topright bottomleft bottomright)
 
 case "$MODEL" in qwen2|llava) ;; *) echo "error: MODEL=$MODEL is not qwen2 or llava" >&2; exit 2;; esac
 
-datasets=()
+datasets=() stats_dirs=() missing=()
 for corner in "${CORNERS[@]}"; do
-  dir="$DATA_DIR/dataset_$corner"
-  if [ ! -f "$dir/metadata.jsonl" ]; then
-    echo "NOTICE: $dir is missing; generating $COUNT pairs there" >&2
-    "$PYTHON" generate_data.py counterfactual --out "$DATA_DIR" --count "$COUNT" --corners "$corner"
-  fi
-  datasets+=("$dir")
+  datasets+=("$DATA_DIR/dataset_$corner")
+  stats_dirs+=("$OUT_DIR/head_diff_stats_$corner")
+  [ -f "$DATA_DIR/dataset_$corner/metadata.jsonl" ] || missing+=("$corner")
 done
+if [ ${#missing[@]} -gt 0 ]; then
+  corners_csv=$(IFS=,; echo "${missing[*]}")
+  echo "NOTICE: no data for corner(s) $corners_csv in $DATA_DIR; generating $COUNT pairs each" >&2
+  "$PYTHON" "$HERE/generate_data.py" counterfactual --out "$DATA_DIR" --count "$COUNT" --corners "$corners_csv"
+fi
 
 args=(--model "$MODEL" --dataset "${datasets[@]}" --max-pairs "$COUNT" --layers "$LAYERS"
       --max-new-tokens "$MAX_NEW_TOKENS" --topk "$TOPK" --out-dir "$OUT_DIR" --device "$DEVICE" --dtype "$DTYPE")
@@ -49,8 +52,8 @@ args=(--model "$MODEL" --dataset "${datasets[@]}" --max-pairs "$COUNT" --layers 
 [ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
 
 echo "== scoring heads on ${CORNERS[*]} ($MODEL) -> $OUT_DIR" >&2
-"$PYTHON" head_attention_stats.py "${args[@]}"
+"$PYTHON" "$HERE/head_attention_stats.py" "${args[@]}"
 
 echo "== shared / unique head analysis -> $OUT_DIR/count_shared_unique" >&2
-"$PYTHON" analyze_corner_heads.py "${CORNERS[@]/#/$OUT_DIR/head_diff_stats_}" --out-dir "$OUT_DIR/count_shared_unique"
+"$PYTHON" "$HERE/analyze_corner_heads.py" "${stats_dirs[@]}" --out-dir "$OUT_DIR/count_shared_unique"
 echo "== done: $OUT_DIR" >&2

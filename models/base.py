@@ -131,6 +131,10 @@ class VLMAdapter:
 
     family: str = ""
     default_model_path: str = ""
+    # the layers the paper averaged for experiment 1 (a --layers mode)
+    paper_layers: str = "all"
+    # the (height, width) images are fed at, where the family lets it be chosen
+    feed_size: tuple[int, int] | None = None
     # vision_feature_layer-style index of the last vision layer whose output the
     # language model sees (-1: all layers; LLaVA-1.5 uses -2).
     vision_select_layer: int = -1
@@ -217,6 +221,9 @@ class VLMAdapter:
     def prepare_image(self, image: Image.Image) -> Image.Image:
         """The image as the model will be fed it (Qwen2-VL resizes to the feed size)."""
         return image.convert("RGB")
+
+    def set_feed_size(self, feed_size: int | tuple[int, int]) -> None:
+        """Choose the input image size; families whose size is fixed (LLaVA-1.5: 336) ignore it."""
 
     def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
         """The image-token grid (gh, gw) of sample ``index`` of processor output ``inputs``."""

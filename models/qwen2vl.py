@@ -63,6 +63,7 @@ class Qwen2VLAdapter(VLMAdapter):
     family = "qwen2"
     default_model_path = "Qwen/Qwen2-VL-7B-Instruct"
     vision_select_layer = -1  # the merger reads the last ViT layer
+    paper_layers = "mid_third"
 
     def __init__(self, model, processor, model_path, revision=None, feed_size=(672, 672)):
         super().__init__(model, processor, model_path, revision)

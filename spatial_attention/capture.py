@@ -47,6 +47,11 @@ KEEP_MODES = ("mean", "layer", "layer_head")
 class AttentionHook:
     """What an active capture (or ablation) does inside the attention function."""
 
+    # The eager (explicit) mask while this hook is active, which ``wants_probabilities`` needs.
+    # A hook that only edits outputs sets False and keeps sdpa's mask, so that with nothing
+    # edited the forward is the plain model's, kernel for kernel.
+    explicit_mask = True
+
     def wants_probabilities(self, module: torch.nn.Module) -> bool:
         """Whether this module's attention must be computed explicitly (fp32) this pass."""
         return False
@@ -98,7 +103,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
 def _mask(*args, **kwargs):
     # sdpa's mask (None for plain causal) unless a hook needs explicit probabilities.
-    if _active_hook is None:
+    if _active_hook is None or not _active_hook.explicit_mask:
         return sdpa_mask(*args, **kwargs)
     return eager_mask(*args, **kwargs)
 

@@ -84,6 +84,28 @@ def ensure_shapeworld(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def prepare_run(family: str, args, default_layers: str | None = None):
+    """What every experiment starts with: this process's share of the work, the data
+    folder (the default generated once, by the main process), the model, the layers
+    and the batch size. ``--layers`` defaults to ``default_layers``, else to the
+    layers the paper used with this family (``adapter.paper_layers``)."""
+    from models import load_adapter
+    from spatial_attention.metrics import layer_indices
+    from spatial_attention.runio import ProcessShare
+
+    share = ProcessShare(args.device)
+    data = ensure_shapeworld(args.data, args.seed) if share.is_main else args.data
+    share.wait()
+    device = str(share.device) if share.size > 1 and args.device == "auto" else args.device
+    adapter = load_adapter(family, args.model_path, device=device, dtype=args.dtype, device_map=args.device_map,
+                           revision=args.revision, seed=args.seed)
+    if getattr(args, "feed_size", None):
+        adapter.set_feed_size(args.feed_size)
+    args.layers = args.layers or default_layers or adapter.paper_layers
+    layers = layer_indices(args.layers, adapter.num_layers)
+    return share, data, adapter, layers, default_batch_size(args, adapter.device)
+
+
 def user_errors_exit(main):
     """Decorator: OptionError / DataError become one line on stderr and exit status 2."""
 

@@ -28,7 +28,7 @@ from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
 from spatial_attention.cli import HelpFormatter, add_model_args, default_batch_size, user_errors_exit
 from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, Pair, read_pairs
-from spatial_attention.errors import OptionError
+from spatial_attention.errors import DataError, OptionError
 from spatial_attention.heads import corner_patch_indices, topk_count_cube
 from spatial_attention.runio import package_versions, run_record, setup_logging, write_atomic, write_json
 
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and run.json into the out-dir.")
     parser.add_argument("--model", required=True, choices=["llava", "qwen2"], help="model family")
     add_model_args(parser, None)
-    parser.add_argument("--dataset", type=Path, nargs="+", required=True,
+    parser.add_argument("--dataset", nargs="+", required=True,  # str, not Path: run.json records the list
                         help="corner data set folder(s) data/dataset_{corner}; with several, the model is loaded "
                              "once and each gets OUT/head_diff_stats_{corner}")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
@@ -72,22 +72,48 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     args.layers = args.layers or "all"
-    if args.max_new_tokens < 1:
-        raise OptionError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    check_options(args)
+    datasets = {}  # corner -> pairs; read before the (slow) model load so that a bad folder fails at once
+    for folder in args.dataset:
+        pairs = read_pairs(folder, limit=args.max_pairs)
+        corner = corner_of(pairs, folder)
+        if corner in datasets:
+            raise OptionError(f"--dataset: two folders hold corner {corner!r}; their results would overwrite "
+                              f"each other in head_diff_stats_{corner}")
+        datasets[corner] = pairs
     from models import load_adapter
 
     adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
                            device_map=args.device_map, revision=args.revision, seed=args.seed)
     if args.model == "qwen2":
         adapter.set_feed_size(args.feed_size)
-    for dataset in args.dataset:
-        pairs = read_pairs(dataset, limit=args.max_pairs)
-        corner = pairs[0].corner
+    if not 1 <= args.topk <= adapter.num_heads:
+        raise OptionError(f"--topk {args.topk}: must be between 1 and the model's {adapter.num_heads} heads per layer")
+    for corner, pairs in datasets.items():
         if len(args.dataset) == 1:
             out = args.out_dir or Path(f"head_diff_stats_{corner}")
         else:
             out = (args.out_dir or Path(".")) / f"head_diff_stats_{corner}"
         score_dataset(adapter, args, pairs, corner, out)
+
+
+def check_options(args) -> None:
+    """OptionError for settings that cannot work, found before anything is loaded."""
+    for name in ("max_new_tokens", "max_pairs", "patch_size", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.corner and not args.patch_size:
+        raise OptionError(f"--corner {args.corner} only applies with --patch-size (without it the score covers "
+                          "every image token)")
+
+
+def corner_of(pairs: list[Pair], folder) -> str:
+    """The one corner all pairs of a folder share."""
+    corners = sorted({pair.corner for pair in pairs})
+    if len(corners) != 1:
+        raise DataError(f"{folder}: pairs of several corners ({', '.join(corners)}); a corner folder holds one")
+    return corners[0]
 
 
 def score_dataset(adapter, args, pairs: list[Pair], corner: str, out: Path) -> None:
@@ -97,6 +123,8 @@ def score_dataset(adapter, args, pairs: list[Pair], corner: str, out: Path) -> N
     batch_size = default_batch_size(args, adapter.device)
     out.mkdir(parents=True, exist_ok=True)
     n = len(pairs)
+    if args.max_pairs and n < args.max_pairs:
+        log.warning("%s: the folder holds only %d pairs (--max-pairs %d)", corner, n, args.max_pairs)
     full = np.zeros((len(layers), adapter.num_heads, n), np.float32)
     control = np.zeros_like(full)
     answers = []
@@ -141,7 +169,7 @@ def score_images(adapter, images: list[Image.Image], prompt: str, layers: list[i
         request = CaptureRequest(layers=layers, last_mass=[_scored_positions(lay, corner, args.patch_size)
                                                            for lay in batch.layouts])
         recordings, logits = capture(adapter, batch, request)
-        said = [adapter.tokenizer.decode([int(t)]).strip() for t in logits.argmax(-1)]
+        said = [adapter.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in logits.argmax(-1)]
         return [r["last_mass"] for r in recordings], said
     scores, said = [], []
     for image in images:

@@ -146,6 +146,12 @@ class ProcessShare:
         path = Path(path)
         return path if self.size == 1 else path.with_name(f"{path.stem}.part{self.rank}{path.suffix}")
 
+    def existing_records(self, path: Path) -> list[dict]:
+        """What earlier runs finished: ``path`` and any part files a killed multi-process run left."""
+        path = Path(path)
+        parts = sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
+        return [record for source in [path, *parts] for record in read_jsonl(source)]
+
     def wait(self) -> None:
         self.state.wait_for_everyone()
 

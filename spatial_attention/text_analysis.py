@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture
-from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, default_batch_size,
-                                   ensure_shapeworld, parse_shards, user_errors_exit)
+from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, parse_shards, prepare_run,
+                                   user_errors_exit)
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import (ProcessShare, append_jsonl, read_jsonl, run_record, setup_logging,
+from spatial_attention.runio import (append_jsonl, read_jsonl, run_record, setup_logging,
                                      write_atomic, write_json)
 from spatial_attention.shapeworld import (FLIPPED_RELATION, Caption, ReadStats, Skipped, counterfactual_caption,
                                          iter_worlds)
@@ -60,28 +59,18 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 def main(family: str, argv=None) -> None:
     args = build_parser(family).parse_args(argv)
     setup_logging(args.verbose)
-    args.layers = args.layers or "all"
     run(family, args)
 
 
 def run(family: str, args) -> None:
-    from models import load_adapter
-
     started = time.time()
-    share = ProcessShare(args.device)
-    data = ensure_shapeworld(args.data, args.seed) if share.is_main else args.data
-    share.wait()
-    device = str(share.device) if share.size > 1 and args.device == "auto" else args.device
-    adapter = load_adapter(family, args.model_path, device=device, dtype=args.dtype, device_map=args.device_map,
-                           revision=args.revision, seed=args.seed)
-    layers = M.layer_indices(args.layers, adapter.num_layers)
-    batch_size = default_batch_size(args, adapter.device)
+    share, data, adapter, layers, batch_size = prepare_run(family, args, default_layers="all")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     pairs_path = out / "pairs.jsonl"
 
     captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
-    existing = [r for source in [pairs_path, *sorted(out.glob("pairs.part*.jsonl"))] for r in read_jsonl(source)]
+    existing = share.existing_records(pairs_path)
     _check_same_layers(existing, layers, out)
     done = {_key(r) for r in existing}
     todo = [c for c in captions if (c[0], c[1]) not in done]

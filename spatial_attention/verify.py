@@ -95,8 +95,7 @@ def main(argv=None) -> int:
         setup_logging(args.verbose)
         adapter = load_adapter(args.model, args.model_path or None, device=args.device, dtype=args.dtype,
                                device_map=args.device_map, revision=args.revision, seed=args.seed)
-        if hasattr(adapter, "set_feed_size"):
-            adapter.set_feed_size(args.feed_size)
+        adapter.set_feed_size(args.feed_size)
         worlds = _scenes(args.data, args.samples, args.seed)
         batch = adapter.encode([w.caption.text for w in worlds], [w.load_image() for w in worlds])
         layers = layer_indices(args.layers or "all", adapter.num_layers)

@@ -24,17 +24,16 @@ from tqdm import tqdm
 
 from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture
-from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, default_batch_size,
-                                   ensure_shapeworld, parse_shards, user_errors_exit)
+from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, parse_shards, prepare_run,
+                                   user_errors_exit)
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import ProcessShare, append_jsonl, read_jsonl, run_record, setup_logging, write_json
+from spatial_attention.runio import append_jsonl, read_jsonl, run_record, setup_logging, write_json
 from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
 
 log = logging.getLogger("spatial_attention")
 
 MAPS = ("subject_cross", "object_cross", "relation_cross", "subject_self_lm", "object_self_lm",
         "background_self_lm", "subject_self_vit", "object_self_vit", "background_self_vit")
-DEFAULT_LAYERS = {"llava": "all", "qwen2": "mid_third"}  # as in the paper
 
 
 def build_parser(family: str) -> argparse.ArgumentParser:
@@ -68,7 +67,6 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 def main(family: str, argv=None) -> None:
     args = build_parser(family).parse_args(argv)
     setup_logging(args.verbose)
-    args.layers = args.layers or DEFAULT_LAYERS[family]
     relations = [r.strip() for r in args.relations.split(",") if r.strip()]
     if not relations or set(relations) - set(RELATIONS):
         raise OptionError(f"--relations {args.relations!r}: choose from {', '.join(RELATIONS)}")
@@ -76,24 +74,12 @@ def main(family: str, argv=None) -> None:
 
 
 def run(family: str, args, relations: list[str]) -> None:
-    from models import load_adapter
-
     started = time.time()
-    share = ProcessShare(args.device)
-    data = ensure_shapeworld(args.data, args.seed) if share.is_main else args.data
-    share.wait()
-    device = str(share.device) if share.size > 1 and args.device == "auto" else args.device
-    adapter = load_adapter(family, args.model_path, device=device, dtype=args.dtype, device_map=args.device_map,
-                           revision=args.revision, seed=args.seed)
-    if family == "qwen2":
-        adapter.set_feed_size(args.feed_size)
-    layers = M.layer_indices(args.layers, adapter.num_layers)
-    batch_size = default_batch_size(args, adapter.device)
-
+    share, data, adapter, layers, batch_size = prepare_run(family, args)
     out = args.out
     (out / "figures").mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
-    done = {_key(r) for source in _result_files(samples_path) for r in read_jsonl(source)}
+    done = {_key(r) for r in share.existing_records(samples_path)}
     worlds, skipped = _select_worlds(data, parse_shards(args.shards), relations, args.limit)
     first_plots = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
     todo = [w for w in worlds if (w.shard, w.index) not in done]
@@ -105,7 +91,7 @@ def run(family: str, args, relations: list[str]) -> None:
         log.info("process %d of %d: %d of %d worlds to do", share.rank + 1, share.size, len(mine), len(todo))
     if share.is_main:
         write_json(out / "run.json", run_record(args, adapter, status="running", data=str(data), layers_0based=layers,
-                                                feed_size=getattr(adapter, "feed_size", None)))
+                                                feed_size=adapter.feed_size))
 
     part_path = share.part_path(samples_path)
     failed = Counter()
@@ -139,11 +125,6 @@ def run(family: str, args, relations: list[str]) -> None:
 
 def _key(record: dict) -> tuple[int, int]:
     return (int(record["shard"]), int(record["index"]))
-
-
-def _result_files(path: Path) -> list[Path]:
-    """The merged file and any part files a killed multi-process run left behind."""
-    return [path] + sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
 
 
 def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], Counter]:
@@ -319,6 +300,6 @@ def _finish(out, args, adapter, data, layers, worlds, skipped, failed, started) 
     write_summary(out, summary, {"counts": counts})
     plot_summary(summary, out / "figures")
     write_json(out / "run.json", run_record(args, adapter, status="finished", data=str(data), layers_0based=layers,
-                                            feed_size=getattr(adapter, "feed_size", None), counts=counts,
+                                            feed_size=adapter.feed_size, counts=counts,
                                             wall_seconds=round(time.time() - started, 1)))
     log.info("done: %d worlds in %s (summary.json, summary.csv, figures/)", summary["n_worlds"], out)

@@ -1,0 +1,238 @@
+"""Experiment 3, step 1 (head_attention_stats.py / corner_stats.py) and the corner
+sweep (run_corner_experiments.sh) on the tiny-random models of both families:
+the sweep end to end, cube shapes, the corner patch positions, agreement with the
+eager reference path, batching, and generation over several steps."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.base import Batch
+from spatial_attention.capture import CaptureRequest
+from spatial_attention.corner_stats import _scored_positions, build_parser, main, score_dataset
+from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, read_pairs
+from spatial_attention.generate import generate_counterfactual
+from spatial_attention.reference import reference_capture
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = "Is there anything in the top left corner?"
+STEP_FILES = ("scores_full_LHN.npy", "scores_control_LHN.npy", "scores_blank_LHM.npy", "count_LHN.npy",
+              "count_LH.npy", "answers.csv", "count_bars.png", "meta.json", "run.json")
+ANALYSIS_FILES = ("summary.json", "shared_head.txt", "unique_heads.txt", "heatmap_shared.png",
+                  "unique_head_curves.png", "top_pixels_shared.txt",
+                  *(f"{kind}_{c}{ext}" for c in CORNERS
+                    for kind, ext in (("heatmap_residual", ".png"), ("top_pixels_diff", ".txt"))))
+
+
+def run_sweep(tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    settings = {**os.environ, "PYTHON": sys.executable, "MODEL_PATH": "tiny-random",
+                "DATA_DIR": str(tmp_path / "data"), "OUT_DIR": str(tmp_path / "out"), **env}
+    return subprocess.run(["bash", str(REPO / "run_corner_experiments.sh")], env=settings, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def topleft(tmp_path_factory) -> Path:
+    """Three top-left pairs."""
+    return generate_counterfactual(tmp_path_factory.mktemp("pairs"), count=3, corners=["topleft"])[0]
+
+
+def stats_args(family: str, *options: str):
+    args = build_parser().parse_args(["--model", family, "--dataset", "unused", *options])
+    args.layers = args.layers or "all"
+    return args
+
+
+def run_step(adapter, folder: Path, out: Path, *options: str) -> dict[str, np.ndarray]:
+    """score_dataset on the session's adapter; the saved files as arrays (plus meta and answers)."""
+    args = stats_args(adapter.family, *options)
+    score_dataset(adapter, args, read_pairs(folder, limit=args.max_pairs), "topleft", out)
+    saved = {name: np.load(out / f"{name}.npy") for name in
+             ("scores_full_LHN", "scores_control_LHN", "scores_blank_LHM", "count_LHN", "count_LH")}
+    saved["meta"] = json.loads((out / "meta.json").read_text())
+    with open(out / "answers.csv") as f:
+        saved["answers"] = list(csv.DictReader(f))
+    return saved
+
+
+def corner_cells(grid: tuple[int, int], corner: str, k: int) -> list[int]:
+    """Raster indices of the k x k corner block, written out cell by cell."""
+    gh, gw = grid
+    rows = range(k) if corner.startswith("top") else range(gh - k, gh)
+    cols = range(k) if corner.endswith("left") else range(gw - k, gw)
+    return sorted(r * gw + c for r in rows for c in cols)
+
+
+# --- the sweep ------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["qwen2", "llava"])
+def test_sweep_end_to_end(family, tmp_path, tiny_models):
+    done = run_sweep(tmp_path, MODEL=family, COUNT="6")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "NOTICE: no data for corner(s) topleft,topright,bottomleft,bottomright" in done.stderr
+    adapter = tiny_models[family]
+    L, H = adapter.num_layers, adapter.num_heads
+    out = tmp_path / "out"
+    for corner in CORNERS:
+        folder = out / f"head_diff_stats_{corner}"
+        for name in STEP_FILES:
+            assert (folder / name).is_file() and (folder / name).stat().st_size > 0, folder / name
+        full, control = np.load(folder / "scores_full_LHN.npy"), np.load(folder / "scores_control_LHN.npy")
+        count, count_lh = np.load(folder / "count_LHN.npy"), np.load(folder / "count_LH.npy")
+        assert full.shape == control.shape == count.shape == (L, H, 6)
+        assert full.dtype == control.dtype == np.float32 and count.dtype == np.uint8
+        assert np.load(folder / "scores_blank_LHM.npy").shape == (L, H, 1)
+        assert (count.sum(axis=1) == 3).all() and (count_lh == count.sum(-1)).all()
+        assert ((full >= 0) & (full <= 1 + 1e-5)).all() and not np.array_equal(full, control)
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["model"] == family and meta["corner"] == corner and meta["layers"] == list(range(1, L + 1))
+        assert (meta["L"], meta["H"], meta["N"], meta["topk"]) == (L, H, 6, 3)
+        assert meta["prompt"] == f"Is there anything in the {CORNER_WORDS[corner]} corner?"
+        assert meta["patch_size"] is None and "torch" in meta["versions"]
+        with open(folder / "answers.csv") as f:
+            assert [row["id"] for row in csv.DictReader(f)] == [str(i) for i in range(6)]
+    for name in ANALYSIS_FILES:
+        assert (out / "count_shared_unique" / name).is_file(), name
+    summary = json.loads((out / "count_shared_unique" / "summary.json").read_text())
+    assert summary["layers"] == list(range(1, L + 1))
+
+
+def test_failing_step_stops_the_sweep(tmp_path):
+    generate_counterfactual(tmp_path / "data", count=1)
+    done = run_sweep(tmp_path, MODEL="llava", COUNT="0")  # the data is there: the scoring step gets --max-pairs 0
+    assert done.returncode == 2
+    assert "error: --max-pairs 0: must be at least 1" in done.stderr
+    assert "== shared / unique" not in done.stderr and not (tmp_path / "out" / "count_shared_unique").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
+    (["--patch-size", "0"], "--patch-size 0: must be at least 1"),
+    (["--corner", "topright"], "--corner topright only applies with --patch-size"),
+])
+def test_bad_options_fail_before_loading(options, message, topleft, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "llava", "--model-path", "no-such-checkpoint", "--dataset", str(topleft), *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+# --- what is scored -----------------------------------------------------------------
+
+@pytest.mark.parametrize("corner", CORNERS)
+def test_scored_positions_are_the_corner_cells(adapter, corner):
+    """Mark the corner block in the picture and find which image tokens' pixels changed
+    (LLaVA: the 14 px patches of pixel_values; Qwen2-VL: each merged token's 2x2 patches,
+    consecutive rows of pixel_values), then map those cells to token positions by the
+    order of the image tokens. Qwen2-VL is fed non-square (224 x 336)."""
+    if adapter.family == "qwen2":
+        adapter.set_feed_size((224, 336))
+        height, width, cell = 224, 336, 28
+    else:
+        height, width, cell = 336, 336, 14
+    blank = Image.new("RGB", (width, height), (245, 245, 245))
+    batch = adapter.encode([PROMPT], [blank])
+    layout = batch.layouts[0]
+    gh, gw = layout.grid
+    assert (gh, gw) == (height // cell, width // cell)
+    assert np.array_equal(_scored_positions(layout, corner, None), layout.image_positions)
+    for k in (2, 3):
+        marked = blank.copy()
+        x0 = 0 if corner.endswith("left") else width - k * cell
+        y0 = 0 if corner.startswith("top") else height - k * cell
+        marked.paste((0, 0, 0), (x0, y0, x0 + k * cell, y0 + k * cell))
+        diff = (adapter.encode([PROMPT], [marked]).inputs["pixel_values"]
+                - batch.inputs["pixel_values"]).abs().float()
+        if adapter.family == "qwen2":
+            per_token = diff.mean(-1).view(gh * gw, -1).mean(-1)  # rows: merged cells in raster order, 4 each
+        else:
+            per_token = diff[0].mean(0).view(gh, 14, gw, 14).mean((1, 3)).flatten()
+        changed = torch.nonzero(per_token > 0.5 * per_token.max()).flatten().tolist()
+        assert changed == corner_cells((gh, gw), corner, k)
+        positions = _scored_positions(layout, corner, k)
+        assert positions.tolist() == layout.image_positions[changed].tolist()
+        assert (layout.input_ids[positions] == adapter.model.config.image_token_id).all()
+
+
+# --- the scores against the eager reference --------------------------------------------
+
+def reference_scores(adapter, folder: Path, columns) -> np.ndarray:
+    """[2N + 1, L, H]: the eager reference's last-position mass on ``columns(layout)`` for the
+    images full_0, control_0, full_1, ..., blank, all in one batch."""
+    pairs = read_pairs(folder)
+    images = [im for pair in pairs for im in pair.load_images()]
+    images.append(Image.new("RGB", images[0].size, (245, 245, 245)))
+    batch = adapter.encode([PROMPT] * len(images), images)
+    request = CaptureRequest(layers=list(range(adapter.num_layers)),
+                             last_mass=[columns(lay) for lay in batch.layouts])
+    recordings, _ = reference_capture(adapter, batch, request)
+    return np.stack([r["last_mass"] for r in recordings])
+
+
+def test_scores_equal_reference_and_batching(adapter, topleft, tmp_path):
+    one = run_step(adapter, topleft, tmp_path / "b1", "--batch-size", "1")
+    three = run_step(adapter, topleft, tmp_path / "b3", "--batch-size", "3", "--layers", "1,3")
+    L, H = adapter.num_layers, adapter.num_heads
+    assert one["scores_full_LHN"].shape == (L, H, 3) and one["meta"]["layers"] == list(range(1, L + 1))
+    assert three["scores_full_LHN"].shape == (2, H, 3) and three["meta"]["layers"] == [1, 3]
+    assert three["scores_blank_LHM"].shape == (2, H, 1) and three["count_LH"].shape == (2, H)
+    for name in ("scores_full_LHN", "scores_control_LHN", "scores_blank_LHM"):
+        np.testing.assert_allclose(three[name], one[name][[0, 2]], atol=1e-5)
+    assert (three["count_LHN"] == one["count_LHN"][[0, 2]]).all()
+    assert three["answers"] == one["answers"]
+
+    want = reference_scores(adapter, topleft, lambda lay: lay.image_positions)
+    np.testing.assert_allclose(one["scores_full_LHN"], np.moveaxis(want[0:6:2], 0, -1), atol=1e-5)
+    np.testing.assert_allclose(one["scores_control_LHN"], np.moveaxis(want[1:6:2], 0, -1), atol=1e-5)
+    np.testing.assert_allclose(one["scores_blank_LHM"][..., 0], want[6], atol=1e-5)
+
+
+def test_patch_scores_equal_reference(adapter, topleft, tmp_path):
+    """--patch-size 2 --corner bottomright on top-left pairs: the score covers the bottom-right block only."""
+    got = run_step(adapter, topleft, tmp_path / "patch", "--batch-size", "3", "--patch-size", "2",
+                   "--corner", "bottomright")
+    assert got["meta"]["patch_size"] == 2 and got["meta"]["patch_corner"] == "bottomright"
+    want = reference_scores(adapter, topleft,
+                            lambda lay: lay.image_positions[corner_cells(lay.grid, "bottomright", 2)])
+    np.testing.assert_allclose(got["scores_full_LHN"], np.moveaxis(want[0:6:2], 0, -1), atol=1e-5)
+    np.testing.assert_allclose(got["scores_control_LHN"], np.moveaxis(want[1:6:2], 0, -1), atol=1e-5)
+    np.testing.assert_allclose(got["scores_blank_LHM"][..., 0], want[6], atol=1e-5)
+    assert (got["scores_full_LHN"] < 0.5).all()  # 4 of the image's tokens
+
+
+def test_three_new_tokens_average_three_steps(adapter, topleft, tmp_path):
+    """--max-new-tokens 3: the score is the mean over the three greedy steps, redone here
+    by hand with the eager reference (no cache: each step re-runs the whole sequence)."""
+    got = run_step(adapter, topleft, tmp_path / "gen", "--max-new-tokens", "3", "--max-pairs", "1")
+    full_image = read_pairs(topleft)[0].load_images()[0]
+    batch = adapter.encode([PROMPT], [full_image])
+    layout = batch.layouts[0]
+    request = CaptureRequest(layers=list(range(adapter.num_layers)), last_mass=[layout.image_positions])
+    inputs, steps, tokens = dict(batch.inputs), [], []
+    for _ in range(3):
+        recordings, logits = reference_capture(adapter, Batch(inputs, [layout]), request)
+        steps.append(recordings[0]["last_mass"])
+        token = int(logits[0].argmax())
+        tokens.append(token)
+        if token == adapter.tokenizer.eos_token_id:
+            break
+        new = torch.tensor([[token]], device=inputs["input_ids"].device)
+        inputs["input_ids"] = torch.cat([inputs["input_ids"], new], dim=1)
+        inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(new)], dim=1)
+        if "mm_token_type_ids" in inputs:  # Qwen2-VL: 0 = a text token
+            inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(new)], dim=1)
+        layout = replace(layout, input_ids=np.append(layout.input_ids, token))
+    assert len(steps) == 3, "the tiny model stopped early; pick another pair"
+    np.testing.assert_allclose(got["scores_full_LHN"][..., 0], np.mean(steps, axis=0), atol=1e-5)
+    assert not np.allclose(got["scores_full_LHN"][..., 0], steps[0], atol=1e-4)  # not just the first step
+    assert got["answers"][0]["full_answer"] == adapter.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    assert got["meta"]["max_new_tokens"] == 3
