@@ -59,7 +59,7 @@ def main() -> None:
         sys.exit(f"run failed ({child.returncode}): {' '.join(cmd)}")
     done = sum(1 for _ in open(samples))
     result = {"model": args.model, "command": " ".join(cmd), "at_checkpoint": at_checkpoint,
-              "before_summary": {"worlds": done, "peak_rss_mb": last, "seconds": round(time.time() - started)},
+              "at_end": {"worlds": done, "peak_rss_mb": last, "seconds": round(time.time() - started)},
               "growth": (last - at_checkpoint["peak_rss_mb"]) / at_checkpoint["peak_rss_mb"] if at_checkpoint else None}
     path = REPO / "bench" / "results" / f"long_run_memory-{args.model}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
