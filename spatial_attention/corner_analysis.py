@@ -135,14 +135,14 @@ def _heatmap(path: Path, matrix: np.ndarray, layers: list[int], title: str, cbar
              marks: list[tuple[int, int, float]], head: int, diverging: bool) -> None:
     """Layer x head heatmap; ``marks`` (top cells) boxed and numbered by rank, ``head``'s column outlined."""
     n_layers, n_heads = matrix.shape
-    fig = Figure(figsize=(max(4.5, 0.28 * n_heads + 2.2), max(3.5, 0.22 * n_layers + 1.6)))
+    fig = Figure(figsize=(max(6.5, 0.28 * n_heads + 2.2), max(3.5, 0.22 * n_layers + 1.6)))
     ax = fig.subplots()
     if diverging:
         vmax = float(np.abs(matrix).max()) or 1.0
         im = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto", interpolation="nearest")
     else:
         im = ax.imshow(matrix, cmap="viridis", vmin=0.0, aspect="auto", interpolation="nearest")
-    fig.colorbar(im, ax=ax, label=cbar_label)
+    fig.colorbar(im, ax=ax).set_label(cbar_label, fontsize=8)
     ax.add_patch(Rectangle((head - 0.5, -0.5), 1, n_layers, fill=False, edgecolor="black", linewidth=1.5,
                            linestyle="--"))
     mark_colour = "lime" if diverging else "red"  # visible on either colour map
@@ -156,7 +156,7 @@ def _heatmap(path: Path, matrix: np.ndarray, layers: list[int], title: str, cbar
     ax.set_yticks(range(0, n_layers, step_y), [str(layers[i]) for i in range(0, n_layers, step_y)])
     ax.set_xlabel(f"head (0-based; dashed: head {head})")
     ax.set_ylabel("layer (1-based)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9, wrap=True)
     fig.tight_layout()
     save_figure(fig, path)
 

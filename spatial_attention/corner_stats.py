@@ -85,8 +85,7 @@ def main(argv=None) -> None:
 
     adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
                            device_map=args.device_map, revision=args.revision, seed=args.seed)
-    if args.model == "qwen2":
-        adapter.set_feed_size(args.feed_size)
+    adapter.set_feed_size(args.feed_size)
     if not 1 <= args.topk <= adapter.num_heads:
         raise OptionError(f"--topk {args.topk}: must be between 1 and the model's {adapter.num_heads} heads per layer")
     for corner, pairs in datasets.items():
@@ -148,7 +147,7 @@ def score_dataset(adapter, args, pairs: list[Pair], corner: str, out: Path) -> N
     np.save(out / "count_LH.npy", count.sum(-1).astype(np.int32))
     write_atomic(out / "answers.csv", _answers_csv(answers))
     _plot_counts(out / "count_bars.png", count.sum(-1), [l + 1 for l in layers], corner, args.topk)
-    meta = {"model": args.model, "model_path": adapter.model_path, "layers": [l + 1 for l in layers],
+    meta = {"model": args.model, "model_path": adapter.model_path, "feed_size": adapter.feed_size, "layers": [l + 1 for l in layers],
             "L": len(layers), "H": adapter.num_heads, "N": n, "topk": args.topk, "prompt": prompt, "corner": corner,
             "patch_corner": patch_corner if args.patch_size else None, "patch_size": args.patch_size,
             "max_new_tokens": args.max_new_tokens, "pair_ids": [p.id for p in pairs],
