@@ -7,6 +7,9 @@
 #   MAX_NEW_TOKENS [1]   TOPK [3]          PATCH_SIZE [empty: all image tokens]
 #   DATA_DIR [data]      OUT_DIR [results/corners/$MODEL]
 #   BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]   DEVICE [auto]   DTYPE [auto]
+#   ABLATE [0]  1: then ablate each corner's unique head and the shared head (head_ablation.py)
+#   ABLATE_MODE [zero]  zero | mean     RANDOM_CONTROLS [20]
+# With ABLATE=1 also: $OUT_DIR/ablation_{corner}_{unique|shared}/.
 #   PYTHON [the checkout's .venv/bin/python when it exists, else python3]
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
@@ -26,6 +29,9 @@ OUT_DIR="${OUT_DIR:-results/corners/$MODEL}"
 BATCH_SIZE="${BATCH_SIZE:-}"
 DEVICE="${DEVICE:-auto}"
 DTYPE="${DTYPE:-auto}"
+ABLATE="${ABLATE:-0}"
+ABLATE_MODE="${ABLATE_MODE:-zero}"
+RANDOM_CONTROLS="${RANDOM_CONTROLS:-20}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -56,4 +62,18 @@ echo "== scoring heads on ${CORNERS[*]} ($MODEL) -> $OUT_DIR" >&2
 
 echo "== shared / unique head analysis -> $OUT_DIR/count_shared_unique" >&2
 "$PYTHON" "$HERE/analyze_corner_heads.py" "${stats_dirs[@]}" --out-dir "$OUT_DIR/count_shared_unique"
+if [ "$ABLATE" = 1 ]; then
+  ablate_args=(--model "$MODEL" --mode "$ABLATE_MODE" --random-controls "$RANDOM_CONTROLS" --max-pairs "$COUNT"
+               --analysis-dir "$OUT_DIR/count_shared_unique" --device "$DEVICE" --dtype "$DTYPE")
+  [ -n "$MODEL_PATH" ] && ablate_args+=(--model-path "$MODEL_PATH")
+  [ -n "$BATCH_SIZE" ] && ablate_args+=(--batch-size "$BATCH_SIZE")
+  for corner in "${CORNERS[@]}"; do
+    for heads in unique shared; do
+      echo "== ablating the $heads head on $corner -> $OUT_DIR/ablation_${corner}_$heads" >&2
+      "$PYTHON" "$HERE/head_ablation.py" "${ablate_args[@]}" --heads "$heads" \
+        --stats-dir "$OUT_DIR/head_diff_stats_$corner" --dataset "$DATA_DIR/dataset_$corner" \
+        --out-dir "$OUT_DIR/ablation_${corner}_$heads"
+    done
+  done
+fi
 echo "== done: $OUT_DIR" >&2

@@ -77,7 +77,7 @@ def corner_cells(grid: tuple[int, int], corner: str, k: int) -> list[int]:
 
 @pytest.mark.parametrize("family", ["qwen2", "llava"])
 def test_sweep_end_to_end(family, tmp_path, tiny_models):
-    done = run_sweep(tmp_path, MODEL=family, COUNT="6")
+    done = run_sweep(tmp_path, MODEL=family, COUNT="6", ABLATE="1", RANDOM_CONTROLS="2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "NOTICE: no data for corner(s) topleft,topright,bottomleft,bottomright" in done.stderr
     adapter = tiny_models[family]
@@ -105,6 +105,15 @@ def test_sweep_end_to_end(family, tmp_path, tiny_models):
         assert (out / "count_shared_unique" / name).is_file(), name
     summary = json.loads((out / "count_shared_unique" / "summary.json").read_text())
     assert summary["layers"] == list(range(1, L + 1))
+    for corner in CORNERS:  # the ABLATE=1 step
+        for heads in ("unique", "shared"):
+            folder = out / f"ablation_{corner}_{heads}"
+            for name in ("ablation.csv", "summary.json", "run.json", "figures/effect_vs_random.png"):
+                assert (folder / name).is_file(), folder / name
+            with open(folder / "ablation.csv") as f:
+                rows = list(csv.DictReader(f))
+            assert {r["head_set"] for r in rows} == {"chosen", "random_0", "random_1"}
+            assert len(rows) == 3 * 6 * 2  # head sets x pairs x image kinds
 
 
 def test_failing_step_stops_the_sweep(tmp_path):

@@ -1,0 +1,438 @@
+"""Experiment 3, step 3: ablate the heads the corner analysis found and measure
+what happens to the model's yes/no answer.
+
+Ablating a head replaces its slice of its layer's per-head attention output,
+at every position, before the output projection (o_proj):
+
+- ``zero``: with zeros;
+- ``mean``: with that head's mean output vector, one vector per (layer, head):
+  the mean over every real (non-padding) position of every image of the run
+  (full and control of each pair) in the unablated model, computed in a first
+  pass over the data.
+
+It goes through the capture engine's attention function (``HeadAblation`` is an
+``AttentionHook`` whose ``edit_output`` replaces the chosen slices), so the model
+code is never copied; with no head chosen the forward is the plain model's.
+
+Measured for every pair, image kind (full: subject in the corner, should be
+"yes"; control: subject removed, should be "no") and head set, at the answer
+position: log-odds = logsumexp(logits of the yes tokens) - logsumexp(no tokens),
+the yes tokens being every vocabulary entry that decodes to "yes" in any case,
+with or without a leading space (likewise "no"); the answer is "yes" when the
+log-odds are > 0. Metrics per pair: log_odds_full, log_odds_control, gap
+(full minus control), accuracy_full, accuracy_control, accuracy (both kinds);
+a metric's effect is its mean over the pairs of ablated minus unablated.
+
+Controls: ``--random-controls`` sets of as many heads, drawn (seeded) from the
+same layers, per layer as many as were chosen there, from the heads not chosen.
+For each metric, the chosen heads' mean effect is placed in the distribution of
+the random sets' mean effects: p_drop = (1 + #{random <= chosen}) / (1 + R),
+p_rise = (1 + #{random >= chosen}) / (1 + R), two-sided = min(1, 2 min(p_drop,
+p_rise)). The primary test is p_drop of the log-odds on full images: do the
+chosen heads lower the model's "yes" when the subject is there more than heads
+picked at random from the same layers?
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from spatial_attention.capture import AttentionHook, active, last_position_logits
+from spatial_attention.cli import HelpFormatter, add_model_args, default_batch_size, user_errors_exit
+from spatial_attention.corner_analysis import CornerRun, load_corner_run
+from spatial_attention.corner_stats import DEFAULT_PROMPT, corner_of
+from spatial_attention.counterfactual import CORNER_WORDS, Pair, read_pairs
+from spatial_attention.errors import DataError, OptionError
+from spatial_attention.figures import save_figure
+from spatial_attention.heads import top_cells
+from spatial_attention.runio import run_record, setup_logging, write_atomic, write_json
+from spatial_attention.shapeworld import load_rgb
+from spatial_attention.stats import bootstrap_ci
+
+log = logging.getLogger("spatial_attention")
+
+Head = tuple[int, int]  # (layer, head), both 0-based
+KINDS = ("full", "control")
+METRICS = ("log_odds_full", "log_odds_control", "gap", "accuracy_full", "accuracy_control", "accuracy")
+PRIMARY = "log_odds_full"
+HEADS_HELP = ("shared: the analysis's shared head at its peak layer; unique: the stats dir corner's unique head "
+              "at its peak layer; top:K: the K (layer, head) cells of largest |mean(full - control)| score in the "
+              "stats dir; or LAYER.HEAD,... with layers 1-based and heads 0-based (e.g. 12.5,14.0)")
+
+
+# --- which heads ------------------------------------------------------------------
+
+def parse_heads(spec: str, run: CornerRun, analysis_dir: Path) -> list[Head]:
+    """The heads ``--heads spec`` names (see HEADS_HELP), 0-based and sorted."""
+    if spec in ("shared", "unique"):
+        return [_analysis_head(spec, run.corner, Path(analysis_dir))]
+    if spec.startswith("top:"):
+        return _top_heads(spec, run)
+    return _explicit_heads(spec)
+
+
+def _analysis_head(spec: str, corner: str, analysis_dir: Path) -> Head:
+    path = analysis_dir / "summary.json"
+    if not path.is_file():
+        raise DataError(f"{path}: missing; --heads {spec} reads the summary of analyze_corner_heads.py "
+                        "(give its out-dir with --analysis-dir)")
+    try:
+        summary = json.loads(path.read_text())
+        if spec == "shared":
+            head, layer = summary["shared_head"], summary["shared_head_layer"]
+        else:
+            head, layer = summary["unique_heads"][corner], summary["unique_head_layers"][corner]
+        return int(layer) - 1, int(head)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not readable JSON ({err})") from None
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{path}: no {spec} head for corner {corner!r} (missing {err})") from None
+
+
+def _top_heads(spec: str, run: CornerRun) -> list[Head]:
+    k = spec[len("top:"):]
+    cells = run.full.shape[0] * run.full.shape[1]
+    if not k.isdigit() or not 1 <= int(k) <= cells:
+        raise OptionError(f"--heads {spec!r}: top:K needs a whole number K from 1 to the stats dir's "
+                          f"{cells} (layer, head) cells, e.g. top:3")
+    mean_diff = (run.full.astype(np.float64) - run.control).mean(-1)
+    return sorted((run.layers[li] - 1, h) for li, h, _ in top_cells(mean_diff, int(k), by_abs=True))
+
+
+def _explicit_heads(spec: str) -> list[Head]:
+    heads = []
+    for item in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", item)
+        if not match:
+            raise OptionError(f"--heads {spec!r}: {item.strip()!r} is not shared, unique, top:K or "
+                              "LAYER.HEAD (layer 1-based, head 0-based, e.g. 12.5)")
+        if int(match[1]) < 1:
+            raise OptionError(f"--heads {spec!r}: {item.strip()!r}: layers are numbered from 1")
+        heads.append((int(match[1]) - 1, int(match[2])))
+    if len(set(heads)) < len(heads):
+        raise OptionError(f"--heads {spec!r}: a head is listed twice")
+    return sorted(heads)
+
+
+def check_heads(heads: list[Head], spec: str, num_layers: int, num_heads: int) -> None:
+    """OptionError when a head lies outside the model."""
+    for layer, head in heads:
+        if not (0 <= layer < num_layers and 0 <= head < num_heads):
+            raise OptionError(f"--heads {spec!r}: head {head_name((layer, head))} is outside the model's "
+                              f"layers 1..{num_layers} and heads 0..{num_heads - 1}")
+
+
+def head_name(head: Head) -> str:
+    """'LAYER.HEAD', layer 1-based, head 0-based (as the reports write heads)."""
+    return f"{head[0] + 1}.{head[1]}"
+
+
+def heads_json(heads: list[Head]) -> list[dict]:
+    return [{"layer": layer + 1, "head": head} for layer, head in heads]
+
+
+def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) -> list[list[Head]]:
+    """``count`` random sets: per layer of ``chosen``, as many heads drawn from that layer's other heads
+    (from all of its heads when too few others remain)."""
+    per_layer = Counter(layer for layer, _ in chosen)
+    pools = {}
+    for layer, k in sorted(per_layer.items()):
+        others = [h for h in range(num_heads) if (layer, h) not in chosen]
+        if len(others) < k:
+            log.warning("layer %d: only %d heads besides the %d chosen; random controls draw from all %d",
+                        layer + 1, len(others), k, num_heads)
+            others = list(range(num_heads))
+        pools[layer] = others
+    rng = np.random.default_rng(seed)
+    return [sorted((layer, int(h)) for layer, k in per_layer.items()
+                   for h in rng.choice(pools[layer], k, replace=False)) for _ in range(count)]
+
+
+# --- the hooks --------------------------------------------------------------------
+
+class HeadAblation(AttentionHook):
+    """Replace chosen heads' outputs (before o_proj) with zeros, or with ``means[layer][head]``."""
+
+    explicit_mask = False  # outputs only: keep sdpa's mask, as the plain model
+
+    def __init__(self, adapter, heads: list[Head], means: dict[int, torch.Tensor] | None = None):
+        modules = adapter.lm_attention_modules()
+        self.edits = {}  # module id -> (head indices, replacement vectors (k, head_dim) or None)
+        for layer in sorted({layer for layer, _ in heads}):
+            device = next(modules[layer].parameters()).device  # its own GPU under --device-map
+            index = torch.tensor([h for l, h in heads if l == layer], device=device)
+            self.edits[id(modules[layer])] = (index, None if means is None else means[layer][index])
+
+    def edit_output(self, module, output):
+        if id(module) not in self.edits:
+            return output
+        index, fill = self.edits[id(module)]
+        if fill is None:
+            return output.index_fill(2, index, 0.0)
+        return output.index_copy(2, index, fill.to(output.dtype).expand(*output.shape[:2], *fill.shape))
+
+
+class HeadMeans(AttentionHook):
+    """Edits nothing; sums every head's output over the real positions of the given layers."""
+
+    explicit_mask = False
+
+    def __init__(self, adapter, layers: list[int]):
+        self.adapter = adapter
+        self.layer_of = {id(m): i for i, m in enumerate(adapter.lm_attention_modules()) if i in layers}
+        self.sums: dict[int, torch.Tensor] = {}
+        self.positions = 0
+        self.weights = None
+
+    def record(self, batch) -> torch.Tensor:
+        """Last-position logits of the unedited forward of ``batch``; its head outputs join the sums."""
+        mask = batch.inputs["attention_mask"]
+        self.weights = mask.float()[:, :, None, None]
+        self.positions += int(mask.sum())
+        return hooked_logits(self.adapter, batch, self)
+
+    def edit_output(self, module, output):
+        layer = self.layer_of.get(id(module))
+        if layer is not None:
+            total = (output.float() * self.weights.to(output.device)).sum((0, 1))  # (heads, head_dim)
+            self.sums[layer] = total if layer not in self.sums else self.sums[layer] + total
+        return output
+
+    def means(self) -> dict[int, torch.Tensor]:
+        """layer -> (heads, head_dim) mean output vectors, fp32."""
+        return {layer: total / self.positions for layer, total in self.sums.items()}
+
+
+@torch.inference_mode()
+def hooked_logits(adapter, batch, hook: AttentionHook) -> torch.Tensor:
+    """Last-position logits (B, V) of one forward with ``hook`` active."""
+    with active(hook):
+        return last_position_logits(adapter, batch)
+
+
+# --- the answer -------------------------------------------------------------------
+
+def yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Ids of the single tokens that decode to "yes" / "no" (any case, with or without a leading space)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    words = [t.strip().lower() for t in texts]
+    yes = [i for i, w in enumerate(words) if w == "yes"]
+    no = [i for i, w in enumerate(words) if w == "no"]
+    if not yes or not no:
+        raise OptionError("the model's tokenizer has no single token for "
+                          f"{'yes' if not yes else 'no'}; the yes/no log-odds cannot be read off the logits")
+    return yes, no
+
+
+def log_odds(logits: torch.Tensor, yes: list[int], no: list[int]) -> np.ndarray:
+    """(B,) logsumexp over the yes tokens minus logsumexp over the no tokens."""
+    logits = logits.double()
+    return (torch.logsumexp(logits[:, yes], -1) - torch.logsumexp(logits[:, no], -1)).numpy()
+
+
+# --- the experiment ---------------------------------------------------------------
+
+def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]], mode: str, batch_size: int,
+            answer_ids: tuple[list[int], list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each head set ablated.
+
+    First pass: the unablated model (and, in mean mode, the heads' mean outputs);
+    second pass: one forward per (head set, batch of images).
+    """
+    yes, no = answer_ids
+    images = [(pair, kind) for pair in pairs for kind in range(len(KINDS))]
+    starts = range(0, len(images), batch_size)
+
+    def encode(start):
+        chunk = images[start:start + batch_size]
+        pictures = [load_rgb(pair.full_image if kind == 0 else pair.control_image) for pair, kind in chunk]
+        return adapter.encode([prompt] * len(chunk), pictures), slice(start, start + len(chunk))
+
+    layers = sorted({layer for heads in head_sets for layer, _ in heads}) if mode == "mean" else []
+    first = HeadMeans(adapter, layers)
+    base = np.zeros(len(images))
+    for start in tqdm(starts, desc="unablated", unit="batch"):
+        batch, rows = encode(start)
+        base[rows] = log_odds(first.record(batch), yes, no)
+    means = first.means() if mode == "mean" else None
+    hooks = [HeadAblation(adapter, heads, means) for heads in head_sets]
+    ablated = np.zeros((len(hooks), len(images)))
+    for start in tqdm(starts, desc=f"ablation ({len(hooks)} head sets)", unit="batch"):
+        batch, rows = encode(start)
+        for s, hook in enumerate(hooks):
+            ablated[s, rows] = log_odds(hooked_logits(adapter, batch, hook), yes, no)
+    return base.reshape(len(pairs), 2), ablated.reshape(len(hooks), len(pairs), 2)
+
+
+def pair_metrics(lo: np.ndarray) -> dict[str, np.ndarray]:
+    """Every metric per pair from log-odds [..., N, 2]; correct = says yes on full, no on control."""
+    correct = np.stack([lo[..., 0] > 0, lo[..., 1] <= 0], axis=-1).astype(np.float64)
+    return {"log_odds_full": lo[..., 0], "log_odds_control": lo[..., 1], "gap": lo[..., 0] - lo[..., 1],
+            "accuracy_full": correct[..., 0], "accuracy_control": correct[..., 1], "accuracy": correct.mean(-1)}
+
+
+def summarize(base: np.ndarray, ablated: np.ndarray, seed: int) -> dict:
+    """Per metric: unablated and ablated means, the chosen heads' mean effect (set 0) with a 95% bootstrap
+    interval, the random sets' mean effects (sets 1..R) and the permutation p-values."""
+    before, after = pair_metrics(base), pair_metrics(ablated)
+    n_random = ablated.shape[0] - 1
+    out = {}
+    for name in METRICS:
+        delta = after[name] - before[name]  # [S, N]
+        effect, controls = float(delta[0].mean()), delta[1:].mean(-1)
+        ci_lo, ci_hi = bootstrap_ci(delta[0], seed=seed)
+        p_drop = (1 + int((controls <= effect).sum())) / (1 + n_random)
+        p_rise = (1 + int((controls >= effect).sum())) / (1 + n_random)
+        out[name] = {"unablated": float(before[name].mean()), "ablated": float(after[name][0].mean()),
+                     "effect": effect, "ci_lo": ci_lo, "ci_hi": ci_hi, "random_effects": controls.tolist(),
+                     "random_mean": float(controls.mean()),
+                     "random_std": float(controls.std(ddof=1)) if n_random > 1 else None,
+                     "p_drop": p_drop, "p_rise": p_rise, "p_two_sided": min(1.0, 2 * min(p_drop, p_rise))}
+    return out
+
+
+def ablation_csv(pairs: list[Pair], head_sets: list[list[Head]], base: np.ndarray, ablated: np.ndarray) -> str:
+    """One row per (head set, pair, image kind)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["head_set", "heads", "pair_id", "kind", "log_odds", "unablated_log_odds", "delta_log_odds",
+                     "says_yes", "unablated_says_yes", "correct", "unablated_correct", "delta_correct"])
+    for s, heads in enumerate(head_sets):
+        name, heads_text = ("chosen" if s == 0 else f"random_{s - 1}"), " ".join(map(head_name, heads))
+        for i, pair in enumerate(pairs):
+            for k, kind in enumerate(KINDS):
+                now, then = float(ablated[s, i, k]), float(base[i, k])
+                right_now, right_then = int((now > 0) == (k == 0)), int((then > 0) == (k == 0))
+                writer.writerow([name, heads_text, pair.id, kind, now, then, now - then, int(now > 0),
+                                 int(then > 0), right_now, right_then, right_now - right_then])
+    return buffer.getvalue()
+
+
+def plot_effects(path: Path, metrics: dict, title: str) -> None:
+    """Per metric: a histogram of the random sets' mean effects, the chosen heads' effect marked."""
+    fig = Figure(figsize=(12, 6.5))
+    for ax, name in zip(fig.subplots(2, 3).ravel(), METRICS):
+        m = metrics[name]
+        ax.hist(m["random_effects"], bins=max(5, len(m["random_effects"]) // 2), color="0.65",
+                label=f"{len(m['random_effects'])} random sets")
+        ax.axvline(m["effect"], color="tab:red", linewidth=2, label="chosen heads")
+        if m["ci_lo"] is not None:
+            ax.axvspan(m["ci_lo"], m["ci_hi"], color="tab:red", alpha=0.15, label="chosen: 95% CI over pairs")
+        ax.axvline(0.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{name}\np_drop {m['p_drop']:.3g}, p_rise {m['p_rise']:.3g}", fontsize=9)
+        ax.set_xlabel("mean change (ablated - unablated)", fontsize=8)
+        ax.set_ylabel("random sets", fontsize=8)
+        ax.locator_params(axis="x", nbins=5)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# --- the command line ---------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="head_ablation.py", formatter_class=HelpFormatter, description=__doc__ +
+        "\nWrites ablation.csv, summary.json, figures/effect_vs_random.png and run.json into the out-dir.")
+    parser.add_argument("--model", required=True, choices=["llava", "qwen2"], help="model family")
+    add_model_args(parser, None)
+    parser.add_argument("--stats-dir", type=Path, required=True,
+                        help="the out-dir of head_attention_stats.py for this corner (head_diff_stats_{corner})")
+    parser.add_argument("--analysis-dir", type=Path, default=None,
+                        help="the out-dir of analyze_corner_heads.py (for --heads shared / unique; default: "
+                             "count_shared_unique beside the stats dir)")
+    parser.add_argument("--dataset", type=Path, required=True, help="the corner data set folder data/dataset_{corner}")
+    parser.add_argument("--prompt", default=None,
+                        help="question asked with every image; '{corner}' becomes 'top left' etc. (default: the "
+                             "stats dir's prompt)")
+    parser.add_argument("--heads", default="unique", help=HEADS_HELP)
+    parser.add_argument("--mode", choices=["zero", "mean"], default="zero",
+                        help="replace an ablated head's output with zeros or with its mean over the data set")
+    parser.add_argument("--random-controls", type=int, default=20,
+                        help="random head sets from the same layers, the null distribution of the effect")
+    parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
+    parser.add_argument("--feed-size", type=int, default=None,
+                        help="Qwen2-VL: square side the image is fed at (default: the stats dir's, else 672)")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="output folder (default: ablation_{corner}_{heads})")
+    return parser
+
+
+@user_errors_exit
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.layers:
+        raise OptionError("--layers does not apply here: --heads names the layers")
+    for name in ("random_controls", "max_pairs", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    run = load_corner_run(args.stats_dir)
+    chosen = parse_heads(args.heads, run, args.analysis_dir or args.stats_dir.parent / "count_shared_unique")
+    pairs = read_pairs(args.dataset, limit=args.max_pairs)
+    corner = corner_of(pairs, args.dataset)
+    if corner != run.corner:
+        log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, run.corner)
+    prompt = (args.prompt or run.meta.get("prompt") or DEFAULT_PROMPT).format(corner=CORNER_WORDS[corner])
+    from models import load_adapter
+
+    adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
+                           device_map=args.device_map, revision=args.revision, seed=args.seed)
+    adapter.set_feed_size(args.feed_size or run.meta.get("feed_size") or 672)
+    if run.full.shape[1] != adapter.num_heads:
+        raise DataError(f"{args.stats_dir}: scored {run.full.shape[1]} heads per layer, the model has "
+                        f"{adapter.num_heads}; the stats dir comes from another model")
+    check_heads(chosen, args.heads, adapter.num_layers, adapter.num_heads)
+    head_sets = [chosen] + random_head_sets(chosen, adapter.num_heads, args.random_controls, args.seed)
+    log.info("%s: ablating %s (%s, mode %s) on %d pairs, %d random controls", corner,
+             " ".join(map(head_name, chosen)), args.heads, args.mode, len(pairs), args.random_controls)
+
+    answer_ids = yes_no_ids(adapter.tokenizer)
+    base, ablated = measure(adapter, pairs, prompt, head_sets, args.mode, default_batch_size(args, adapter.device),
+                            answer_ids)
+    out = args.out_dir or Path(f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}")
+    metrics = write_outputs(out, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids)
+    m = metrics[PRIMARY]
+    ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
+    log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "
+             "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
+
+
+def write_outputs(out: Path, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids) -> dict:
+    """ablation.csv, summary.json, the figure and run.json; returns the per-metric summary."""
+    chosen = head_sets[0]
+    metrics = summarize(base, ablated, args.seed)
+    write_atomic(out / "ablation.csv", ablation_csv(pairs, head_sets, base, ablated))
+    write_json(out / "summary.json", {
+        "corner": corner, "prompt": prompt, "heads_spec": args.heads, "heads": heads_json(chosen), "mode": args.mode,
+        "n_pairs": len(pairs), "metrics": metrics,
+        "primary": {"metric": PRIMARY, "effect": metrics[PRIMARY]["effect"], "p_value": metrics[PRIMARY]["p_drop"],
+                    "test": "one-sided: (1 + random sets whose mean change is <= the chosen heads') / (1 + R)"},
+        "random_controls": {"count": len(head_sets) - 1, "seed": args.seed,
+                            "head_sets": [heads_json(heads) for heads in head_sets[1:]]},
+        "yes_tokens": adapter.tokenizer.convert_ids_to_tokens(answer_ids[0]),
+        "no_tokens": adapter.tokenizer.convert_ids_to_tokens(answer_ids[1]),
+        "definitions": {"heads": "layer 1-based, head 0-based", "log_odds": "logsumexp(yes logits) - logsumexp(no)",
+                        "gap": "log_odds_full - log_odds_control", "accuracy": "yes on full, no on control",
+                        "effect": "mean over pairs of (ablated - unablated)", "ci": "95% percentile bootstrap",
+                        "mean_mode": "per (layer, head): mean output over every real position of every image, "
+                                     "unablated model"}})
+    plot_effects(out / "figures" / "effect_vs_random.png", metrics,
+                 f"{corner}: ablating {' '.join(map(head_name, chosen))} ({args.mode}) vs "
+                 f"{len(head_sets) - 1} random sets from the same layers")
+    write_json(out / "run.json", run_record(args, adapter, dataset=str(args.dataset)))
+    return metrics

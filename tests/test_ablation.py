@@ -1,0 +1,262 @@
+"""Head ablation (head_ablation.py / ablation.py) on the tiny-random models of both
+families: the hook against hand-made o_proj pre-hooks, the data-set mean, the
+yes/no tokens, --heads parsing, random controls, p-values and the CLI end to end."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_images
+from spatial_attention import corner_stats
+from spatial_attention.ablation import (HeadAblation, HeadMeans, check_heads, hooked_logits, log_odds, main,
+                                        parse_heads, random_head_sets, summarize, yes_no_ids)
+from spatial_attention.capture import plain_logits
+from spatial_attention.corner_analysis import load_corner_run
+from spatial_attention.counterfactual import read_pairs
+from spatial_attention.errors import DataError, OptionError
+from spatial_attention.generate import generate_counterfactual
+from spatial_attention.heads import topk_count_cube
+
+CAPTIONS = ["Is there anything in the top left corner?", "Is there anything?"]
+LAYER = 1  # 0-based layer the hook tests edit
+
+
+def encode(adapter, seed=0):
+    """Two images with captions of different lengths (so the batch is right-padded)."""
+    return adapter.encode(CAPTIONS, random_images(len(CAPTIONS), seed=seed))
+
+
+def o_proj_input(adapter, forward, layer=LAYER):
+    """(logits of ``forward()``, the input of ``layer``'s o_proj in it as (B, T, heads, head_dim))."""
+    seen = []
+    module = adapter.lm_attention_modules()[layer].o_proj
+    handle = module.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    try:
+        logits = forward()
+    finally:
+        handle.remove()
+    (x,) = seen
+    return logits, x.view(*x.shape[:2], adapter.num_heads, -1)
+
+
+# --- the hook -----------------------------------------------------------------------
+
+def test_no_ablation_is_the_plain_model(adapter):
+    batch = encode(adapter)
+    assert batch.inputs["attention_mask"].min() == 0  # padded
+    plain = plain_logits(adapter, batch)
+    assert torch.equal(hooked_logits(adapter, batch, HeadAblation(adapter, [])), plain)
+    assert torch.equal(HeadMeans(adapter, [0, LAYER]).record(batch), plain)
+
+
+def test_whole_layer_zero_equals_zeroing_o_proj_input(adapter):
+    batch = encode(adapter)
+    module = adapter.lm_attention_modules()[LAYER].o_proj
+    handle = module.register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),))
+    try:
+        want = plain_logits(adapter, batch)
+    finally:
+        handle.remove()
+    heads = [(LAYER, h) for h in range(adapter.num_heads)]
+    assert torch.equal(hooked_logits(adapter, batch, HeadAblation(adapter, heads)), want)
+
+
+def test_one_head_changes_only_its_slice(adapter):
+    """Zero and mean mode: the other heads' slices unchanged, the ablated one zero / the mean vector."""
+    batch, head = encode(adapter), 2
+    recorder = HeadMeans(adapter, [LAYER])
+    plain, before = o_proj_input(adapter, lambda: recorder.record(batch))
+    means = recorder.means()
+    others = [h for h in range(adapter.num_heads) if h != head]
+    for fill in (None, means[LAYER][head]):
+        hook = HeadAblation(adapter, [(LAYER, head)], None if fill is None else means)
+        ablated, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
+        want = torch.zeros_like(after[:, :, head]) if fill is None else fill.expand_as(after[:, :, head])
+        assert torch.equal(after[:, :, others], before[:, :, others])
+        assert torch.equal(after[:, :, head], want)
+        assert not torch.equal(before[:, :, head], want) and not torch.equal(ablated, plain)
+    later = HeadAblation(adapter, [(LAYER + 1, head)])
+    _, untouched = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, later))
+    assert torch.equal(untouched, before)  # a later layer's ablation leaves this layer alone
+
+
+def test_mean_is_the_data_set_mean_over_real_positions(adapter):
+    recorder = HeadMeans(adapter, [0, LAYER])
+    total, positions = 0.0, 0
+    for seed in (0, 1):
+        batch = encode(adapter, seed=seed)
+        _, x = o_proj_input(adapter, lambda: recorder.record(batch))
+        real = batch.inputs["attention_mask"].bool()
+        total = total + x[real].double().sum(0)
+        positions += int(real.sum())
+    means = recorder.means()
+    assert sorted(means) == [0, LAYER] and means[LAYER].shape == (adapter.num_heads, x.shape[-1])
+    torch.testing.assert_close(means[LAYER].double(), total / positions, rtol=1e-5, atol=1e-6)
+
+
+# --- the answer -----------------------------------------------------------------------
+
+def test_yes_no_tokens(adapter):
+    tokenizer = adapter.tokenizer
+    yes, no = yes_no_ids(tokenizer)
+    for ids, word in ((yes, "yes"), (no, "no")):
+        assert len(ids) >= 2  # case variants
+        assert {tokenizer.decode([i]).strip().lower() for i in ids} == {word}
+        singles = [tokenizer.encode(s, add_special_tokens=False) for s in
+                   (word.capitalize(), " " + word.capitalize(), word, " " + word)]
+        singles = [t[0] for t in singles if len(t) == 1]
+        assert singles and set(singles) <= set(ids)
+    logits = torch.zeros(2, len(tokenizer))
+    logits[0, yes[0]], logits[1, no] = 3.0, 1.0
+    expected = [np.log(len(yes) - 1 + np.e ** 3) - np.log(len(no)), np.log(len(yes)) - np.log(len(no) * np.e)]
+    np.testing.assert_allclose(log_odds(logits, yes, no), expected)
+
+
+# --- which heads ----------------------------------------------------------------------
+
+def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3) -> Path:
+    """A stats dir whose largest |mean(full - control)| cells are (layer 4, head 1) > (layer 2, head 3)."""
+    full = np.full((len(layers), heads, n), 0.5, np.float32)
+    control = full.copy()
+    full[1, 1] += 0.3
+    control[0, 3] += 0.2
+    full[0, 0] += 0.1
+    folder.mkdir(parents=True)
+    np.save(folder / "scores_full_LHN.npy", full)
+    np.save(folder / "scores_control_LHN.npy", control)
+    np.save(folder / "count_LHN.npy", topk_count_cube(full, control, 1))
+    (folder / "meta.json").write_text(json.dumps({"corner": "topright", "layers": list(layers), "H": heads, "N": n,
+                                                  "topk": 1, "prompt": "Is there anything in the top right corner?"}))
+    return folder
+
+
+def fake_analysis(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "shared_head": 2, "shared_head_layer": 3, "unique_heads": {"topleft": 0, "topright": 1},
+        "unique_head_layers": {"topleft": 1, "topright": 4}}))
+    return folder
+
+
+def test_head_specs(tmp_path):
+    run = load_corner_run(fake_stats(tmp_path / "stats"))
+    analysis = fake_analysis(tmp_path / "analysis")
+    assert parse_heads("shared", run, analysis) == [(2, 2)]
+    assert parse_heads("unique", run, analysis) == [(3, 1)]  # the stats dir's corner: topright
+    assert parse_heads("top:1", run, analysis) == [(3, 1)]
+    assert parse_heads("top:3", run, analysis) == [(1, 0), (1, 3), (3, 1)]  # layers from meta.json (2, 4)
+    assert parse_heads("12.5, 3.0,3.31", run, analysis) == [(2, 0), (2, 31), (11, 5)]
+    check_heads([(3, 3)], "4.3", num_layers=4, num_heads=4)
+    with pytest.raises(DataError, match="summary.json: missing; --heads shared"):
+        parse_heads("shared", run, tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("top:0", "--heads 'top:0': top:K needs a whole number K from 1 to the stats dir's 8"),
+    ("top:9", "--heads 'top:9': top:K needs"),
+    ("top:x", "--heads 'top:x': top:K needs"),
+    ("sharde", "--heads 'sharde': 'sharde' is not shared, unique, top:K or LAYER.HEAD"),
+    ("3", "--heads '3': '3' is not shared"),
+    ("3.1,", "--heads '3.1,': '' is not shared"),
+    ("0.1", "--heads '0.1': '0.1': layers are numbered from 1"),
+    ("3.1,3.1", "--heads '3.1,3.1': a head is listed twice"),
+])
+def test_bad_head_specs(tmp_path, spec, message):
+    run = load_corner_run(fake_stats(tmp_path / "stats"))
+    with pytest.raises(OptionError) as err:
+        parse_heads(spec, run, tmp_path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("heads", [[(4, 0)], [(0, 4)]])
+def test_heads_outside_the_model(heads):
+    with pytest.raises(OptionError, match="--heads 'x': head .* is outside the model's layers 1..4 and heads 0..3"):
+        check_heads(heads, "x", num_layers=4, num_heads=4)
+
+
+def test_random_controls_same_layers_other_heads():
+    chosen = [(1, 0), (1, 5), (7, 2)]
+    sets = random_head_sets(chosen, num_heads=8, count=50, seed=3)
+    assert sets == random_head_sets(chosen, num_heads=8, count=50, seed=3)
+    assert sets != random_head_sets(chosen, num_heads=8, count=50, seed=4)
+    for heads in sets:
+        assert [layer for layer, _ in heads] == [1, 1, 7] and len(set(heads)) == 3
+        assert not set(heads) & set(chosen)
+    assert {h for heads in sets for layer, h in heads if layer == 1} == {1, 2, 3, 4, 6, 7}
+    everything = random_head_sets([(0, 0), (0, 1)], num_heads=2, count=2, seed=0)  # no other heads: draw from all
+    assert everything == [[(0, 0), (0, 1)]] * 2
+
+
+def test_effects_and_p_values():
+    base = np.array([[1.0, -1.0], [4.0, 0.5]])  # [N, 2]: pair 1's control says yes (wrong)
+    shift = np.array([-3.0, 0.0, -4.0, 1.0])  # set 0 chosen, then 3 random sets: log-odds on full move by this
+    ablated = np.repeat(base[None], 4, axis=0)
+    ablated[:, :, 0] += shift[:, None]
+    m = summarize(base, ablated, seed=0)
+    full = m["log_odds_full"]
+    assert full["effect"] == -3.0 and full["random_effects"] == [0.0, -4.0, 1.0]
+    assert (full["p_drop"], full["p_rise"], full["p_two_sided"]) == (0.5, 0.75, 1.0)
+    assert m["log_odds_control"]["effect"] == 0.0 and m["gap"]["effect"] == -3.0
+    assert m["accuracy_full"]["unablated"] == 1.0 and m["accuracy_full"]["ablated"] == 0.5  # pair 0: 1 - 3 < 0
+    assert m["accuracy_control"]["unablated"] == 0.5 and m["accuracy"]["effect"] == -0.25
+
+
+# --- the command line -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corner_data(tmp_path_factory) -> Path:
+    return generate_counterfactual(tmp_path_factory.mktemp("pairs"), count=4, corners=("topleft",))[0]
+
+
+def test_bad_heads_fail_before_loading(tmp_path, corner_data, capsys):
+    stats = fake_stats(tmp_path / "stats")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "llava", "--model-path", "no-such-checkpoint", "--stats-dir", str(stats),
+              "--dataset", str(corner_data), "--heads", "top:x"])
+    assert exit_info.value.code == 2 and "error: --heads 'top:x'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, heads, mode", [("llava", "unique", "zero"), ("qwen2", "top:2", "mean")])
+def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models):
+    stats = tmp_path / "head_diff_stats_topleft"
+    corner_stats.main(["--model", family, "--model-path", "tiny-random", "--dataset", str(corner_data),
+                       "--out-dir", str(stats), "--batch-size", "4", "--feed-size", "224"])
+    fake_analysis(tmp_path / "count_shared_unique")  # found beside the stats dir
+    out = tmp_path / "ablation"
+    main(["--model", family, "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset", str(corner_data),
+          "--heads", heads, "--mode", mode, "--random-controls", "3", "--batch-size", "8", "--out-dir", str(out)])
+
+    summary = json.loads((out / "summary.json").read_text())
+    chosen = parse_heads(heads, load_corner_run(stats), tmp_path / "count_shared_unique")
+    assert summary["heads"] == [{"layer": layer + 1, "head": h} for layer, h in chosen]
+    assert summary["mode"] == mode and summary["n_pairs"] == 4 and summary["primary"]["metric"] == "log_odds_full"
+    assert summary["prompt"] == "Is there anything in the top left corner?"
+    random_sets = summary["random_controls"]["head_sets"]
+    assert len(random_sets) == 3 and all(sorted(x["layer"] for x in s) == sorted(x["layer"] for x in summary["heads"])
+                                         for s in random_sets)
+    for m in summary["metrics"].values():
+        assert len(m["random_effects"]) == 3 and 0 < m["p_drop"] <= 1 and m["ci_lo"] <= m["effect"] <= m["ci_hi"]
+
+    with open(out / "ablation.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2 * 4
+    assert [r["head_set"] for r in rows[::8]] == ["chosen", "random_0", "random_1", "random_2"]
+    unablated = {(r["pair_id"], r["kind"]): r["unablated_log_odds"] for r in rows if r["head_set"] == "chosen"}
+    assert all(unablated[r["pair_id"], r["kind"]] == r["unablated_log_odds"] for r in rows)
+    full = [float(r["delta_log_odds"]) for r in rows if r["head_set"] == "chosen" and r["kind"] == "full"]
+    assert np.isclose(np.mean(full), summary["metrics"]["log_odds_full"]["effect"]) and any(full)
+
+    adapter = tiny_models[family]  # the same seed-0 weights as the CLI's model
+    adapter.set_feed_size(224)  # as the stats dir's meta.json says, which the CLI followed
+    image = read_pairs(corner_data)[0].load_images()[0]
+    logits = plain_logits(adapter, adapter.encode([summary["prompt"]], [image]))
+    alone = log_odds(logits, *yes_no_ids(adapter.tokenizer))
+    np.testing.assert_allclose(float(unablated["0", "full"]), alone[0], atol=1e-4)
+
+    assert (out / "figures" / "effect_vs_random.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "run.json").read_text())["settings"]["heads"] == heads
