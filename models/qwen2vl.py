@@ -5,7 +5,7 @@ the processor then gives ``image_grid_thw`` = [1, H/14, W/14] and
 (H/28) x (W/28) ``<|image_pad|>`` tokens in raster order of the merged grid.
 The grid is read from ``image_grid_thw`` and the merge size, never guessed from
 the token count. The ViT stores its patches in 2x2 merge-window order; its
-attention is reordered to raster order before it becomes a map.
+attention is pooled to the merged grid, in raster order, before it becomes a map.
 """
 from __future__ import annotations
 
@@ -35,28 +35,18 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|image_pad|>", "<|video_pad|>"]
 
 
-def window_to_raster(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
-    """perm such that ``x_raster = x_window[perm]`` for one image's ViT patches.
+def pool_merge_windows(attn: torch.Tensor, merge: int) -> torch.Tensor:
+    """One image's ViT attention (N, N), patches in merge-window order -> (N/m^2, N/m^2)
+    on the merged grid, raster order.
 
-    In merge-window order the patches of merged cell (i, j) (raster over the
-    merged grid) come together, themselves in raster order inside the window.
+    In merge-window order the m*m patches of a merged cell are consecutive and the
+    cells follow each other in raster order of the merged grid (the order of the
+    image tokens), so undoing the window order and pooling is one reshape: mean
+    over a cell's query patches, sum over its key patches (rows still sum to 1).
     """
-    rows = torch.arange(grid_h).view(-1, 1).expand(grid_h, grid_w)
-    cols = torch.arange(grid_w).view(1, -1).expand(grid_h, grid_w)
-    cell = (rows // merge) * (grid_w // merge) + cols // merge
-    within = (rows % merge) * merge + cols % merge
-    return (cell * merge * merge + within).reshape(-1)
-
-
-def pool_to_merged(attn_raster: torch.Tensor, grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
-    """Patch-level raster attention (N, N) -> merged-cell attention (N/m^2, N/m^2).
-
-    Mean over the m*m query patches of a cell, sum over its m*m key patches, so
-    rows that summed to 1 still do.
-    """
-    gh, gw = grid_h // merge, grid_w // merge
-    a = attn_raster.view(gh, merge, gw, merge, gh, merge, gw, merge)
-    return a.mean(dim=(1, 3)).sum(dim=(3, 5)).reshape(gh * gw, gh * gw)
+    k = merge * merge
+    n = attn.shape[0] // k
+    return attn.view(n, k, n, k).mean(1).sum(-1)
 
 
 class Qwen2VLAdapter(VLMAdapter):
@@ -136,7 +126,4 @@ class Qwen2VLAdapter(VLMAdapter):
         return [int(t * h * w) for t, h, w in inputs["image_grid_thw"].tolist()]
 
     def vision_to_grid(self, attn: torch.Tensor, image_index: int, inputs: dict) -> torch.Tensor:
-        _, h, w = (int(v) for v in inputs["image_grid_thw"][image_index])
-        perm = window_to_raster(h, w, self.merge).to(attn.device)
-        raster = attn[perm][:, perm]
-        return pool_to_merged(raster, h, w, self.merge)
+        return pool_merge_windows(attn, self.merge)

@@ -8,7 +8,6 @@ from PIL import Image
 
 from conftest import random_images
 from models import load_adapter
-from models.qwen2vl import pool_to_merged, window_to_raster
 from spatial_attention.errors import OptionError
 
 CAPTION = ("there are two shapes a cyan semicircle and a blue pentagon . what is the spatial relationship "
@@ -73,8 +72,17 @@ def test_text_only_layout(adapter):
     assert _decoded(adapter, layout, layout.text_positions()) == CAPTION.replace(" ", "")
 
 
-def test_window_to_raster_matches_the_real_image_processor(tiny_models):
-    """Patch k of the processor's pixel_values (merge-window order) lands at raster position perm^-1."""
+def window_to_raster(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
+    """perm with x_raster = x_window[perm]: merged cells in raster order, patches in raster order inside."""
+    rows = torch.arange(grid_h).view(-1, 1).expand(grid_h, grid_w)
+    cols = torch.arange(grid_w).view(1, -1).expand(grid_h, grid_w)
+    cell = (rows // merge) * (grid_w // merge) + cols // merge
+    within = (rows % merge) * merge + cols % merge
+    return (cell * merge * merge + within).reshape(-1)
+
+
+def test_merge_window_order_of_the_real_image_processor(tiny_models):
+    """The order vision_to_grid assumes: patch k of the processor's pixel_values sits at window_to_raster."""
     ad = tiny_models["qwen2"]
     h, w = 4, 6  # patches
     img = np.zeros((h * 14, w * 14, 3), np.uint8)
@@ -92,7 +100,7 @@ def test_window_to_raster_matches_the_real_image_processor(tiny_models):
 
 
 def test_qwen2_vision_map_is_raster_order(tiny_models):
-    """vision_to_grid against a naive loop; pooling without the reorder gives something else."""
+    """vision_to_grid against a naive loop over raster patch coordinates."""
     ad = tiny_models["qwen2"]
     h, w, m = 4, 6, 2
     attn = torch.rand(h * w, h * w, dtype=torch.float64)
@@ -117,7 +125,9 @@ def test_qwen2_vision_map_is_raster_order(tiny_models):
                             total += attn[q, k].item()
                     want[qi * gw + qj, ki * gw + kj] = total / (m * m)
     torch.testing.assert_close(got, want)
-    assert not torch.allclose(pool_to_merged(attn, h, w, m), want)
+    # reading the window-order matrix as if it were raster order gives something else
+    as_raster = attn.view(gh, m, gw, m, gh, m, gw, m).mean(dim=(1, 3)).sum(dim=(3, 5)).reshape(gh * gw, gh * gw)
+    assert not torch.allclose(as_raster, want)
     torch.testing.assert_close(got.sum(-1), torch.ones(gh * gw, dtype=torch.float64))
 
 
