@@ -61,7 +61,7 @@ def main() -> None:
     result = {"model": args.model, "command": " ".join(cmd), "at_checkpoint": at_checkpoint,
               "at_end": {"worlds": done, "peak_rss_mb": last, "seconds": round(time.time() - started)},
               "growth": (last - at_checkpoint["peak_rss_mb"]) / at_checkpoint["peak_rss_mb"] if at_checkpoint else None}
-    path = REPO / "bench" / "results" / f"long_run_memory-{args.model}.json"
+    path = REPO / "bench" / "results" / f"long_run_memory-{args.model}-{args.worlds}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -66,29 +66,33 @@ def append_jsonl(path: Path, obj) -> None:
 
 
 def read_jsonl(path: Path) -> Iterator[dict]:
-    """The complete lines of a JSONL file; a torn last line (a killed run) is dropped with a warning."""
+    """Stream the complete lines of a JSONL file; a torn last line (a killed run) is cut off
+    with a warning, so that it is redone."""
     path = Path(path)
     if not path.exists():
         return
     with open(path) as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                log.warning("%s: dropping an incomplete last line (interrupted run); it will be redone", path)
-                _truncate_to(path, sum(len(x) for x in lines[:i]))
-            else:
-                raise ValueError(f"{path}:{i + 1}: not a JSON line; move the file away or use another --out") from None
+        offset, number, pending = 0, 0, None
+        for line in f:
+            if pending is not None:  # a bad line with more after it: not a torn tail
+                raise ValueError(f"{path}:{number}: not a JSON line; move the file away or use another --out")
+            number += 1
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    pending = offset
+                    continue
+                yield record
+            offset += len(line.encode())
+    if pending is not None:
+        log.warning("%s: dropping an incomplete last line (interrupted run); it will be redone", path)
+        _truncate_to(path, pending)
 
 
-def _truncate_to(path: Path, n_chars: int) -> None:
-    with open(path, "r+") as f:
-        f.seek(n_chars)
-        f.truncate()
+def _truncate_to(path: Path, n_bytes: int) -> None:
+    with open(path, "rb+") as f:
+        f.truncate(n_bytes)
 
 
 def package_versions() -> dict:
@@ -146,11 +150,11 @@ class ProcessShare:
         path = Path(path)
         return path if self.size == 1 else path.with_name(f"{path.stem}.part{self.rank}{path.suffix}")
 
-    def existing_records(self, path: Path) -> list[dict]:
+    def existing_records(self, path: Path) -> Iterator[dict]:
         """What earlier runs finished: ``path`` and any part files a killed multi-process run left."""
         path = Path(path)
-        parts = sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))
-        return [record for source in [path, *parts] for record in read_jsonl(source)]
+        for source in [path, *sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))]:
+            yield from read_jsonl(source)
 
     def wait(self) -> None:
         self.state.wait_for_everyone()

@@ -70,7 +70,7 @@ def run(family: str, args) -> None:
     pairs_path = out / "pairs.jsonl"
 
     captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
-    existing = share.existing_records(pairs_path)
+    existing = list(share.existing_records(pairs_path))
     _check_same_layers(existing, layers, out)
     done = {_key(r) for r in existing}
     todo = [c for c in captions if (c[0], c[1]) not in done]
