@@ -246,6 +246,7 @@ def log_odds(logits: torch.Tensor, yes: list[int], no: list[int]) -> np.ndarray:
 def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]], mode: str, batch_size: int,
             answer_ids: tuple[list[int], list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each head set ablated.
+    ``batch_size`` counts images (``--batch-size`` pairs bring two each).
 
     First pass: the unablated model (and, in mean mode, the heads' mean outputs);
     second pass: one forward per (head set, batch of images).
@@ -402,7 +403,7 @@ def main(argv=None) -> None:
              " ".join(map(head_name, chosen)), args.heads, args.mode, len(pairs), args.random_controls)
 
     answer_ids = yes_no_ids(adapter.tokenizer)
-    base, ablated = measure(adapter, pairs, prompt, head_sets, args.mode, default_batch_size(args, adapter.device),
+    base, ablated = measure(adapter, pairs, prompt, head_sets, args.mode, 2 * default_batch_size(args, adapter.device),
                             answer_ids)
     out = args.out_dir or Path(f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}")
     metrics = write_outputs(out, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids)

@@ -91,9 +91,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         scores.mul_(scaling if scaling is not None else query.shape[-1] ** -0.5)
         if attention_mask is not None:
             scores.add_(attention_mask[:, :, :, : key.shape[-2]].float())
-        # softmax in place: at a ViT's 2304 patches a second (B, H, T, T) buffer is 170 MB
-        probs = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
-        probs.div_(probs.sum(dim=-1, keepdim=True))
+        probs = softmax_in_place(scores)
         del scores
         output = torch.matmul(probs, repeat_kv(value, groups).float()).to(query.dtype).transpose(1, 2)
         hook.observe(module, probs)
@@ -101,6 +99,13 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if hook is not None:
         output = hook.edit_output(module, output)
     return output.contiguous(), None
+
+
+def softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, overwriting ``scores``: at a ViT's 2304 patches a
+    second (B, H, T, T) fp32 buffer would be another 170 MB."""
+    probs = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return probs.div_(probs.sum(dim=-1, keepdim=True))
 
 
 def _mask(*args, **kwargs):

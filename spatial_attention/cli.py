@@ -35,7 +35,9 @@ def add_model_args(parser: argparse.ArgumentParser, family: str | None) -> None:
     group.add_argument("--device-map", default=None,
                        help="passed to from_pretrained (e.g. 'auto' shards the model over several GPUs)")
     group.add_argument("--batch-size", type=int, default=None,
-                       help="inputs per forward pass (default: 8 on a GPU, 1 on the CPU)")
+                       help="worlds, caption pairs or image pairs per forward pass (each brings two inputs: "
+                            "real + shuffled, sentence + counterfactual, full + control); default 8 on a GPU, "
+                            "1 on the CPU")
     group.add_argument("--seed", type=int, default=0, help="seed for every random choice (shuffles, background seeds)")
     group.add_argument("--layers", default=None,
                        help="language-model layers to average: all, first_third, mid_third, last_third, last_K "

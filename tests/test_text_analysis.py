@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
+from spatial_attention import capture as capture_module
 from spatial_attention import text_analysis as TA
 from spatial_attention.capture import CaptureRequest
 from spatial_attention.generate import generate_shapeworld
@@ -103,12 +104,13 @@ def _exponent(layer: int, head: int) -> float:
 
 
 def test_injected_attention_through_the_engine_gives_the_expected_scores(adapter, monkeypatch):
-    """torch.softmax in the engine's recorded path replaced by a known causal attention:
+    """The engine's softmax (recorded path) replaced by a known causal attention:
     A[l, h, q, k] proportional to (k + 1) ** p(l, h) for k <= q."""
     n_layers = adapter.num_layers
     calls = []
 
-    def known_attention(scores, dim=-1):
+    def known_attention(scores):
+        dim = -1
         layer = len(calls) % n_layers  # every layer recorded: called once per layer, in order
         calls.append(layer)
         _, heads, _, keys = scores.shape
@@ -119,7 +121,7 @@ def test_injected_attention_through_the_engine_gives_the_expected_scores(adapter
 
     items = _items(CASES[::3])
     layers = list(range(n_layers))
-    monkeypatch.setattr(torch, "softmax", known_attention)
+    monkeypatch.setattr(capture_module, "softmax_in_place", known_attention)
     records = analyse_pairs(adapter, items, layers, Counter())
     monkeypatch.undo()
     assert calls and len(calls) % n_layers == 0
