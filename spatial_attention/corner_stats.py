@@ -135,7 +135,8 @@ def score_dataset(adapter, args, pairs: list[Pair], corner: str, out: Path) -> N
             full[:, :, start + k] = scores[2 * k]
             control[:, :, start + k] = scores[2 * k + 1]
             answers.append({"id": pair.id, "full_answer": said[2 * k], "control_answer": said[2 * k + 1]})
-    blank_image = Image.new("RGB", pairs[0].load_images()[0].size, background_colour(pairs[0]))
+    first_control = pairs[0].load_images()[1]
+    blank_image = Image.new("RGB", first_control.size, background_colour(first_control))
     blank, _ = score_images(adapter, [blank_image], prompt, layers, patch_corner, args)
     blank = np.stack(blank, axis=-1).astype(np.float32)  # [L, H, 1]
 
@@ -187,9 +188,9 @@ def _scored_positions(layout, corner: str, patch_size: int | None) -> np.ndarray
     return layout.image_positions[corner_patch_indices(layout.grid, corner, patch_size)]
 
 
-def background_colour(pair: Pair) -> tuple[int, int, int]:
-    """The most common colour of the control image: the data set's background."""
-    pixels = np.asarray(pair.load_images()[1].convert("RGB")).reshape(-1, 3)
+def background_colour(control: Image.Image) -> tuple[int, int, int]:
+    """The most common colour of a control image: the data set's background."""
+    pixels = np.asarray(control.convert("RGB")).reshape(-1, 3)
     colours, counts = np.unique(pixels, axis=0, return_counts=True)
     return tuple(int(v) for v in colours[counts.argmax()])
 
