@@ -54,6 +54,40 @@ def add_shapeworld_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, default=None, help="read at most this many worlds (after filtering)")
 
 
+def check_device(device: str) -> None:
+    """OptionError for a --device that torch cannot use here, found before any model loads."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise OptionError(f"--device {device}: torch sees no CUDA GPU on this machine (a CPU-only torch build, "
+                              f"or no driver); use --device cpu, or install the CUDA build (README, Environments)")
+        if dev.index is not None and dev.index >= count:
+            raise OptionError(f"--device {device}: there are {count} GPUs here, numbered 0..{count - 1}")
+    elif dev.type != "cpu":
+        raise OptionError(f"--device {device!r}: this tool runs on cpu or cuda devices")
+
+
+def check_model_options(args) -> None:
+    """The options of ``add_model_args`` that can be judged before a model loads."""
+    if args.seed < 0:
+        raise OptionError(f"--seed {args.seed}: must be 0 or more (numpy's generators take no negative seeds)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise OptionError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_device(args.device)
+    if args.layers is not None:
+        from spatial_attention.metrics import layer_indices
+
+        layer_indices(args.layers, None)  # the form now; the range once the model's depth is known
+
+
 def default_batch_size(args, device) -> int:
     if args.batch_size is not None:
         if args.batch_size < 1:
@@ -109,14 +143,41 @@ def prepare_run(family: str, args, default_layers: str | None = None):
 
 
 def user_errors_exit(main):
-    """Decorator: OptionError / DataError become one line on stderr and exit status 2."""
+    """Decorator: how a script ends when it cannot go on, always in one line on stderr.
+
+    - OptionError / DataError: the message, exit status 2;
+    - OSError (a disk that is full or turned read-only, a file that vanished):
+      the file and the reason, exit status 1;
+    - Ctrl-C: what was kept and how to resume, exit status 130.
+
+    A run.json still saying "running" is rewritten "interrupted" or "failed"
+    (``runio.mark_unfinished``); every finished result line stays on disk, and
+    rerunning the same command resumes after them.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        from spatial_attention.runio import mark_unfinished
+
         try:
             return main(*args, **kwargs)
         except (OptionError, DataError) as err:
+            mark_unfinished("failed", str(err))
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            folders = mark_unfinished("interrupted", "Ctrl-C")
+            kept = (f"finished results are kept in {', '.join(map(str, folders))}" if folders
+                    else "no results had been written yet")
+            print(f"interrupted: {kept}; rerun the same command to resume", file=sys.stderr)
+            raise SystemExit(130) from None
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            line = f"{where}{err.strerror or err}"
+            folders = mark_unfinished("failed", line)
+            kept = f"; finished results are kept in {', '.join(map(str, folders))}" if folders else ""
+            print(f"error: cannot go on: {line}{kept}; fix the disk or permissions and rerun the same command "
+                  f"to resume", file=sys.stderr)
+            raise SystemExit(1) from None
 
     return wrapper

@@ -28,38 +28,42 @@ ZERO_TOL = 1e-12
 
 # --------------------------------------------------------------------------- layers
 
-def layer_indices(mode: str, num_layers: int) -> list[int]:
+def layer_indices(mode: str, num_layers: int | None) -> list[int]:
     """0-based language-model layers selected by ``mode`` (the ``--layers`` option).
 
     all = [0, L); with t = L // 3: first_third = [0, t), mid_third = [t, 2t),
     last_third = [2t, L); last_K = the last K layers; '1,5,30' = those 1-based layers
     (returned 0-based, in the order given). An empty, out-of-range, repeated or
-    unparsable selection raises OptionError.
+    unparsable selection raises OptionError. With ``num_layers`` None (no model
+    loaded yet) only the form is checked and the result is [].
     """
     def bad(why: str) -> OptionError:
-        return OptionError(f"--layers {mode!r}: {why}; use {LAYER_MODES} (the model has {num_layers} layers)")
+        depth = "" if num_layers is None else f" (the model has {num_layers} layers)"
+        return OptionError(f"--layers {mode!r}: {why}; use {LAYER_MODES}{depth}")
 
     text = str(mode).strip()
-    t = num_layers // 3
-    thirds = {"all": (0, num_layers), "first_third": (0, t), "mid_third": (t, 2 * t),
-              "last_third": (2 * t, num_layers)}
-    if text in thirds:
-        selected = list(range(*thirds[text]))
+    limit = num_layers if num_layers is not None else float("inf")
+    if text in ("all", "first_third", "mid_third", "last_third"):
+        if num_layers is None:
+            return []
+        t = num_layers // 3
+        selected = list(range(*{"all": (0, num_layers), "first_third": (0, t), "mid_third": (t, 2 * t),
+                                "last_third": (2 * t, num_layers)}[text]))
     elif match := re.fullmatch(r"last_(\d+)", text):
         k = int(match.group(1))
-        if not 1 <= k <= num_layers:
-            raise bad(f"K must lie in 1..{num_layers}")
-        selected = list(range(num_layers - k, num_layers))
+        if not 1 <= k <= limit:
+            raise bad(f"K must lie in 1..{num_layers}" if num_layers is not None else "K must be at least 1")
+        selected = list(range(num_layers - k, num_layers)) if num_layers is not None else []
     elif re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
         numbers = [int(part) for part in text.split(",")]
-        if any(not 1 <= n <= num_layers for n in numbers):
-            raise bad(f"layer numbers are 1-based and must lie in 1..{num_layers}")
+        if any(not 1 <= n <= limit for n in numbers):
+            raise bad("layer numbers are 1-based and must lie in 1.." + (str(num_layers) if num_layers else "L"))
         if len(set(numbers)) != len(numbers):
             raise bad("a layer is listed twice")
         selected = [n - 1 for n in numbers]
     else:
         raise bad("not a known form")
-    if not selected:
+    if not selected and num_layers is not None:
         raise bad("selects no layer")
     return selected
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from spatial_attention.errors import DataError, OptionError
 from spatial_attention.stats import json_safe
 
 log = logging.getLogger("spatial_attention")
@@ -35,12 +37,21 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` (text or bytes) to ``path`` through a temporary file and a rename."""
+    """Write ``data`` (text or bytes) to ``path`` through a temporary file and a rename.
+    The file gets the mode a plain ``open`` would give (0666 less the umask), not
+    mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
@@ -75,7 +86,9 @@ def read_jsonl(path: Path) -> Iterator[dict]:
         offset, number, pending = 0, 0, None
         for line in f:
             if pending is not None:  # a bad line with more after it: not a torn tail
-                raise ValueError(f"{path}:{number}: not a JSON line; move the file away or use another --out")
+                raise DataError(f"{path}, line {number}: not a JSON record, and complete records follow it, so it "
+                                f"is not an interrupted last line; delete that line to keep the rest and resume, "
+                                f"or use another output folder")
             number += 1
             if line.strip():
                 try:
@@ -105,15 +118,64 @@ def package_versions() -> dict:
     return versions
 
 
+def check_output_dir(path: Path, option: str) -> Path:
+    """Make sure results can be written to the folder ``path`` (created if missing)
+    before any model loads; OptionError naming ``option`` otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"{option} {path}: is a file, not a folder; choose a folder for the results")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OptionError(f"{option} {path}: cannot write there ({err.strerror}); choose a writable folder") from None
+    return path
+
+
 def run_record(args, adapter=None, **extra) -> dict:
-    """What ``run.json`` holds: the command, every setting, the model, versions."""
-    record = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    """What ``run.json`` holds: the command (shell-quoted, to paste back), every setting,
+    the model, versions."""
+    record = {"command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if adapter is not None:
         record["model"] = adapter.describe()
     record.update(extra)
     return record
+
+
+# run.json files of runs in progress in this process: if the run ends in an exception,
+# ``mark_unfinished`` records how it ended there, so that no run.json says "running" forever.
+_RUNNING: dict[Path, dict] = {}
+
+
+def start_run(path: Path, record: dict) -> None:
+    """Write ``record`` with status "running" to the run.json ``path``."""
+    record = {**record, "status": "running"}
+    write_json(path, record)
+    _RUNNING[Path(path)] = record
+
+
+def finish_run(path: Path, record: dict) -> None:
+    """Write ``record`` with status "finished" to the run.json ``path``."""
+    _RUNNING.pop(Path(path), None)
+    write_json(path, {**record, "status": "finished"})
+
+
+def mark_unfinished(status: str, reason: str) -> list[Path]:
+    """Rewrite every run.json still "running" with ``status`` ("interrupted", "failed") and
+    ``reason``; the folders whose run.json could be rewritten."""
+    marked = []
+    for path, record in list(_RUNNING.items()):
+        try:
+            write_json(path, {**record, "status": status, "ended_because": reason,
+                              "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            marked.append(path.parent)
+        except OSError:
+            pass
+        _RUNNING.pop(path, None)
+    return marked
 
 
 class ProcessShare:
