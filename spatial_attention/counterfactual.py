@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from spatial_attention.errors import DataError, OptionError
-from spatial_attention.shapeworld import load_rgb
+from spatial_attention.errors import DataError, OptionError, quote
+from spatial_attention.shapeworld import load_rgb, read_text
 
 CORNERS = ("topleft", "topright", "bottomleft", "bottomright")
 CORNER_WORDS = {"topleft": "top left", "topright": "top right", "bottomleft": "bottom left",
@@ -55,14 +55,24 @@ class Pair:
     note: str
 
     def load_images(self) -> tuple[Image.Image, Image.Image]:
-        """(full, control) as RGB images; ``DataError`` naming a file that cannot be read."""
-        return load_rgb(self.full_image), load_rgb(self.control_image)
+        """(full, control) as RGB images. ``DataError``, one line naming the pair
+        and the file, when one cannot be read or the two differ in size (the
+        scorers compare them patch by patch); callers count such a pair as skipped."""
+        try:
+            full, control = load_rgb(self.full_image), load_rgb(self.control_image)
+        except DataError as err:
+            raise DataError(f"pair {quote(self.id)}: {err}") from None
+        if full.size != control.size:
+            raise DataError(f"pair {quote(self.id)}: {self.control_image} is {control.width}x{control.height} but "
+                            f"the full image {self.full_image} is {full.width}x{full.height}; the two must be the "
+                            "same size, regenerate the pair")
+        return full, control
 
 
 def _pixel_box(value, where: str) -> PixelBox:
     if not (isinstance(value, list) and len(value) == 4
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
-        raise DataError(f"{where} should be [x1, y1, x2, y2] in pixels, got {value!r}")
+        raise DataError(f"{where} should be [x1, y1, x2, y2] in pixels, got {quote(value)}")
     return tuple(int(round(v)) for v in value)
 
 
@@ -75,13 +85,13 @@ def _pair(record, folder: Path, where: str) -> Pair:
         raise DataError(f"{where}: missing field {missing[0]!r} (each line needs {', '.join(REQUIRED_FIELDS)})")
     relation = record["relation"]
     if relation not in CORNER_OF_RELATION:
-        raise DataError(f"{where}: relation {relation!r} is not one of {', '.join(CORNER_OF_RELATION)}")
+        raise DataError(f"{where}: relation {quote(relation)} is not one of {', '.join(CORNER_OF_RELATION)}")
     corner = record.get("corner", CORNER_OF_RELATION[relation])
     if corner not in CORNERS or RELATION_OF_CORNER[corner] != relation:
-        raise DataError(f"{where}: corner {corner!r} does not go with relation {relation!r}")
+        raise DataError(f"{where}: corner {quote(corner)} does not go with relation {relation!r}")
     boxes = record["bounding_boxes"]
     if not isinstance(boxes, dict) or "subject" not in boxes or "object" not in boxes:
-        raise DataError(f"{where}: 'bounding_boxes' needs 'subject' and 'object' boxes, got {boxes!r}")
+        raise DataError(f"{where}: 'bounding_boxes' needs 'subject' and 'object' boxes, got {quote(boxes)}")
     return Pair(id=record["id"], corner=corner, caption=str(record["caption"]), relation=relation,
                 subject_shape=str(record["subject_shape"]), object_shape=str(record["object_shape"]),
                 full_image=folder / record["full_image"], control_image=folder / record["control_image"],
@@ -93,6 +103,9 @@ def _pair(record, folder: Path, where: str) -> Pair:
 def _records(folder: Path) -> list[tuple[str, object]]:
     """(where, parsed JSON or the JSONDecodeError) for each non-blank line of metadata.jsonl."""
     folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"{folder}: is a file, not a folder; point --dataset at a data/dataset_{{corner}} folder that "
+                        "holds metadata.jsonl and images/")
     if not folder.is_dir():
         raise DataError(f"{folder}: pairs folder does not exist (generate one with: "
                         "python generate_data.py counterfactual --out data)")
@@ -100,7 +113,7 @@ def _records(folder: Path) -> list[tuple[str, object]]:
     if not path.is_file():
         raise DataError(f"{path}: missing (a pairs folder needs metadata.jsonl and images/)")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if line.strip():
             where = f"{path} line {number}"
             try:
@@ -135,15 +148,13 @@ def read_pairs(folder: Path, limit: int | None = None) -> list[Pair]:
 
 
 def _pixel_problems(pair: Pair, where: str) -> list[str]:
-    """Image checks: readable, same size, boxes inside the picture, and the two
-    pictures differ only in the subject's box (1 px of slack) with the object untouched."""
+    """Image checks: readable and the same size (Pair.load_images), boxes inside
+    the picture, and the two pictures differ only in the subject's box (1 px of
+    slack) with the object untouched."""
     try:
         full, control = (np.asarray(image) for image in pair.load_images())
     except DataError as err:
         return [f"{where}: {err}"]
-    if full.shape != control.shape:
-        return [f"{where}: full image is {full.shape[1]}x{full.shape[0]} but control is "
-                f"{control.shape[1]}x{control.shape[0]}"]
     height, width = full.shape[:2]
     problems = []
     for role, (x1, y1, x2, y2) in (("subject", pair.subject_bbox), ("object", pair.object_bbox)):

@@ -8,3 +8,15 @@ class DataError(ValueError):
 
 class OptionError(ValueError):
     """A command-line option or setting that cannot be used as given."""
+
+
+def quote(value, limit: int = 200) -> str:
+    """``repr(value)`` for a one-line message, cut after ``limit`` characters with
+    the full length added. Input quoted in an error or a skip reason can be any
+    size (a 200 KB caption) and must not flood the log or summary.json; 200 keeps
+    every caption of the ShapeWorld grammar (at most 176 characters) whole."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= limit:
+        return repr(value)
+    cut = repr(text[:limit]) if isinstance(value, str) else text[:limit]
+    return f"{cut}... ({len(text)} characters)"

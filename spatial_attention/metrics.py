@@ -70,18 +70,43 @@ def layer_indices(mode: str, num_layers: int | None) -> list[int]:
 
 # --------------------------------------------------------------------------- masks
 
+def clip_box(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    """A normalised box (x1, y1, x2, y2) clipped to the image, [0, 1] on both axes."""
+    return tuple(min(max(float(v), 0.0), 1.0) for v in bbox)
+
+
+def box_problem(bbox: Sequence[float]) -> tuple[str, str] | None:
+    """(kind, what is wrong) when a normalised box has no area inside the image, else None.
+
+    kind is "empty_box" (zero or negative width or height) or "box_outside_image"
+    (a real box, but clipping leaves nothing of it). A box that overhangs the
+    image a little is fine: real ShapeWorld boxes do, and clipping handles it.
+    The one place this rule lives: entity_mask refuses such boxes, and the
+    ShapeWorld reader skips their worlds.
+    """
+    x1, y1, x2, y2 = (float(v) for v in bbox)
+    if not (x1 < x2 and y1 < y2):  # written so that NaN lands here too
+        return "empty_box", "has no area (needs x1 < x2 and y1 < y2)"
+    x1, y1, x2, y2 = clip_box(bbox)
+    if not (x1 < x2 and y1 < y2):
+        return "box_outside_image", "lies wholly outside the image (no area inside [0, 1])"
+    return None
+
+
 def entity_mask(bbox: Sequence[float], grid: tuple[int, int]) -> np.ndarray:
     """Boolean (gh, gw) patch mask of a normalised box (x1, y1, x2, y2).
 
     The box is clipped to [0, 1]; the mask holds columns floor(x1*gw) .. floor(x2*gw)
     and rows floor(y1*gh) .. floor(y2*gh), each clamped to the grid, inclusive. So a
-    box edge on a cell boundary includes the cell it starts, and a box wholly outside
-    the image becomes the strip of cells on the edge it was clipped to.
+    box edge on a cell boundary includes the cell it starts. A box with no area
+    inside the image (see box_problem) raises ValueError: clipped, it would become
+    a line of cells it does not cover.
     """
+    problem = box_problem(bbox)
+    if problem is not None:
+        raise ValueError(f"bounding box {tuple(bbox)}: {problem[1]}")
     gh, gw = grid
-    x1, y1, x2, y2 = np.clip(np.asarray(bbox, dtype=np.float64), 0.0, 1.0)
-    if x2 < x1 or y2 < y1:
-        raise ValueError(f"bounding box {tuple(bbox)}: needs x1 <= x2 and y1 <= y2")
+    x1, y1, x2, y2 = clip_box(bbox)
     c1, c2 = (min(int(np.floor(v * gw)), gw - 1) for v in (x1, x2))
     r1, r2 = (min(int(np.floor(v * gh)), gh - 1) for v in (y1, y2))
     mask = np.zeros((gh, gw), dtype=bool)

@@ -15,9 +15,10 @@ to entities by their attributes, never by list position.
 
 Problems with a whole shard (missing files, count mismatches, broken JSON)
 raise ``DataError``; problems with one world (caption outside the grammar, not
-two entities, unbindable mentions, missing image) are reported as ``Skipped``
-records, or raised with ``strict=True``. Every message is one line that names
-the file and, where it applies, the line or world index.
+two entities, a box with no area inside the image, unbindable mentions, missing
+image) are reported as ``Skipped`` records, or raised with ``strict=True``.
+Every message is one line that names the file and, where it applies, the line
+or world index; quoted input is cut short (``errors.quote``).
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from typing import Iterator, Mapping, Sequence
 
 from PIL import Image
 
-from spatial_attention.errors import DataError
+from spatial_attention.errors import DataError, quote
+from spatial_attention.metrics import box_problem, clip_box
 
 SHAPES = ("square", "rectangle", "triangle", "pentagon", "cross", "circle", "semicircle", "ellipse")
 COLORS = {
@@ -73,7 +75,7 @@ class Caption:
         ("a cyan ellipse"), the same for mention 2, and the relation word."""
         match = _CAPTION_RE.fullmatch(self.text)
         if match is None:
-            raise DataError(f"caption outside the ShapeWorld grammar: {self.text!r}")
+            raise DataError(f"caption outside the ShapeWorld grammar: {quote(self.text)}")
         spans = {key: match.span(key) for key in ("color1", "shape1", "color2", "shape2", "relation")}
         spans["phrase1"] = (match.start("article1"), match.end("shape1"))
         spans["phrase2"] = (match.start("article2"), match.end("shape2"))
@@ -95,14 +97,14 @@ def parse_caption(text: str) -> Caption:
     """Parse one caption line; ``DataError`` quoting it when it is outside the grammar."""
     match = _CAPTION_RE.fullmatch(text)
     if match is None:
-        raise DataError(f"caption outside the ShapeWorld grammar: {text!r}")
+        raise DataError(f"caption outside the ShapeWorld grammar: {quote(text)}")
     words = match.groupdict()
     for key, vocabulary, kind in (("color1", COLORS, "colour"), ("color2", COLORS, "colour"),
                                   ("shape1", SHAPES, "shape"), ("shape2", SHAPES, "shape"),
                                   ("relation", RELATIONS, "relation")):
         if words[key] not in vocabulary:
-            raise DataError(f"unknown {kind} {words[key]!r} (expected one of {', '.join(vocabulary)}) "
-                            f"in caption {text!r}")
+            raise DataError(f"unknown {kind} {quote(words[key], limit=30)} (expected one of {', '.join(vocabulary)}) "
+                            f"in caption {quote(text)}")
     return Caption(words["color1"], words["shape1"], words["color2"], words["shape2"], words["relation"], text)
 
 
@@ -148,13 +150,13 @@ def _schema_problems(value, schema, where: str) -> list[str]:
         return problems
     if schema == "rgb":
         ok = isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)
-        return [] if ok else [f"{where!r} should be a list of 3 numbers, got {value!r}"]
+        return [] if ok else [f"{where!r} should be a list of 3 numbers, got {quote(value)}"]
     if schema is float:
-        return [] if _is_number(value) else [f"{where!r} should be a number, got {value!r}"]
+        return [] if _is_number(value) else [f"{where!r} should be a number, got {quote(value)}"]
     if schema is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-        return [] if ok else [f"{where!r} should be an integer, got {value!r}"]
-    return [] if isinstance(value, schema) else [f"{where!r} should be a {schema.__name__}, got {value!r}"]
+        return [] if ok else [f"{where!r} should be an integer, got {quote(value)}"]
+    return [] if isinstance(value, schema) else [f"{where!r} should be a {schema.__name__}, got {quote(value)}"]
 
 
 def _entity_problems(entity_json) -> list[str]:
@@ -163,9 +165,9 @@ def _entity_problems(entity_json) -> list[str]:
     if problems:
         return problems
     if entity_json["shape"]["name"] not in SHAPES:
-        problems.append(f"unknown shape {entity_json['shape']['name']!r}")
+        problems.append(f"unknown shape {quote(entity_json['shape']['name'])}")
     if entity_json["color"]["name"] not in COLORS:
-        problems.append(f"unknown colour {entity_json['color']['name']!r}")
+        problems.append(f"unknown colour {quote(entity_json['color']['name'])}")
     return problems
 
 
@@ -198,7 +200,7 @@ class Entity:
 
     def clipped_bbox(self) -> tuple[float, float, float, float]:
         """``bbox`` clipped to [0, 1], ready to map onto image patches."""
-        return tuple(min(max(v, 0.0), 1.0) for v in self.bbox)
+        return clip_box(self.bbox)
 
 
 def bind_mentions(caption: Caption, entities_json: Sequence[Mapping]) -> tuple[Entity, Entity]:
@@ -230,6 +232,19 @@ def bind_mentions(caption: Caption, entities_json: Sequence[Mapping]) -> tuple[E
     return bound[0], bound[1]
 
 
+def _box_problems(entities: Sequence[Entity], where: str) -> list[tuple[str, str]]:
+    """(kind, one-line message) for each entity whose box has no area inside the
+    image (metrics.box_problem); such a box cannot be turned into a patch mask."""
+    found = []
+    for k, entity in enumerate(entities):
+        problem = box_problem(entity.bbox)
+        if problem is not None:
+            kind, what = problem
+            found.append((kind, f"{where} entity {k} ({entity.color} {entity.shape}): "
+                                f"bounding box {entity.bbox} {what}"))
+    return found
+
+
 def relation_holds(relation: str, subject: Entity, object: Entity) -> bool:
     """Whether ``relation`` goes from subject to object on their centres
     (left = smaller x, above = smaller y; image y grows downward)."""
@@ -258,7 +273,7 @@ class World:
 class Skipped:
     """A world that could not be used. ``reason`` is the full one-line message
     (file, index, what is wrong); ``kind`` a short category to count by:
-    caption, world_model, entities, binding or image."""
+    caption, world_model, entities, empty_box, box_outside_image, binding or image."""
     shard: int
     index: int
     reason: str
@@ -285,6 +300,11 @@ class _WorldProblem(DataError):
         self.kind = kind
 
 
+# What PIL raises for a damaged or unreadable image; a corrupt header can also
+# claim a huge size, which PIL refuses as a decompression bomb.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def load_rgb(path: Path) -> Image.Image:
     """An image file as an RGB PIL image; ``DataError`` naming the file if it cannot be read."""
     try:
@@ -292,14 +312,33 @@ def load_rgb(path: Path) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{path}: image file missing") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except _IMAGE_ERRORS as err:
         raise DataError(f"{path}: cannot read the image ({err}); the file is damaged, re-download or "
                         "regenerate it") from None
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; ``DataError`` naming the file, and the line
+    of the first bad byte, when it cannot be read or is not UTF-8."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the file ({err.strerror or err}); "
+                        "check that it is a readable file") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path} line {line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                        "save it as UTF-8, or re-download or regenerate it") from None
 
 
 def list_shards(root: Path) -> list[int]:
     """Numbers of the ``shardN`` folders in ``root``, sorted numerically."""
     root = Path(root)
+    if root.is_file():
+        raise DataError(f"{root}: is a file, not a folder; point --data at the agreement/relational folder that "
+                        "holds shard0, shard1, ...")
     if not root.is_dir():
         raise DataError(f"{root}: ShapeWorld folder does not exist (point at an agreement/relational folder "
                         f"with shard0..shardK, or generate one with: python generate_data.py shapeworld --out {root})")
@@ -307,27 +346,23 @@ def list_shards(root: Path) -> list[int]:
     return sorted(numbers)
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_shard_file(path: Path) -> str:
     if not path.is_file():
         raise DataError(f"{path}: missing (a shard needs caption.txt, agreement.txt and world_model.json); "
                         "re-download or regenerate the shard")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    return read_text(path)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return _read_shard_file(path).splitlines()
 
 
 def _read_world_model(path: Path) -> list:
-    if not path.is_file():
-        raise DataError(f"{path}: missing (a shard needs caption.txt, agreement.txt and world_model.json); "
-                        "re-download or regenerate the shard")
     try:
-        worlds = json.loads(path.read_text(encoding="utf-8"))
+        worlds = json.loads(_read_shard_file(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
                         "the file is damaged, re-download or regenerate the shard") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(worlds, list):
         raise DataError(f"{path}: expected a JSON list with one element per world, got {type(worlds).__name__}")
     return worlds
@@ -339,7 +374,7 @@ def _read_agreements(path: Path) -> list[float]:
         try:
             values.append(float(line))
         except ValueError:
-            raise DataError(f"{path} line {number}: {line!r} is not a number (expected 1.0 or 0.0)") from None
+            raise DataError(f"{path} line {number}: {quote(line)} is not a number (expected 1.0 or 0.0)") from None
     return values
 
 
@@ -381,6 +416,10 @@ def _build_world(shard: int, index: int, shard_dir: Path, caption_text: str, agr
         problems = _entity_problems(entity_json)
         if problems:
             raise _WorldProblem(f"{model_where} entity {k}: {problems[0]}", "world_model")
+    boxes = _box_problems([Entity.from_json(e) for e in entities], model_where)
+    if boxes:
+        kind, message = boxes[0]
+        raise _WorldProblem(message, kind)
     try:
         subject, obj = bind_mentions(caption, entities)
     except DataError as err:
@@ -447,7 +486,7 @@ def _image_problem(path: Path, side: int | None) -> str | None:
             mode, (width, height) = image.mode, image.size
     except FileNotFoundError:
         return f"{path}: image file missing"
-    except (OSError, SyntaxError, ValueError) as err:
+    except _IMAGE_ERRORS as err:
         return f"{path}: cannot read the image ({err})"
     if mode != "RGB":
         return f"{path}: image mode {mode}, expected RGB"
@@ -481,6 +520,7 @@ def _world_problems(shard_dir: Path, index: int, caption_text: str, agreement: f
             pair = [Entity.from_json(e) for e in entities]
             if pair[0].shape == pair[1].shape:
                 problems.append(f"{where}: both entities are a {pair[0].shape} (ShapeWorld requires different shapes)")
+            problems += [message for _, message in _box_problems(pair, where)]
             for k, e in enumerate(pair):
                 x1, y1, x2, y2 = e.bbox
                 if not (x1 <= e.center[0] <= x2 and y1 <= e.center[1] <= y2):
@@ -509,9 +549,10 @@ def validate_shapeworld(root: Path) -> list[str]:
 
     Checks the layout, that every caption is in the grammar, that agreement
     values parse, the world_model.json schema, exactly two entities of
-    different shapes per world, centres inside their boxes, that captions with
-    agreement 1.0 bind and are true of the centres, and that every image is a
-    readable square RGB picture of the world's size.
+    different shapes per world, boxes with some area inside the image, centres
+    inside their boxes, that captions with agreement 1.0 bind and are true of
+    the centres, and that every image is a readable square RGB picture of the
+    world's size.
     """
     root = Path(root)
     try:

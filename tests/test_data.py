@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from PIL import Image
+
+from spatial_attention.cli import ensure_shapeworld
 from spatial_attention.counterfactual import (CORNERS, REQUIRED_FIELDS, corner_prompt, read_pairs,
                                               validate_pairs)
 from spatial_attention.errors import DataError
+from spatial_attention.metrics import entity_mask
 from spatial_attention.generate import generate_counterfactual, generate_shapeworld
 from spatial_attention.shapeworld import (COLORS, RELATIONS, SHAPES, Caption, Entity, ReadStats, Skipped, World,
                                           bind_mentions, counterfactual_caption, format_caption, iter_worlds,
@@ -118,6 +122,7 @@ def test_real_sample_is_valid_and_binds_by_attributes(real_sample):
     not_first = sum(Entity.from_json(model[w.index]["entities"][0]) != w.subject for w in worlds)
     assert not_first == 9  # list position would get these 9 wrong
     assert worlds[0].load_image().size == (100, 100)
+    assert all(entity_mask(e.bbox, (24, 24)).any() for w in worlds for e in (w.subject, w.object))
 
 
 def test_bind_mentions_uses_colour_when_shapes_are_equal():
@@ -335,6 +340,145 @@ def test_broken_pairs_metadata(pairs_root, tmp_path):
         read_pairs(folder)
     with pytest.raises(DataError, match="metadata.jsonl: missing"):
         read_pairs(tmp_path)
+
+
+def one_line(message) -> str:
+    message = str(message)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def shift_box(entity: dict, dx: float = 0.0, right: float | None = None) -> None:
+    """Move a world_model.json entity (box and centre) right by dx; ``right`` sets the box's right edge."""
+    box = entity["bounding_box"]
+    for point in (box["topleft"], box["bottomright"], entity["center"]):
+        point["x"] += dx
+    if right is not None:
+        box["bottomright"]["x"] = right
+
+
+def test_box_with_no_area_inside_the_image_is_skipped(shard_copy):
+    path = shard_copy / "shard0" / "world_model.json"
+    model = json.loads(path.read_text())
+    shift_box(model[2]["entities"][0], dx=1.5)  # wholly right of the image
+    left = model[5]["entities"][1]["bounding_box"]["topleft"]["x"]
+    shift_box(model[5]["entities"][1], right=left)  # zero width
+    shift_box(model[7]["entities"][0], dx=-(model[7]["entities"][0]["bounding_box"]["topleft"]["x"] + 0.02))
+    path.write_text(json.dumps(model))
+
+    items = list(iter_worlds(shard_copy))
+    skipped = {s.index: s for s in items if isinstance(s, Skipped)}
+    assert sorted(skipped) == [2, 5]
+    assert skipped[2].kind == "box_outside_image"
+    assert "world_model.json world 2 entity 0" in skipped[2].reason and "wholly outside" in one_line(skipped[2].reason)
+    assert skipped[5].kind == "empty_box" and "world 5 entity 1" in skipped[5].reason
+    # a 2 px overhang, as real ShapeWorld boxes have, is still read and clipped
+    world7 = next(w for w in items if isinstance(w, World) and w.index == 7)
+    assert min(world7.subject.bbox[0], world7.object.bbox[0]) < 0
+    assert min(world7.subject.clipped_bbox()[0], world7.object.clipped_bbox()[0]) == 0.0
+    with pytest.raises(DataError, match="world 2 entity 0.*wholly outside the image"):
+        list(iter_worlds(shard_copy, strict=True))
+    problems = validate_shapeworld(shard_copy)
+    assert any("world 2 entity 0" in p and "wholly outside" in p for p in problems)
+    assert any("world 5 entity 1" in p and "has no area" in p for p in problems)
+    assert not any("world 7 " in p for p in problems)
+
+
+@pytest.mark.parametrize("name", ["caption.txt", "agreement.txt", "world_model.json"])
+def test_non_utf8_shard_file(shard_copy, name):
+    path = shard_copy / "shard0" / name
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = b"\xff" + lines[2]
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as err:
+        list(iter_worlds(shard_copy))
+    assert f"{name} line 3: not UTF-8 text (byte 0xff" in one_line(err.value)
+    assert any(f"{name} line 3: not UTF-8" in p for p in validate_shapeworld(shard_copy))
+
+
+def test_non_utf8_pairs_metadata(pairs_root, tmp_path):
+    folder = tmp_path / "dataset_topleft"
+    shutil.copytree(pairs_root / "dataset_topleft", folder)
+    metadata = folder / "metadata.jsonl"
+    lines = metadata.read_bytes().split(b"\n")
+    lines[1] = lines[1].replace(b"caption", b"capt\xe9on", 1)  # Latin-1, not UTF-8
+    metadata.write_bytes(b"\n".join(lines))
+    with pytest.raises(DataError) as err:
+        read_pairs(folder)
+    assert "metadata.jsonl line 2: not UTF-8 text (byte 0xe9" in one_line(err.value)
+    assert [p for p in validate_pairs(folder) if "metadata.jsonl line 2: not UTF-8" in p]
+
+
+def test_file_given_as_data_folder(tmp_path):
+    file = tmp_path / "world_model.json"
+    file.write_text("[]")
+    message = "is a file, not a folder; point --data at the agreement/relational folder that holds shard0"
+    with pytest.raises(DataError, match=message):
+        list(iter_worlds(file))
+    with pytest.raises(DataError, match=message):
+        ensure_shapeworld(file)
+    assert [one_line(p) for p in validate_shapeworld(file)] == [f"{file}: {message}, shard1, ..."]
+    with pytest.raises(DataError, match="is a file, not a folder; point --dataset at"):
+        read_pairs(file)
+
+
+def test_pair_images_corrupt_or_of_different_sizes(pairs_root, tmp_path, monkeypatch):
+    folder = tmp_path / "dataset_topleft"
+    shutil.copytree(pairs_root / "dataset_topleft", folder)
+    pairs = read_pairs(folder)
+    pairs[1].full_image.write_bytes(b"not a png")
+    Image.open(pairs[2].control_image).resize((32, 32)).save(pairs[2].control_image)
+
+    with pytest.raises(DataError) as err:
+        pairs[1].load_images()
+    assert one_line(err.value).startswith(f"pair 1: {pairs[1].full_image}: cannot read the image")
+    with pytest.raises(DataError) as err:
+        pairs[2].load_images()
+    assert one_line(err.value).startswith(f"pair 2: {pairs[2].control_image} is 32x32 but the full image")
+    problems = validate_pairs(folder)
+    assert any("line 2: pair 1:" in p and "cannot read the image" in p for p in problems)
+    assert any("line 3: pair 2:" in p and "is 32x32" in p for p in problems)
+    # a damaged header can claim a huge picture; PIL refuses it as a decompression bomb
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError, match="pair 0: .*pair_00000_full.png: cannot read the image"):
+        pairs[0].load_images()
+
+
+def test_long_input_is_cut_in_messages(shard_copy, pairs_root, tmp_path):
+    long_word = "x" * 200_000
+    path = shard_copy / "shard0" / "caption.txt"
+    lines = path.read_text().splitlines()
+    lines[1] = "there are two shapes " + long_word
+    lines[3] = format_caption(long_word, "square", "red", "circle", "left")
+    path.write_text("".join(line + "\n" for line in lines))
+    model_path = shard_copy / "shard0" / "world_model.json"
+    model = json.loads(model_path.read_text())
+    model[6]["entities"][0]["rotation"] = long_word
+    model_path.write_text(json.dumps(model))
+
+    skipped = {s.index: s.reason for s in iter_worlds(shard_copy) if isinstance(s, Skipped)}
+    assert sorted(skipped) == [1, 3, 6]
+    assert f"... ({len(lines[1])} characters)" in skipped[1]
+    assert "unknown colour 'xxxx" in skipped[3] and "... (200000 characters)" in skipped[3]
+    assert "'rotation' should be a number, got 'xxx" in skipped[6]
+    problems = validate_shapeworld(shard_copy)
+    assert len(problems) == 3
+    for message in [*skipped.values(), *problems]:
+        assert len(one_line(message)) < 600, message[:700]
+
+    (shard_copy / "shard0" / "agreement.txt").write_text("1.0\n" + long_word + "\n")
+    with pytest.raises(DataError) as err:
+        list(iter_worlds(shard_copy))
+    assert "agreement.txt line 2: 'xxx" in err.value.args[0] and len(one_line(err.value)) < 600
+
+    folder = tmp_path / "dataset_topleft"
+    shutil.copytree(pairs_root / "dataset_topleft", folder)
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    records[0]["relation"] = long_word
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError) as err:
+        read_pairs(folder)
+    assert "line 1: relation 'xxx" in err.value.args[0] and len(one_line(err.value)) < 600
 
 
 def test_cli_rejects_bad_options_in_one_line(tmp_path):

@@ -67,20 +67,31 @@ def test_entity_mask_rule_and_cell_boundaries():
     np.testing.assert_array_equal(M.entity_mask((0, 0, 0.5, 0.4), (2, 3)), cells((2, 3), (0, 0), (0, 1)))
 
 
-def test_entity_mask_clips_boxes_outside_the_image():
+def test_entity_mask_clips_boxes_that_overhang_the_image():
     # (-0.5, -1, 0.1, 2.0) -> (0, 0, 0.1, 1): columns 0 .. floor(0.4)=0, rows 0 .. floor(4)=4 -> clamped 3
     want = np.zeros((4, 4), bool)
     want[:, 0] = True
     np.testing.assert_array_equal(M.entity_mask((-0.5, -1.0, 0.1, 2.0), (4, 4)), want)
-    # wholly right of the image: x -> (1, 1) -> column floor(4) clamped to 3; rows floor(0.8)=0 .. floor(1.2)=1
-    np.testing.assert_array_equal(M.entity_mask((1.2, 0.2, 1.5, 0.3), (4, 4)), cells((4, 4), (0, 3), (1, 3)))
+    # a real ShapeWorld overhang (x1 = -0.0034) is clipped to the first column
+    np.testing.assert_array_equal(M.entity_mask((-0.0034, 0.3, 0.2, 0.45), (4, 4)), cells((4, 4), (1, 0)))
     # the full box covers the whole grid
     assert M.entity_mask((0, 0, 1, 1), (3, 5)).all()
+    assert M.box_problem((-0.0034, 0.3, 0.2, 0.45)) is None
 
 
-def test_entity_mask_rejects_inverted_box():
-    with pytest.raises(ValueError):
-        M.entity_mask((0.5, 0.1, 0.2, 0.3), (4, 4))
+@pytest.mark.parametrize("bbox, kind", [
+    ((1.2, 0.2, 1.5, 0.3), "box_outside_image"),   # wholly right: clipped it was column 3, rows 0-1
+    ((0.2, -0.5, 0.3, -0.1), "box_outside_image"),  # wholly above
+    ((1.0, 0.2, 1.5, 0.3), "box_outside_image"),   # touches the right edge from outside
+    ((0.3, 0.3, 0.3, 0.5), "empty_box"),           # zero width: it was a 1-column mask
+    ((0.3, 0.5, 0.6, 0.5), "empty_box"),           # zero height
+    ((0.5, 0.1, 0.2, 0.3), "empty_box"),           # inverted
+    ((0.2, 0.2, math.nan, 0.3), "empty_box"),
+])
+def test_entity_mask_refuses_boxes_with_no_area_inside_the_image(bbox, kind):
+    assert M.box_problem(bbox)[0] == kind
+    with pytest.raises(ValueError, match=r"bounding box .*(no area|outside the image)"):
+        M.entity_mask(bbox, (4, 4))
 
 
 def test_region_masks():
