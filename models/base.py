@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spatial_attention.errors import OptionError
+from spatial_attention.errors import OptionError, quote
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ class TokenLayout:
         hit = (tok_hi > lo) & (tok_lo < hi) & (tok_hi > tok_lo)
         positions = np.flatnonzero(hit)
         if positions.size == 0:
-            raise ValueError(f"no token covers characters {start}:{end} ({self.text[start:end]!r}) of {self.text!r}")
+            raise ValueError(f"no token covers characters {start}:{end} ({quote(self.text[start:end])}) of "
+                             f"{quote(self.text)}")
         return positions
 
     def word_positions(self, word: str, occurrence: int = 0) -> np.ndarray:
@@ -72,7 +73,7 @@ class TokenLayout:
         for _ in range(occurrence + 1):
             start = _find_word(self.text, word, start + 1)
             if start < 0:
-                raise ValueError(f"word {word!r} (occurrence {occurrence}) not in {self.text!r}")
+                raise ValueError(f"word {quote(word)} (occurrence {occurrence}) not in {quote(self.text)}")
         return self.span_positions(start, start + len(word))
 
 
@@ -113,13 +114,66 @@ def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.
     return dev, names[dtype]
 
 
-def model_load_error(model_path: str, family: str, exc: Exception) -> OptionError:
+def model_load_error(model_path: str, family: str, why: Exception | str) -> OptionError:
     """One line that says the model could not be loaded and what to do."""
     where = "local folder" if Path(model_path).exists() else "hub id (not in the local cache and the hub not reachable?)"
+    if isinstance(why, Exception):
+        why = f"{type(why).__name__}: {str(why).splitlines()[0] if str(why) else ''}"
     return OptionError(
-        f"--model-path {model_path!r}: cannot load a {family} checkpoint from this {where}: "
-        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} -- pass a downloaded checkpoint "
-        f"folder with --model-path, or --model-path {TINY_RANDOM} for a random-weight smoke run")
+        f"--model-path {model_path!r}: cannot load a {family} checkpoint from this {where}: {why} -- pass a "
+        f"downloaded checkpoint folder with --model-path, or --model-path {TINY_RANDOM} for a random-weight smoke run")
+
+
+# How long the reachability probe of the hub may take; a hub slower than this is left to
+# huggingface_hub's own retries.
+HUB_PROBE_SECONDS = 5.0
+
+
+def hub_unreachable(endpoint: str | None = None) -> str | None:
+    """Why the model hub certainly cannot be reached from here, found in seconds; None when it
+    may be reachable (it answers, it is slow, or a proxy stands between).
+
+    Without this, huggingface_hub retries an unresolvable host for about two and a half
+    minutes before the load fails.
+    """
+    import os
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows
+    url = urlparse(endpoint or constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    result: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_SECONDS).close()
+            result.append(None)
+        except socket.gaierror:
+            result.append(f"the name {host} cannot be resolved (no network?)")
+        except OSError as err:
+            result.append(f"{host}:{port} refuses connections ({err.strerror or err})"
+                          if isinstance(err, ConnectionRefusedError) else None)
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS)
+    return result[0] if result else None
+
+
+def _is_cached(model_path: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(model_path, "config.json", revision=revision), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 class VLMAdapter:
@@ -161,9 +215,16 @@ class VLMAdapter:
             return cls(model, processor, model_path)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        kwargs = dict(dtype=torch_dtype, attn_implementation=_registered_attention(), revision=revision)
+        offline = False  # a cached checkpoint loads without the hub's retries when the hub is unreachable
+        if not Path(model_path).exists():
+            unreachable = hub_unreachable()
+            if unreachable and not _is_cached(model_path, revision):
+                raise model_load_error(model_path, cls.family, f"the hub cannot be reached: {unreachable}")
+            offline = bool(unreachable)
+        kwargs = dict(dtype=torch_dtype, attn_implementation=_registered_attention(), revision=revision,
+                      local_files_only=offline)
         try:
-            processor = AutoProcessor.from_pretrained(model_path, revision=revision)
+            processor = AutoProcessor.from_pretrained(model_path, revision=revision, local_files_only=offline)
             if device_map:
                 model = AutoModelForImageTextToText.from_pretrained(model_path, device_map=device_map, **kwargs)
             else:
@@ -221,6 +282,11 @@ class VLMAdapter:
     def prepare_image(self, image: Image.Image) -> Image.Image:
         """The image as the model will be fed it (Qwen2-VL resizes to the feed size)."""
         return image.convert("RGB")
+
+    @classmethod
+    def check_feed_size(cls, size: int) -> None:
+        """OptionError for a --feed-size this family cannot use as given (checked before loading);
+        families whose size is fixed (LLaVA-1.5: 336) ignore the option."""
 
     def set_feed_size(self, feed_size: int | tuple[int, int]) -> None:
         """Choose the input image size; families whose size is fixed (LLaVA-1.5: 336) ignore it."""

@@ -10,12 +10,14 @@ attention is pooled to the merged grid, in raster order, before it becomes a map
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from PIL import Image
 
 from models.base import VLMAdapter, _registered_attention
 from models.tiny import byte_level_tokenizer
+from spatial_attention.errors import OptionError
 
 # The Qwen2-VL-Instruct chat template (image and text content, default system turn),
 # used by the tiny model; real checkpoints carry their own.
@@ -59,6 +61,24 @@ class Qwen2VLAdapter(VLMAdapter):
         super().__init__(model, processor, model_path, revision)
         self.feed_size = feed_size
         self.merge = int(model.config.vision_config.spatial_merge_size)
+
+    # Pixels per image token: 14-px patches merged 2 x 2 (the 7B checkpoint and tiny-random alike).
+    FEED_CELL = 28
+    MIN_FEED_TOKENS = 4  # per side: smaller grids leave no room for two shapes and a background
+
+    @classmethod
+    def check_feed_size(cls, size: int) -> None:
+        """--feed-size must give an image the processor keeps as it is: a multiple of 28 px
+        (otherwise it is silently rounded), from 4 tokens a side up to the processor's limit."""
+        from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM
+
+        cell, largest = cls.FEED_CELL, math.isqrt(IMAGE_MAX_TOKEN_NUM) * cls.FEED_CELL
+        smallest = cls.MIN_FEED_TOKENS * cell
+        if not smallest <= size <= largest or size % cell:
+            nearest = min(max(round(size / cell) * cell, smallest), largest)
+            raise OptionError(f"--feed-size {size}: Qwen2-VL needs a multiple of {cell} px between {smallest} and "
+                              f"{largest} (one image token per {cell} x {cell} px); try {nearest} "
+                              f"({nearest // cell} x {nearest // cell} tokens; the paper used 672)")
 
     def set_feed_size(self, feed_size: int | tuple[int, int]) -> None:
         """Feed images at (height, width); an int means a square."""

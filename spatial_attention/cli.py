@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from spatial_attention.errors import DataError, OptionError
 
 log = logging.getLogger("spatial_attention")
@@ -106,8 +108,12 @@ def parse_shards(text: str | None) -> list[int] | None:
 
 
 def ensure_shapeworld(path: Path, seed: int = 0) -> Path:
-    """``path`` itself; the default folder is generated first when it is missing."""
+    """``path`` itself; the default folder is generated first when it is missing.
+    ``DataError`` when ``path`` is a file: said now, before a model loads."""
     if path.exists():
+        from spatial_attention.shapeworld import list_shards
+
+        list_shards(path)  # the reader's own check: a file is not a ShapeWorld folder
         return path
     if Path(path) != DEFAULT_SHAPEWORLD:
         raise DataError(f"--data {path}: folder does not exist (point it at a ShapeWorld agreement/relational "
@@ -120,18 +126,33 @@ def ensure_shapeworld(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def prepare_run(family: str, args, default_layers: str | None = None):
-    """What every experiment starts with: this process's share of the work, the data
-    folder (the default generated once, by the main process), the model, the layers
-    and the batch size. ``--layers`` defaults to ``default_layers``, else to the
-    layers the paper used with this family (``adapter.paper_layers``)."""
-    from models import load_adapter
-    from spatial_attention.metrics import layer_indices
-    from spatial_attention.runio import ProcessShare
+def prepare_run(family: str, args):
+    """What every experiment over ShapeWorld does before its model loads: check the
+    options and the output folder (``args.out``), take this process's share of the
+    work, and find the data folder (the default one generated once, by the main
+    process). Returns (share, data). A bad option costs seconds, not a model load."""
+    from models import ADAPTERS
+    from spatial_attention.runio import ProcessShare, check_output_dir
 
+    check_model_options(args)
+    if args.limit is not None and args.limit < 1:
+        raise OptionError(f"--limit {args.limit}: must be at least 1 (leave it out to read every world)")
+    if getattr(args, "feed_size", None) is not None:
+        ADAPTERS[family].check_feed_size(args.feed_size)
+    check_output_dir(args.out, "--out")
     share = ProcessShare(args.device)
     data = ensure_shapeworld(args.data, args.seed) if share.is_main else args.data
     share.wait()
+    return share, data
+
+
+def load_model(family: str, args, share, default_layers: str | None = None):
+    """The model, its selected layers (0-based) and the batch size. ``--layers``
+    defaults to ``default_layers``, else to the layers the paper used with this
+    family (``adapter.paper_layers``)."""
+    from models import load_adapter
+    from spatial_attention.metrics import layer_indices
+
     device = str(share.device) if share.size > 1 and args.device == "auto" else args.device
     adapter = load_adapter(family, args.model_path, device=device, dtype=args.dtype, device_map=args.device_map,
                            revision=args.revision, seed=args.seed)
@@ -139,7 +160,7 @@ def prepare_run(family: str, args, default_layers: str | None = None):
         adapter.set_feed_size(args.feed_size)
     args.layers = args.layers or default_layers or adapter.paper_layers
     layers = layer_indices(args.layers, adapter.num_layers)
-    return share, data, adapter, layers, default_batch_size(args, adapter.device)
+    return adapter, layers, default_batch_size(args, adapter.device)
 
 
 def user_errors_exit(main):
@@ -155,6 +176,9 @@ def user_errors_exit(main):
     rerunning the same command resumes after them.
     """
 
+    def say(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, below any progress bar
+
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         from spatial_attention.runio import mark_unfinished
@@ -163,21 +187,20 @@ def user_errors_exit(main):
             return main(*args, **kwargs)
         except (OptionError, DataError) as err:
             mark_unfinished("failed", str(err))
-            print(f"error: {err}", file=sys.stderr)
+            say(f"error: {err}")
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             folders = mark_unfinished("interrupted", "Ctrl-C")
             kept = (f"finished results are kept in {', '.join(map(str, folders))}" if folders
                     else "no results had been written yet")
-            print(f"interrupted: {kept}; rerun the same command to resume", file=sys.stderr)
+            say(f"interrupted: {kept}; rerun the same command to resume")
             raise SystemExit(130) from None
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             line = f"{where}{err.strerror or err}"
             folders = mark_unfinished("failed", line)
             kept = f"; finished results are kept in {', '.join(map(str, folders))}" if folders else ""
-            print(f"error: cannot go on: {line}{kept}; fix the disk or permissions and rerun the same command "
-                  f"to resume", file=sys.stderr)
+            say(f"error: cannot go on: {line}{kept}; fix the disk or permissions and rerun the same command to resume")
             raise SystemExit(1) from None
 
     return wrapper

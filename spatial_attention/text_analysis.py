@@ -27,10 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from spatial_attention.capture import CaptureRequest, capture
-from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, parse_shards, prepare_run,
-                                   user_errors_exit)
+from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, load_model, parse_shards,
+                                   prepare_run, user_errors_exit)
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import (append_jsonl, read_jsonl, run_record, setup_logging,
+from spatial_attention.runio import (append_jsonl, finish_run, read_jsonl, run_record, setup_logging, start_run,
                                      write_atomic, write_json)
 from spatial_attention.shapeworld import (FLIPPED_RELATION, Caption, ReadStats, Skipped, counterfactual_caption,
                                          iter_worlds)
@@ -64,12 +64,11 @@ def main(family: str, argv=None) -> None:
 
 def run(family: str, args) -> None:
     started = time.time()
-    share, data, adapter, layers, batch_size = prepare_run(family, args, default_layers="all")
+    share, data = prepare_run(family, args)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     pairs_path = out / "pairs.jsonl"
-
     captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
+    adapter, layers, batch_size = load_model(family, args, share, default_layers="all")
     existing = list(share.existing_records(pairs_path))
     _check_same_layers(existing, layers, out)
     done = {_key(r) for r in existing}
@@ -77,7 +76,7 @@ def run(family: str, args) -> None:
     if done:
         log.info("resuming: %d of %d pairs already in %s", len(captions) - len(todo), len(captions), pairs_path)
     if share.is_main:
-        write_json(out / "run.json", run_record(args, adapter, status="running", data=str(data), layers_0based=layers))
+        start_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers))
     share.wait()  # every process has read what is done before any of them appends
     mine = share.take(todo)
     if share.size > 1:
@@ -113,11 +112,14 @@ def _select_captions(data: Path, shards, limit) -> tuple[list[tuple[int, int, Ca
     captions, skipped, stats = [], Counter(), ReadStats()
     for item in iter_worlds(data, shards=shards, stats=stats):
         if isinstance(item, Skipped):
-            skipped[item.reason] += 1
+            skipped[item.kind] += 1
+            log.warning("skipping: %s", item.reason)
             continue
         captions.append((item.shard, item.index, item.caption))
         if limit is not None and len(captions) >= limit:
             break
+    if skipped:
+        log.warning("%d worlds skipped while reading %s (counts by kind in summary.json)", sum(skipped.values()), data)
     if not captions:
         raise DataError(f"--data {data}: no usable captions (check --shards and the folder)")
     return captions, skipped, stats
@@ -142,7 +144,10 @@ def analyse_pairs(adapter, items: list[tuple[int, int, Caption]], layers: list[i
         try:
             positions.append(sentence_positions(layout, sentence))
         except ValueError as err:  # a word no token covers: count it, keep the batch going
-            broken.setdefault(k % n, f"tokens not found: {err}")
+            if k % n not in broken:
+                shard, index = pairs[k % n][:2]
+                log.warning("skipping shard %d world %d: %s", shard, index, err)
+            broken.setdefault(k % n, "tokens_not_found")
             positions.append({"relation": empty, "e1": empty, "e2": empty})
     failed.update(broken.values())
     request = CaptureRequest(layers=layers, keep="layer",
@@ -212,7 +217,7 @@ def _finish(out, args, adapter, data, layers, stats, skipped, failed, started) -
     summary = {"counts": counts, **summarise_pairs(records, seed=args.seed), "layer_profile": layer_profile(records)}
     write_json(out / "summary.json", summary)
     _plot(out / "figures", records, summary["layer_profile"])
-    write_json(out / "run.json", run_record(args, adapter, status="finished", data=str(data), layers_0based=layers,
+    finish_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers,
                                             counts=counts, wall_seconds=round(time.time() - started, 1)))
     log.info("done: %d pairs in %s (pairs.csv, summary.json, figures/)", len(records), out)
 

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture
-from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, parse_shards, prepare_run,
-                                   user_errors_exit)
+from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, load_model, parse_shards,
+                                   prepare_run, user_errors_exit)
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import append_jsonl, read_jsonl, run_record, setup_logging, write_json
+from spatial_attention.runio import append_jsonl, finish_run, read_jsonl, run_record, setup_logging, start_run
 from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
 
 log = logging.getLogger("spatial_attention")
@@ -70,17 +70,20 @@ def main(family: str, argv=None) -> None:
     relations = [r.strip() for r in args.relations.split(",") if r.strip()]
     if not relations or set(relations) - set(RELATIONS):
         raise OptionError(f"--relations {args.relations!r}: choose from {', '.join(RELATIONS)}")
+    if args.plot_samples < 0:
+        raise OptionError(f"--plot-samples {args.plot_samples}: must be 0 or more")
     run(family, args, relations)
 
 
 def run(family: str, args, relations: list[str]) -> None:
     started = time.time()
-    share, data, adapter, layers, batch_size = prepare_run(family, args)
+    share, data = prepare_run(family, args)
     out = args.out
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     samples_path = out / "samples.jsonl"
     done = {_key(r) for r in share.existing_records(samples_path)}
     worlds, skipped = _select_worlds(data, parse_shards(args.shards), relations, args.limit)
+    adapter, layers, batch_size = load_model(family, args, share)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
     first_plots = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
     todo = [w for w in worlds if (w.shard, w.index) not in done]
     if done:
@@ -90,8 +93,8 @@ def run(family: str, args, relations: list[str]) -> None:
     if share.size > 1:
         log.info("process %d of %d: %d of %d worlds to do", share.rank + 1, share.size, len(mine), len(todo))
     if share.is_main:
-        write_json(out / "run.json", run_record(args, adapter, status="running", data=str(data), layers_0based=layers,
-                                                feed_size=adapter.feed_size))
+        start_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers,
+                                               feed_size=adapter.feed_size))
 
     part_path = share.part_path(samples_path)
     failed = Counter()
@@ -103,7 +106,7 @@ def run(family: str, args, relations: list[str]) -> None:
             try:
                 loaded.append((world, world.load_image()))
             except DataError as err:
-                failed[str(err)] += 1
+                failed["unreadable_image"] += 1
                 log.warning("skipping world: %s", err)
         if loaded:
             if args.verify_attention and start == 0:
@@ -146,9 +149,15 @@ def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], C
     return worlds, skipped
 
 
-def _world_rng(seed: int, world: World) -> np.random.Generator:
-    """A generator for one world that does not depend on batch size or process count."""
-    return np.random.default_rng([seed, world.shard, world.index])
+# Each random quantity of a world has its own stream, so that switching one off (--no-baseline)
+# leaves the others as they were.
+RANDOM_STREAMS = {"shuffle": 0, "background_seed": 1}
+
+
+def world_rng(seed: int, world: World, stream: str) -> np.random.Generator:
+    """The generator of one random quantity (``RANDOM_STREAMS``) of one world; it does not
+    depend on batch size, process count or any other stream."""
+    return np.random.default_rng([seed, RANDOM_STREAMS[stream], world.shard, world.index])
 
 
 def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], args) -> list[tuple[dict, dict]]:
@@ -156,13 +165,12 @@ def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int
     worlds = [w for w, _ in loaded]
     fed = [adapter.prepare_image(image) for _, image in loaded]
     grids = [adapter.token_grid(image) for image in fed]
-    rngs = [_world_rng(args.seed, w) for w in worlds]
     kinds = ["real"]
     images = list(fed)
     if not args.no_baseline:
         kinds.append("shuffled")
-        images += [M.shuffle_patches(image, grid, seed=int(rng.integers(2**31)))
-                   for image, grid, rng in zip(fed, grids, rngs)]
+        images += [M.shuffle_patches(image, grid, seed=int(world_rng(args.seed, world, "shuffle").integers(2**31)))
+                   for image, grid, world in zip(fed, grids, worlds)]
     texts = [w.caption.text for w in worlds] * len(kinds)
     batch = adapter.encode(texts, images)
     word_rows = [_word_rows(layout, w) for layout, w in zip(batch.layouts, worlds * len(kinds))]
@@ -175,10 +183,11 @@ def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int
 
     outputs = []
     n = len(worlds)
-    for i, (world, grid, rng) in enumerate(zip(worlds, grids, rngs)):
+    for i, (world, grid) in enumerate(zip(worlds, grids)):
         regions = _regions(world, grid)
         seeds = {"subject": M.entity_seed(regions["subject"]), "object": M.entity_seed(regions["object"]),
-                 "background": M.background_seed(regions["background"], rng)}
+                 "background": M.background_seed(regions["background"],
+                                                 world_rng(args.seed, world, "background_seed"))}
         record = _record_head(world, grid, regions)
         maps = {}
         for k, kind in enumerate(kinds):
@@ -299,7 +308,7 @@ def _finish(out, args, adapter, data, layers, worlds, skipped, failed, started) 
               "skipped_reading": dict(skipped), "skipped_images": dict(failed)}
     write_summary(out, summary, {"counts": counts})
     plot_summary(summary, out / "figures")
-    write_json(out / "run.json", run_record(args, adapter, status="finished", data=str(data), layers_0based=layers,
+    finish_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers,
                                             feed_size=adapter.feed_size, counts=counts,
                                             wall_seconds=round(time.time() - started, 1)))
     log.info("done: %d worlds in %s (summary.json, summary.csv, figures/)", summary["n_worlds"], out)

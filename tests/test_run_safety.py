@@ -1,0 +1,258 @@
+"""What a researcher's run survives: bad options refused before a model loads, Ctrl-C and a
+failing disk ending in one line with run.json saying how the run ended, an unreachable hub
+failing in seconds, and independent random streams (experiments 1 and 2, tiny-random)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import models
+import models.base
+from spatial_attention import text_analysis, vlm_analysis
+from spatial_attention.errors import OptionError
+from spatial_attention.generate import generate_shapeworld
+from spatial_attention.runio import write_json
+
+FAST = ["--model-path", "tiny-random", "--feed-size", "224", "--plot-samples", "0"]
+DRIVERS = {"experiment 1": vlm_analysis.main,  # experiment 2 has no image options
+           "experiment 2": lambda family, argv: text_analysis.main(family, argv[:2] + argv[len(FAST):])}
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sw")
+    generate_shapeworld(root, shards=1, worlds_per_shard=4, seed=3)
+    return root
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to load a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(models, "load_adapter", refuse)
+
+
+def _one_line_exit(capsys, run, code: int = 2) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == code
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.replace("\r", "\n").splitlines()  # progress bars redraw with \r
+             if line.startswith(("error:", "interrupted:"))]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- options before the model
+
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+@pytest.mark.parametrize("bad, names", [
+    (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--seed", "-1"], "--seed"),
+    (["--batch-size", "0"], "--batch-size"), (["--device", "cuda"], "--device"), (["--device", "tpu"], "--device"),
+    (["--layers", "every"], "--layers"), (["--layers", "0"], "--layers")])
+def test_bad_options_fail_before_the_model_loads(driver, bad, names, worlds, tmp_path, capsys, no_model_load):
+    if bad[:2] == ["--device", "cuda"] and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    err = _one_line_exit(capsys, lambda: DRIVERS[driver]("llava", [*FAST, "--data", str(worlds),
+                                                                   "--out", str(tmp_path / "o"), *bad]))
+    assert err.startswith(f"error: {names}")
+
+
+@pytest.mark.parametrize("feed", ["13", "0", "500"])
+def test_qwen2_feed_size_that_the_processor_would_change_is_refused(feed, worlds, tmp_path, capsys, no_model_load):
+    err = _one_line_exit(capsys, lambda: vlm_analysis.main("qwen2", [
+        "--model-path", "tiny-random", "--data", str(worlds), "--out", str(tmp_path / "o"), "--feed-size", feed]))
+    assert err.startswith(f"error: --feed-size {feed}") and "multiple of 28" in err
+
+
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+def test_unwritable_out_fails_before_the_model_loads(driver, worlds, tmp_path, capsys, no_model_load):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, why in ((a_file, "is a file"), (a_file / "below", "cannot write"),
+                     (Path("/proc/self/no_results_here"), "cannot write")):
+        err = _one_line_exit(capsys, lambda: DRIVERS[driver]("llava", [*FAST, "--data", str(worlds),
+                                                                       "--out", str(out)]))
+        assert err.startswith(f"error: --out {out}") and why in err
+
+
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+def test_unusable_data_fails_before_the_model_loads(driver, tmp_path, capsys, no_model_load):
+    empty = tmp_path / "empty"
+    (empty / "shard0").mkdir(parents=True)
+    err = _one_line_exit(capsys, lambda: DRIVERS[driver]("llava", [*FAST, "--data", str(empty),
+                                                                   "--out", str(tmp_path / "o")]))
+    assert err.startswith("error:") and str(empty) in err
+
+
+# --------------------------------------------------------------------------- how a run ends
+
+def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real = vlm_analysis.analyse_worlds
+    calls = []
+
+    def interrupted_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm_analysis, "analyse_worlds", interrupted_on_second_batch)
+    argv = [*FAST, "--data", str(worlds), "--out", str(out), "--batch-size", "1"]
+    err = _one_line_exit(capsys, lambda: vlm_analysis.main("llava", argv), code=130)
+    assert err.startswith("interrupted:") and str(out) in err and "rerun" in err
+    assert len(_records(out / "samples.jsonl")) == 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "interrupted"
+
+    monkeypatch.setattr(vlm_analysis, "analyse_worlds", real)
+    vlm_analysis.main("llava", argv)
+    assert len(_records(out / "samples.jsonl")) == 4
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_disk_turning_read_only_mid_run_is_one_line(worlds, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real = vlm_analysis.append_jsonl
+    appended = []
+
+    def append_then_fail(path, record):
+        if appended:
+            raise OSError(30, "Read-only file system", str(path))
+        appended.append(record)
+        real(path, record)
+
+    monkeypatch.setattr(vlm_analysis, "append_jsonl", append_then_fail)
+    err = _one_line_exit(capsys, lambda: vlm_analysis.main("llava", [*FAST, "--data", str(worlds), "--out", str(out),
+                                                                    "--no-baseline"]), code=1)
+    assert "Read-only file system" in err and "samples.jsonl" in err and "rerun" in err
+    assert len(_records(out / "samples.jsonl")) == 1
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_malformed_middle_line_names_the_line(worlds, tmp_path, capsys, no_model_load):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "samples.jsonl").write_text('{"shard": 0, "index": 0}\nnot json\n{"shard": 0, "index": 1}\n')
+    err = _one_line_exit(capsys, lambda: vlm_analysis.main("llava", [*FAST, "--data", str(worlds),
+                                                                    "--out", str(out)]))
+    assert "samples.jsonl, line 2" in err and "delete that line" in err
+
+
+def test_outputs_follow_the_umask_and_run_json_command_pastes_back(worlds, tmp_path, monkeypatch):
+    out = tmp_path / "out with space"
+    argv = [*FAST, "--data", str(worlds), "--out", str(out), "--limit", "1", "--no-baseline"]
+    monkeypatch.setattr(sys, "argv", ["vlm_atten_analysis_llava.py", *argv])
+    old = os.umask(0o022)
+    try:
+        vlm_analysis.main("llava", argv)
+    finally:
+        os.umask(old)
+    for name in ("summary.json", "summary.csv", "run.json", "samples.jsonl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    command = json.loads((out / "run.json").read_text())["command"]
+    assert shlex.split(command) == ["vlm_atten_analysis_llava.py", *argv]
+
+
+def test_write_json_mode_follows_a_strict_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        write_json(tmp_path / "a.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_experiment_2_says_on_the_console_when_it_skips_worlds(tmp_path, caplog):
+    data = tmp_path / "sw"
+    generate_shapeworld(data, shards=1, worlds_per_shard=3, seed=2)
+    captions = (data / "shard0" / "caption.txt").read_text().splitlines()
+    captions[1] = "an unparsable caption " * 10000  # 220 KB
+    (data / "shard0" / "caption.txt").write_text("\n".join(captions) + "\n")
+    text_analysis.main("llava", ["--model-path", "tiny-random", "--data", str(data), "--out", str(tmp_path / "o")])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("skipping" in w for w in warnings)
+    assert max(len(w) for w in warnings) < 2000
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["counts"]["pairs_skipped"] == 1
+    assert all(len(key) < 100 for key in summary["counts"]["skipped_reasons"])
+
+
+# --------------------------------------------------------------------------- the hub
+
+@pytest.fixture
+def no_from_pretrained(monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("from_pretrained was called (it retries an unreachable hub for minutes)")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", refuse)
+
+
+def test_unresolvable_hub_fails_in_seconds(monkeypatch, no_from_pretrained):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_dns)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    started = time.time()
+    with pytest.raises(OptionError) as err:
+        models.load_adapter("llava", "nobody/not-a-cached-model", device="cpu")
+    assert time.time() - started < 10
+    message = str(err.value)
+    assert "\n" not in message and "cannot be resolved" in message and "tiny-random" in message
+
+
+def test_offline_mode_fails_in_seconds(monkeypatch, no_from_pretrained):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    with pytest.raises(OptionError, match="HF_HUB_OFFLINE"):
+        models.load_adapter("qwen2", "nobody/not-a-cached-model", device="cpu")
+
+
+def test_a_hub_that_answers_or_is_slow_keeps_its_retries(monkeypatch):
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+    class Connection:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Connection())
+    assert models.base.hub_unreachable() is None
+
+    def slow(*args, **kwargs):
+        time.sleep(2)
+        return Connection()
+
+    monkeypatch.setattr(socket, "create_connection", slow)
+    monkeypatch.setattr(models.base, "HUB_PROBE_SECONDS", 0.2)
+    assert models.base.hub_unreachable() is None
+
+
+# --------------------------------------------------------------------------- random streams
+
+def test_background_seeds_do_not_depend_on_the_baseline_switch(worlds, tmp_path):
+    with_baseline, without = tmp_path / "with", tmp_path / "without"
+    vlm_analysis.main("qwen2", [*FAST, "--data", str(worlds), "--out", str(with_baseline)])
+    vlm_analysis.main("qwen2", [*FAST, "--data", str(worlds), "--out", str(without), "--no-baseline"])
+    for a, b in zip(_records(with_baseline / "samples.jsonl"), _records(without / "samples.jsonl")):
+        assert a["metrics"]["real"] == b["metrics"]["real"]
