@@ -5,10 +5,17 @@ Ablating a head replaces its slice of its layer's per-head attention output,
 at every position, before the output projection (o_proj):
 
 - ``zero``: with zeros;
-- ``mean``: with that head's mean output vector, one vector per (layer, head):
-  the mean over every real (non-padding) position of every image of the run
-  (full and control of each pair) in the unablated model, computed in a first
-  pass over the data.
+- ``mean``: at each position, with that head's mean output at that position
+  over every image of the run (full and control of each pair) in the unablated
+  model, computed in a first pass over the data. Every input has the same
+  prompt and image size, hence the same length, so position t is the same
+  token (or image patch) in each; inputs of different lengths are refused. At
+  the answer position the head thus says what it says there on average,
+  whatever the image: its image-specific contribution is removed while its
+  output stays in distribution. (A mean over all positions, one vector per
+  head, would put an image-token-like vector at the answer position, since
+  nearly all positions are image tokens: an off-distribution input rather
+  than information removed.)
 
 It goes through the capture engine's attention function (``HeadAblation`` is an
 ``AttentionHook`` whose ``edit_output`` replaces the chosen slices), so the model
@@ -48,15 +55,17 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from spatial_attention.capture import AttentionHook, active, last_position_logits
-from spatial_attention.cli import HelpFormatter, add_model_args, default_batch_size, user_errors_exit
+from spatial_attention.capture import AttentionHook, active, last_position_logits, plain_logits
+from spatial_attention.cli import (HelpFormatter, add_model_args, check_model_options, default_batch_size,
+                                   user_errors_exit)
 from spatial_attention.corner_analysis import CornerRun, load_corner_run
 from spatial_attention.corner_stats import DEFAULT_PROMPT, corner_of
 from spatial_attention.counterfactual import CORNER_WORDS, Pair, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import save_figure
 from spatial_attention.heads import top_cells
-from spatial_attention.runio import run_record, setup_logging, write_atomic, write_json
+from spatial_attention.runio import (check_output_dir, finish_run, run_record, setup_logging, start_run, write_atomic,
+                                     write_json)
 from spatial_attention.shapeworld import load_rgb
 from spatial_attention.stats import bootstrap_ci
 
@@ -162,17 +171,18 @@ def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) 
 # --- the hooks --------------------------------------------------------------------
 
 class HeadAblation(AttentionHook):
-    """Replace chosen heads' outputs (before o_proj) with zeros, or with ``means[layer][head]``."""
+    """Replace chosen heads' outputs (before o_proj) at every position with zeros, or with the per-position
+    means ``means[layer][:, head]`` (see ``HeadMeans``)."""
 
     explicit_mask = False  # outputs only: keep sdpa's mask, as the plain model
 
     def __init__(self, adapter, heads: list[Head], means: dict[int, torch.Tensor] | None = None):
         modules = adapter.lm_attention_modules()
-        self.edits = {}  # module id -> (head indices, replacement vectors (k, head_dim) or None)
+        self.edits = {}  # module id -> (head indices, replacement vectors (T, k, head_dim) or None)
         for layer in sorted({layer for layer, _ in heads}):
             device = next(modules[layer].parameters()).device  # its own GPU under --device-map
             index = torch.tensor([h for l, h in heads if l == layer], device=device)
-            self.edits[id(modules[layer])] = (index, None if means is None else means[layer][index])
+            self.edits[id(modules[layer])] = (index, None if means is None else means[layer][:, index])
 
     def edit_output(self, module, output):
         if id(module) not in self.edits:
@@ -180,11 +190,15 @@ class HeadAblation(AttentionHook):
         index, fill = self.edits[id(module)]
         if fill is None:
             return output.index_fill(2, index, 0.0)
-        return output.index_copy(2, index, fill.to(output.dtype).expand(*output.shape[:2], *fill.shape))
+        return output.index_copy(2, index, fill.to(output.dtype).expand(output.shape[0], *fill.shape))
 
 
 class HeadMeans(AttentionHook):
-    """Edits nothing; sums every head's output over the real positions of the given layers."""
+    """Edits nothing; sums every head's output of the given layers over the inputs, position by position.
+
+    The inputs must all have the same length (checked per batch), so that a position means the same token in
+    each and no batch is padded.
+    """
 
     explicit_mask = False
 
@@ -192,26 +206,31 @@ class HeadMeans(AttentionHook):
         self.adapter = adapter
         self.layer_of = {id(m): i for i, m in enumerate(adapter.lm_attention_modules()) if i in layers}
         self.sums: dict[int, torch.Tensor] = {}
-        self.positions = 0
-        self.weights = None
+        self.inputs = 0
+        self.length = None
 
     def record(self, batch) -> torch.Tensor:
         """Last-position logits of the unedited forward of ``batch``; its head outputs join the sums."""
-        mask = batch.inputs["attention_mask"]
-        self.weights = mask.float()[:, :, None, None]
-        self.positions += int(mask.sum())
+        lengths = {layout.length for layout in batch.layouts}
+        if self.length is not None:
+            lengths.add(self.length)
+        if len(lengths) > 1:
+            raise DataError(f"--mode mean: inputs of {min(lengths)} and {max(lengths)} tokens; a per-position mean "
+                            "needs every input to have the same length (one prompt, one image size); use --mode zero")
+        self.length = lengths.pop()
+        self.inputs += len(batch)
         return hooked_logits(self.adapter, batch, self)
 
     def edit_output(self, module, output):
         layer = self.layer_of.get(id(module))
         if layer is not None:
-            total = (output.float() * self.weights.to(output.device)).sum((0, 1))  # (heads, head_dim)
+            total = output.float().sum(0)  # (T, heads, head_dim)
             self.sums[layer] = total if layer not in self.sums else self.sums[layer] + total
         return output
 
     def means(self) -> dict[int, torch.Tensor]:
-        """layer -> (heads, head_dim) mean output vectors, fp32."""
-        return {layer: total / self.positions for layer, total in self.sums.items()}
+        """layer -> (T, heads, head_dim) mean output vectors per position, fp32."""
+        return {layer: total / self.inputs for layer, total in self.sums.items()}
 
 
 @torch.inference_mode()
@@ -248,7 +267,7 @@ def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]]
     """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each head set ablated.
     ``batch_size`` counts images (``--batch-size`` pairs bring two each).
 
-    First pass: the unablated model (and, in mean mode, the heads' mean outputs);
+    First pass: the unablated model (and, in mean mode, the heads' per-position mean outputs);
     second pass: one forward per (head set, batch of images).
     """
     yes, no = answer_ids
@@ -260,13 +279,14 @@ def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]]
         pictures = [load_rgb(pair.full_image if kind == 0 else pair.control_image) for pair, kind in chunk]
         return adapter.encode([prompt] * len(chunk), pictures), slice(start, start + len(chunk))
 
-    layers = sorted({layer for heads in head_sets for layer, _ in heads}) if mode == "mean" else []
-    first = HeadMeans(adapter, layers)
+    layers = sorted({layer for heads in head_sets for layer, _ in heads})
+    recorder = HeadMeans(adapter, layers) if mode == "mean" else None
     base = np.zeros(len(images))
     for start in tqdm(starts, desc="unablated", unit="batch"):
         batch, rows = encode(start)
-        base[rows] = log_odds(first.record(batch), yes, no)
-    means = first.means() if mode == "mean" else None
+        logits = plain_logits(adapter, batch) if recorder is None else recorder.record(batch)
+        base[rows] = log_odds(logits, yes, no)
+    means = None if recorder is None else recorder.means()
     hooks = [HeadAblation(adapter, heads, means) for heads in head_sets]
     ablated = np.zeros((len(hooks), len(images)))
     for start in tqdm(starts, desc=f"ablation ({len(hooks)} head sets)", unit="batch"):
@@ -361,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "stats dir's prompt)")
     parser.add_argument("--heads", default="unique", help=HEADS_HELP)
     parser.add_argument("--mode", choices=["zero", "mean"], default="zero",
-                        help="replace an ablated head's output with zeros or with its mean over the data set")
+                        help="replace an ablated head's output with zeros, or at each position with its mean "
+                             "output at that position over the data set's images")
     parser.add_argument("--random-controls", type=int, default=20,
                         help="random head sets from the same layers, the null distribution of the effect")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
@@ -376,19 +397,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    if args.layers:
-        raise OptionError("--layers does not apply here: --heads names the layers")
-    for name in ("random_controls", "max_pairs", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    check_options(args)
+    # Everything that can be judged without the model is, before it loads: a mistake costs seconds.
     run = load_corner_run(args.stats_dir)
+    check_stats_model(run, args)
     chosen = parse_heads(args.heads, run, args.analysis_dir or args.stats_dir.parent / "count_shared_unique")
     pairs = read_pairs(args.dataset, limit=args.max_pairs)
     corner = corner_of(pairs, args.dataset)
     if corner != run.corner:
         log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, run.corner)
-    prompt = (args.prompt or run.meta.get("prompt") or DEFAULT_PROMPT).format(corner=CORNER_WORDS[corner])
+    check_images(pairs)
+    prompt = corner_prompt(args, run, corner)
+    out = check_output_dir(args.out_dir or Path(f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}"),
+                           "--out-dir")
     from models import load_adapter
 
     adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
@@ -402,19 +423,82 @@ def main(argv=None) -> None:
     log.info("%s: ablating %s (%s, mode %s) on %d pairs, %d random controls", corner,
              " ".join(map(head_name, chosen)), args.heads, args.mode, len(pairs), args.random_controls)
 
+    record = run_record(args, adapter, dataset=str(args.dataset))
+    start_run(out / "run.json", record)
     answer_ids = yes_no_ids(adapter.tokenizer)
     base, ablated = measure(adapter, pairs, prompt, head_sets, args.mode, 2 * default_batch_size(args, adapter.device),
                             answer_ids)
-    out = args.out_dir or Path(f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}")
     metrics = write_outputs(out, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids)
+    finish_run(out / "run.json", record)
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "
              "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
 
 
+def check_options(args) -> None:
+    """OptionError for settings that cannot work, found before anything is read."""
+    from models import ADAPTERS
+
+    if args.layers:
+        raise OptionError("--layers does not apply here: --heads names the layers")
+    check_model_options(args)
+    for name in ("random_controls", "max_pairs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if args.feed_size is not None:
+        ADAPTERS[args.model].check_feed_size(args.feed_size)
+
+
+def check_stats_model(run: CornerRun, args) -> None:
+    """OptionError when the stats dir was scored by another model than --model / --model-path: its heads were
+    found in that model, so ablating them in this one would test nothing.
+
+    Checkpoints count as the same only when the paths are the same text or name the same local folder: a hub
+    id and a local folder may or may not hold the same weights, and a silent mismatch costs a whole run.
+    """
+    from models import ADAPTERS
+
+    meta_path = run.folder / "meta.json"
+    family, path = run.meta.get("model"), run.meta.get("model_path")
+    if family is None:
+        log.warning("%s does not say which model scored it; cannot check that it was --model %s",
+                    meta_path, args.model)
+        return
+    if family != args.model:
+        raise OptionError(f"--stats-dir {run.folder}: scored with --model {family}, not {args.model}; ablate "
+                          f"its heads in the model they were found in, or score {args.model} first")
+    wanted = args.model_path or ADAPTERS[args.model].default_model_path
+    if path is not None and not same_checkpoint(path, wanted):
+        raise OptionError(f"--stats-dir {run.folder}: scored with --model-path {path!r}, not {wanted!r}; ablate "
+                          f"in that checkpoint (--model-path {path}), or score this one first")
+
+
+def same_checkpoint(a: str, b: str) -> bool:
+    """The same text, or two spellings of one local folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+
+
+def check_images(pairs: list[Pair]) -> None:
+    """DataError naming the first image that cannot be read: found now, not hours into the run."""
+    for pair in pairs:
+        pair.load_images()
+
+
+def corner_prompt(args, run: CornerRun, corner: str) -> str:
+    """--prompt (else the stats dir's, else the default) with '{corner}' filled in."""
+    template = args.prompt or run.meta.get("prompt") or DEFAULT_PROMPT
+    try:
+        return template.format(corner=CORNER_WORDS[corner])
+    except (KeyError, IndexError, ValueError):
+        source = "--prompt" if args.prompt else f"{run.folder / 'meta.json'}: prompt"
+        raise OptionError(f"{source} {template!r}: '{{corner}}' is the only placeholder a prompt may hold; "
+                          "write other braces doubled ({{ }})") from None
+
+
 def write_outputs(out: Path, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids) -> dict:
-    """ablation.csv, summary.json, the figure and run.json; returns the per-metric summary."""
+    """ablation.csv, summary.json and the figure; returns the per-metric summary."""
     chosen = head_sets[0]
     metrics = summarize(base, ablated, args.seed)
     write_atomic(out / "ablation.csv", ablation_csv(pairs, head_sets, base, ablated))
@@ -430,10 +514,9 @@ def write_outputs(out: Path, args, adapter, pairs, corner, prompt, head_sets, ba
         "definitions": {"heads": "layer 1-based, head 0-based", "log_odds": "logsumexp(yes logits) - logsumexp(no)",
                         "gap": "log_odds_full - log_odds_control", "accuracy": "yes on full, no on control",
                         "effect": "mean over pairs of (ablated - unablated)", "ci": "95% percentile bootstrap",
-                        "mean_mode": "per (layer, head): mean output over every real position of every image, "
-                                     "unablated model"}})
+                        "mean_mode": "per (layer, head) and position: mean output at that position over every "
+                                     "image (full and control), unablated model"}})
     plot_effects(out / "figures" / "effect_vs_random.png", metrics,
                  f"{corner}: ablating {' '.join(map(head_name, chosen))} ({args.mode}) vs "
                  f"{len(head_sets) - 1} random sets from the same layers")
-    write_json(out / "run.json", run_record(args, adapter, dataset=str(args.dataset)))
     return metrics

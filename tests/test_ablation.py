@@ -13,7 +13,7 @@ import torch
 
 from conftest import random_images
 from spatial_attention import corner_stats
-from spatial_attention.ablation import (HeadAblation, HeadMeans, check_heads, hooked_logits, log_odds, main,
+from spatial_attention.ablation import (HeadAblation, HeadMeans, check_heads, hooked_logits, log_odds, main, measure,
                                         parse_heads, random_head_sets, summarize, yes_no_ids)
 from spatial_attention.capture import plain_logits
 from spatial_attention.corner_analysis import load_corner_run
@@ -29,6 +29,11 @@ LAYER = 1  # 0-based layer the hook tests edit
 def encode(adapter, seed=0):
     """Two images with captions of different lengths (so the batch is right-padded)."""
     return adapter.encode(CAPTIONS, random_images(len(CAPTIONS), seed=seed))
+
+
+def encode_alike(adapter, seed=0):
+    """Two images with one caption: inputs of one length, as in the experiment (mean mode needs it)."""
+    return adapter.encode(CAPTIONS[:1] * 2, random_images(2, seed=seed))
 
 
 def o_proj_input(adapter, forward, layer=LAYER):
@@ -51,7 +56,8 @@ def test_no_ablation_is_the_plain_model(adapter):
     assert batch.inputs["attention_mask"].min() == 0  # padded
     plain = plain_logits(adapter, batch)
     assert torch.equal(hooked_logits(adapter, batch, HeadAblation(adapter, [])), plain)
-    assert torch.equal(HeadMeans(adapter, [0, LAYER]).record(batch), plain)
+    alike = encode_alike(adapter)
+    assert torch.equal(HeadMeans(adapter, [0, LAYER]).record(alike), plain_logits(adapter, alike))
 
 
 def test_whole_layer_zero_equals_zeroing_o_proj_input(adapter):
@@ -67,13 +73,13 @@ def test_whole_layer_zero_equals_zeroing_o_proj_input(adapter):
 
 
 def test_one_head_changes_only_its_slice(adapter):
-    """Zero and mean mode: the other heads' slices unchanged, the ablated one zero / the mean vector."""
-    batch, head = encode(adapter), 2
+    """Zero and mean mode: the other heads' slices unchanged, the ablated one zero / the per-position means."""
+    batch, head = encode_alike(adapter), 2
     recorder = HeadMeans(adapter, [LAYER])
     plain, before = o_proj_input(adapter, lambda: recorder.record(batch))
     means = recorder.means()
     others = [h for h in range(adapter.num_heads) if h != head]
-    for fill in (None, means[LAYER][head]):
+    for fill in (None, means[LAYER][:, head]):
         hook = HeadAblation(adapter, [(LAYER, head)], None if fill is None else means)
         ablated, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
         want = torch.zeros_like(after[:, :, head]) if fill is None else fill.expand_as(after[:, :, head])
@@ -85,18 +91,63 @@ def test_one_head_changes_only_its_slice(adapter):
     assert torch.equal(untouched, before)  # a later layer's ablation leaves this layer alone
 
 
-def test_mean_is_the_data_set_mean_over_real_positions(adapter):
+def test_mean_is_the_per_position_data_set_mean(adapter):
+    """The mean at each position over every input of the data set; at the answer position that is the mean of
+    the answer position's outputs, not the all-position mean (mostly image tokens) the old mode used."""
     recorder = HeadMeans(adapter, [0, LAYER])
-    total, positions = 0.0, 0
+    outputs = []
     for seed in (0, 1):
-        batch = encode(adapter, seed=seed)
+        batch = encode_alike(adapter, seed=seed)
         _, x = o_proj_input(adapter, lambda: recorder.record(batch))
-        real = batch.inputs["attention_mask"].bool()
-        total = total + x[real].double().sum(0)
-        positions += int(real.sum())
+        outputs.append(x.double())
+    outputs = torch.cat(outputs)  # (4 inputs, T, heads, head_dim)
     means = recorder.means()
-    assert sorted(means) == [0, LAYER] and means[LAYER].shape == (adapter.num_heads, x.shape[-1])
-    torch.testing.assert_close(means[LAYER].double(), total / positions, rtol=1e-5, atol=1e-6)
+    assert sorted(means) == [0, LAYER] and means[LAYER].shape == outputs.shape[1:]
+    torch.testing.assert_close(means[LAYER].double(), outputs.mean(0), rtol=1e-5, atol=1e-6)
+
+    head, answer = 1, batch.layouts[0].last_position
+    hook = HeadAblation(adapter, [(LAYER, head)], means)
+    _, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
+    for b in range(len(batch)):
+        torch.testing.assert_close(after[b, answer, head].double(), outputs[:, answer, head].mean(0),
+                                   rtol=1e-5, atol=1e-6)
+    all_positions = outputs[:, :, head].mean((0, 1))
+    assert not torch.allclose(after[0, answer, head].double(), all_positions, rtol=1e-3, atol=1e-4)
+
+
+def test_mean_refuses_inputs_of_different_lengths(adapter):
+    with pytest.raises(DataError) as err:
+        HeadMeans(adapter, [LAYER]).record(encode(adapter))
+    assert "--mode mean: inputs of" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_measure_equals_hand_made_o_proj_edits(adapter, corner_data, mode):
+    """measure() against a plain forward per image whose o_proj input has the head's slice zeroed, or replaced
+    at every position by that position's mean over all the data set's images (full and control)."""
+    pairs, head, prompt = read_pairs(corner_data), 1, CAPTIONS[0]
+    answer_ids = yes_no_ids(adapter.tokenizer)
+    base, ablated = measure(adapter, pairs, prompt, [[(LAYER, head)]], mode, 3, answer_ids)  # 3: batches straddle pairs
+
+    images = [image for pair in pairs for image in pair.load_images()]  # full, control, full, ...
+    singles = [adapter.encode([prompt], [image]) for image in images]
+    plain, outputs = zip(*(o_proj_input(adapter, lambda: plain_logits(adapter, one)) for one in singles))
+    mean = torch.cat(outputs).double().mean(0)[:, head]  # (T, head_dim)
+
+    def edit(module, args):
+        x = args[0].clone()
+        view = x.view(*x.shape[:2], adapter.num_heads, -1)
+        view[:, :, head] = 0.0 if mode == "zero" else mean.to(x.dtype)
+        return (x,)
+
+    handle = adapter.lm_attention_modules()[LAYER].o_proj.register_forward_pre_hook(edit)
+    try:
+        by_hand = [plain_logits(adapter, one) for one in singles]
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(base.ravel(), [log_odds(p, *answer_ids)[0] for p in plain], atol=1e-4)
+    np.testing.assert_allclose(ablated[0].ravel(), [log_odds(p, *answer_ids)[0] for p in by_hand], atol=1e-4)
+    assert not np.allclose(ablated[0], base, atol=1e-4)
 
 
 # --- the answer -----------------------------------------------------------------------
@@ -119,8 +170,9 @@ def test_yes_no_tokens(adapter):
 
 # --- which heads ----------------------------------------------------------------------
 
-def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3) -> Path:
-    """A stats dir whose largest |mean(full - control)| cells are (layer 4, head 1) > (layer 2, head 3)."""
+def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, **meta) -> Path:
+    """A stats dir whose largest |mean(full - control)| cells are (layer 4, head 1) > (layer 2, head 3);
+    ``meta``: more meta.json entries (e.g. model, model_path)."""
     full = np.full((len(layers), heads, n), 0.5, np.float32)
     control = full.copy()
     full[1, 1] += 0.3
@@ -131,7 +183,8 @@ def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3) -> Path:
     np.save(folder / "scores_control_LHN.npy", control)
     np.save(folder / "count_LHN.npy", topk_count_cube(full, control, 1))
     (folder / "meta.json").write_text(json.dumps({"corner": "topright", "layers": list(layers), "H": heads, "N": n,
-                                                  "topk": 1, "prompt": "Is there anything in the top right corner?"}))
+                                                  "topk": 1, "prompt": "Is there anything in the top right corner?",
+                                                  **meta}))
     return folder
 
 
@@ -221,6 +274,75 @@ def test_bad_heads_fail_before_loading(tmp_path, corner_data, capsys):
     assert exit_info.value.code == 2 and "error: --heads 'top:x'" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: the checks under test must come first."""
+    import models
+
+    def load_adapter(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_adapter", load_adapter)
+
+
+def run_cli(argv, capsys) -> str:
+    """The one error line of a run that must stop with exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    return errors[0]
+
+
+def test_out_dir_that_is_a_file_fails_before_loading(tmp_path, corner_data, capsys, no_model_load):
+    stats = fake_stats(tmp_path / "stats")
+    out = tmp_path / "results.txt"
+    out.write_text("not a folder")
+    error = run_cli(["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats),
+                     "--dataset", str(corner_data), "--heads", "top:1", "--out-dir", str(out)], capsys)
+    assert f"--out-dir {out}: is a file" in error
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--random-controls", "0"], "--random-controls 0: must be at least 1"),
+    (["--layers", "all"], "--layers does not apply here"),
+    (["--prompt", "Is there a {shape} in the {corner}?"], "'{corner}' is the only placeholder"),
+])
+def test_bad_options_fail_before_loading(tmp_path, corner_data, capsys, no_model_load, option, message):
+    stats = fake_stats(tmp_path / "stats")
+    error = run_cli(["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
+                     str(corner_data), "--heads", "top:1", "--out-dir", str(tmp_path / "out"), *option], capsys)
+    assert message in error and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("meta, argv, message", [
+    ({"model": "qwen2", "model_path": "tiny-random"}, ["--model", "llava", "--model-path", "tiny-random"],
+     "scored with --model qwen2, not llava"),
+    ({"model": "qwen2", "model_path": "Qwen/Qwen2-VL-7B-Instruct"}, ["--model", "qwen2", "--model-path", "tiny-random"],
+     "scored with --model-path 'Qwen/Qwen2-VL-7B-Instruct', not 'tiny-random'"),
+    ({"model": "llava", "model_path": "tiny-random"}, ["--model", "llava"],  # the default: the paper's checkpoint
+     "scored with --model-path 'tiny-random', not 'llava-hf/llava-1.5-7b-hf'"),
+])
+def test_stats_dir_of_another_model_is_refused(tmp_path, corner_data, capsys, no_model_load, meta, argv, message):
+    stats = fake_stats(tmp_path / "stats", **meta)
+    error = run_cli([*argv, "--stats-dir", str(stats), "--dataset", str(corner_data), "--heads", "top:1",
+                     "--out-dir", str(tmp_path / "out")], capsys)
+    assert f"--stats-dir {stats}: {message}" in error
+
+
+def test_same_checkpoint_by_another_path_is_accepted(tmp_path, corner_data, monkeypatch, no_model_load):
+    """A local checkpoint folder named relatively in meta.json and absolutely on the command line passes the
+    check: the next step is the model load."""
+    (tmp_path / "checkpoint").mkdir()
+    monkeypatch.chdir(tmp_path)
+    stats = fake_stats(tmp_path / "stats", model="llava", model_path="checkpoint")
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["--model", "llava", "--model-path", str(tmp_path / "checkpoint"), "--stats-dir", str(stats),
+              "--dataset", str(corner_data), "--heads", "top:1", "--out-dir", str(tmp_path / "out")])
+
+
 @pytest.mark.parametrize("family, heads, mode", [("llava", "unique", "zero"), ("qwen2", "top:2", "mean")])
 def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models):
     stats = tmp_path / "head_diff_stats_topleft"
@@ -259,4 +381,5 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
     np.testing.assert_allclose(float(unablated["0", "full"]), alone[0], atol=1e-4)
 
     assert (out / "figures" / "effect_vs_random.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((out / "run.json").read_text())["settings"]["heads"] == heads
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["heads"] == heads and run["status"] == "finished"
