@@ -10,7 +10,8 @@ C_c[L, H, N] (1 = head among its layer's top-k by |score(full) - score(control)|
   unique head of c = the same on residual_c
 
 plus, per corner, a paired sign-flip test of full vs control per (layer, head)
-with Benjamini-Hochberg FDR, and position-only flags when a folder holds
+with Benjamini-Hochberg FDR (enough sign vectors that the p floor never limits
+it), and position-only flags when a folder holds
 scores_blank_LHM.npy. Heads are 0-based, layers 1-based.
 
 Example:
@@ -42,7 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--diff-brightness", choices=["raw", "abs"], default="raw",
                    help="rank residual cells by value (raw: over-used heads) or |value| (abs: also under-used)")
     p.add_argument("--alpha", type=float, default=0.05, help="Benjamini-Hochberg FDR level")
-    p.add_argument("--n-perm", type=int, default=2000, help="random sign flips per sign-flip test")
+    p.add_argument("--n-perm", type=int, default=None,
+                   help="random sign vectors per sign-flip test; None (automatic): ceil(20 m / alpha) for the "
+                        "m = L x H heads, so the p floor 1/(n_perm+1) stays 20x below Benjamini-Hochberg's smallest "
+                        "threshold alpha/m (313600 for 28 x 28 heads); exact over all 2^N sign vectors when 2^N is "
+                        "no more; a smaller value is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of the sign-flip test")
     p.add_argument("--blank-percentile", type=float, default=95.0,
                    help="position-only flag: blank-image corner score above this percentile of all heads'")

@@ -49,6 +49,32 @@ def bootstrap_ci(x: Iterable[float | None] | np.ndarray, n_boot: int = 2000, alp
     return float(lo), float(hi)
 
 
+def signflip_is_exact(n: int, n_perm: int) -> bool:
+    """Whether the sign-flip test of n pairs enumerates all 2**n sign vectors (2**n <= n_perm)."""
+    return n < 63 and 2 ** n <= n_perm
+
+
+def signflip_p_floor(n: int, n_perm: int) -> float:
+    """The smallest p-value the sign-flip test can return: 2 / 2**n when exact (the all-plus and
+    all-minus vectors always reach the observed statistic), else 1 / (n_perm + 1)."""
+    return 2.0 / 2 ** n if signflip_is_exact(n, n_perm) else 1.0 / (n_perm + 1)
+
+
+def signflip_method(n: int, n_perm: int) -> str:
+    """One line naming how the sign-flip p-values of n pairs are computed, with their floor."""
+    if signflip_is_exact(n, n_perm):
+        return f"sign-flip, exact over all 2^{n} = {2 ** n} sign vectors, p >= 2/2^{n}"
+    return f"sign-flip, Monte Carlo with n_perm = {n_perm} random sign vectors, p >= 1/(n_perm+1)"
+
+
+def signflip_min_permutations(n_tests: int, alpha: float) -> int:
+    """Random sign vectors that put the Monte Carlo floor 1/(n_perm + 1) 20x below alpha / m,
+    Benjamini-Hochberg's smallest threshold over m = n_tests tests: ceil(20 m / alpha).
+    With fewer, BH cannot reject unless many tests sit at the floor together."""
+    # rounded first: 20 * 27 / 0.009 is 60000.00000000001 in floating point
+    return max(1, math.ceil(round(20 * n_tests / alpha, 6)))
+
+
 def _signflip_p(diff: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
     """Two-sided sign-flip p-values of mean(diff[:, c]) = 0 for every column c of diff [N, C].
 
@@ -59,8 +85,8 @@ def _signflip_p(diff: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
     """
     n, cells = diff.shape
     observed = np.abs(diff.sum(axis=0))
-    tol = 1e-12 * np.abs(diff).sum(axis=0)
-    exact = n < 63 and 2 ** n <= n_perm
+    reach = observed - 1e-12 * np.abs(diff).sum(axis=0)  # a sign vector counts when its |sum| >= reach
+    exact = signflip_is_exact(n, n_perm)
     total = 2 ** n if exact else n_perm
     rng = np.random.default_rng(seed)
     rows = max(1, _CHUNK_ELEMENTS // max(n, cells))
@@ -72,7 +98,9 @@ def _signflip_p(diff: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
             signs = 1.0 - 2.0 * ((codes >> np.arange(n)) & 1)
         else:
             signs = 1.0 - 2.0 * rng.integers(0, 2, size=(size, n))
-        count += (np.abs(signs @ diff) >= observed - tol).sum(axis=0)
+        sums = signs @ diff
+        np.abs(sums, out=sums)  # in place: [rows, C] is the loop's largest array
+        count += np.count_nonzero(sums >= reach, axis=0)
     return count / total if exact else (count + 1) / (n_perm + 1)
 
 

@@ -1,6 +1,9 @@
 """Experiment 1's summary: per map and metric, REAL vs patch-shuffled SHUF with the
 paired difference, a bootstrap interval and a permutation p-value (metrics.md,
 "Baseline"), over all worlds and per relation; written as JSON, CSV and two figures.
+About 80 map x metric rows are tested per scope, so each row also gets a
+Benjamini-Hochberg q-value within its scope (all worlds; each relation), and the
+figures star by q.
 
 Only numbers are kept while reading the records, so a summary of a large
 ``samples.jsonl`` streams it once.
@@ -21,7 +24,7 @@ from matplotlib.figure import Figure
 
 from spatial_attention.figures import save_figure
 from spatial_attention.runio import write_atomic, write_json
-from spatial_attention.stats import bootstrap_ci, mean_std, paired_summary
+from spatial_attention.stats import benjamini_hochberg, bootstrap_ci, mean_std, paired_summary
 
 log = logging.getLogger("spatial_attention")
 
@@ -36,7 +39,8 @@ RELATIONS = ("left", "right", "above", "below")
 CSV_COLUMNS = ("map", "metric", "relation", "better", "n", "n_null", "n_paired", "n_null_shuffled",
                "real_mean", "real_std", "real_ci_lo", "real_ci_hi",
                "shuffled_mean", "shuffled_std", "shuffled_ci_lo", "shuffled_ci_hi",
-               "mean_diff", "ci_lo", "ci_hi", "p_value")
+               "mean_diff", "ci_lo", "ci_hi", "p_value", "q_value")
+SIGNIFICANCE = 0.05  # q below this gets a star in the figures
 
 
 @dataclass
@@ -91,9 +95,26 @@ def _row(map_name: str, metric: str, v: _Values, seed: int, n_boot: int, n_perm:
             **{k: paired[k] for k in ("mean_diff", "ci_lo", "ci_hi", "p_value")}}
 
 
+def add_q_values(rows: list[dict]) -> list[dict]:
+    """Set each row's ``q_value``: Benjamini-Hochberg over the rows' p-values, i.e. over one
+    scope's tests (None where the p-value is None; those rows do not count in m)."""
+    p = np.array([np.nan if r["p_value"] is None else r["p_value"] for r in rows], dtype=np.float64)
+    q, _ = benjamini_hochberg(p)
+    for row, value in zip(rows, q):
+        row["q_value"] = float(value) if np.isfinite(value) else None
+    return rows
+
+
+def significance_star(row: dict) -> str:
+    """"*" when the row's BH q-value is below SIGNIFICANCE (not its raw p-value), else ""."""
+    q = row.get("q_value")
+    return "*" if q is not None and q < SIGNIFICANCE else ""
+
+
 def summarise_samples(records: Iterable[dict], seed: int = 0, n_boot: int = 2000, n_perm: int = 10000) -> dict:
     """One pass over Experiment 1's records -> {"n_worlds", "n_worlds_shuffled", "n_worlds_by_relation",
-    "by_metric": [rows over all worlds], "by_relation": {relation: [rows]}} (rows: see ``_row``)."""
+    "by_metric": [rows over all worlds], "by_relation": {relation: [rows]}} (rows: see ``_row``, plus
+    ``q_value``: BH within the list the row is in)."""
     cells: dict[tuple[str, str, str], _Values] = {}
     n_worlds = n_shuffled = 0
     by_relation: dict[str, int] = {}
@@ -124,7 +145,7 @@ def summarise_samples(records: Iterable[dict], seed: int = 0, n_boot: int = 2000
                         merged.extend(cells[map_name, metric, rel])
                 if len(merged.real):
                     out.append(_row(map_name, metric, merged, seed, n_boot, n_perm))
-        return out
+        return add_q_values(out)
 
     summary = {"n_worlds": n_worlds, "n_worlds_shuffled": n_shuffled, "n_worlds_by_relation": by_relation,
                "by_metric": rows(relations), "by_relation": {rel: rows([rel]) for rel in relations}}
@@ -189,8 +210,8 @@ def _title(metric: str) -> str:
 
 def plot_summary(summary: dict, fig_dir: Path) -> None:
     """``real_vs_shuffled.png`` (a panel per metric: REAL and SHUF means with 95% bootstrap CIs per map,
-    * where the paired p < 0.05) and ``metric_by_relation.png`` (a panel per metric: the cross maps'
-    REAL means with 95% CIs per relation)."""
+    * where the row's q < 0.05, Benjamini-Hochberg within all worlds' rows) and ``metric_by_relation.png``
+    (a panel per metric: the cross maps' REAL means with 95% CIs per relation)."""
     fig_dir = Path(fig_dir)
     rows = summary["by_metric"]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
@@ -208,14 +229,15 @@ def plot_summary(summary: dict, fig_dir: Path) -> None:
         lo, hi = ax.get_ylim()
         ax.set_ylim(lo, hi + 0.12 * (hi - lo))  # headroom for the significance stars
         for i, r in enumerate(mrows):
-            if r["p_value"] is not None and r["p_value"] < 0.05:
+            if significance_star(r):
                 ax.annotate("*", (i, 0.99), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=13)
         ax.set_xticks(x, [r["map"].replace("_", " ") for r in mrows], rotation=40, ha="right", fontsize=8)
         ax.set_xlim(-0.6, len(mrows) - 0.4)
         ax.set_title(_title(metric), fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"Real vs patch-shuffled attention, {summary['n_worlds']} worlds "
-                 "(mean, 95% bootstrap CI; * paired permutation p < 0.05)", fontsize=12)
+    n_tests = sum(r["p_value"] is not None for r in rows)
+    fig.suptitle(f"Real vs patch-shuffled attention, {summary['n_worlds']} worlds (mean, 95% bootstrap CI; "
+                 f"* q < {SIGNIFICANCE:g}, Benjamini-Hochberg within the {n_tests} map x metric tests)", fontsize=12)
     _finish(fig, axes)
     save_figure(fig, fig_dir / "real_vs_shuffled.png")
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from spatial_attention.stats import (benjamini_hochberg, bootstrap_ci, json_safe, mean_std, paired_permutation_p,
-                                     paired_signflip_test, paired_summary)
+                                     paired_signflip_test, paired_summary, signflip_is_exact, signflip_method,
+                                     signflip_min_permutations, signflip_p_floor)
 
 
 def test_mean_std_ignores_missing():
@@ -109,11 +110,33 @@ def test_signflip_test_exact_and_noise():
 
 
 def test_signflip_test_head_grid_size():
-    # the head ranking's size: N = 100 pairs, 32 layers x 32 heads, 2000 sign vectors
+    # LLaVA-1.5-7B's head grid (32 x 32) and 100 pairs with 2000 random sign vectors: shape and floor
     rng = np.random.default_rng(0)
     full, control = rng.random((100, 32, 32)), rng.random((100, 32, 32))
     p = paired_signflip_test(full, control, n_perm=2000, seed=0)
     assert p.shape == (32, 32) and np.all((p >= 1 / 2001) & (p <= 1))
+
+
+def test_signflip_min_permutations_for_the_7b_head_grids():
+    # ceil(20 m / alpha): the floor 1/(n_perm + 1) lies 20x below BH's smallest threshold alpha / m
+    assert signflip_min_permutations(28 * 28, 0.05) == 313600   # Qwen2-VL-7B
+    assert signflip_min_permutations(32 * 32, 0.05) == 409600   # LLaVA-1.5-7B
+    assert signflip_min_permutations(784, 0.01) == 1568000
+    assert signflip_min_permutations(27, 0.009) == 60000        # not 60001 from float noise
+    for m in (12, 784, 1024):
+        n_perm = signflip_min_permutations(m, 0.05)
+        assert signflip_p_floor(100, n_perm) < 0.05 / (20 * m)
+
+
+def test_signflip_floor_and_method():
+    assert signflip_is_exact(10, 1024) and not signflip_is_exact(11, 1024) and not signflip_is_exact(100, 10**30)
+    assert signflip_p_floor(10, 1024) == 2 / 1024     # all-plus and all-minus always reach the observed sum
+    assert signflip_p_floor(11, 1024) == 1 / 1025
+    assert signflip_method(3, 2000) == "sign-flip, exact over all 2^3 = 8 sign vectors, p >= 2/2^3"
+    assert signflip_method(30, 2000) == ("sign-flip, Monte Carlo with n_perm = 2000 random sign vectors, "
+                                         "p >= 1/(n_perm+1)")
+    # the exact floor is reached: four equal positive differences
+    assert paired_permutation_p([1.0, 1.0, 1.0, 1.0], n_perm=16) == signflip_p_floor(4, 16)
 
 
 def test_json_safe():

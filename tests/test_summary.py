@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from spatial_attention.figures import mask_outline, plot_world_panel
-from spatial_attention.summary import plot_summary, summarise_samples, write_summary
+from spatial_attention.summary import (add_q_values, plot_summary, significance_star, summarise_samples,
+                                       write_summary)
 
 
 def _world(index, relation, com, iou, rel_w, shuffled=None):
@@ -75,12 +76,41 @@ def test_by_relation_grouping(summary):
     assert above["mean_diff"] == pytest.approx(-1.0)
 
 
+def test_q_values_within_each_scope(summary):
+    # exact sign-flip p-values (at most 3 pairs, n_perm 200 >= 2^3). All worlds: com's diffs
+    # [-2, -0.5, -1] reach |sum| 3.5 only with all signs equal -> 2/8; iou [0.4, 0] and
+    # relation_wasserstein [-2, 1]: every sign vector reaches the observed |sum| -> 1.
+    # BH over m = 3: sorted p * 3 / rank = 0.75, 1.5, 1 -> running min from the top, capped at 1
+    rows = summary["by_metric"]
+    assert [r["p_value"] for r in rows] == [0.25, 1.0, 1.0]
+    assert [r["q_value"] for r in rows] == [0.75, 1.0, 1.0]
+    # pooled over the 9 rows of all three scopes, com's q would be min(1, 0.25 * 9) = 1, not 0.75.
+    # "left" on its own: com [-2, -0.5] -> 2/4; iou [0.4] and relation_wasserstein [-2], one pair each -> 1;
+    # BH over m = 3: 0.5 * 3 / 1 = 1.5, then 1.5 and 1 -> all 1
+    left = summary["by_relation"]["left"]
+    assert [r["p_value"] for r in left] == [0.5, 1.0, 1.0]
+    assert [r["q_value"] for r in left] == [1.0, 1.0, 1.0]
+
+
+def test_add_q_values_planted_p():
+    # p sorted: .005 (rank 1), .01 (2), .03 (3), .04 (4); m = 4 (None is no test)
+    # p * m / rank = .02, .02, .04, .04; running min from the top leaves them
+    rows = add_q_values([{"p_value": p} for p in (0.01, 0.04, None, 0.03, 0.005)])
+    assert [r["q_value"] for r in rows] == pytest.approx([0.02, 0.04, None, 0.04, 0.02])
+
+
+def test_star_by_q_not_p():
+    assert significance_star({"p_value": 0.001, "q_value": 0.049}) == "*"
+    assert significance_star({"p_value": 0.01, "q_value": 0.2}) == ""   # p < 0.05, but not after BH
+    assert significance_star({"p_value": None, "q_value": None}) == ""
+
+
 def test_without_baseline_paired_fields_are_null():
     s = summarise_samples([_world(0, "left", 1.0, 0.5, 2.0), _world(1, "right", 2.0, 0.4, None)],
                           n_boot=50, n_perm=50)
     com = _row(s["by_metric"], "subject_cross", "com")
     assert com["real_mean"] == pytest.approx(1.5) and com["n_paired"] == 0
-    assert all(com[k] is None for k in ("shuffled_mean", "mean_diff", "ci_lo", "ci_hi", "p_value"))
+    assert all(com[k] is None for k in ("shuffled_mean", "mean_diff", "ci_lo", "ci_hi", "p_value", "q_value"))
 
 
 def test_written_files(summary, tmp_path):
@@ -91,9 +121,11 @@ def test_written_files(summary, tmp_path):
 
     data = json.loads((tmp_path / "summary.json").read_text(), parse_constant=no_nan)
     assert data["skipped"]["count"] == 1 and data["n_worlds"] == 4
+    assert [r["q_value"] for r in data["by_metric"]] == [0.75, 1.0, 1.0]
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0][:4] == ["map", "metric", "relation", "better"]
+    assert rows[0][:4] == ["map", "metric", "relation", "better"] and rows[0][-2:] == ["p_value", "q_value"]
+    assert [r[-1] for r in rows[1:4]] == ["0.75", "1.0", "1.0"]
     assert len(rows) == 1 + 3 * 3  # header + 3 map/metric rows for each of all, left, above
     assert {r[2] for r in rows[1:]} == {"all", "left", "above"}
     with pytest.raises(ValueError):
