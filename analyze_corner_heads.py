@@ -11,8 +11,10 @@ C_c[L, H, N] (1 = head among its layer's top-k by |score(full) - score(control)|
 
 plus, per corner, a paired sign-flip test of full vs control per (layer, head)
 with Benjamini-Hochberg FDR (enough sign vectors that the p floor never limits
-it), and position-only flags when a folder holds
-scores_blank_LHM.npy. Heads are 0-based, layers 1-based.
+it), and position-only flags: heads whose share of image attention on the
+corner's block, on a blank image of the background colour, is unusually high
+(scores_blank_LHM.npy over scores_blank_image_LHM.npy). Heads are 0-based,
+layers 1-based.
 
 Example:
   python analyze_corner_heads.py runs/topleft runs/topright runs/bottomleft runs/bottomright \\
@@ -25,7 +27,8 @@ from pathlib import Path
 
 from spatial_attention.cli import HelpFormatter, user_errors_exit
 from spatial_attention.corner_analysis import analyze, load_corner_runs
-from spatial_attention.runio import setup_logging
+from spatial_attention.errors import OptionError
+from spatial_attention.runio import check_output_dir, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "no more; a smaller value is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of the sign-flip test")
     p.add_argument("--blank-percentile", type=float, default=95.0,
-                   help="position-only flag: blank-image corner score above this percentile of all heads'")
+                   help="position-only flag: a head's blank-image corner share (corner-block mass / image "
+                        "mass) above this percentile of all heads' shares (and above the block's area share)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -59,7 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
+    if args.seed < 0:
+        raise OptionError(f"--seed {args.seed}: must be 0 or more (numpy's generators take no negative seeds)")
     runs = load_corner_runs(args.dirs)
+    check_output_dir(args.out_dir, "--out-dir")  # after the inputs: a refused run leaves no empty folder
     analyze(runs, args.out_dir, reduce_level=args.reduce_level, use_scale=args.use_scale,
             topk_pixels=args.topk_pixels, topk_diff_pixels=args.topk_diff_pixels,
             diff_brightness=args.diff_brightness, alpha=args.alpha, n_perm=args.n_perm, seed=args.seed,

@@ -4,7 +4,8 @@
 # Settings (environment variables, defaults in brackets):
 #   MODEL [qwen2]  qwen2 | llava          MODEL_PATH [the paper's checkpoint; tiny-random for a smoke run]
 #   COUNT [100]    pairs per corner        LAYERS [all]   all | 1,5,30 | mid_third | ...
-#   MAX_NEW_TOKENS [1]   TOPK [3]          PATCH_SIZE [empty: all image tokens]
+#   MAX_NEW_TOKENS [1]   TOPK [3]          PATCH_SIZE [empty: all image tokens; the blank control then
+#                                                     covers the corner quarter of the token grid]
 #   DATA_DIR [data]      OUT_DIR [results/corners/$MODEL]
 #   BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]   DEVICE [auto]   DTYPE [auto]
 #   ABLATE [0]  1: then ablate each corner's unique head and the shared head (head_ablation.py)
@@ -13,6 +14,8 @@
 #   PYTHON [the checkout's .venv/bin/python when it exists, else python3]
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
+# Rerunning resumes: each corner folder keeps its scored pairs in pairs_scores.jsonl, a complete corner is
+# not rescored, and a pair whose images cannot be used is skipped with a warning (counted in its meta.json).
 # Relative paths are taken from the current folder, as for the Python scripts.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -5,13 +5,15 @@ heatmaps, curves, text reports and ``summary.json`` (heads.py has the definition
 Inputs that must agree across the four folders: the layers list (hence L) and H.
 N may differ between corners: M_c is a mean over each corner's own pairs
 (use_scale "freq"), so every corner weighs the same in M_shared; with "count" a
-corner with more pairs weighs more (a warning says so). A different model,
-topk or patch_size between folders is allowed but logged as a warning.
+corner with more pairs weighs more (a warning says so). The folders must also
+agree in model and model_path (other heads), patch_size (another region scored)
+and topk (another scale of the count cubes): a difference is refused.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +31,35 @@ from spatial_attention.runio import write_atomic, write_json
 log = logging.getLogger("spatial_attention")
 
 REQUIRED_FILES = ("meta.json", "scores_full_LHN.npy", "scores_control_LHN.npy", "count_LHN.npy")
-BLANK_FILE = "scores_blank_LHM.npy"
+# meta.json keys that must agree across the corners: the heads of another model, the score of another
+# patch_size and the count cube of another topk cannot be averaged into one M_shared
+SAME_SETTING_KEYS = ("model", "model_path", "patch_size", "topk")
+BLANK_FILE = "scores_blank_LHM.npy"  # blank image, mass on the corner block
+BLANK_IMAGE_FILE = "scores_blank_image_LHM.npy"  # blank image, mass on all image tokens
+BLANK_WITHHELD = ("no scores_blank_image_LHM.npy or no blank_block in meta.json: an out-dir from before the blank "
+                  "image was scored on the corner block, whose blank score may cover every image token, so a flag "
+                  "would mark the heads that look at the image most, not those that favour the corner; rerun "
+                  "head_attention_stats.py into the folder to get the control")
+
+
+@dataclass
+class BlankControl:
+    """The position-only control of one out-dir: the blank image's attention mass [L, H, M] on the
+    corner block and on all image tokens, and the block's share of the image tokens."""
+    block: np.ndarray
+    image: np.ndarray
+    area_share: float
 
 
 @dataclass
 class CornerRun:
-    """One ``head_attention_stats.py`` out-dir: scores [L, H, N], count cube, optional blank scores [L, H, M]."""
+    """One ``head_attention_stats.py`` out-dir: scores [L, H, N], count cube, the blank control if it has one."""
     folder: Path
     meta: dict
     full: np.ndarray
     control: np.ndarray
     count: np.ndarray
-    blank: np.ndarray | None
+    blank: BlankControl | None
 
     @property
     def corner(self) -> str:
@@ -90,12 +109,7 @@ def load_corner_run(folder: Path) -> CornerRun:
     count = _load_array(folder / "count_LHN.npy", shape, "count cube")
     if not np.isin(count, (0, 1)).all():
         raise DataError(f"{folder / 'count_LHN.npy'}: a count cube holds only 0 and 1")
-    blank = None
-    if (folder / BLANK_FILE).is_file():
-        blank = _load_array(folder / BLANK_FILE, None, "blank-image scores")
-        if blank.ndim != 3 or blank.shape[:2] != shape[:2] or blank.shape[2] < 1:
-            raise DataError(f"{folder / BLANK_FILE}: shape {blank.shape}, expected [L, H, M] = "
-                            f"[{shape[0]}, {shape[1]}, M >= 1]")
+    blank = _load_blank(folder, meta, shape[:2])
     if "topk" in meta:
         recomputed = topk_count_cube(full, control, int(meta["topk"]))
         n_off = int((recomputed != count).any(axis=1).sum())
@@ -103,6 +117,28 @@ def load_corner_run(folder: Path) -> CornerRun:
             log.warning("%s: count_LHN.npy differs from the top-%s of |full - control| in %d (layer, pair) cells; "
                         "using the file as written", folder, meta["topk"], n_off)
     return CornerRun(folder, meta, full, control, count.astype(np.uint8), blank)
+
+
+def _load_blank(folder: Path, meta: dict, lh: tuple[int, int]) -> BlankControl | None:
+    """The blank control; None for an out-dir without both blank scores and meta.json's blank_block."""
+    block_meta = meta.get("blank_block")
+    if block_meta is None or not (folder / BLANK_FILE).is_file() or not (folder / BLANK_IMAGE_FILE).is_file():
+        return None
+    block = _load_array(folder / BLANK_FILE, None, "blank-image scores on the corner block")
+    image = _load_array(folder / BLANK_IMAGE_FILE, None, "blank-image scores on all image tokens")
+    if block.ndim != 3 or block.shape[:2] != lh or block.shape[2] < 1:
+        raise DataError(f"{folder / BLANK_FILE}: shape {block.shape}, expected [L, H, M] = [{lh[0]}, {lh[1]}, M >= 1]")
+    if image.shape != block.shape:
+        raise DataError(f"{folder / BLANK_IMAGE_FILE}: shape {image.shape}, but {BLANK_FILE} has {block.shape}")
+    try:
+        (gh, gw), rows, cols = block_meta["grid"], block_meta["rows"], block_meta["cols"]
+        area_share = rows * cols / (gh * gw)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        area_share = None
+    if area_share is None or not 0 < area_share <= 1:
+        raise DataError(f"{folder / 'meta.json'}: blank_block {block_meta!r} needs rows and cols of a block that "
+                        "fits the token grid [gh, gw]")
+    return BlankControl(block, image, area_share)
 
 
 def load_corner_runs(folders: list[Path]) -> dict[str, CornerRun]:
@@ -115,6 +151,7 @@ def load_corner_runs(folders: list[Path]) -> dict[str, CornerRun]:
                             "(meta.json); give one folder per corner")
         runs[run.corner] = run
     first = next(iter(runs.values()))
+    _check_same_setting(first, runs.values())
     for run in runs.values():
         if run.layers != first.layers or run.full.shape[1] != first.full.shape[1]:
             raise DataError(f"{run.folder}: layers {run.layers} and H = {run.full.shape[1]} do not match "
@@ -124,11 +161,22 @@ def load_corner_runs(folders: list[Path]) -> dict[str, CornerRun]:
     if missing:
         raise DataError(f"no folder for corner {', '.join(missing)}; give one out-dir each for "
                         f"{', '.join(CORNERS)}")
-    for key in ("model", "topk", "patch_size"):
-        values = {c: run.meta.get(key) for c, run in runs.items()}
-        if len({json.dumps(v) for v in values.values()}) > 1:
-            log.warning("the corner folders differ in %s: %s", key, values)
     return {c: runs[c] for c in CORNERS}
+
+
+def _setting(meta: dict) -> str:
+    """A run's SAME_SETTING_KEYS values, for an error message."""
+    return ", ".join(f"{key} {meta.get(key)!r}" for key in SAME_SETTING_KEYS)
+
+
+def _check_same_setting(first: CornerRun, runs) -> None:
+    """DataError naming both folders when a run differs from ``first`` in a SAME_SETTING_KEYS value."""
+    for run in runs:
+        differing = [key for key in SAME_SETTING_KEYS if run.meta.get(key) != first.meta.get(key)]
+        if differing:
+            raise DataError(f"{first.folder} ({_setting(first.meta)}) and {run.folder} ({_setting(run.meta)}) "
+                            f"differ in {', '.join(differing)}: the shared/unique analysis needs all four corners "
+                            "from one model with one patch_size and topk")
 
 
 def _heatmap(path: Path, matrix: np.ndarray, layers: list[int], title: str, cbar_label: str,
@@ -193,9 +241,39 @@ def _cells_json(cells: list[tuple[int, int, float]], layers: list[int]) -> list[
     return [{"layer": layers[li], "head": h, "value": v} for li, h, v in cells]
 
 
+def _rank_corner(corner: str, run: CornerRun, alpha: float, n_perm: int | None, seed: int,
+                 layers: list[int]) -> dict:
+    """rank_heads for one corner, with a warning when the exact test's floor (few pairs) limits BH."""
+    ranking = rank_heads(run.full, run.control, alpha=alpha, n_perm=n_perm, seed=seed, layers=layers)
+    m, floor = ranking["n_tested"], ranking["p_floor"]
+    if floor > alpha / m:
+        # BH rejects k heads at the floor only when floor <= k alpha / m
+        log.warning("%s: with N = %d pairs the smallest sign-flip p is %.3g; Benjamini-Hochberg over %d heads "
+                    "rejects only if at least %d heads reach it", corner, run.full.shape[2], floor, m,
+                    math.ceil(floor * m / alpha))
+    return ranking
+
+
+def _position_only(runs: dict[str, CornerRun], layers: list[int], percentile: float) -> dict[str, dict | None]:
+    """position_only_flags per corner; None, with one warning for them all, where a folder lacks the control."""
+    withheld = [c for c, run in runs.items() if run.blank is None]
+    if withheld:
+        log.warning("position-only flag withheld for %s: %s", ", ".join(withheld), BLANK_WITHHELD)
+    return {c: None if run.blank is None else
+            position_only_flags(run.blank.block, run.blank.image, run.blank.area_share, percentile=percentile,
+                                layers=layers)
+            for c, run in runs.items()}
+
+
+def _position_only_summary(flags: dict | None) -> dict:
+    if flags is None:
+        return {"withheld": BLANK_WITHHELD}
+    return {key: flags[key] for key in ("rule", "percentile", "threshold", "area_share", "share", "flagged")}
+
+
 def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max", use_scale: str = "freq",
             topk_pixels: int = 3, topk_diff_pixels: int = 3, diff_brightness: str = "raw", alpha: float = 0.05,
-            n_perm: int = 2000, seed: int = 0, blank_percentile: float = 95.0) -> dict:
+            n_perm: int | None = None, seed: int = 0, blank_percentile: float = 95.0) -> dict:
     """Compute shared/unique heads, the FDR ranking and position-only flags; write every output; return the summary."""
     for name, k in (("--topk-pixels", topk_pixels), ("--topk-diff-pixels", topk_diff_pixels)):
         if k < 0:
@@ -208,6 +286,9 @@ def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max"
                     "weigh more in M_shared (--use-scale freq does not)", n_pairs)
     layers = next(iter(runs.values())).layers
     result = shared_unique({c: run.count for c, run in runs.items()}, reduce_level, use_scale, layers)
+    # ranked before anything is written, so that a refused --n-perm or --alpha leaves no partial output
+    rankings = {c: _rank_corner(c, run, alpha, n_perm, seed, layers) for c, run in runs.items()}
+    blank_flags = _position_only(runs, layers, blank_percentile)  # likewise
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scale_label = "fraction of pairs in top-k" if use_scale == "freq" else "pairs in top-k"
@@ -232,12 +313,10 @@ def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max"
         write_atomic(out_dir / f"top_pixels_diff_{corner}.txt",
                      _cells_report(f"top {topk_diff_pixels} cells of residual_{corner} ranked by "
                                    f"{'|value|' if by_abs else 'value'} (use_scale={use_scale})", cells, layers))
-        ranking = rank_heads(run.full, run.control, alpha=alpha, n_perm=n_perm, seed=seed, layers=layers)
-        significant[corner] = ranking["significant"]
-        if run.blank is not None:
-            flags = position_only_flags(run.blank, run.full, percentile=blank_percentile, layers=layers)
-            position_only[corner] = {"rule": flags["rule"], "threshold": flags["threshold"],
-                                     "flagged": flags["flagged"]}
+        significant[corner] = rankings[corner]["significant"]
+        flags = blank_flags[corner]
+        position_only[corner] = _position_only_summary(flags)
+        if flags is not None:
             for entry in significant[corner]:
                 entry["position_only"] = bool(flags["flags"][layers.index(entry["layer"]), entry["head"]])
     _unique_curves(out_dir / "unique_head_curves.png", result, scale_label)
@@ -269,7 +348,13 @@ def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max"
         "top_pixels_diff": {c: _cells_json(cells, layers) for c, cells in diff_cells.items()},
         "fdr": {"test": "two-sided paired sign-flip test of full vs control per (layer, head), "
                         "Benjamini-Hochberg over all L x H heads per corner",
-                "alpha": alpha, "n_perm": n_perm, "seed": seed},
+                "alpha": alpha, "seed": seed,
+                "n_perm_rule": "unless --n-perm is given, n_perm = ceil(20 m / alpha) for the m heads tested, so "
+                               "the Monte Carlo p floor 1/(n_perm+1) lies 20x below BH's smallest threshold "
+                               "alpha/m; exact over all 2^N sign vectors when 2^N <= n_perm",
+                "p_method": {c: r["p_method"] for c, r in rankings.items()},
+                "n_perm": {c: r["n_perm"] for c, r in rankings.items()},
+                "p_floor": {c: r["p_floor"] for c, r in rankings.items()}},
         "significant_heads": significant,
         "position_only": position_only,
         "matrices": {"M_shared": result["M_shared"].tolist(),

@@ -6,8 +6,19 @@ it) and every (layer, head), the score is the attention mass from the answer
 position to the image tokens (or to the ``--patch-size`` block of the corner).
 With ``--max-new-tokens 1`` the answer position is the prompt's last position
 and one forward pass per image suffices; with more, the model generates greedily
-and the score is the mean over the generated steps. A blank image of the data
-set's background colour is scored too (the position-only control).
+and the score is the mean over the generated steps.
+
+The position-only control: a blank image of the data set's background colour is
+scored on the corner block (the ``--patch-size`` block, else the corner quarter
+of the token grid) and on all image tokens, so that the analysis can ask which
+heads favour the corner when there is nothing to see.
+
+Resume: each pair's scores go to ``OUT/pairs_scores.jsonl`` as its batch
+finishes; a rerun with the same out-dir scores only the pairs not there yet and
+refuses when the scoring settings (``OUT/pairs_settings.json``) differ. The
+.npy cubes, answers.csv and meta.json are rebuilt from that file at the end of
+each corner, in the data set's pair order. A pair whose images cannot be used
+is skipped with a warning and counted in meta.json.
 
 Several ``--dataset`` folders can be given: the model is loaded once and each
 folder's results go to ``OUT/head_diff_stats_{corner}``.
@@ -17,8 +28,12 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import logging
+from collections import Counter
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -26,14 +41,27 @@ from tqdm import tqdm
 
 from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
-from spatial_attention.cli import HelpFormatter, add_model_args, default_batch_size, user_errors_exit
+from spatial_attention.cli import (HelpFormatter, add_model_args, check_model_options, default_batch_size,
+                                   user_errors_exit)
 from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, Pair, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.heads import corner_patch_indices, topk_count_cube
-from spatial_attention.runio import package_versions, run_record, setup_logging, write_atomic, write_json
+from spatial_attention.runio import (append_jsonl, check_output_dir, finish_run, package_versions, read_jsonl,
+                                     run_record, setup_logging, start_run, write_atomic, write_json)
 
 log = logging.getLogger("spatial_attention")
 DEFAULT_PROMPT = "Is there anything in the {corner} corner?"
+PAIRS_FILE = "pairs_scores.jsonl"
+SETTINGS_FILE = "pairs_settings.json"
+OUTPUT_FILES = ("scores_full_LHN.npy", "scores_control_LHN.npy", "scores_blank_LHM.npy",
+                "scores_blank_image_LHM.npy", "count_LHN.npy", "count_LH.npy", "answers.csv", "count_bars.png",
+                "meta.json")
+OPTION_OF_SETTING = {"model": "--model", "model_path": "--model-path", "revision": "--revision",
+                     "layers": "--layers", "prompt": "--prompt", "patch_size": "--patch-size",
+                     "patch_corner": "--corner", "max_new_tokens": "--max-new-tokens", "feed_size": "--feed-size",
+                     "dtype": "--dtype"}
+
+Columns = Callable[[object], np.ndarray]  # a sample's token layout -> the key positions its score covers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Experiment 3: score every (layer, head) by the attention mass the answer position puts on the "
                     "image (or on a corner block) for the full and control image of each counterfactual pair, and "
                     "count which heads change most. Writes scores_full_LHN.npy, scores_control_LHN.npy, "
-                    "scores_blank_LHM.npy, count_LHN.npy, count_LH.npy, answers.csv, count_bars.png, meta.json "
-                    "and run.json into the out-dir.")
+                    "scores_blank_LHM.npy (blank image, corner block), scores_blank_image_LHM.npy (blank image, all "
+                    "image tokens), count_LHN.npy, count_LH.npy, answers.csv, count_bars.png, meta.json and "
+                    "run.json into the out-dir; pairs_scores.jsonl keeps every scored pair, so that rerunning "
+                    "the same command resumes.")
     parser.add_argument("--model", required=True, choices=["llava", "qwen2"], help="model family")
     add_model_args(parser, None)
     parser.add_argument("--dataset", nargs="+", required=True,  # str, not Path: run.json records the list
@@ -59,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corner", default=None, choices=CORNERS,
                         help="corner whose block --patch-size restricts the score to (default: the data set's)")
     parser.add_argument("--patch-size", type=int, default=None,
-                        help="score only the K x K block of image tokens in the corner (default: all image tokens)")
+                        help="score only the K x K block of image tokens in the corner (default: all image tokens; "
+                             "the blank control is then scored on the corner quarter of the token grid)")
     parser.add_argument("--feed-size", type=int, default=672, help="Qwen2-VL: square side the image is fed at")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="output folder (default: head_diff_stats_{corner}; with several data sets, the "
@@ -73,38 +104,55 @@ def main(argv=None) -> None:
     setup_logging(args.verbose)
     args.layers = args.layers or "all"
     check_options(args)
-    datasets = {}  # corner -> pairs; read before the (slow) model load so that a bad folder fails at once
-    for folder in args.dataset:
-        pairs = read_pairs(folder, limit=args.max_pairs)
-        corner = corner_of(pairs, folder)
-        if corner in datasets:
-            raise OptionError(f"--dataset: two folders hold corner {corner!r}; their results would overwrite "
-                              f"each other in head_diff_stats_{corner}")
-        datasets[corner] = pairs
+    datasets = read_datasets(args)
+    outs = output_folders(args, list(datasets))
     from models import load_adapter
 
     adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
                            device_map=args.device_map, revision=args.revision, seed=args.seed)
     adapter.set_feed_size(args.feed_size)
-    if not 1 <= args.topk <= adapter.num_heads:
+    if args.topk > adapter.num_heads:
         raise OptionError(f"--topk {args.topk}: must be between 1 and the model's {adapter.num_heads} heads per layer")
+    for corner, out in outs.items():  # every folder before the first is scored: a refusal costs no finished corner
+        check_resume(out, scoring_settings(adapter, args, corner))
     for corner, pairs in datasets.items():
-        if len(args.dataset) == 1:
-            out = args.out_dir or Path(f"head_diff_stats_{corner}")
-        else:
-            out = (args.out_dir or Path(".")) / f"head_diff_stats_{corner}"
-        score_dataset(adapter, args, pairs, corner, out)
+        score_dataset(adapter, args, pairs, corner, outs[corner])
 
 
 def check_options(args) -> None:
     """OptionError for settings that cannot work, found before anything is loaded."""
-    for name in ("max_new_tokens", "max_pairs", "patch_size", "batch_size"):
+    check_model_options(args)
+    for name in ("max_new_tokens", "max_pairs", "patch_size", "topk", "feed_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if args.corner and not args.patch_size:
         raise OptionError(f"--corner {args.corner} only applies with --patch-size (without it the score covers "
                           "every image token)")
+
+
+def read_datasets(args) -> dict[str, list[Pair]]:
+    """corner -> pairs of each --dataset folder, read before the (slow) model load: a bad folder fails at once."""
+    datasets = {}
+    for folder in args.dataset:
+        pairs = read_pairs(folder, limit=args.max_pairs)
+        corner = corner_of(pairs, folder)
+        if corner in datasets:
+            raise OptionError(f"--dataset: two folders hold corner {corner!r}; their results would overwrite "
+                              f"each other in head_diff_stats_{corner}")
+        ids = [pair.id for pair in pairs]
+        if len(set(ids)) < len(ids):
+            raise DataError(f"{folder}: pair ids repeat; each pair needs its own id (a rerun resumes by id)")
+        datasets[corner] = pairs
+    return datasets
+
+
+def output_folders(args, corners: list[str]) -> dict[str, Path]:
+    """corner -> its out-dir, each checked writable before the model loads."""
+    if len(args.dataset) == 1:
+        return {corners[0]: check_output_dir(args.out_dir or Path(f"head_diff_stats_{corners[0]}"), "--out-dir")}
+    parent = check_output_dir(args.out_dir or Path("."), "--out-dir")
+    return {corner: check_output_dir(parent / f"head_diff_stats_{corner}", "--out-dir") for corner in corners}
 
 
 def corner_of(pairs: list[Pair], folder) -> str:
@@ -115,68 +163,191 @@ def corner_of(pairs: list[Pair], folder) -> str:
     return corners[0]
 
 
+# --- resume ---------------------------------------------------------------------------
+
+def scoring_settings(adapter, args, corner: str) -> dict:
+    """What every pair of one out-dir must be scored with (as JSON holds it)."""
+    return {"model": adapter.family, "model_path": adapter.model_path, "revision": args.revision,
+            "dtype": str(adapter.dtype).replace("torch.", ""),  # bf16 and fp32 scores are not pooled
+            "layers": [layer + 1 for layer in M.layer_indices(args.layers, adapter.num_layers)],
+            "prompt": args.prompt.format(corner=CORNER_WORDS[corner]), "patch_size": args.patch_size,
+            "patch_corner": (args.corner or corner) if args.patch_size else None,
+            "max_new_tokens": args.max_new_tokens,
+            "feed_size": list(adapter.feed_size) if adapter.feed_size else None}
+
+
+def check_resume(out: Path, settings: dict) -> None:
+    """Refuse to add pairs to an out-dir scored with other settings: its cubes would mix two scorings."""
+    pairs_path = out / PAIRS_FILE
+    if not pairs_path.is_file() or pairs_path.stat().st_size == 0:
+        return
+    try:
+        recorded = json.loads((out / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{pairs_path}: scored pairs without a readable {SETTINGS_FILE} beside them, so there is no "
+                        f"telling how they were scored; delete {PAIRS_FILE} to start over, or choose another "
+                        "--out-dir") from None
+    for key, value in settings.items():
+        if recorded.get(key) != value:
+            raise OptionError(f"--out-dir {out}: its pairs were scored with {OPTION_OF_SETTING[key]} "
+                              f"{recorded.get(key)!r}, not {value!r}; rerun with the same setting to resume, or "
+                              "choose another --out-dir")
+
+
+def _outputs_current(out: Path, pair_ids: list, topk: int) -> bool:
+    """Whether the corner's outputs were built from exactly these pairs, with this --topk."""
+    if not all((out / name).is_file() for name in OUTPUT_FILES):
+        return False
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("pair_ids") == pair_ids and meta.get("topk") == topk
+
+
+# --- scoring --------------------------------------------------------------------------
+
 def score_dataset(adapter, args, pairs: list[Pair], corner: str, out: Path) -> None:
+    """Score the pairs not yet in OUT/pairs_scores.jsonl, then rebuild the corner's outputs from that file."""
+    out.mkdir(parents=True, exist_ok=True)
+    settings = scoring_settings(adapter, args, corner)
+    check_resume(out, settings)
+    pairs_path = out / PAIRS_FILE
+    done = {record["id"] for record in read_jsonl(pairs_path)}
+    todo = [pair for pair in pairs if pair.id not in done]
+    if not todo and _outputs_current(out, [pair.id for pair in pairs], args.topk):
+        log.info("%s: all %d pairs already scored in %s; nothing to redo", corner, len(pairs), out)
+        return
+    if args.max_pairs and len(pairs) < args.max_pairs:
+        log.warning("%s: the folder holds only %d pairs (--max-pairs %d)", corner, len(pairs), args.max_pairs)
+    if len(todo) < len(pairs):
+        log.info("%s: resuming; %d of %d pairs already in %s", corner, len(pairs) - len(todo), len(pairs), pairs_path)
+    else:
+        write_json(out / SETTINGS_FILE, settings)
+    record = run_record(args, adapter, dataset=str(pairs[0].full_image.parent.parent))
+    start_run(out / "run.json", record)
+    skipped = score_pairs(adapter, args, todo, corner, pairs_path)
+    by_id = {r["id"]: r for r in read_jsonl(pairs_path)}
+    records = [by_id[pair.id] for pair in pairs if pair.id in by_id]  # the data set's order, as an unbroken run has
+    if not records:
+        raise DataError(f"{corner}: none of the {len(pairs)} pairs could be scored (see the warnings above)")
+    meta = write_outputs(adapter, args, pairs, corner, out, records, skipped)
+    finish_run(out / "run.json", {**record, "pairs_scored": meta["N"], "pairs_skipped": meta["skipped"]["count"]})
+
+
+def score_pairs(adapter, args, pairs: list[Pair], corner: str, pairs_path: Path) -> list[dict]:
+    """Score ``pairs`` batch by batch, appending one record per pair to ``pairs_path`` as each batch
+    finishes; returns the pairs skipped because their images cannot be used, with why."""
     layers = M.layer_indices(args.layers, adapter.num_layers)
     prompt = args.prompt.format(corner=CORNER_WORDS[corner])
-    patch_corner = args.corner or corner
+    columns = partial(_scored_positions, corner=args.corner or corner, patch_size=args.patch_size)
     batch_size = default_batch_size(args, adapter.device)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(pairs)
-    if args.max_pairs and n < args.max_pairs:
-        log.warning("%s: the folder holds only %d pairs (--max-pairs %d)", corner, n, args.max_pairs)
-    full = np.zeros((len(layers), adapter.num_heads, n), np.float32)
-    control = np.zeros_like(full)
-    answers = []
-    for start in tqdm(range(0, n, batch_size), desc=f"{corner} pairs", unit="batch"):
-        chunk = pairs[start:start + batch_size]
-        images = [im for pair in chunk for im in pair.load_images()]  # full, control, full, control, ...
-        scores, said = score_images(adapter, images, prompt, layers, patch_corner, args)
-        for k, pair in enumerate(chunk):
-            full[:, :, start + k] = scores[2 * k]
-            control[:, :, start + k] = scores[2 * k + 1]
-            answers.append({"id": pair.id, "full_answer": said[2 * k], "control_answer": said[2 * k + 1]})
-    first_control = pairs[0].load_images()[1]
-    blank_image = Image.new("RGB", first_control.size, background_colour(first_control))
-    blank, _ = score_images(adapter, [blank_image], prompt, layers, patch_corner, args)
-    blank = np.stack(blank, axis=-1).astype(np.float32)  # [L, H, 1]
+    skipped = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc=f"{corner} pairs", unit="batch"):
+        loaded = []
+        for pair in pairs[start:start + batch_size]:
+            try:
+                loaded.append((pair, pair.load_images()))
+            except DataError as err:  # one bad pair must not cost the others
+                log.warning("%s: skipping %s", corner, err)  # the error names the pair and the file
+                skipped.append({"id": pair.id, "reason": "unusable_images", "detail": str(err)})
+        if not loaded:
+            continue
+        images = [image for _, full_control in loaded for image in full_control]  # full, control, full, ...
+        scores, said = score_images(adapter, images, prompt, layers, [columns] * len(images), args.max_new_tokens)
+        for k, (pair, _) in enumerate(loaded):
+            append_jsonl(pairs_path, {"id": pair.id, "full": scores[2 * k], "control": scores[2 * k + 1],
+                                      "full_answer": said[2 * k], "control_answer": said[2 * k + 1]})
+    return skipped
 
+
+def write_outputs(adapter, args, pairs: list[Pair], corner: str, out: Path, records: list[dict],
+                  skipped: list[dict]) -> dict:
+    """The cubes, the blank control, answers.csv, the count plot and meta.json from the pair records."""
+    layers = M.layer_indices(args.layers, adapter.num_layers)
+    prompt = args.prompt.format(corner=CORNER_WORDS[corner])
+    full = np.stack([np.asarray(r["full"], np.float32) for r in records], axis=-1)  # [L, H, N]
+    control = np.stack([np.asarray(r["control"], np.float32) for r in records], axis=-1)
+    blank_on_block, blank_on_image, block = score_blank(adapter, args, pairs, corner, prompt, layers)
     count = topk_count_cube(full, control, args.topk)
     np.save(out / "scores_full_LHN.npy", full)
     np.save(out / "scores_control_LHN.npy", control)
-    np.save(out / "scores_blank_LHM.npy", blank)
+    np.save(out / "scores_blank_LHM.npy", blank_on_block)
+    np.save(out / "scores_blank_image_LHM.npy", blank_on_image)
     np.save(out / "count_LHN.npy", count)
     np.save(out / "count_LH.npy", count.sum(-1).astype(np.int32))
+    answers = [{"id": r["id"], "full_answer": r["full_answer"], "control_answer": r["control_answer"]}
+               for r in records]
     write_atomic(out / "answers.csv", _answers_csv(answers))
     _plot_counts(out / "count_bars.png", count.sum(-1), [l + 1 for l in layers], corner, args.topk)
-    meta = {"model": args.model, "model_path": adapter.model_path, "feed_size": adapter.feed_size, "layers": [l + 1 for l in layers],
-            "L": len(layers), "H": adapter.num_heads, "N": n, "topk": args.topk, "prompt": prompt, "corner": corner,
-            "patch_corner": patch_corner if args.patch_size else None, "patch_size": args.patch_size,
-            "max_new_tokens": args.max_new_tokens, "pair_ids": [p.id for p in pairs],
+    meta = {"model": args.model, "model_path": adapter.model_path, "feed_size": adapter.feed_size,
+            "layers": [l + 1 for l in layers], "L": len(layers), "H": adapter.num_heads, "N": len(records),
+            "topk": args.topk, "prompt": prompt, "corner": corner,
+            "patch_corner": (args.corner or corner) if args.patch_size else None, "patch_size": args.patch_size,
+            "blank_block": block, "max_new_tokens": args.max_new_tokens, "pair_ids": [r["id"] for r in records],
+            "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
+                        "pairs": skipped},
             "answers_yes_full": _share_yes([a["full_answer"] for a in answers]),
             "answers_yes_control": _share_yes([a["control_answer"] for a in answers]),
             "versions": package_versions()}
     write_json(out / "meta.json", meta)
-    write_json(out / "run.json", run_record(args, adapter, dataset=str(pairs[0].full_image.parent.parent)))
-    log.info("%s: %d pairs scored into %s (full answered yes %.0f%%, control %.0f%%)", corner, n, out,
-             100 * meta["answers_yes_full"], 100 * meta["answers_yes_control"])
+    log.info("%s: %d pairs scored into %s, %d skipped (full answered yes %.0f%%, control %.0f%%)", corner,
+             len(records), out, len(skipped), 100 * meta["answers_yes_full"], 100 * meta["answers_yes_control"])
+    return meta
 
 
-def score_images(adapter, images: list[Image.Image], prompt: str, layers: list[int], corner: str,
-                 args) -> tuple[list[np.ndarray], list[str]]:
-    """Per image: the [L, H] attention mass of the answer position on the scored image tokens, and the answer."""
-    if args.max_new_tokens == 1:
+def score_blank(adapter, args, pairs: list[Pair], corner: str, prompt: str,
+                layers: list[int]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The position-only control: a blank image of the background colour scored on the corner block
+    and on all image tokens (the same image twice in one batch; with --max-new-tokens > 1, two generations).
+    Returns both [L, H, 1] scores and the block."""
+    image = make_blank_image(pairs)
+    grid = adapter.token_grid(adapter.prepare_image(image))
+    block_corner = args.corner or corner
+    rows, cols = blank_block_size(grid, args.patch_size)
+    cells = corner_patch_indices(grid, block_corner, (rows, cols))
+    columns = [lambda layout: layout.image_positions[cells], lambda layout: layout.image_positions]
+    scores, _ = score_images(adapter, [image, image], prompt, layers, columns, args.max_new_tokens)
+    block = {"corner": block_corner, "rows": rows, "cols": cols, "grid": list(grid)}
+    return scores[0][..., None].astype(np.float32), scores[1][..., None].astype(np.float32), block
+
+
+def blank_block_size(grid: tuple[int, int], patch_size: int | None) -> tuple[int, int]:
+    """(rows, cols) of the blank control's corner block: the --patch-size block, else the corner quarter
+    of the token grid (without a patch the pairs are scored on the whole image, but the control must
+    still be about the corner)."""
+    if patch_size:
+        return patch_size, patch_size
+    return grid[0] // 2, grid[1] // 2
+
+
+def make_blank_image(pairs: list[Pair]) -> Image.Image:
+    """An image of the data set's background colour, the size of its first usable control image."""
+    for pair in pairs:
+        try:
+            control = pair.load_images()[1]
+        except DataError:
+            continue
+        return Image.new("RGB", control.size, background_colour(control))
+    raise DataError(f"{pairs[0].full_image.parent.parent}: no pair's images can be read for the blank control")
+
+
+def score_images(adapter, images: list[Image.Image], prompt: str, layers: list[int], columns: list[Columns],
+                 max_new_tokens: int) -> tuple[list[np.ndarray], list[str]]:
+    """Per image: the [L, H] attention mass of the answer position on the key positions its
+    ``columns`` picks from its token layout, and the answer."""
+    if max_new_tokens == 1:
         batch = adapter.encode([prompt] * len(images), images)
-        request = CaptureRequest(layers=layers, last_mass=[_scored_positions(lay, corner, args.patch_size)
-                                                           for lay in batch.layouts])
+        request = CaptureRequest(layers=layers,
+                                 last_mass=[pick(layout) for pick, layout in zip(columns, batch.layouts)])
         recordings, logits = capture(adapter, batch, request)
         said = [adapter.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in logits.argmax(-1)]
         return [r["last_mass"] for r in recordings], said
     scores, said = [], []
-    for image in images:
+    for image, pick in zip(images, columns):
         batch = adapter.encode([prompt], [image])
-        request = CaptureRequest(layers=layers, last_mass=[_scored_positions(batch.layouts[0], corner,
-                                                                             args.patch_size)])
-        recording, answer = capture_generate(adapter, batch, request, args.max_new_tokens)
+        request = CaptureRequest(layers=layers, last_mass=[pick(batch.layouts[0])])
+        recording, answer = capture_generate(adapter, batch, request, max_new_tokens)
         scores.append(recording["last_mass"])
         said.append(answer)
     return scores, said

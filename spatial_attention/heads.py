@@ -23,7 +23,8 @@ import numpy as np
 
 from spatial_attention.counterfactual import CORNERS
 from spatial_attention.errors import OptionError
-from spatial_attention.stats import benjamini_hochberg, paired_signflip_test
+from spatial_attention.stats import (benjamini_hochberg, paired_signflip_test, signflip_is_exact,
+                                     signflip_method, signflip_min_permutations, signflip_p_floor)
 
 
 def _check_cube_pair(full: np.ndarray, control: np.ndarray) -> None:
@@ -53,18 +54,24 @@ def topk_count_cube(full: np.ndarray, control: np.ndarray, topk: int) -> np.ndar
     return cube
 
 
-def corner_patch_indices(grid: tuple[int, int], corner: str, patch_size: int) -> np.ndarray:
-    """Row-major indices (r * gw + c, ascending) of the patch_size x patch_size block
-    of image tokens in ``corner`` of a gh x gw token grid."""
+def corner_patch_indices(grid: tuple[int, int], corner: str, size: int | tuple[int, int]) -> np.ndarray:
+    """Row-major indices (r * gw + c, ascending) of the block of image tokens in
+    ``corner`` of a gh x gw token grid: size x size for an int (``--patch-size``),
+    rows x cols for a (rows, cols) pair (the blank control's default corner quarter)."""
     gh, gw = grid
     if corner not in CORNERS:
         raise OptionError(f"--corner {corner!r} is not one of {', '.join(CORNERS)}")
-    if not 1 <= patch_size <= min(gh, gw):
-        raise OptionError(f"--patch-size {patch_size}: must be between 1 and {min(gh, gw)} "
-                          f"(the smaller side of the {gh}x{gw} image-token grid)")
-    r0 = 0 if corner.startswith("top") else gh - patch_size
-    c0 = 0 if corner.endswith("left") else gw - patch_size
-    rows, cols = np.meshgrid(np.arange(r0, r0 + patch_size), np.arange(c0, c0 + patch_size), indexing="ij")
+    if isinstance(size, (int, np.integer)):
+        if not 1 <= size <= min(gh, gw):
+            raise OptionError(f"--patch-size {size}: must be between 1 and {min(gh, gw)} "
+                              f"(the smaller side of the {gh}x{gw} image-token grid)")
+        size = (size, size)
+    n_rows, n_cols = size
+    if not (1 <= n_rows <= gh and 1 <= n_cols <= gw):
+        raise ValueError(f"a {n_rows}x{n_cols} corner block does not fit the {gh}x{gw} image-token grid")
+    r0 = 0 if corner.startswith("top") else gh - n_rows
+    c0 = 0 if corner.endswith("left") else gw - n_cols
+    rows, cols = np.meshgrid(np.arange(r0, r0 + n_rows), np.arange(c0, c0 + n_cols), indexing="ij")
     return (rows * gw + cols).ravel()
 
 
@@ -134,12 +141,33 @@ def top_cells(matrix: np.ndarray, k: int, by_abs: bool = False) -> list[tuple[in
     return [(int(i // matrix.shape[1]), int(i % matrix.shape[1]), float(matrix.flat[i])) for i in order]
 
 
-def rank_heads(full: np.ndarray, control: np.ndarray, alpha: float = 0.05, n_perm: int = 2000, seed: int = 0,
-               layers: Sequence[int] | None = None) -> dict:
+def signflip_permutations(n_pairs: int, n_heads: int, alpha: float, n_perm: int | None) -> int:
+    """The n_perm for rank_heads' sign-flip test of ``n_pairs`` pairs over ``n_heads`` heads.
+
+    None gives the minimum, ceil(20 * n_heads / alpha) (stats.signflip_min_permutations): the
+    Monte Carlo p floor then lies 20x below BH's smallest threshold alpha / n_heads, so the
+    number of sign vectors never decides which heads survive; when 2**n_pairs is no more than
+    that, the test enumerates every sign vector instead. An explicit value below the minimum
+    is refused unless it already makes the test exact.
+    """
+    minimum = signflip_min_permutations(n_heads, alpha)
+    if n_perm is None:
+        return minimum
+    if n_perm < minimum and not signflip_is_exact(n_pairs, n_perm):
+        raise OptionError(f"--n-perm {n_perm}: below the minimum {minimum} = ceil(20 x {n_heads} heads / alpha "
+                          f"{alpha:g}) random sign vectors, too coarse for Benjamini-Hochberg over {n_heads} heads; "
+                          "leave it out for the automatic value")
+    return n_perm
+
+
+def rank_heads(full: np.ndarray, control: np.ndarray, alpha: float = 0.05, n_perm: int | None = None,
+               seed: int = 0, layers: Sequence[int] | None = None) -> dict:
     """Which heads attend more (or less) to the corner when the subject is there.
 
     Per (layer, head): a two-sided paired sign-flip test of full vs control over
     the N pairs, then Benjamini-Hochberg over all L x H heads at level ``alpha``.
+    ``n_perm`` None picks the number of sign vectors from the number of heads (see
+    signflip_permutations); the result names the method and its p floor.
     effect = mean(diff) / sd(diff) (sd with ddof=1; NaN when sd is 0 or N < 2).
     ``significant`` lists the surviving heads, sorted by q, then by |effect|
     (largest first), then by layer and head.
@@ -150,8 +178,11 @@ def rank_heads(full: np.ndarray, control: np.ndarray, alpha: float = 0.05, n_per
         raise OptionError(f"--alpha {alpha}: must lie strictly between 0 and 1")
     layer_numbers = _layer_numbers(layers, full.shape[0])
     diff = full - control
+    n_pairs = diff.shape[-1]
+    n_tested = int(np.isfinite(diff).all(axis=-1).sum())  # heads with a p-value: BH's m
+    n_perm = signflip_permutations(n_pairs, n_tested, alpha, n_perm)
     mean_diff = diff.mean(axis=-1)
-    sd = diff.std(axis=-1, ddof=1) if diff.shape[-1] > 1 else np.zeros_like(mean_diff)
+    sd = diff.std(axis=-1, ddof=1) if n_pairs > 1 else np.zeros_like(mean_diff)
     with np.errstate(divide="ignore", invalid="ignore"):
         effect = np.where(sd > 0, mean_diff / np.where(sd > 0, sd, 1.0), np.nan)
     p = np.asarray(paired_signflip_test(np.moveaxis(full, -1, 0), np.moveaxis(control, -1, 0),
@@ -162,37 +193,46 @@ def rank_heads(full: np.ndarray, control: np.ndarray, alpha: float = 0.05, n_per
     significant = [{"layer": layer_numbers[l], "head": int(h), "q": float(q[l, h]), "p": float(p[l, h]),
                     "mean_diff": float(mean_diff[l, h]), "effect": float(effect[l, h])} for l, h in survivors]
     return {"p": p, "q": q, "reject": reject, "mean_diff": mean_diff, "effect": effect,
-            "alpha": alpha, "n_perm": n_perm, "seed": seed, "significant": significant}
+            "alpha": alpha, "n_perm": n_perm, "seed": seed, "n_tested": n_tested,
+            "exact": signflip_is_exact(n_pairs, n_perm), "p_floor": signflip_p_floor(n_pairs, n_perm),
+            "p_method": signflip_method(n_pairs, n_perm), "significant": significant}
 
 
-def position_only_flags(blank: np.ndarray, full: np.ndarray, percentile: float = 95.0,
-                        layers: Sequence[int] | None = None) -> dict:
+def position_only_flags(blank_block: np.ndarray, blank_image: np.ndarray, area_share: float,
+                        percentile: float = 95.0, layers: Sequence[int] | None = None) -> dict:
     """The position-only control: flag heads that favour the corner on an empty picture.
 
-    ``blank`` [L, H, M] holds each head's corner score on M images of the data
-    set's background colour alone (usually M = 1); ``full`` [L, H, N] the scores on
-    the full images. Rule: a head is flagged when its mean blank score lies strictly
-    above the ``percentile``-th percentile (linear interpolation) of all L x H
-    heads' mean blank scores, i.e. it is among the heads that look at that corner
-    most when there is nothing to see. ``blank_over_full`` (mean blank / mean full
-    score, NaN where the full score is 0) says whether the subject adds anything
-    on top: a flagged head with a ratio near or above 1 gains nothing from it.
+    ``blank_block`` and ``blank_image`` [L, H, M] hold each head's attention mass on
+    the corner block and on all image tokens for M images of the data set's
+    background colour alone (usually M = 1). A head's blank corner share = mean
+    block mass / mean image mass says where on the empty picture it looks, however
+    much it looks at the picture at all. ``area_share`` = the block's share of the
+    image tokens (rows * cols / (gh * gw)), the share of a head that spreads its
+    image mass evenly. Rule: a head is flagged when its share lies strictly above
+    the ``percentile``-th percentile (linear interpolation) of all heads' shares
+    AND above ``area_share``. A head with no image mass has no share (NaN): never
+    flagged, and left out of the percentile.
     """
-    blank, full = np.asarray(blank, dtype=np.float64), np.asarray(full, dtype=np.float64)
-    if blank.ndim != 3 or full.ndim != 3 or blank.shape[:2] != full.shape[:2] or blank.shape[-1] < 1:
-        raise ValueError(f"blank {blank.shape} and full {full.shape} must be [L, H, M] and [L, H, N] with M >= 1")
+    block, image = np.asarray(blank_block, dtype=np.float64), np.asarray(blank_image, dtype=np.float64)
+    if block.ndim != 3 or block.shape != image.shape or block.shape[-1] < 1:
+        raise ValueError(f"blank block {block.shape} and blank image {image.shape} scores must both be "
+                         "[L, H, M] with M >= 1")
+    if not 0 < area_share <= 1:
+        raise ValueError(f"area_share {area_share}: the block's share of the image tokens lies in (0, 1]")
     if not 0 <= percentile <= 100:
         raise OptionError(f"--blank-percentile {percentile}: must lie between 0 and 100")
-    layer_numbers = _layer_numbers(layers, blank.shape[0])
-    blank_mean, full_mean = blank.mean(axis=-1), full.mean(axis=-1)
-    threshold = float(np.percentile(blank_mean, percentile))
-    flags = blank_mean > threshold
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(full_mean != 0, blank_mean / np.where(full_mean != 0, full_mean, 1.0), np.nan)
-    flagged = [{"layer": layer_numbers[l], "head": int(h), "blank": float(blank_mean[l, h]),
-                "full": float(full_mean[l, h]), "blank_over_full": float(ratio[l, h])}
+    layer_numbers = _layer_numbers(layers, block.shape[0])
+    block_mean, image_mean = block.mean(axis=-1), image.mean(axis=-1)
+    share = np.divide(block_mean, image_mean, out=np.full_like(block_mean, np.nan), where=image_mean > 0)
+    defined = share[np.isfinite(share)]
+    threshold = float(np.percentile(defined, percentile)) if defined.size else float("nan")
+    flags = (share > threshold) & (share > area_share)  # a NaN share compares False: never flagged
+    flagged = [{"layer": layer_numbers[l], "head": int(h), "share": float(share[l, h]),
+                "block": float(block_mean[l, h]), "image": float(image_mean[l, h])}
                for l, h in zip(*np.nonzero(flags))]
-    rule = (f"position-only: mean corner score on the blank background image > {threshold:.4g}, the "
-            f"{percentile:g}th percentile of all {flags.size} heads' blank scores (M = {blank.shape[-1]} blank runs)")
-    return {"flags": flags, "blank": blank_mean, "full": full_mean, "blank_over_full": ratio,
+    rule = (f"position-only: on the blank background image, the head's corner share (attention mass on the "
+            f"corner block / mass on all image tokens) > {threshold:.4g}, the {percentile:g}th percentile of all "
+            f"{defined.size} heads' shares, and > {area_share:.4g}, the block's share of the image tokens (even "
+            f"spreading); M = {block.shape[-1]} blank runs")
+    return {"flags": flags, "share": share, "block": block_mean, "image": image_mean, "area_share": area_share,
             "threshold": threshold, "percentile": percentile, "rule": rule, "flagged": flagged}

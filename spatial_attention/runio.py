@@ -119,14 +119,17 @@ def package_versions() -> dict:
 
 
 def check_output_dir(path: Path, option: str) -> Path:
-    """Make sure results can be written to the folder ``path`` (created if missing)
-    before any model loads; OptionError naming ``option`` otherwise."""
+    """Make sure results can be written to the folder ``path`` before any model loads;
+    OptionError naming ``option`` otherwise. Nothing is left behind: a missing folder is
+    judged by its nearest existing parent, where a probe file is made and removed."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OptionError(f"{option} {path}: is a file, not a folder; choose a folder for the results")
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise OptionError(f"{option} {path}: {existing} is a file, so no folder can be made there; choose another")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise OptionError(f"{option} {path}: cannot write there ({err.strerror}); choose a writable folder") from None

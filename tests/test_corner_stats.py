@@ -1,12 +1,15 @@
 """Experiment 3, step 1 (head_attention_stats.py / corner_stats.py) and the corner
 sweep (run_corner_experiments.sh) on the tiny-random models of both families:
 the sweep end to end, cube shapes, the corner patch positions, agreement with the
-eager reference path, batching, and generation over several steps."""
+eager reference path, batching, generation over several steps, the blank
+(position-only) control on the corner block, resume, and unusable images."""
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,15 +22,20 @@ from PIL import Image
 
 from models.base import Batch
 from spatial_attention.capture import CaptureRequest
-from spatial_attention.corner_stats import _scored_positions, build_parser, main, score_dataset
+from spatial_attention import corner_stats
+from spatial_attention.corner_stats import PAIRS_FILE, _scored_positions, build_parser, main, score_dataset
 from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, read_pairs
+from spatial_attention.errors import OptionError
 from spatial_attention.generate import generate_counterfactual
 from spatial_attention.reference import reference_capture
+from spatial_attention.runio import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Is there anything in the top left corner?"
-STEP_FILES = ("scores_full_LHN.npy", "scores_control_LHN.npy", "scores_blank_LHM.npy", "count_LHN.npy",
-              "count_LH.npy", "answers.csv", "count_bars.png", "meta.json", "run.json")
+STEP_FILES = ("scores_full_LHN.npy", "scores_control_LHN.npy", "scores_blank_LHM.npy", "scores_blank_image_LHM.npy",
+              "count_LHN.npy", "count_LH.npy", "answers.csv", "count_bars.png", "meta.json", "run.json", PAIRS_FILE)
+ARRAYS = ("scores_full_LHN", "scores_control_LHN", "scores_blank_LHM", "scores_blank_image_LHM", "count_LHN",
+          "count_LH")
 ANALYSIS_FILES = ("summary.json", "shared_head.txt", "unique_heads.txt", "heatmap_shared.png",
                   "unique_head_curves.png", "top_pixels_shared.txt",
                   *(f"{kind}_{c}{ext}" for c in CORNERS
@@ -53,12 +61,11 @@ def stats_args(family: str, *options: str):
     return args
 
 
-def run_step(adapter, folder: Path, out: Path, *options: str) -> dict[str, np.ndarray]:
+def run_step(adapter, folder: Path, out: Path, *options: str, corner: str = "topleft") -> dict[str, np.ndarray]:
     """score_dataset on the session's adapter; the saved files as arrays (plus meta and answers)."""
     args = stats_args(adapter.family, *options)
-    score_dataset(adapter, args, read_pairs(folder, limit=args.max_pairs), "topleft", out)
-    saved = {name: np.load(out / f"{name}.npy") for name in
-             ("scores_full_LHN", "scores_control_LHN", "scores_blank_LHM", "count_LHN", "count_LH")}
+    score_dataset(adapter, args, read_pairs(folder, limit=args.max_pairs), corner, out)
+    saved = {name: np.load(out / f"{name}.npy") for name in ARRAYS}
     saved["meta"] = json.loads((out / "meta.json").read_text())
     with open(out / "answers.csv") as f:
         saved["answers"] = list(csv.DictReader(f))
@@ -91,7 +98,9 @@ def test_sweep_end_to_end(family, tmp_path, tiny_models):
         count, count_lh = np.load(folder / "count_LHN.npy"), np.load(folder / "count_LH.npy")
         assert full.shape == control.shape == count.shape == (L, H, 6)
         assert full.dtype == control.dtype == np.float32 and count.dtype == np.uint8
-        assert np.load(folder / "scores_blank_LHM.npy").shape == (L, H, 1)
+        blank_block = np.load(folder / "scores_blank_LHM.npy")
+        blank_image = np.load(folder / "scores_blank_image_LHM.npy")
+        assert blank_block.shape == blank_image.shape == (L, H, 1) and (blank_block <= blank_image + 1e-6).all()
         assert (count.sum(axis=1) == 3).all() and (count_lh == count.sum(-1)).all()
         assert ((full >= 0) & (full <= 1 + 1e-5)).all() and not np.array_equal(full, control)
         meta = json.loads((folder / "meta.json").read_text())
@@ -99,6 +108,7 @@ def test_sweep_end_to_end(family, tmp_path, tiny_models):
         assert (meta["L"], meta["H"], meta["N"], meta["topk"]) == (L, H, 6, 3)
         assert meta["prompt"] == f"Is there anything in the {CORNER_WORDS[corner]} corner?"
         assert meta["patch_size"] is None and "torch" in meta["versions"]
+        assert meta["blank_block"]["corner"] == corner and meta["skipped"]["count"] == 0
         with open(folder / "answers.csv") as f:
             assert [row["id"] for row in csv.DictReader(f)] == [str(i) for i in range(6)]
     for name in ANALYSIS_FILES:
@@ -128,6 +138,9 @@ def test_failing_step_stops_the_sweep(tmp_path):
     (["--max-new-tokens", "0"], "--max-new-tokens 0: must be at least 1"),
     (["--patch-size", "0"], "--patch-size 0: must be at least 1"),
     (["--corner", "topright"], "--corner topright only applies with --patch-size"),
+    (["--topk", "0"], "--topk 0: must be at least 1"),
+    (["--feed-size", "0"], "--feed-size 0: must be at least 1"),
+    (["--seed", "-1"], "--seed -1: must be 0 or more"),
 ])
 def test_bad_options_fail_before_loading(options, message, topleft, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -194,7 +207,7 @@ def test_scores_equal_reference_and_batching(adapter, topleft, tmp_path):
     assert one["scores_full_LHN"].shape == (L, H, 3) and one["meta"]["layers"] == list(range(1, L + 1))
     assert three["scores_full_LHN"].shape == (2, H, 3) and three["meta"]["layers"] == [1, 3]
     assert three["scores_blank_LHM"].shape == (2, H, 1) and three["count_LH"].shape == (2, H)
-    for name in ("scores_full_LHN", "scores_control_LHN", "scores_blank_LHM"):
+    for name in ("scores_full_LHN", "scores_control_LHN", "scores_blank_LHM", "scores_blank_image_LHM"):
         np.testing.assert_allclose(three[name], one[name][[0, 2]], atol=1e-5)
     assert (three["count_LHN"] == one["count_LHN"][[0, 2]]).all()
     assert three["answers"] == one["answers"]
@@ -202,7 +215,7 @@ def test_scores_equal_reference_and_batching(adapter, topleft, tmp_path):
     want = reference_scores(adapter, topleft, lambda lay: lay.image_positions)
     np.testing.assert_allclose(one["scores_full_LHN"], np.moveaxis(want[0:6:2], 0, -1), atol=1e-5)
     np.testing.assert_allclose(one["scores_control_LHN"], np.moveaxis(want[1:6:2], 0, -1), atol=1e-5)
-    np.testing.assert_allclose(one["scores_blank_LHM"][..., 0], want[6], atol=1e-5)
+    np.testing.assert_allclose(one["scores_blank_image_LHM"][..., 0], want[6], atol=1e-5)
 
 
 def test_patch_scores_equal_reference(adapter, topleft, tmp_path):
@@ -245,3 +258,119 @@ def test_three_new_tokens_average_three_steps(adapter, topleft, tmp_path):
     assert not np.allclose(got["scores_full_LHN"][..., 0], steps[0], atol=1e-4)  # not just the first step
     assert got["answers"][0]["full_answer"] == adapter.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     assert got["meta"]["max_new_tokens"] == 3
+
+
+# --- the blank (position-only) control ---------------------------------------------------
+
+def quarter_cells(grid: tuple[int, int], corner: str) -> list[int]:
+    """Raster indices of the corner quarter (gh // 2 rows x gw // 2 cols), cell by cell."""
+    gh, gw = grid
+    rows = range(gh // 2) if corner.startswith("top") else range(gh - gh // 2, gh)
+    cols = range(gw // 2) if corner.endswith("left") else range(gw - gw // 2, gw)
+    return sorted(r * gw + c for r in rows for c in cols)
+
+
+@pytest.fixture(scope="module")
+def two_corners(tmp_path_factory) -> dict[str, Path]:
+    """One top-left and one bottom-right pair."""
+    folders = generate_counterfactual(tmp_path_factory.mktemp("two"), count=1, corners=["topleft", "bottomright"])
+    return dict(zip(["topleft", "bottomright"], folders))
+
+
+def test_default_blank_control_is_about_the_corner(adapter, two_corners, tmp_path):
+    """Without --patch-size the pairs are scored on all image tokens, but the blank image on the corner
+    quarter: with one prompt for both corners the blank scores differ between them only there."""
+    got = {corner: run_step(adapter, folder, tmp_path / corner, "--prompt", "Is there anything here?",
+                            corner=corner) for corner, folder in two_corners.items()}
+    blank = Image.new("RGB", read_pairs(two_corners["topleft"])[0].load_images()[1].size, (245, 245, 245))
+    batch = adapter.encode(["Is there anything here?"], [blank])
+    gh, gw = batch.layouts[0].grid
+    for corner, saved in got.items():
+        assert saved["meta"]["blank_block"] == {"corner": corner, "rows": gh // 2, "cols": gw // 2, "grid": [gh, gw]}
+        assert saved["meta"]["patch_size"] is None
+        block = batch.layouts[0].image_positions[quarter_cells((gh, gw), corner)]
+        recordings, _ = reference_capture(adapter, batch, CaptureRequest(layers=list(range(adapter.num_layers)),
+                                                                         last_mass=[block]))
+        np.testing.assert_allclose(saved["scores_blank_LHM"][..., 0], recordings[0]["last_mass"], atol=1e-5)
+        assert (saved["scores_blank_LHM"] < saved["scores_blank_image_LHM"]).all()
+    np.testing.assert_allclose(got["topleft"]["scores_blank_image_LHM"], got["bottomright"]["scores_blank_image_LHM"],
+                               atol=1e-5)  # the same picture and prompt
+    assert np.abs(got["topleft"]["scores_blank_LHM"] - got["bottomright"]["scores_blank_LHM"]).max() > 1e-3
+
+
+# --- resume and unusable pairs ------------------------------------------------------------
+
+def test_killed_run_resumes_with_the_missing_pairs(tiny_models, topleft, tmp_path, monkeypatch):
+    adapter = tiny_models["llava"]
+    whole = run_step(adapter, topleft, tmp_path / "whole", "--batch-size", "1")
+    out = tmp_path / "killed"
+    real = corner_stats.score_images
+    calls = []
+
+    def killed_after_first_batch(*args, **kwargs):
+        if calls:
+            raise RuntimeError("killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(corner_stats, "score_images", killed_after_first_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_step(adapter, topleft, out, "--batch-size", "1")
+    assert [r["id"] for r in read_jsonl(out / PAIRS_FILE)] == [0] and not (out / "meta.json").exists()
+
+    n_images = []
+
+    def counting(adapter_, images, *args, **kwargs):
+        n_images.append(len(images))
+        return real(adapter_, images, *args, **kwargs)
+
+    monkeypatch.setattr(corner_stats, "score_images", counting)
+    resumed = run_step(adapter, topleft, out, "--batch-size", "1")
+    assert n_images == [2, 2, 2]  # pairs 1 and 2, then the blank image twice
+    assert [r["id"] for r in read_jsonl(out / PAIRS_FILE)] == [0, 1, 2]
+    for name in ARRAYS:
+        assert np.array_equal(resumed[name], whole[name]), name
+    assert resumed["answers"] == whole["answers"]
+    assert resumed["meta"]["pair_ids"] == whole["meta"]["pair_ids"] == [0, 1, 2]
+
+    n_images.clear()  # complete: a rerun scores nothing
+    run_step(adapter, topleft, out, "--batch-size", "1")
+    assert n_images == []
+    for options, option in ((["--layers", "1,3"], "--layers"), (["--prompt", "Anything?"], "--prompt"),
+                            (["--patch-size", "2"], "--patch-size"), (["--max-new-tokens", "2"], "--max-new-tokens")):
+        with pytest.raises(OptionError, match=f"its pairs were scored with {option} "):
+            run_step(adapter, topleft, out, *options)
+
+
+def test_unreadable_image_skips_its_pair(tiny_models, topleft, tmp_path, caplog):
+    adapter = tiny_models["llava"]
+    folder = tmp_path / "dataset_topleft"
+    shutil.copytree(topleft, folder)
+    damaged = folder / "images" / "pair_00001_control.png"
+    damaged.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with caplog.at_level(logging.WARNING, logger="spatial_attention"):
+        got = run_step(adapter, folder, tmp_path / "out")
+    assert got["scores_full_LHN"].shape[-1] == 2 and got["meta"]["pair_ids"] == [0, 2]
+    skipped = got["meta"]["skipped"]
+    assert skipped["count"] == 1 and skipped["by_reason"] == {"unusable_images": 1}
+    assert skipped["pairs"][0]["id"] == 1 and str(damaged) in skipped["pairs"][0]["detail"]
+    assert any("skipping pair 1" in r.getMessage() for r in caplog.records)
+    shutil.copy(topleft / "images" / "pair_00001_control.png", damaged)  # repaired: the rerun adds pair 1 in order
+    again = run_step(adapter, folder, tmp_path / "out")
+    assert again["meta"]["pair_ids"] == [0, 1, 2] and again["meta"]["skipped"]["count"] == 0
+    assert np.array_equal(again["scores_full_LHN"][..., [0, 2]], got["scores_full_LHN"])
+
+
+def test_out_dir_that_is_a_file_fails_before_loading(topleft, tmp_path, monkeypatch, capsys):
+    import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_adapter", no_loading)
+    taken = tmp_path / "a_file"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "llava", "--model-path", "tiny-random", "--dataset", str(topleft), "--out-dir", str(taken)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: --out-dir {taken}: is a file")

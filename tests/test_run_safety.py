@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import sys
@@ -45,8 +46,8 @@ def _one_line_exit(capsys, run, code: int = 2) -> str:
     with pytest.raises(SystemExit) as exit_info:
         run()
     assert exit_info.value.code == code
-    stderr = capsys.readouterr().err
-    lines = [line for line in stderr.replace("\r", "\n").splitlines()  # progress bars redraw with \r
+    stderr = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().err)  # progress bars' cursor moves
+    lines = [line for line in stderr.replace("\r", "\n").splitlines()  # and redraws
              if line.startswith(("error:", "interrupted:"))]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
@@ -82,11 +83,12 @@ def test_qwen2_feed_size_that_the_processor_would_change_is_refused(feed, worlds
 def test_unwritable_out_fails_before_the_model_loads(driver, worlds, tmp_path, capsys, no_model_load):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    for out, why in ((a_file, "is a file"), (a_file / "below", "cannot write"),
+    for out, why in ((a_file, "is a file"), (a_file / "below", "is a file"),
                      (Path("/proc/self/no_results_here"), "cannot write")):
         err = _one_line_exit(capsys, lambda: DRIVERS[driver]("llava", [*FAST, "--data", str(worlds),
                                                                        "--out", str(out)]))
         assert err.startswith(f"error: --out {out}") and why in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing made on the way
 
 
 @pytest.mark.parametrize("driver", sorted(DRIVERS))
