@@ -25,9 +25,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from spatial_attention.cli import HelpFormatter, user_errors_exit
+from spatial_attention.cli import HelpFormatter, check_at_least, user_errors_exit
 from spatial_attention.corner_analysis import analyze, load_corner_runs
-from spatial_attention.errors import OptionError
 from spatial_attention.runio import check_output_dir, setup_logging
 
 
@@ -63,8 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    if args.seed < 0:
-        raise OptionError(f"--seed {args.seed}: must be 0 or more (numpy's generators take no negative seeds)")
+    check_at_least(0, seed=args.seed)
     runs = load_corner_runs(args.dirs)
     check_output_dir(args.out_dir, "--out-dir")  # after the inputs: a refused run leaves no empty folder
     analyze(runs, args.out_dir, reduce_level=args.reduce_level, use_scale=args.use_scale,

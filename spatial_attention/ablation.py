@@ -56,8 +56,8 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from spatial_attention.capture import AttentionHook, active, last_position_logits, plain_logits
-from spatial_attention.cli import (HelpFormatter, add_model_args, check_model_options, default_batch_size,
-                                   user_errors_exit)
+from spatial_attention.cli import (HelpFormatter, add_model_args, check_at_least, check_model_options,
+                                   default_batch_size, user_errors_exit)
 from spatial_attention.corner_analysis import CornerRun, load_corner_run
 from spatial_attention.corner_stats import DEFAULT_PROMPT, corner_of
 from spatial_attention.counterfactual import CORNER_WORDS, Pair, read_pairs
@@ -424,7 +424,7 @@ def main(argv=None) -> None:
              " ".join(map(head_name, chosen)), args.heads, args.mode, len(pairs), args.random_controls)
 
     record = run_record(args, adapter, dataset=str(args.dataset))
-    start_run(out / "run.json", record)
+    start_run(out / "run.json", record, resumable=False)  # results are written at the end
     answer_ids = yes_no_ids(adapter.tokenizer)
     base, ablated = measure(adapter, pairs, prompt, head_sets, args.mode, 2 * default_batch_size(args, adapter.device),
                             answer_ids)
@@ -443,10 +443,7 @@ def check_options(args) -> None:
     if args.layers:
         raise OptionError("--layers does not apply here: --heads names the layers")
     check_model_options(args)
-    for name in ("random_controls", "max_pairs"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs)
     if args.feed_size is not None:
         ADAPTERS[args.model].check_feed_size(args.feed_size)
 

@@ -56,6 +56,14 @@ def add_shapeworld_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--limit", type=int, default=None, help="read at most this many worlds (after filtering)")
 
 
+def check_at_least(minimum: int, **options: int | None) -> None:
+    """OptionError for the first option (given as name=value; None = not given) below ``minimum``."""
+    for name, value in options.items():
+        if value is not None and value < minimum:
+            need = "at least 1" if minimum == 1 else f"{minimum} or more"
+            raise OptionError(f"--{name.replace('_', '-')} {value}: must be {need}")
+
+
 def check_device(device: str) -> None:
     """OptionError for a --device that torch cannot use here, found before any model loads."""
     import torch
@@ -79,10 +87,8 @@ def check_device(device: str) -> None:
 
 def check_model_options(args) -> None:
     """The options of ``add_model_args`` that can be judged before a model loads."""
-    if args.seed < 0:
-        raise OptionError(f"--seed {args.seed}: must be 0 or more (numpy's generators take no negative seeds)")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise OptionError(f"--batch-size {args.batch_size}: must be at least 1")
+    check_at_least(0, seed=args.seed)  # numpy's generators take no negative seeds
+    check_at_least(1, batch_size=args.batch_size)
     check_device(args.device)
     if args.layers is not None:
         from spatial_attention.metrics import layer_indices
@@ -91,9 +97,7 @@ def check_model_options(args) -> None:
 
 
 def default_batch_size(args, device) -> int:
-    if args.batch_size is not None:
-        if args.batch_size < 1:
-            raise OptionError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.batch_size is not None:  # checked by check_model_options
         return args.batch_size
     return 8 if device.type == "cuda" else 1
 
@@ -135,8 +139,7 @@ def prepare_run(family: str, args):
     from spatial_attention.runio import ProcessShare, check_output_dir
 
     check_model_options(args)
-    if args.limit is not None and args.limit < 1:
-        raise OptionError(f"--limit {args.limit}: must be at least 1 (leave it out to read every world)")
+    check_at_least(1, limit=args.limit)
     if getattr(args, "feed_size", None) is not None:
         ADAPTERS[family].check_feed_size(args.feed_size)
     check_output_dir(args.out, "--out")
@@ -190,17 +193,12 @@ def user_errors_exit(main):
             say(f"error: {err}")
             raise SystemExit(2) from None
         except KeyboardInterrupt:
-            folders = mark_unfinished("interrupted", "Ctrl-C")
-            kept = (f"finished results are kept in {', '.join(map(str, folders))}" if folders
-                    else "no results had been written yet")
-            say(f"interrupted: {kept}; rerun the same command to resume")
+            say(f"interrupted: {mark_unfinished('interrupted', 'Ctrl-C')}")
             raise SystemExit(130) from None
         except OSError as err:
             where = f"{err.filename}: " if err.filename else ""
             line = f"{where}{err.strerror or err}"
-            folders = mark_unfinished("failed", line)
-            kept = f"; finished results are kept in {', '.join(map(str, folders))}" if folders else ""
-            say(f"error: cannot go on: {line}{kept}; fix the disk or permissions and rerun the same command to resume")
+            say(f"error: cannot go on: {line} (fix the disk or permissions); {mark_unfinished('failed', line)}")
             raise SystemExit(1) from None
 
     return wrapper

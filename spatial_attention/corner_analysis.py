@@ -22,6 +22,7 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from spatial_attention.cli import check_at_least
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import save_figure
 from spatial_attention.heads import (CORNERS, position_only_flags, rank_heads, shared_unique, top_cells,
@@ -275,9 +276,7 @@ def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max"
             topk_pixels: int = 3, topk_diff_pixels: int = 3, diff_brightness: str = "raw", alpha: float = 0.05,
             n_perm: int | None = None, seed: int = 0, blank_percentile: float = 95.0) -> dict:
     """Compute shared/unique heads, the FDR ranking and position-only flags; write every output; return the summary."""
-    for name, k in (("--topk-pixels", topk_pixels), ("--topk-diff-pixels", topk_diff_pixels)):
-        if k < 0:
-            raise OptionError(f"{name} {k}: must be 0 or more")
+    check_at_least(0, topk_pixels=topk_pixels, topk_diff_pixels=topk_diff_pixels)
     if diff_brightness not in ("raw", "abs"):
         raise OptionError(f"--diff-brightness {diff_brightness!r} is not one of raw, abs")
     n_pairs = {c: run.full.shape[2] for c, run in runs.items()}

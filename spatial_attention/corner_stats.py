@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
-from spatial_attention.cli import (HelpFormatter, add_model_args, check_model_options, default_batch_size,
-                                   user_errors_exit)
+from spatial_attention.cli import (HelpFormatter, add_model_args, check_at_least, check_model_options,
+                                   default_batch_size, user_errors_exit)
 from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, Pair, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.heads import corner_patch_indices, topk_count_cube
@@ -122,13 +122,14 @@ def main(argv=None) -> None:
 def check_options(args) -> None:
     """OptionError for settings that cannot work, found before anything is loaded."""
     check_model_options(args)
-    for name in ("max_new_tokens", "max_pairs", "patch_size", "topk", "feed_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    check_at_least(1, max_new_tokens=args.max_new_tokens, max_pairs=args.max_pairs, patch_size=args.patch_size,
+                   topk=args.topk, feed_size=args.feed_size)
     if args.corner and not args.patch_size:
         raise OptionError(f"--corner {args.corner} only applies with --patch-size (without it the score covers "
                           "every image token)")
+    from models import ADAPTERS
+
+    ADAPTERS[args.model].check_feed_size(args.feed_size)
 
 
 def read_datasets(args) -> dict[str, list[Pair]]:

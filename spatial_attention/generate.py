@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from spatial_attention.cli import HelpFormatter, user_errors_exit
+from spatial_attention.cli import HelpFormatter, check_at_least, user_errors_exit
 from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, RELATION_OF_CORNER
 from spatial_attention.errors import OptionError
 from spatial_attention.runio import setup_logging, write_atomic
@@ -159,11 +159,8 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 def _check_options(seed: int, image_size: int, **counts: int) -> None:
     """OptionError for a count below 1, a negative seed or an image too small to draw shapes in."""
-    for name, value in counts.items():
-        if value < 1:
-            raise OptionError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if seed < 0:
-        raise OptionError(f"--seed {seed}: must be 0 or more")
+    check_at_least(1, **counts)
+    check_at_least(0, seed=seed)
     if image_size < MIN_IMAGE_SIZE:
         raise OptionError(f"--image-size {image_size}: too small to draw the shapes (use {MIN_IMAGE_SIZE} or more)")
 

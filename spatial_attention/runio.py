@@ -82,7 +82,7 @@ def read_jsonl(path: Path) -> Iterator[dict]:
     path = Path(path)
     if not path.exists():
         return
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: offsets for the truncation, and foreign bytes are a bad line
         offset, number, pending = 0, 0, None
         for line in f:
             if pending is not None:  # a bad line with more after it: not a torn tail
@@ -92,12 +92,12 @@ def read_jsonl(path: Path) -> Iterator[dict]:
             number += 1
             if line.strip():
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
+                    record = json.loads(line.decode("utf-8"))
+                except ValueError:  # not JSON, or not UTF-8
                     pending = offset
                     continue
                 yield record
-            offset += len(line.encode())
+            offset += len(line)
     if pending is not None:
         log.warning("%s: dropping an incomplete last line (interrupted run); it will be redone", path)
         _truncate_to(path, pending)
@@ -148,16 +148,18 @@ def run_record(args, adapter=None, **extra) -> dict:
     return record
 
 
-# run.json files of runs in progress in this process: if the run ends in an exception,
-# ``mark_unfinished`` records how it ended there, so that no run.json says "running" forever.
-_RUNNING: dict[Path, dict] = {}
+# run.json files of runs in progress in this process, and whether a rerun resumes them: if
+# the run ends in an exception, ``mark_unfinished`` records how it ended there, so that no
+# run.json says "running" forever.
+_RUNNING: dict[Path, tuple[dict, bool]] = {}
 
 
-def start_run(path: Path, record: dict) -> None:
-    """Write ``record`` with status "running" to the run.json ``path``."""
+def start_run(path: Path, record: dict, resumable: bool = True) -> None:
+    """Write ``record`` with status "running" to the run.json ``path``; ``resumable``: whether
+    its results are appended as they finish, so that a rerun goes on from them."""
     record = {**record, "status": "running"}
     write_json(path, record)
-    _RUNNING[Path(path)] = record
+    _RUNNING[Path(path)] = (record, resumable)
 
 
 def finish_run(path: Path, record: dict) -> None:
@@ -166,19 +168,23 @@ def finish_run(path: Path, record: dict) -> None:
     write_json(path, {**record, "status": "finished"})
 
 
-def mark_unfinished(status: str, reason: str) -> list[Path]:
+def mark_unfinished(status: str, reason: str) -> str:
     """Rewrite every run.json still "running" with ``status`` ("interrupted", "failed") and
-    ``reason``; the folders whose run.json could be rewritten."""
-    marked = []
-    for path, record in list(_RUNNING.items()):
+    ``reason``; returns what the user is told was kept and how to go on."""
+    kept, lost = [], []
+    for path, (record, resumable) in list(_RUNNING.items()):
         try:
             write_json(path, {**record, "status": status, "ended_because": reason,
                               "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            marked.append(path.parent)
         except OSError:
             pass
+        (kept if resumable else lost).append(str(path.parent))
         _RUNNING.pop(path, None)
-    return marked
+    if kept:
+        return f"finished results are kept in {', '.join(kept)}; rerun the same command to resume"
+    if lost:
+        return f"{', '.join(lost)} keeps no partial results (run.json says how the run ended); a rerun starts over"
+    return "no results had been written yet"
 
 
 class ProcessShare:

@@ -67,9 +67,9 @@ def run(family: str, args) -> None:
     share, data = prepare_run(family, args)
     out = args.out
     pairs_path = out / "pairs.jsonl"
+    existing = list(share.existing_records(pairs_path))  # a damaged file fails before the model loads
     captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
     adapter, layers, batch_size = load_model(family, args, share, default_layers="all")
-    existing = list(share.existing_records(pairs_path))
     _check_same_layers(existing, layers, out)
     done = {_key(r) for r in existing}
     todo = [c for c in captions if (c[0], c[1]) not in done]

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from spatial_attention.capture import CaptureRequest
+from spatial_attention.errors import DataError, OptionError
 
 log = logging.getLogger("spatial_attention")
 
@@ -84,20 +85,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from models import load_adapter
-    from spatial_attention.cli import user_errors_exit
+    from models import ADAPTERS, load_adapter
+    from spatial_attention.cli import check_at_least, check_model_options, user_errors_exit
     from spatial_attention.metrics import layer_indices
-    from spatial_attention.runio import setup_logging, write_json
+    from spatial_attention.runio import check_output_dir, setup_logging, write_json
 
     @user_errors_exit
     def run() -> int:
         args = build_parser().parse_args(argv)
         setup_logging(args.verbose)
+        check_model_options(args)  # everything that can be judged before the model loads
+        check_at_least(1, samples=args.samples)
+        ADAPTERS[args.model].check_feed_size(args.feed_size)
+        if args.out is not None:
+            if args.out.is_dir():
+                raise OptionError(f"--out {args.out}: is a folder; give a file name for the JSON report")
+            check_output_dir(args.out.parent, "--out")
+        worlds = _scenes(args.data, args.samples, args.seed)
+        images = [w.load_image() for w in worlds]
         adapter = load_adapter(args.model, args.model_path or None, device=args.device, dtype=args.dtype,
                                device_map=args.device_map, revision=args.revision, seed=args.seed)
         adapter.set_feed_size(args.feed_size)
-        worlds = _scenes(args.data, args.samples, args.seed)
-        batch = adapter.encode([w.caption.text for w in worlds], [w.load_image() for w in worlds])
+        batch = adapter.encode([w.caption.text for w in worlds], images)
         layers = layer_indices(args.layers or "all", adapter.num_layers)
         report, passed = check(adapter, batch, verification_request(batch, layers), args.attention_tolerance)
         log_report(report)
@@ -116,4 +125,12 @@ def _scenes(data: Path | None, n: int, seed: int) -> list:
     if data is None:
         data = Path(tempfile.mkdtemp(prefix="verify_scenes_"))
         generate_shapeworld(data, shards=1, worlds_per_shard=n, seed=seed)
-    return [w for w in iter_worlds(data, limit=n) if isinstance(w, World)][:n]
+    worlds = []
+    for item in iter_worlds(data, limit=n):
+        if isinstance(item, World):
+            worlds.append(item)
+        else:
+            log.warning("skipping: %s", item.reason)
+    if not worlds:
+        raise DataError(f"--data {data}: no usable ShapeWorld scene (see the warnings above)")
+    return worlds

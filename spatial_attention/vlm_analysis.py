@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture
-from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, load_model, parse_shards,
-                                   prepare_run, user_errors_exit)
+from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, check_at_least, load_model,
+                                   parse_shards, prepare_run, user_errors_exit)
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.runio import append_jsonl, finish_run, read_jsonl, run_record, setup_logging, start_run
 from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
@@ -70,8 +70,7 @@ def main(family: str, argv=None) -> None:
     relations = [r.strip() for r in args.relations.split(",") if r.strip()]
     if not relations or set(relations) - set(RELATIONS):
         raise OptionError(f"--relations {args.relations!r}: choose from {', '.join(RELATIONS)}")
-    if args.plot_samples < 0:
-        raise OptionError(f"--plot-samples {args.plot_samples}: must be 0 or more")
+    check_at_least(0, plot_samples=args.plot_samples)
     run(family, args, relations)
 
 
@@ -143,7 +142,7 @@ def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], C
         if limit is not None and len(worlds) >= limit:
             break
     if skipped:
-        log.warning("%d worlds skipped while reading %s (reasons in summary.json)", sum(skipped.values()), data)
+        log.warning("%d worlds skipped while reading %s (counts by kind in summary.json)", sum(skipped.values()), data)
     if not worlds:
         raise DataError(f"--data {data}: no usable worlds (check --shards, --relations and the folder)")
     return worlds, skipped

@@ -37,6 +37,17 @@ def adapter(request, tiny_models):
     return ad
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading a model fails the test: the checks under test must come before it."""
+    import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options, outputs and inputs were checked")
+
+    monkeypatch.setattr(models, "load_adapter", refuse)
+
+
 def random_images(n: int, seed: int = 0, size: int = 100) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]

@@ -33,15 +33,6 @@ def worlds(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if anything tries to load a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the options were checked")
-
-    monkeypatch.setattr(models, "load_adapter", refuse)
-
-
 def _one_line_exit(capsys, run, code: int = 2) -> str:
     with pytest.raises(SystemExit) as exit_info:
         run()
@@ -127,6 +118,26 @@ def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_pat
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
+def test_verify_attention_checks_before_the_model_loads(tmp_path, capsys, no_model_load):
+    from spatial_attention import verify
+
+    a_folder = tmp_path / "report"
+    a_folder.mkdir()
+    for bad, option in ((["--device", "cuda"], "--device"), (["--seed", "-1"], "--seed"),
+                        (["--samples", "0"], "--samples"), (["--out", str(a_folder)], "--out"),
+                        (["--out", str(tmp_path / "a_file" / "r.json")], "--out"),
+                        (["--data", str(tmp_path / "missing")], str(tmp_path / "missing"))):
+        if bad[:2] == ["--device", "cuda"] and __import__("torch").cuda.is_available():
+            continue
+        (tmp_path / "a_file").write_text("x")
+        err = _one_line_exit(capsys, lambda: verify.main(["--model", "qwen2", "--model-path", "tiny-random",
+                                                          "--feed-size", "224", *bad]))
+        assert err.startswith(f"error: {option}"), err
+    err = _one_line_exit(capsys, lambda: verify.main(["--model", "qwen2", "--model-path", "tiny-random",
+                                                      "--feed-size", "13"]))
+    assert err.startswith("error: --feed-size 13")
+
+
 def test_disk_turning_read_only_mid_run_is_one_line(worlds, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     real = vlm_analysis.append_jsonl
@@ -146,13 +157,15 @@ def test_disk_turning_read_only_mid_run_is_one_line(worlds, tmp_path, capsys, mo
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
 
 
-def test_malformed_middle_line_names_the_line(worlds, tmp_path, capsys, no_model_load):
+@pytest.mark.parametrize("driver, results", [("experiment 1", "samples.jsonl"), ("experiment 2", "pairs.jsonl")])
+@pytest.mark.parametrize("bad_line", [b"not json", b"\xff\xfe not utf-8"])
+def test_malformed_middle_line_names_the_line(driver, results, bad_line, worlds, tmp_path, capsys, no_model_load):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "samples.jsonl").write_text('{"shard": 0, "index": 0}\nnot json\n{"shard": 0, "index": 1}\n')
-    err = _one_line_exit(capsys, lambda: vlm_analysis.main("llava", [*FAST, "--data", str(worlds),
-                                                                    "--out", str(out)]))
-    assert "samples.jsonl, line 2" in err and "delete that line" in err
+    (out / results).write_bytes(b'{"shard": 0, "index": 0}\n' + bad_line + b'\n{"shard": 0, "index": 1}\n')
+    err = _one_line_exit(capsys, lambda: DRIVERS[driver]("llava", [*FAST, "--data", str(worlds),
+                                                                   "--out", str(out)]))
+    assert f"{results}, line 2" in err and "delete that line" in err
 
 
 def test_outputs_follow_the_umask_and_run_json_command_pastes_back(worlds, tmp_path, monkeypatch):
@@ -256,5 +269,17 @@ def test_background_seeds_do_not_depend_on_the_baseline_switch(worlds, tmp_path)
     with_baseline, without = tmp_path / "with", tmp_path / "without"
     vlm_analysis.main("qwen2", [*FAST, "--data", str(worlds), "--out", str(with_baseline)])
     vlm_analysis.main("qwen2", [*FAST, "--data", str(worlds), "--out", str(without), "--no-baseline"])
-    for a, b in zip(_records(with_baseline / "samples.jsonl"), _records(without / "samples.jsonl")):
-        assert a["metrics"]["real"] == b["metrics"]["real"]
+    a, b = _records(with_baseline / "samples.jsonl"), _records(without / "samples.jsonl")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["metrics"]["real"] == y["metrics"]["real"]
+
+
+def test_a_run_that_keeps_nothing_partial_does_not_promise_a_resume(tmp_path):
+    from spatial_attention.runio import mark_unfinished, start_run
+
+    start_run(tmp_path / "run.json", {"command": "head_ablation.py"}, resumable=False)  # writes at the end
+    said = mark_unfinished("interrupted", "Ctrl-C")
+    assert "a rerun starts over" in said and "resume" not in said
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"
+    assert mark_unfinished("interrupted", "Ctrl-C") == "no results had been written yet"  # forgotten once marked
