@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import signal
+import threading
 import sys
 from pathlib import Path
 
@@ -106,9 +108,14 @@ def parse_shards(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        shards = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise OptionError(f"--shards {text!r}: expected comma-separated shard numbers such as 0,1,2") from None
+        shards = []
+    if not shards or min(shards) < 0:
+        raise OptionError(f"--shards {text!r}: expected comma-separated shard numbers such as 0,1,2")
+    if len(set(shards)) < len(shards):
+        raise OptionError(f"--shards {text!r}: a shard is listed twice; its worlds would count twice")
+    return shards
 
 
 def ensure_shapeworld(path: Path, seed: int = 0) -> Path:
@@ -172,7 +179,7 @@ def user_errors_exit(main):
     - OptionError / DataError: the message, exit status 2;
     - OSError (a disk that is full or turned read-only, a file that vanished):
       the file and the reason, exit status 1;
-    - Ctrl-C: what was kept and how to resume, exit status 130.
+    - Ctrl-C or SIGTERM: what was kept and how to resume, exit status 130.
 
     A run.json still saying "running" is rewritten "interrupted" or "failed"
     (``runio.mark_unfinished``); every finished result line stays on disk, and
@@ -186,6 +193,9 @@ def user_errors_exit(main):
     def wrapper(*args, **kwargs):
         from spatial_attention.runio import mark_unfinished
 
+        # SIGTERM (kill, timeout, a cluster's time limit) ends a run like Ctrl-C does
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
         try:
             return main(*args, **kwargs)
         except (OptionError, DataError) as err:
@@ -200,5 +210,11 @@ def user_errors_exit(main):
             line = f"{where}{err.strerror or err}"
             say(f"error: cannot go on: {line} (fix the disk or permissions); {mark_unfinished('failed', line)}")
             raise SystemExit(1) from None
+        except Exception as err:  # a bug or, say, GPU memory: the traceback stays, run.json says how it ended
+            mark_unfinished("failed", f"{type(err).__name__}: {str(err)[:200]}")
+            raise
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper

@@ -76,9 +76,10 @@ def append_jsonl(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path) -> Iterator[dict]:
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> Iterator[dict]:
     """Stream the complete lines of a JSONL file; a torn last line (a killed run) is cut off
-    with a warning, so that it is redone."""
+    with a warning, so that it is redone. A line that is JSON but not a record with the
+    ``required`` keys is a DataError naming the line."""
     path = Path(path)
     if not path.exists():
         return
@@ -96,6 +97,10 @@ def read_jsonl(path: Path) -> Iterator[dict]:
                 except ValueError:  # not JSON, or not UTF-8
                     pending = offset
                     continue
+                missing = [k for k in required if k not in record] if isinstance(record, dict) else list(required)
+                if missing:
+                    raise DataError(f"{path}, line {number}: not a result record here (lacks {', '.join(missing)}); "
+                                    f"delete that line to redo its item, or use another output folder")
                 yield record
             offset += len(line)
     if pending is not None:
@@ -221,11 +226,12 @@ class ProcessShare:
         path = Path(path)
         return path if self.size == 1 else path.with_name(f"{path.stem}.part{self.rank}{path.suffix}")
 
-    def existing_records(self, path: Path) -> Iterator[dict]:
-        """What earlier runs finished: ``path`` and any part files a killed multi-process run left."""
+    def existing_records(self, path: Path, required: tuple[str, ...] = ()) -> Iterator[dict]:
+        """What earlier runs finished: ``path`` and any part files a killed multi-process run left
+        (each record checked for the ``required`` keys)."""
         path = Path(path)
         for source in [path, *sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))]:
-            yield from read_jsonl(source)
+            yield from read_jsonl(source, required)
 
     def wait(self) -> None:
         self.state.wait_for_everyone()

@@ -67,7 +67,7 @@ def run(family: str, args) -> None:
     share, data = prepare_run(family, args)
     out = args.out
     pairs_path = out / "pairs.jsonl"
-    existing = list(share.existing_records(pairs_path))  # a damaged file fails before the model loads
+    existing = list(share.existing_records(pairs_path, (*CSV_COLUMNS, "layers")))  # damaged: fails before loading
     captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
     adapter, layers, batch_size = load_model(family, args, share, default_layers="all")
     _check_same_layers(existing, layers, out)
@@ -210,6 +210,8 @@ def _csv_text(records: list[dict]) -> str:
 
 def _finish(out, args, adapter, data, layers, stats, skipped, failed, started) -> None:
     records = sorted(read_jsonl(out / "pairs.jsonl"), key=_key)
+    if not records:  # not a finished run: say so instead of an empty summary
+        raise DataError(f"--data {data}: no caption pair could be analysed ({dict(failed)}; see the warnings above)")
     write_atomic(out / "pairs.csv", _csv_text(records))
     counts = {"captions_read": stats.worlds, "captions_not_true": stats.filtered, "pairs_built": len(records),
               "pairs_skipped": sum(skipped.values()) + sum(failed.values()),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def main(argv=None) -> int:
         setup_logging(args.verbose)
         check_model_options(args)  # everything that can be judged before the model loads
         check_at_least(1, samples=args.samples)
+        tolerance = args.attention_tolerance
+        if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
+            raise OptionError(f"--attention-tolerance {tolerance}: must be a positive number (e.g. 1e-4)")
         ADAPTERS[args.model].check_feed_size(args.feed_size)
         if args.out is not None:
             if args.out.is_dir():

@@ -32,6 +32,7 @@ from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, Worl
 
 log = logging.getLogger("spatial_attention")
 
+RECORD_KEYS = ("shard", "index", "relation", "metrics")  # what the resume and the summary read of a record
 MAPS = ("subject_cross", "object_cross", "relation_cross", "subject_self_lm", "object_self_lm",
         "background_self_lm", "subject_self_vit", "object_self_vit", "background_self_vit")
 
@@ -79,7 +80,7 @@ def run(family: str, args, relations: list[str]) -> None:
     share, data = prepare_run(family, args)
     out = args.out
     samples_path = out / "samples.jsonl"
-    done = {_key(r) for r in share.existing_records(samples_path)}
+    done = {_key(r) for r in share.existing_records(samples_path, RECORD_KEYS)}
     worlds, skipped = _select_worlds(data, parse_shards(args.shards), relations, args.limit)
     adapter, layers, batch_size = load_model(family, args, share)
     (out / "figures").mkdir(parents=True, exist_ok=True)
@@ -301,8 +302,10 @@ def _verify(adapter, loaded, layers) -> None:
 def _finish(out, args, adapter, data, layers, worlds, skipped, failed, started) -> None:
     from spatial_attention.summary import plot_summary, summarise_samples, write_summary
 
-    records = (r for r in read_jsonl(out / "samples.jsonl"))
-    summary = summarise_samples(records, seed=args.seed)
+    summary = summarise_samples(read_jsonl(out / "samples.jsonl"), seed=args.seed)
+    if summary["n_worlds"] == 0:  # not a finished run: say so instead of an empty summary
+        raise DataError(f"--data {data}: none of the {len(worlds)} selected worlds could be analysed "
+                        f"({dict(failed)}; see the warnings above)")
     counts = {"worlds_selected": len(worlds), "worlds_in_samples": summary["n_worlds"],
               "skipped_reading": dict(skipped), "skipped_images": dict(failed)}
     write_summary(out, summary, {"counts": counts})

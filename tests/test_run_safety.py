@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ def _records(path: Path) -> list[dict]:
 @pytest.mark.parametrize("bad, names", [
     (["--limit", "0"], "--limit"), (["--limit", "-1"], "--limit"), (["--seed", "-1"], "--seed"),
     (["--batch-size", "0"], "--batch-size"), (["--device", "cuda"], "--device"), (["--device", "tpu"], "--device"),
-    (["--layers", "every"], "--layers"), (["--layers", "0"], "--layers")])
+    (["--layers", "every"], "--layers"), (["--layers", "0"], "--layers"), (["--shards", "0,0"], "--shards"),
+    (["--shards", "-1"], "--shards")])
 def test_bad_options_fail_before_the_model_loads(driver, bad, names, worlds, tmp_path, capsys, no_model_load):
     if bad[:2] == ["--device", "cuda"] and __import__("torch").cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -126,7 +128,9 @@ def test_verify_attention_checks_before_the_model_loads(tmp_path, capsys, no_mod
     for bad, option in ((["--device", "cuda"], "--device"), (["--seed", "-1"], "--seed"),
                         (["--samples", "0"], "--samples"), (["--out", str(a_folder)], "--out"),
                         (["--out", str(tmp_path / "a_file" / "r.json")], "--out"),
-                        (["--data", str(tmp_path / "missing")], str(tmp_path / "missing"))):
+                        (["--data", str(tmp_path / "missing")], str(tmp_path / "missing")),
+                        (["--attention-tolerance", "0"], "--attention-tolerance"),
+                        (["--attention-tolerance", "nan"], "--attention-tolerance")):
         if bad[:2] == ["--device", "cuda"] and __import__("torch").cuda.is_available():
             continue
         (tmp_path / "a_file").write_text("x")
@@ -158,14 +162,64 @@ def test_disk_turning_read_only_mid_run_is_one_line(worlds, tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("driver, results", [("experiment 1", "samples.jsonl"), ("experiment 2", "pairs.jsonl")])
-@pytest.mark.parametrize("bad_line", [b"not json", b"\xff\xfe not utf-8"])
+@pytest.mark.parametrize("bad_line", [b"not json", b"\xff\xfe not utf-8", b'{"foo": 1}', b"[1, 2]"])
 def test_malformed_middle_line_names_the_line(driver, results, bad_line, worlds, tmp_path, capsys, no_model_load):
     out = tmp_path / "out"
     out.mkdir()
-    (out / results).write_bytes(b'{"shard": 0, "index": 0}\n' + bad_line + b'\n{"shard": 0, "index": 1}\n')
+    keys = vlm_analysis.RECORD_KEYS if driver == "experiment 1" else (*text_analysis.CSV_COLUMNS, "layers")
+    good = [json.dumps({**dict.fromkeys(keys, 0), "index": i}).encode() for i in (0, 1)]
+    (out / results).write_bytes(b"\n".join([good[0], bad_line, good[1]]) + b"\n")
     err = _one_line_exit(capsys, lambda: DRIVERS[driver]("llava", [*FAST, "--data", str(worlds),
                                                                    "--out", str(out)]))
     assert f"{results}, line 2" in err and "delete that line" in err
+
+
+@pytest.mark.parametrize("driver", sorted(DRIVERS))
+def test_a_run_with_no_usable_world_is_not_finished(driver, tmp_path, capsys):
+    data = tmp_path / "sw"
+    generate_shapeworld(data, shards=1, worlds_per_shard=2, seed=4)
+    if driver == "experiment 1":
+        for image in (data / "shard0").glob("world-*.png"):
+            image.write_bytes(b"not a png")
+    else:
+        (data / "shard0" / "caption.txt").write_text("nonsense\nnonsense\n")
+    out = tmp_path / "out"
+    err = _one_line_exit(capsys, lambda: DRIVERS[driver]("llava", [*FAST, "--data", str(data), "--out", str(out)]))
+    assert str(data) in err
+    assert not (out / "summary.json").exists()
+    if (out / "run.json").exists():
+        assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_sigterm_ends_like_ctrl_c(worlds, tmp_path):
+    out = tmp_path / "out"
+    script = (f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
+              "from spatial_attention import vlm_analysis\n"
+              "real = vlm_analysis.analyse_worlds\n"
+              "calls = []\n"
+              "def once_then_sigterm(*a, **k):\n"
+              "    calls.append(1)\n"
+              "    if len(calls) == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real(*a, **k)\n"
+              "vlm_analysis.analyse_worlds = once_then_sigterm\n"
+              f"vlm_analysis.main('llava', {[*FAST, '--data', str(worlds), '--out', str(out), '--batch-size', '1']!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 130, done.stderr
+    assert "interrupted:" in done.stderr and "Traceback" not in done.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert len(_records(out / "samples.jsonl")) == 1
+
+
+def test_an_unexpected_error_keeps_its_traceback_and_marks_run_json(worlds, tmp_path, monkeypatch):
+    def bug(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(vlm_analysis, "analyse_worlds", bug)
+    out = tmp_path / "out"
+    with pytest.raises(ZeroDivisionError):
+        vlm_analysis.main("llava", [*FAST, "--data", str(worlds), "--out", str(out)])
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "ZeroDivisionError: a bug" in run["ended_because"]
 
 
 def test_outputs_follow_the_umask_and_run_json_command_pastes_back(worlds, tmp_path, monkeypatch):
