@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("dirs", nargs="+", type=Path,
                    help="the out-dirs of head_attention_stats.py, one per corner (topleft, topright, bottomleft, "
-                        "bottomright); they must share the layers list and H, N may differ")
+                        "bottomright); they must share the layers list, H and the scoring settings (model, "
+                        "patch size, top-k, feed size, new tokens, prompt template, dtype), N may differ")
     p.add_argument("--out-dir", type=Path, default=Path("count_shared_unique"), help="where the outputs go")
     p.add_argument("--reduce-level", choices=["max", "mean"], default="max",
                    help="how a head's layer profile becomes one number before the argmax over heads")

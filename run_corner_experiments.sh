@@ -15,7 +15,9 @@
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
 # Rerunning resumes: each corner folder keeps its scored pairs in pairs_scores.jsonl, a complete corner is
-# not rescored, and a pair whose images cannot be used is skipped with a warning (counted in its meta.json).
+# not rescored, and a pair whose images cannot be used is skipped with a warning (counted in its meta.json);
+# a finished ablation folder is left as it is, and one made with other settings (ABLATE_MODE, RANDOM_CONTROLS,
+# COUNT ...) is refused: choose another OUT_DIR or delete it. A bad setting stops the sweep before any step.
 # Relative paths are taken from the current folder, as for the Python scripts.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -39,8 +41,34 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
 CORNERS=(topleft topright bottomleft bottomright)
+# The choices of head_ablation.py --mode and of --dtype (spatial_attention/ablation.py build_parser and
+# cli.add_model_args); tests/test_sweep_checks.py keeps these lists equal to those.
+ABLATE_MODES=(zero mean)
+DTYPES=(auto bf16 fp16 fp32)
 
-case "$MODEL" in qwen2|llava) ;; *) echo "error: MODEL=$MODEL is not qwen2 or llava" >&2; exit 2;; esac
+# Every setting is checked here, in one line each, before anything is generated or scored: a mistake
+# found after the four corners are scored costs hours. (LAYERS, DEVICE, MODEL_PATH and the folders are
+# checked by the first Python step, before it loads a model.)
+fail() { echo "error: $1" >&2; exit 2; }
+check_choice() {  # NAME VALUE CHOICE...
+  local name=$1 value=$2 choice
+  shift 2
+  for choice in "$@"; do [ "$value" = "$choice" ] && return 0; done
+  fail "$name=$value: must be one of $*"
+}
+check_positive() {  # NAME VALUE: a whole number of 1 or more
+  [[ $2 =~ ^0*[1-9][0-9]*$ ]] || fail "$1=$2: must be a whole number of 1 or more"
+}
+check_choice MODEL "$MODEL" qwen2 llava
+check_choice ABLATE "$ABLATE" 0 1
+check_choice ABLATE_MODE "$ABLATE_MODE" "${ABLATE_MODES[@]}"
+check_choice DTYPE "$DTYPE" "${DTYPES[@]}"
+check_positive COUNT "$COUNT"
+check_positive TOPK "$TOPK"
+check_positive MAX_NEW_TOKENS "$MAX_NEW_TOKENS"
+check_positive RANDOM_CONTROLS "$RANDOM_CONTROLS"
+[ -z "$PATCH_SIZE" ] || check_positive PATCH_SIZE "$PATCH_SIZE"
+[ -z "$BATCH_SIZE" ] || check_positive BATCH_SIZE "$BATCH_SIZE"
 
 datasets=() stats_dirs=() missing=()
 for corner in "${CORNERS[@]}"; do

@@ -60,7 +60,7 @@ from spatial_attention.cli import (HelpFormatter, add_model_args, check_at_least
                                    default_batch_size, user_errors_exit)
 from spatial_attention.corner_analysis import CornerRun, load_corner_run
 from spatial_attention.corner_stats import DEFAULT_PROMPT, corner_of
-from spatial_attention.counterfactual import CORNER_WORDS, Pair, read_pairs
+from spatial_attention.counterfactual import Pair, fill_corner_prompt, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import save_figure
 from spatial_attention.heads import top_cells
@@ -75,6 +75,11 @@ Head = tuple[int, int]  # (layer, head), both 0-based
 KINDS = ("full", "control")
 METRICS = ("log_odds_full", "log_odds_control", "gap", "accuracy_full", "accuracy_control", "accuracy")
 PRIMARY = "log_odds_full"
+# The options an ablation's results depend on (not --device, --batch-size, --out-dir ...): an out-dir that holds
+# results made with other values of these is not written over. Paths count as the same when they name one place.
+RESULT_SETTINGS = ("model", "model_path", "revision", "dtype", "seed", "stats_dir", "analysis_dir", "dataset",
+                   "prompt", "heads", "mode", "random_controls", "max_pairs", "feed_size")
+PATH_SETTINGS = ("model_path", "stats_dir", "analysis_dir", "dataset")
 HEADS_HELP = ("shared: the analysis's shared head at its peak layer; unique: the stats dir corner's unique head "
               "at its peak layer; top:K: the K (layer, head) cells of largest |mean(full - control)| score in the "
               "stats dir; or LAYER.HEAD,... with layers 1-based and heads 0-based (e.g. 12.5,14.0)")
@@ -134,12 +139,25 @@ def _explicit_heads(spec: str) -> list[Head]:
     return sorted(heads)
 
 
-def check_heads(heads: list[Head], spec: str, num_layers: int, num_heads: int) -> None:
-    """OptionError when a head lies outside the model."""
+def check_heads(heads: list[Head], spec: str, num_layers: int | None, num_heads: int) -> None:
+    """OptionError when a head lies outside the model (``num_layers`` None: its depth is unknown, so only
+    the head numbers are checked)."""
     for layer, head in heads:
-        if not (0 <= layer < num_layers and 0 <= head < num_heads):
+        if not ((num_layers is None or layer < num_layers) and 0 <= head < num_heads):
+            shape = "" if num_layers is None else f"layers 1..{num_layers} and "
             raise OptionError(f"--heads {spec!r}: head {head_name((layer, head))} is outside the model's "
-                              f"layers 1..{num_layers} and heads 0..{num_heads - 1}")
+                              f"{shape}heads 0..{num_heads - 1}")
+
+
+def check_heads_in_stats_model(heads: list[Head], spec: str, run: CornerRun) -> None:
+    """``check_heads`` before the model loads, against the model that scored the stats dir (check_stats_model
+    makes sure it is the one to be loaded): its heads per layer from meta.json, its depth from run.json, where
+    head_attention_stats.py records the model (meta.json's layers are only the scored ones)."""
+    try:
+        depth = int(json.loads((run.folder / "run.json").read_text())["model"]["num_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        depth = None  # the layers are checked once the model is loaded
+    check_heads(heads, spec, depth, int(run.meta["H"]))
 
 
 def head_name(head: Head) -> str:
@@ -389,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feed-size", type=int, default=None,
                         help="Qwen2-VL: square side the image is fed at (default: the stats dir's, else 672)")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="output folder (default: ablation_{corner}_{heads})")
+                        help="output folder (default: ablation_{corner}_{heads}); one that holds an ablation made "
+                             "with other settings is refused, one finished with the same settings is left as it is")
     return parser
 
 
@@ -402,6 +421,7 @@ def main(argv=None) -> None:
     run = load_corner_run(args.stats_dir)
     check_stats_model(run, args)
     chosen = parse_heads(args.heads, run, args.analysis_dir or args.stats_dir.parent / "count_shared_unique")
+    check_heads_in_stats_model(chosen, args.heads, run)
     pairs = read_pairs(args.dataset, limit=args.max_pairs)
     corner = corner_of(pairs, args.dataset)
     if corner != run.corner:
@@ -410,6 +430,9 @@ def main(argv=None) -> None:
     prompt = corner_prompt(args, run, corner)
     out = check_output_dir(args.out_dir or Path(f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}"),
                            "--out-dir")
+    if finished_with_same_settings(out, args, chosen):
+        log.info("%s already holds this ablation, finished with the same settings; delete it to redo it", out)
+        return
     from models import load_adapter
 
     adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
@@ -477,6 +500,62 @@ def same_checkpoint(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
+def finished_with_same_settings(out: Path, args, chosen: list[Head]) -> bool:
+    """Whether ``out`` holds a finished ablation of the ``chosen`` heads made with the settings of ``args``
+    (nothing left to do). OptionError, naming the first difference, when it holds one (summary.json) made
+    otherwise: writing over it would throw away hours of model time."""
+    if not (out / "summary.json").is_file():
+        return False
+    record = earlier_run(out)
+    earlier = record["settings"]
+    for key in RESULT_SETTINGS:
+        if not same_setting(key, earlier.get(key), getattr(args, key)):
+            raise OptionError(f"--out-dir {out}: holds an ablation made with --{key.replace('_', '-')} "
+                              f"{earlier.get(key)!r}, not {setting_text(getattr(args, key))!r}; choose another "
+                              f"--out-dir, or delete {out} to replace it")
+    # The same --heads text may name other heads now ('unique' after a new analysis).
+    earlier_heads = earlier_summary_heads(out)
+    if earlier_heads != heads_json(chosen):
+        names = " ".join(f"{h.get('layer')}.{h.get('head')}" for h in earlier_heads if isinstance(h, dict))
+        raise OptionError(f"--out-dir {out}: holds an ablation of heads {names or '?'}, but --heads {args.heads} "
+                          f"now names {' '.join(map(head_name, chosen))}; choose another --out-dir, or delete "
+                          f"{out} to replace it")
+    return record.get("status") == "finished"
+
+
+def earlier_summary_heads(out: Path) -> list:
+    """The heads summary.json in ``out`` says were ablated ([] when it cannot be read)."""
+    try:
+        heads = json.loads((out / "summary.json").read_text()).get("heads")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return heads if isinstance(heads, list) else []
+
+
+def earlier_run(out: Path) -> dict:
+    """The run.json of the ablation in ``out``; OptionError when it does not say how the ablation was made."""
+    try:
+        record = json.loads((out / "run.json").read_text())
+        if isinstance(record, dict) and isinstance(record.get("settings"), dict):
+            return record
+    except (OSError, ValueError):
+        pass
+    raise OptionError(f"--out-dir {out}: holds an ablation (summary.json) but no run.json that says how it was "
+                      f"made; choose another --out-dir, or delete {out} to replace it")
+
+
+def setting_text(value):
+    """A setting as run.json records it (paths as text)."""
+    return str(value) if isinstance(value, Path) else value
+
+
+def same_setting(key: str, earlier, now) -> bool:
+    now = setting_text(now)
+    if key in PATH_SETTINGS and earlier is not None and now is not None:
+        return same_checkpoint(str(earlier), now)
+    return earlier == now
+
+
 def check_images(pairs: list[Pair]) -> None:
     """DataError naming the first image that cannot be read: found now, not hours into the run."""
     for pair in pairs:
@@ -484,14 +563,11 @@ def check_images(pairs: list[Pair]) -> None:
 
 
 def corner_prompt(args, run: CornerRun, corner: str) -> str:
-    """--prompt (else the stats dir's, else the default) with '{corner}' filled in."""
-    template = args.prompt or run.meta.get("prompt") or DEFAULT_PROMPT
-    try:
-        return template.format(corner=CORNER_WORDS[corner])
-    except (KeyError, IndexError, ValueError):
-        source = "--prompt" if args.prompt else f"{run.folder / 'meta.json'}: prompt"
-        raise OptionError(f"{source} {template!r}: '{{corner}}' is the only placeholder a prompt may hold; "
-                          "write other braces doubled ({{ }})") from None
+    """--prompt (else the stats dir's, else the default) with '{corner}' filled in; an empty --prompt is
+    refused, not replaced by the stats dir's."""
+    if args.prompt is not None:
+        return fill_corner_prompt(args.prompt, corner)
+    return fill_corner_prompt(run.meta.get("prompt") or DEFAULT_PROMPT, corner, f"{run.folder / 'meta.json'}: prompt")
 
 
 def write_outputs(out: Path, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids) -> dict:

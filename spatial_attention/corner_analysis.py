@@ -7,7 +7,9 @@ N may differ between corners: M_c is a mean over each corner's own pairs
 (use_scale "freq"), so every corner weighs the same in M_shared; with "count" a
 corner with more pairs weighs more (a warning says so). The folders must also
 agree in model and model_path (other heads), patch_size (another region scored)
-and topk (another scale of the count cubes): a difference is refused.
+and topk (another scale of the count cubes), and, where both folders record them,
+in feed_size, max_new_tokens, prompt_template and dtype (another scoring): a
+difference is refused.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ REQUIRED_FILES = ("meta.json", "scores_full_LHN.npy", "scores_control_LHN.npy", 
 # meta.json keys that must agree across the corners: the heads of another model, the score of another
 # patch_size and the count cube of another topk cannot be averaged into one M_shared
 SAME_SETTING_KEYS = ("model", "model_path", "patch_size", "topk")
+# likewise scores of another image size, answer length, question or precision; older out-dirs lack some
+# of these keys, so they are compared only where both folders record them
+SAME_IF_RECORDED_KEYS = ("feed_size", "max_new_tokens", "prompt_template", "dtype")
 BLANK_FILE = "scores_blank_LHM.npy"  # blank image, mass on the corner block
 BLANK_IMAGE_FILE = "scores_blank_image_LHM.npy"  # blank image, mass on all image tokens
 BLANK_WITHHELD = ("no scores_blank_image_LHM.npy or no blank_block in meta.json: an out-dir from before the blank "
@@ -165,19 +170,26 @@ def load_corner_runs(folders: list[Path]) -> dict[str, CornerRun]:
     return {c: runs[c] for c in CORNERS}
 
 
-def _setting(meta: dict) -> str:
-    """A run's SAME_SETTING_KEYS values, for an error message."""
-    return ", ".join(f"{key} {meta.get(key)!r}" for key in SAME_SETTING_KEYS)
+def _setting(meta: dict, keys: list[str]) -> str:
+    """A run's values of ``keys``, for an error message."""
+    return ", ".join(f"{key} {meta.get(key)!r}" for key in keys)
+
+
+def _differing_keys(a: dict, b: dict) -> list[str]:
+    """The setting keys in which two meta.json differ."""
+    differing = [key for key in SAME_SETTING_KEYS if a.get(key) != b.get(key)]
+    return differing + [key for key in SAME_IF_RECORDED_KEYS if key in a and key in b and a[key] != b[key]]
 
 
 def _check_same_setting(first: CornerRun, runs) -> None:
-    """DataError naming both folders when a run differs from ``first`` in a SAME_SETTING_KEYS value."""
+    """DataError naming both folders when a run's scoring settings differ from ``first``'s."""
     for run in runs:
-        differing = [key for key in SAME_SETTING_KEYS if run.meta.get(key) != first.meta.get(key)]
+        differing = _differing_keys(first.meta, run.meta)
         if differing:
-            raise DataError(f"{first.folder} ({_setting(first.meta)}) and {run.folder} ({_setting(run.meta)}) "
-                            f"differ in {', '.join(differing)}: the shared/unique analysis needs all four corners "
-                            "from one model with one patch_size and topk")
+            shown = list(dict.fromkeys([*SAME_SETTING_KEYS, *differing]))
+            raise DataError(f"{first.folder} ({_setting(first.meta, shown)}) and {run.folder} "
+                            f"({_setting(run.meta, shown)}) differ in {', '.join(differing)}: the shared/unique "
+                            "analysis needs all four corners scored by one model with the same settings")
 
 
 def _heatmap(path: Path, matrix: np.ndarray, layers: list[int], title: str, cbar_label: str,
@@ -246,13 +258,26 @@ def _rank_corner(corner: str, run: CornerRun, alpha: float, n_perm: int | None, 
                  layers: list[int]) -> dict:
     """rank_heads for one corner, with a warning when the exact test's floor (few pairs) limits BH."""
     ranking = rank_heads(run.full, run.control, alpha=alpha, n_perm=n_perm, seed=seed, layers=layers)
-    m, floor = ranking["n_tested"], ranking["p_floor"]
+    m, floor, n_pairs = ranking["n_tested"], ranking["p_floor"], run.full.shape[2]
     if floor > alpha / m:
-        # BH rejects k heads at the floor only when floor <= k alpha / m
-        log.warning("%s: with N = %d pairs the smallest sign-flip p is %.3g; Benjamini-Hochberg over %d heads "
-                    "rejects only if at least %d heads reach it", corner, run.full.shape[2], floor, m,
-                    math.ceil(floor * m / alpha))
+        heads_needed = math.ceil(floor * m / alpha)  # BH rejects k heads at the floor only when floor <= k alpha / m
+        if heads_needed <= m:
+            log.warning("%s: with N = %d pairs the smallest sign-flip p is %.3g; Benjamini-Hochberg over %d heads "
+                        "rejects only if at least %d heads reach it", corner, n_pairs, floor, m, heads_needed)
+        else:  # the floor is above alpha itself
+            log.warning("%s: no head can be rejected with N = %d pairs at alpha %g: the smallest sign-flip p, %.3g, "
+                        "is above alpha; Benjamini-Hochberg over %d heads can reject a head on its own from %d "
+                        "pairs on", corner, n_pairs, alpha, floor, m, _pairs_for_one_rejection(m, alpha))
     return ranking
+
+
+def _pairs_for_one_rejection(m: int, alpha: float) -> int:
+    """The fewest pairs whose exact sign-flip floor 2 / 2^N lets BH reject one of m heads: 2 / 2^N <= alpha / m.
+    The test is exact there, as 2^N < 4 m / alpha lies below the n_perm minimum 20 m / alpha."""
+    n_pairs = 1
+    while 2 * m > alpha * 2 ** n_pairs:
+        n_pairs += 1
+    return n_pairs
 
 
 def _position_only(runs: dict[str, CornerRun], layers: list[int], percentile: float) -> dict[str, dict | None]:

@@ -15,10 +15,13 @@ heads favour the corner when there is nothing to see.
 
 Resume: each pair's scores go to ``OUT/pairs_scores.jsonl`` as its batch
 finishes; a rerun with the same out-dir scores only the pairs not there yet and
-refuses when the scoring settings (``OUT/pairs_settings.json``) differ. The
-.npy cubes, answers.csv and meta.json are rebuilt from that file at the end of
-each corner, in the data set's pair order. A pair whose images cannot be used
-is skipped with a warning and counted in meta.json.
+refuses when the scoring settings (``OUT/pairs_settings.json``) differ, the data
+set included (its folder and the sha256 of its metadata.jsonl, which changes with
+every regeneration). Everything that needs no model, and every line of
+pairs_scores.jsonl, is checked before the model loads. The .npy cubes,
+answers.csv and meta.json are rebuilt from that file at the end of each corner,
+in the data set's pair order. A pair whose images cannot be used is skipped with
+a warning and counted in meta.json.
 
 Several ``--dataset`` folders can be given: the model is loaded once and each
 folder's results go to ``OUT/head_diff_stats_{corner}``.
@@ -27,10 +30,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -43,7 +48,7 @@ from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
 from spatial_attention.cli import (HelpFormatter, add_model_args, check_at_least, check_model_options,
                                    default_batch_size, user_errors_exit)
-from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, Pair, read_pairs
+from spatial_attention.counterfactual import CORNERS, Pair, fill_corner_prompt, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.heads import corner_patch_indices, topk_count_cube
 from spatial_attention.runio import (append_jsonl, check_output_dir, finish_run, package_versions, read_jsonl,
@@ -59,9 +64,25 @@ OUTPUT_FILES = ("scores_full_LHN.npy", "scores_control_LHN.npy", "scores_blank_L
 OPTION_OF_SETTING = {"model": "--model", "model_path": "--model-path", "revision": "--revision",
                      "layers": "--layers", "prompt": "--prompt", "patch_size": "--patch-size",
                      "patch_corner": "--corner", "max_new_tokens": "--max-new-tokens", "feed_size": "--feed-size",
-                     "dtype": "--dtype"}
+                     "dtype": "--dtype", "dataset": "--dataset",
+                     "dataset_sha256": "--dataset (sha256 of its metadata.jsonl)"}
+PAIR_KEYS = ("id", "full", "control", "full_answer", "control_answer")
 
 Columns = Callable[[object], np.ndarray]  # a sample's token layout -> the key positions its score covers
+
+
+@dataclass(frozen=True)
+class CornerDataset:
+    """One --dataset folder: its corner, its pairs and the digest of its metadata.jsonl."""
+    folder: Path
+    corner: str
+    pairs: list[Pair]
+    metadata_sha256: str
+
+    @property
+    def identity(self) -> dict:
+        """What tells this data set from another of the same corner (a regenerated one changes the digest)."""
+        return {"dataset": str(self.folder.resolve()), "dataset_sha256": self.metadata_sha256}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +127,9 @@ def main(argv=None) -> None:
     check_options(args)
     datasets = read_datasets(args)
     outs = output_folders(args, list(datasets))
+    for corner, out in outs.items():  # before the (slow) model load: a refusal costs seconds
+        check_resume(out, settings_before_load(args, datasets[corner]))
+        read_pair_records(out / PAIRS_FILE)  # a damaged line fails now, not after the load
     from models import load_adapter
 
     adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
@@ -114,9 +138,9 @@ def main(argv=None) -> None:
     if args.topk > adapter.num_heads:
         raise OptionError(f"--topk {args.topk}: must be between 1 and the model's {adapter.num_heads} heads per layer")
     for corner, out in outs.items():  # every folder before the first is scored: a refusal costs no finished corner
-        check_resume(out, scoring_settings(adapter, args, corner))
-    for corner, pairs in datasets.items():
-        score_dataset(adapter, args, pairs, corner, outs[corner])
+        check_resume(out, scoring_settings(adapter, args, datasets[corner]))
+    for corner, dataset in datasets.items():
+        score_dataset(adapter, args, dataset, outs[corner])
 
 
 def check_options(args) -> None:
@@ -127,25 +151,32 @@ def check_options(args) -> None:
     if args.corner and not args.patch_size:
         raise OptionError(f"--corner {args.corner} only applies with --patch-size (without it the score covers "
                           "every image token)")
+    fill_corner_prompt(args.prompt, CORNERS[0])  # its form; every corner fills the same placeholder
     from models import ADAPTERS
 
     ADAPTERS[args.model].check_feed_size(args.feed_size)
 
 
-def read_datasets(args) -> dict[str, list[Pair]]:
-    """corner -> pairs of each --dataset folder, read before the (slow) model load: a bad folder fails at once."""
+def read_datasets(args) -> dict[str, CornerDataset]:
+    """corner -> each --dataset folder, read before the (slow) model load: a bad folder fails at once."""
     datasets = {}
     for folder in args.dataset:
-        pairs = read_pairs(folder, limit=args.max_pairs)
-        corner = corner_of(pairs, folder)
-        if corner in datasets:
-            raise OptionError(f"--dataset: two folders hold corner {corner!r}; their results would overwrite "
-                              f"each other in head_diff_stats_{corner}")
-        ids = [pair.id for pair in pairs]
-        if len(set(ids)) < len(ids):
-            raise DataError(f"{folder}: pair ids repeat; each pair needs its own id (a rerun resumes by id)")
-        datasets[corner] = pairs
+        dataset = read_dataset(Path(folder), args.max_pairs)
+        if dataset.corner in datasets:
+            raise OptionError(f"--dataset: two folders hold corner {dataset.corner!r}; their results would overwrite "
+                              f"each other in head_diff_stats_{dataset.corner}")
+        datasets[dataset.corner] = dataset
     return datasets
+
+
+def read_dataset(folder: Path, limit: int | None) -> CornerDataset:
+    """One corner folder's pairs (at most ``limit``) and the digest of its whole metadata.jsonl."""
+    pairs = read_pairs(folder, limit=limit)
+    ids = [pair.id for pair in pairs]
+    if len(set(ids)) < len(ids):
+        raise DataError(f"{folder}: pair ids repeat; each pair needs its own id (a rerun resumes by id)")
+    digest = hashlib.sha256((folder / "metadata.jsonl").read_bytes()).hexdigest()
+    return CornerDataset(folder, corner_of(pairs, folder), pairs, digest)
 
 
 def output_folders(args, corners: list[str]) -> dict[str, Path]:
@@ -166,15 +197,38 @@ def corner_of(pairs: list[Pair], folder) -> str:
 
 # --- resume ---------------------------------------------------------------------------
 
-def scoring_settings(adapter, args, corner: str) -> dict:
-    """What every pair of one out-dir must be scored with (as JSON holds it)."""
-    return {"model": adapter.family, "model_path": adapter.model_path, "revision": args.revision,
-            "dtype": str(adapter.dtype).replace("torch.", ""),  # bf16 and fp32 scores are not pooled
+def settings_before_load(args, dataset: CornerDataset) -> dict:
+    """The scoring settings known without the model, as ``scoring_settings`` will give them: the
+    layers only when --layers lists numbers (a mode such as 'all' needs the model's depth)."""
+    from models import ADAPTERS
+    from models.base import VLMAdapter, pick_device_and_dtype
+
+    family = ADAPTERS[args.model]
+    # a family whose input size is fixed (LLaVA-1.5) keeps the base class's set_feed_size and reports None
+    takes_feed_size = family.set_feed_size is not VLMAdapter.set_feed_size
+    settings = {"model": args.model, "model_path": args.model_path or family.default_model_path,
+                "revision": args.revision, "dtype": _dtype_name(pick_device_and_dtype(args.device, args.dtype)[1]),
+                "prompt": fill_corner_prompt(args.prompt, dataset.corner), "patch_size": args.patch_size,
+                "patch_corner": (args.corner or dataset.corner) if args.patch_size else None,
+                "max_new_tokens": args.max_new_tokens,
+                "feed_size": [args.feed_size, args.feed_size] if takes_feed_size else None, **dataset.identity}
+    listed = M.layer_indices(args.layers, None)  # [] for a mode
+    if listed:
+        settings["layers"] = [layer + 1 for layer in listed]
+    return settings
+
+
+def scoring_settings(adapter, args, dataset: CornerDataset) -> dict:
+    """What every pair of one out-dir must be scored with (as JSON holds it), the loaded model's own
+    values included."""
+    return {**settings_before_load(args, dataset), "model": adapter.family, "model_path": adapter.model_path,
+            "dtype": _dtype_name(adapter.dtype),
             "layers": [layer + 1 for layer in M.layer_indices(args.layers, adapter.num_layers)],
-            "prompt": args.prompt.format(corner=CORNER_WORDS[corner]), "patch_size": args.patch_size,
-            "patch_corner": (args.corner or corner) if args.patch_size else None,
-            "max_new_tokens": args.max_new_tokens,
             "feed_size": list(adapter.feed_size) if adapter.feed_size else None}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")  # bf16 and fp32 scores are not pooled
 
 
 def check_resume(out: Path, settings: dict) -> None:
@@ -189,10 +243,59 @@ def check_resume(out: Path, settings: dict) -> None:
                         f"telling how they were scored; delete {PAIRS_FILE} to start over, or choose another "
                         "--out-dir") from None
     for key, value in settings.items():
-        if recorded.get(key) != value:
+        if key not in recorded:  # an out-dir from before the setting was recorded
+            raise OptionError(f"--out-dir {out}: its {SETTINGS_FILE} does not record {OPTION_OF_SETTING[key]}, so "
+                              f"there is no telling whether its pairs match this run; delete {PAIRS_FILE} there to "
+                              "rescore them, or choose another --out-dir")
+        if recorded[key] != value:
             raise OptionError(f"--out-dir {out}: its pairs were scored with {OPTION_OF_SETTING[key]} "
-                              f"{recorded.get(key)!r}, not {value!r}; rerun with the same setting to resume, or "
+                              f"{recorded[key]!r}, not {value!r}; rerun with the same setting to resume, or "
                               "choose another --out-dir")
+
+
+def read_pair_records(path: Path) -> list[dict]:
+    """The scored pairs in ``path``, each checked: a hand-edited or foreign line is one DataError
+    naming its line, not a TypeError while the cubes are stacked."""
+    records = list(read_jsonl(path))  # first: a torn last line is cut off, so the numbering below holds
+    first = None  # (scores shape, line) of the first pair: every pair has the same [layers, heads]
+    for number, record in zip(_record_line_numbers(path), records):
+        problem = _pair_record_problem(record, first)
+        if problem:
+            raise DataError(f"{path}, line {number}: not a scored pair ({problem}); delete that line to rescore "
+                            "that pair")
+        first = first or (np.shape(record["full"]), number)
+    return records
+
+
+def _record_line_numbers(path: Path) -> list[int]:
+    """The 1-based numbers of the non-blank lines, the lines read_jsonl gives records for."""
+    if not path.is_file():
+        return []
+    return [number for number, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
+
+
+def _pair_record_problem(record, first: tuple[tuple, int] | None) -> str | None:
+    """Why ``record`` is not a pair record with scores of the first's (shape, line); None if it is."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = [key for key in PAIR_KEYS if key not in record]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(record["id"], (str, int, float)) or isinstance(record["id"], bool):
+        return f"id {record['id']!r} is not a pair id"
+    for key in ("full_answer", "control_answer"):
+        if not isinstance(record[key], str):
+            return f"{key} is not text"
+    for key in ("full", "control"):
+        try:
+            scores = np.asarray(record[key], dtype=np.float64)
+        except (TypeError, ValueError):
+            return f"{key} is not a table of numbers"
+        if scores.ndim != 2:
+            return f"{key} has shape {list(scores.shape)}, not [layers, heads]"
+        if first and scores.shape != first[0]:
+            return f"{key} has shape {list(scores.shape)}, but line {first[1]}'s has {list(first[0])}"
+    return None
 
 
 def _outputs_current(out: Path, pair_ids: list, topk: int) -> bool:
@@ -208,13 +311,14 @@ def _outputs_current(out: Path, pair_ids: list, topk: int) -> bool:
 
 # --- scoring --------------------------------------------------------------------------
 
-def score_dataset(adapter, args, pairs: list[Pair], corner: str, out: Path) -> None:
+def score_dataset(adapter, args, dataset: CornerDataset, out: Path) -> None:
     """Score the pairs not yet in OUT/pairs_scores.jsonl, then rebuild the corner's outputs from that file."""
+    pairs, corner = dataset.pairs, dataset.corner
     out.mkdir(parents=True, exist_ok=True)
-    settings = scoring_settings(adapter, args, corner)
+    settings = scoring_settings(adapter, args, dataset)
     check_resume(out, settings)
     pairs_path = out / PAIRS_FILE
-    done = {record["id"] for record in read_jsonl(pairs_path)}
+    done = {record["id"] for record in read_pair_records(pairs_path)}
     todo = [pair for pair in pairs if pair.id not in done]
     if not todo and _outputs_current(out, [pair.id for pair in pairs], args.topk):
         log.info("%s: all %d pairs already scored in %s; nothing to redo", corner, len(pairs), out)
@@ -225,10 +329,10 @@ def score_dataset(adapter, args, pairs: list[Pair], corner: str, out: Path) -> N
         log.info("%s: resuming; %d of %d pairs already in %s", corner, len(pairs) - len(todo), len(pairs), pairs_path)
     else:
         write_json(out / SETTINGS_FILE, settings)
-    record = run_record(args, adapter, dataset=str(pairs[0].full_image.parent.parent))
+    record = run_record(args, adapter, dataset=str(dataset.folder))
     start_run(out / "run.json", record)
     skipped = score_pairs(adapter, args, todo, corner, pairs_path)
-    by_id = {r["id"]: r for r in read_jsonl(pairs_path)}
+    by_id = {r["id"]: r for r in read_pair_records(pairs_path)}
     records = [by_id[pair.id] for pair in pairs if pair.id in by_id]  # the data set's order, as an unbroken run has
     if not records:
         raise DataError(f"{corner}: none of the {len(pairs)} pairs could be scored (see the warnings above)")
@@ -240,7 +344,7 @@ def score_pairs(adapter, args, pairs: list[Pair], corner: str, pairs_path: Path)
     """Score ``pairs`` batch by batch, appending one record per pair to ``pairs_path`` as each batch
     finishes; returns the pairs skipped because their images cannot be used, with why."""
     layers = M.layer_indices(args.layers, adapter.num_layers)
-    prompt = args.prompt.format(corner=CORNER_WORDS[corner])
+    prompt = fill_corner_prompt(args.prompt, corner)
     columns = partial(_scored_positions, corner=args.corner or corner, patch_size=args.patch_size)
     batch_size = default_batch_size(args, adapter.device)
     skipped = []
@@ -266,7 +370,7 @@ def write_outputs(adapter, args, pairs: list[Pair], corner: str, out: Path, reco
                   skipped: list[dict]) -> dict:
     """The cubes, the blank control, answers.csv, the count plot and meta.json from the pair records."""
     layers = M.layer_indices(args.layers, adapter.num_layers)
-    prompt = args.prompt.format(corner=CORNER_WORDS[corner])
+    prompt = fill_corner_prompt(args.prompt, corner)
     full = np.stack([np.asarray(r["full"], np.float32) for r in records], axis=-1)  # [L, H, N]
     control = np.stack([np.asarray(r["control"], np.float32) for r in records], axis=-1)
     blank_on_block, blank_on_image, block = score_blank(adapter, args, pairs, corner, prompt, layers)
@@ -282,8 +386,9 @@ def write_outputs(adapter, args, pairs: list[Pair], corner: str, out: Path, reco
     write_atomic(out / "answers.csv", _answers_csv(answers))
     _plot_counts(out / "count_bars.png", count.sum(-1), [l + 1 for l in layers], corner, args.topk)
     meta = {"model": args.model, "model_path": adapter.model_path, "feed_size": adapter.feed_size,
-            "layers": [l + 1 for l in layers], "L": len(layers), "H": adapter.num_heads, "N": len(records),
-            "topk": args.topk, "prompt": prompt, "corner": corner,
+            "dtype": _dtype_name(adapter.dtype), "layers": [l + 1 for l in layers], "L": len(layers),
+            "H": adapter.num_heads, "N": len(records), "topk": args.topk, "prompt": prompt,
+            "prompt_template": args.prompt, "corner": corner,
             "patch_corner": (args.corner or corner) if args.patch_size else None, "patch_size": args.patch_size,
             "blank_block": block, "max_new_tokens": args.max_new_tokens, "pair_ids": [r["id"] for r in records],
             "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from string import Formatter
 
 import numpy as np
 from PIL import Image
@@ -37,6 +38,23 @@ def corner_prompt(corner: str) -> str:
     if corner not in CORNER_WORDS:
         raise OptionError(f"corner {corner!r}: choose from {', '.join(CORNERS)}")
     return f"Is there anything in the {CORNER_WORDS[corner]} corner?"
+
+
+def fill_corner_prompt(template: str, corner: str, source: str = "--prompt") -> str:
+    """``template`` with '{corner}' replaced by the corner's words ('top left'). OptionError naming
+    ``source`` (the option or file the template came from) when it is empty or holds any other
+    placeholder, so that a caller can check a template before a model loads."""
+    words = CORNER_WORDS[corner]
+    if not template.strip():
+        raise OptionError(f"{source} {template!r}: empty; ask a question, e.g. {corner_prompt(corner)!r}")
+    try:
+        fields = {field for _, field, _, _ in Formatter().parse(template) if field is not None}
+        if fields <= {"corner"}:  # '{0}', '{}', '{corner[0]}' or '{corner.x}' are other fields
+            return template.format(corner=words)
+    except (ValueError, KeyError, IndexError, AttributeError):  # unbalanced braces, a bad format spec
+        pass
+    raise OptionError(f"{source} {template!r}: '{{corner}}' is the only placeholder a prompt may hold; "
+                      "write other braces doubled ({{ }})")
 
 
 @dataclass(frozen=True)

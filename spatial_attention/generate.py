@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +42,10 @@ GOLDEN = math.sqrt(5.0) / 2.0 - 0.5  # pentagon vertex ratio, as in ShapeWorld
 ASPECT = {"triangle": math.sqrt(0.75), "pentagon": math.cos(0.1 * math.pi), "semicircle": 0.5}  # y / x, regular shapes
 BACKGROUND_LIGHT = (245, 245, 245)  # counterfactual pairs
 MIN_IMAGE_SIZE = 32  # below this the thinnest shapes may cover no pixel centre
+# No model here takes more than 3584 px a side (Qwen2-VL's processor limit; LLaVA-1.5 takes 336), so a larger
+# picture is only scaled down; and drawing holds the picture and a few float64 image-sized arrays per shape:
+# about 130 MB each at 4096 px, while at 100000 px the picture alone is 28 GiB (numpy's bare out-of-memory error).
+MAX_IMAGE_SIZE = 4096
 
 Box = tuple[float, float, float, float]
 
@@ -158,11 +163,38 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def _check_options(seed: int, image_size: int, **counts: int) -> None:
-    """OptionError for a count below 1, a negative seed or an image too small to draw shapes in."""
+    """OptionError for a count below 1, a negative seed or an image too small or too large to draw."""
     check_at_least(1, **counts)
     check_at_least(0, seed=seed)
     if image_size < MIN_IMAGE_SIZE:
         raise OptionError(f"--image-size {image_size}: too small to draw the shapes (use {MIN_IMAGE_SIZE} or more)")
+    if image_size > MAX_IMAGE_SIZE:
+        raise OptionError(f"--image-size {image_size}: too large to draw in memory, and no model here takes "
+                          f"more than 3584 px a side (use {MAX_IMAGE_SIZE} or less)")
+
+
+def _data_there(out: Path, what: str, delete: Path) -> OptionError:
+    """Generating over an earlier data set would leave its files that the new run does not write (a shard,
+    an image) beside the new ones: a silently mixed data set."""
+    return OptionError(f"--out {out}: already holds {what}; choose an empty folder or delete {delete} first "
+                       "(generating over it would mix two data sets)")
+
+
+def _check_no_shards(out: Path) -> None:
+    """OptionError when ``out`` already holds shard folders (finished or not)."""
+    there = sorted(p.name for p in out.glob("shard*") if p.is_dir() and re.fullmatch(r"shard\d+", p.name))
+    if there:
+        raise _data_there(out, f"shard folders ({', '.join(there[:3])}{', ...' if len(there) > 3 else ''})", out)
+
+
+def _check_corners_not_generated(out: Path, corners: Sequence[str]) -> None:
+    """OptionError when a corner to write already has a finished folder. One without metadata.jsonl (written
+    last) is an interrupted run and is completed in place, as run_corner_experiments.sh asks for: nothing
+    reads an image that metadata.jsonl does not name."""
+    for corner in corners:
+        folder = out / f"dataset_{corner}"
+        if (folder / "metadata.jsonl").exists():
+            raise _data_there(out, f"dataset_{corner}/metadata.jsonl", folder)
 
 
 # ----------------------------------------------------------------------------- ShapeWorld
@@ -231,9 +263,10 @@ def generate_shapeworld(out: Path, shards: int = 5, worlds_per_shard: int = 100,
                         image_size: int = 100) -> Path:
     """Write ``out/shard{k}/`` for k < shards, each with ``worlds_per_shard``
     worlds; every caption true (agreement 1.0). Shard k depends only on
-    (seed, k). Returns ``out``."""
+    (seed, k). Refuses a folder that already holds shards. Returns ``out``."""
     _check_options(seed, image_size, shards=shards, worlds_per_shard=worlds_per_shard)
     out = Path(out)
+    _check_no_shards(out)
     for shard in range(shards):
         rng = np.random.default_rng([seed, shard])
         shard_dir = out / f"shard{shard}"
@@ -264,11 +297,13 @@ def generate_counterfactual(out: Path, count: int = 100, image_size: int = 64, s
     """Write ``out/dataset_{corner}/`` for each corner: ``count`` pairs of a full
     image (subject in the corner cell of a 3x3 grid, object in the opposite
     corner cell) and its control (the subject removed), plus metadata.jsonl.
-    A corner's folder depends only on (seed, corner). Returns the folders."""
+    A corner's folder depends only on (seed, corner); one that is already
+    finished (has metadata.jsonl) is refused. Returns the folders."""
     _check_options(seed, image_size, count=count)
     unknown = [c for c in corners if c not in CORNERS]
     if unknown or not corners:
         raise OptionError(f"--corners {','.join(corners)!r}: choose from {', '.join(CORNERS)}")
+    _check_corners_not_generated(Path(out), corners)
     margin = image_size / 16
     cell = (image_size - 2 * margin) / 3
     folders = []

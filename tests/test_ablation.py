@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,8 +172,9 @@ def test_yes_no_tokens(adapter):
 
 # --- which heads ----------------------------------------------------------------------
 
-def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, **meta) -> Path:
+def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, depth=None, **meta) -> Path:
     """A stats dir whose largest |mean(full - control)| cells are (layer 4, head 1) > (layer 2, head 3);
+    ``depth``: the scoring model's number of layers, recorded in run.json as head_attention_stats.py does;
     ``meta``: more meta.json entries (e.g. model, model_path)."""
     full = np.full((len(layers), heads, n), 0.5, np.float32)
     control = full.copy()
@@ -185,6 +188,8 @@ def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, **meta) -> Path:
     (folder / "meta.json").write_text(json.dumps({"corner": "topright", "layers": list(layers), "H": heads, "N": n,
                                                   "topk": 1, "prompt": "Is there anything in the top right corner?",
                                                   **meta}))
+    if depth is not None:
+        (folder / "run.json").write_text(json.dumps({"model": {"num_layers": depth, "num_heads": heads}}))
     return folder
 
 
@@ -298,12 +303,35 @@ def test_out_dir_that_is_a_file_fails_before_loading(tmp_path, corner_data, caps
     (["--random-controls", "0"], "--random-controls 0: must be at least 1"),
     (["--layers", "all"], "--layers does not apply here"),
     (["--prompt", "Is there a {shape} in the {corner}?"], "'{corner}' is the only placeholder"),
+    (["--prompt", ""], "--prompt '': empty; ask a question"),  # was: the stats dir's prompt, silently
+    (["--prompt", "  "], "--prompt '  ': empty"),
 ])
 def test_bad_options_fail_before_loading(tmp_path, corner_data, capsys, no_model_load, option, message):
     stats = fake_stats(tmp_path / "stats")
     error = run_cli(["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
                      str(corner_data), "--heads", "top:1", "--out-dir", str(tmp_path / "out"), *option], capsys)
     assert message in error and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("heads, depth, message", [
+    ("99.0", 4, "head 99.0 is outside the model's layers 1..4 and heads 0..3"),
+    ("1.99", 4, "head 1.99 is outside the model's layers 1..4 and heads 0..3"),
+    ("1.99", None, "head 1.99 is outside the model's heads 0..3"),  # no run.json: meta.json's H still tells
+])
+def test_heads_outside_the_stats_model_fail_before_loading(tmp_path, corner_data, capsys, no_model_load, heads,
+                                                           depth, message):
+    stats = fake_stats(tmp_path / "stats", depth=depth)
+    error = run_cli(["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
+                     str(corner_data), "--heads", heads, "--out-dir", str(tmp_path / "out")], capsys)
+    assert f"error: --heads '{heads}': {message}" == error and not (tmp_path / "out").exists()
+
+
+def test_layer_outside_the_scored_ones_is_left_to_the_model(tmp_path, corner_data, no_model_load):
+    """meta.json's layers are the scored ones only: without the model's depth a deeper layer may exist."""
+    stats = fake_stats(tmp_path / "stats")
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main(["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
+              str(corner_data), "--heads", "9.0", "--out-dir", str(tmp_path / "out")])
 
 
 @pytest.mark.parametrize("meta, argv, message", [
@@ -332,6 +360,79 @@ def test_same_checkpoint_by_another_path_is_accepted(tmp_path, corner_data, monk
               "--dataset", str(corner_data), "--heads", "top:1", "--out-dir", str(tmp_path / "out")])
 
 
+EARLIER_SUMMARY = json.dumps({"heads": [{"layer": 4, "head": 1}]})  # fake_stats's top:1
+
+
+def earlier_ablation(out: Path, argv: list[str], status: str = "finished", summary: str = EARLIER_SUMMARY) -> None:
+    """An out-dir as a run of ``argv`` leaves it: summary.json, and run.json with the settings and ``status``."""
+    from spatial_attention.ablation import build_parser
+    from spatial_attention.runio import run_record
+
+    out.mkdir()
+    (out / "summary.json").write_text(summary)
+    (out / "run.json").write_text(json.dumps({**run_record(build_parser().parse_args(argv)), "status": status}))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--mode", "mean", "--mode 'zero', not 'mean'"),
+    ("--heads", "top:2", "--heads 'top:1', not 'top:2'"),
+    ("--random-controls", "5", "--random-controls 20, not 5"),
+    ("--dataset", "{copy}", "--dataset '{data}', not '{copy}'"),  # another data set of the same corner
+])
+def test_out_dir_with_an_ablation_of_other_settings_is_refused(tmp_path, corner_data, capsys, no_model_load,
+                                                               option, value, message):
+    """Was: ablation.csv and summary.json of the earlier run silently written over."""
+    stats, out, copy = fake_stats(tmp_path / "stats"), tmp_path / "out", tmp_path / "copy"
+    shutil.copytree(corner_data, copy)
+    argv = ["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
+            str(corner_data), "--heads", "top:1", "--out-dir", str(out)]
+    earlier_ablation(out, argv)
+    error = run_cli([*argv, option, value.format(copy=copy)], capsys)
+    difference = message.format(data=corner_data, copy=copy)
+    assert error == (f"error: --out-dir {out}: holds an ablation made with {difference}; choose another --out-dir, "
+                     f"or delete {out} to replace it")
+    assert (out / "summary.json").read_text() == EARLIER_SUMMARY
+
+
+def test_out_dir_with_the_same_ablation(tmp_path, corner_data, monkeypatch, caplog, no_model_load):
+    """Finished with the same settings (another --batch-size and --device do not count; the same folder by
+    another path is the same): nothing to do. Unfinished (summary.json written, the run failed after it): redone."""
+    stats, out = fake_stats(tmp_path / "stats"), tmp_path / "out"
+    argv = ["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
+            str(corner_data), "--heads", "top:1", "--out-dir", str(out)]
+    earlier_ablation(out, argv)
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO, logger="spatial_attention")
+    main([*argv[:5], "stats", *argv[6:], "--batch-size", "3", "--device", "cpu"])
+    assert "already holds this ablation, finished with the same settings" in caplog.text
+    assert (out / "summary.json").read_text() == EARLIER_SUMMARY
+    earlier_ablation(out.with_name("failed"), argv, status="failed")
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main([*argv[:-1], str(out.with_name("failed"))])
+
+
+def test_out_dir_with_an_ablation_of_heads_the_spec_no_longer_names_is_refused(tmp_path, corner_data, capsys,
+                                                                              no_model_load):
+    """The same --heads text, other heads: 'unique' after a new analysis names another head."""
+    stats, out = fake_stats(tmp_path / "stats"), tmp_path / "out"
+    argv = ["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
+            str(corner_data), "--heads", "top:1", "--out-dir", str(out)]
+    earlier_ablation(out, argv, summary=json.dumps({"heads": [{"layer": 2, "head": 3}]}))
+    error = run_cli(argv, capsys)
+    assert error == (f"error: --out-dir {out}: holds an ablation of heads 2.3, but --heads top:1 now names 4.1; "
+                     f"choose another --out-dir, or delete {out} to replace it")
+
+
+def test_out_dir_with_an_ablation_of_unknown_settings_is_refused(tmp_path, corner_data, capsys, no_model_load):
+    stats, out = fake_stats(tmp_path / "stats"), tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    error = run_cli(["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
+                     str(corner_data), "--heads", "top:1", "--out-dir", str(out)], capsys)
+    assert error == (f"error: --out-dir {out}: holds an ablation (summary.json) but no run.json that says how it "
+                     f"was made; choose another --out-dir, or delete {out} to replace it")
+
+
 @pytest.mark.parametrize("family, heads, mode", [("llava", "unique", "zero"), ("qwen2", "top:2", "mean")])
 def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models):
     stats = tmp_path / "head_diff_stats_topleft"
@@ -339,8 +440,9 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
                        "--out-dir", str(stats), "--batch-size", "4", "--feed-size", "224"])
     fake_analysis(tmp_path / "count_shared_unique")  # found beside the stats dir
     out = tmp_path / "ablation"
-    main(["--model", family, "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset", str(corner_data),
-          "--heads", heads, "--mode", mode, "--random-controls", "3", "--batch-size", "8", "--out-dir", str(out)])
+    argv = ["--model", family, "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset", str(corner_data),
+            "--heads", heads, "--mode", mode, "--random-controls", "3", "--batch-size", "8", "--out-dir", str(out)]
+    main(argv)
 
     summary = json.loads((out / "summary.json").read_text())
     chosen = parse_heads(heads, load_corner_run(stats), tmp_path / "count_shared_unique")
@@ -372,3 +474,7 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
     assert (out / "figures" / "effect_vs_random.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["heads"] == heads and run["status"] == "finished"
+    main(argv)  # done already: left as it is
+    assert json.loads((out / "run.json").read_text()) == run
+    with pytest.raises(SystemExit):  # other settings: refused
+        main([*argv, "--random-controls", "4"])

@@ -23,9 +23,10 @@ from PIL import Image
 from models.base import Batch
 from spatial_attention.capture import CaptureRequest
 from spatial_attention import corner_stats
-from spatial_attention.corner_stats import PAIRS_FILE, _scored_positions, build_parser, main, score_dataset
+from spatial_attention.corner_stats import (DEFAULT_PROMPT, PAIRS_FILE, SETTINGS_FILE, _scored_positions, build_parser,
+                                            main, read_dataset, score_dataset, scoring_settings, settings_before_load)
 from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, read_pairs
-from spatial_attention.errors import OptionError
+from spatial_attention.errors import DataError, OptionError
 from spatial_attention.generate import generate_counterfactual
 from spatial_attention.reference import reference_capture
 from spatial_attention.runio import read_jsonl
@@ -61,10 +62,10 @@ def stats_args(family: str, *options: str):
     return args
 
 
-def run_step(adapter, folder: Path, out: Path, *options: str, corner: str = "topleft") -> dict[str, np.ndarray]:
+def run_step(adapter, folder: Path, out: Path, *options: str) -> dict[str, np.ndarray]:
     """score_dataset on the session's adapter; the saved files as arrays (plus meta and answers)."""
     args = stats_args(adapter.family, *options)
-    score_dataset(adapter, args, read_pairs(folder, limit=args.max_pairs), corner, out)
+    score_dataset(adapter, args, read_dataset(folder, args.max_pairs), out)
     saved = {name: np.load(out / f"{name}.npy") for name in ARRAYS}
     saved["meta"] = json.loads((out / "meta.json").read_text())
     with open(out / "answers.csv") as f:
@@ -128,9 +129,9 @@ def test_sweep_end_to_end(family, tmp_path, tiny_models):
 
 def test_failing_step_stops_the_sweep(tmp_path):
     generate_counterfactual(tmp_path / "data", count=1)
-    done = run_sweep(tmp_path, MODEL="llava", COUNT="0")  # the data is there: the scoring step gets --max-pairs 0
+    done = run_sweep(tmp_path, MODEL="llava", DEVICE="nonsense")  # the script passes it on; the scoring step refuses
     assert done.returncode == 2
-    assert "error: --max-pairs 0: must be at least 1" in done.stderr
+    assert "error: --device 'nonsense': not a device" in done.stderr
     assert "== shared / unique" not in done.stderr and not (tmp_path / "out" / "count_shared_unique").exists()
 
 
@@ -142,6 +143,10 @@ def test_failing_step_stops_the_sweep(tmp_path):
     (["--feed-size", "0"], "--feed-size 0: must be at least 1"),
     (["--seed", "-1"], "--seed -1: must be 0 or more"),
     (["--model", "qwen2", "--feed-size", "13"], "--feed-size 13: Qwen2-VL needs a multiple of 28"),
+    (["--prompt", "{foo}"], "--prompt '{foo}': '{corner}' is the only placeholder"),
+    (["--prompt", "Is it in the {corner"], "'{corner}' is the only placeholder"),
+    (["--prompt", "{0} corner?"], "'{corner}' is the only placeholder"),
+    (["--prompt", ""], "--prompt '': empty"),
 ])
 def test_bad_options_fail_before_loading(options, message, topleft, capsys, no_model_load):
     with pytest.raises(SystemExit) as exit_info:  # a later --model wins
@@ -212,6 +217,7 @@ def test_scores_equal_reference_and_batching(adapter, topleft, tmp_path):
         np.testing.assert_allclose(three[name], one[name][[0, 2]], atol=1e-5)
     assert (three["count_LHN"] == one["count_LHN"][[0, 2]]).all()
     assert three["answers"] == one["answers"]
+    assert one["meta"]["prompt_template"] == DEFAULT_PROMPT and one["meta"]["dtype"] == "float32"
 
     want = reference_scores(adapter, topleft, lambda lay: lay.image_positions)
     np.testing.assert_allclose(one["scores_full_LHN"], np.moveaxis(want[0:6:2], 0, -1), atol=1e-5)
@@ -281,8 +287,8 @@ def two_corners(tmp_path_factory) -> dict[str, Path]:
 def test_default_blank_control_is_about_the_corner(adapter, two_corners, tmp_path):
     """Without --patch-size the pairs are scored on all image tokens, but the blank image on the corner
     quarter: with one prompt for both corners the blank scores differ between them only there."""
-    got = {corner: run_step(adapter, folder, tmp_path / corner, "--prompt", "Is there anything here?",
-                            corner=corner) for corner, folder in two_corners.items()}
+    got = {corner: run_step(adapter, folder, tmp_path / corner, "--prompt", "Is there anything here?")
+           for corner, folder in two_corners.items()}
     blank = Image.new("RGB", read_pairs(two_corners["topleft"])[0].load_images()[1].size, (245, 245, 245))
     batch = adapter.encode(["Is there anything here?"], [blank])
     gh, gw = batch.layouts[0].grid
@@ -369,3 +375,143 @@ def test_out_dir_that_is_a_file_fails_before_loading(topleft, tmp_path, capsys, 
         main(["--model", "llava", "--model-path", "tiny-random", "--dataset", str(topleft), "--out-dir", str(taken)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: --out-dir {taken}: is a file")
+
+
+# --- what a rerun checks, before and after the model loads ---------------------------------
+
+@pytest.fixture(scope="module")
+def scored(tiny_models, topleft, tmp_path_factory) -> dict[str, Path]:
+    """family -> an out-dir with the three top-left pairs scored (Qwen2-VL fed at 224)."""
+    tiny_models["qwen2"].set_feed_size(224)
+    outs = {}
+    for family, adapter in tiny_models.items():
+        outs[family] = tmp_path_factory.mktemp(f"scored_{family}")
+        run_step(adapter, topleft, outs[family])
+    return outs
+
+
+def copy_of(out: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def rerun(family: str, folder: Path, out: Path, *options: str) -> None:
+    """main() on the CPU, as the scored fixture was run (with no_model_load: it ends at the load)."""
+    feed = ["--feed-size", "224"] if family == "qwen2" else []
+    main(["--model", family, "--model-path", "tiny-random", "--device", "cpu", "--dataset", str(folder),
+          "--out-dir", str(out), *feed, *options])
+
+
+def one_line_error(capsys, exit_info) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_settings_known_before_loading_are_the_loaded_ones(family, tiny_models, topleft):
+    """What main() compares before the load is what the loaded model gives (else a valid resume is refused)."""
+    adapter = tiny_models[family]
+    adapter.set_feed_size(224)
+    for layers in ([], ["--layers", "1,3"]):
+        args = stats_args(family, "--model-path", "tiny-random", "--device", "cpu", "--feed-size", "224", *layers)
+        dataset = read_dataset(topleft, None)
+        before, after = settings_before_load(args, dataset), scoring_settings(adapter, args, dataset)
+        assert before == {key: after[key] for key in before}
+        assert ("layers" in before) == bool(layers) and after["dataset"] == str(topleft.resolve())
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_matching_rerun_reaches_the_load(family, scored, topleft, tmp_path, no_model_load):
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        rerun(family, topleft, copy_of(scored[family], tmp_path))
+
+
+@pytest.mark.parametrize("family, options, option", [
+    ("llava", ["--model-path", "other-checkpoint"], "--model-path"),
+    ("llava", ["--revision", "v2"], "--revision"),
+    ("llava", ["--dtype", "bf16"], "--dtype"),
+    ("llava", ["--prompt", "Anything in the {corner}?"], "--prompt"),
+    ("llava", ["--patch-size", "2"], "--patch-size"),
+    ("llava", ["--max-new-tokens", "2"], "--max-new-tokens"),
+    ("llava", ["--layers", "1,3"], "--layers"),
+    ("qwen2", ["--feed-size", "336"], "--feed-size"),
+])
+def test_changed_setting_is_refused_before_loading(family, options, option, scored, topleft, tmp_path, capsys,
+                                                   no_model_load):
+    with pytest.raises(SystemExit) as exit_info:
+        rerun(family, topleft, copy_of(scored[family], tmp_path), *options)  # a later --feed-size wins
+    assert f"its pairs were scored with {option} " in one_line_error(capsys, exit_info)
+
+
+def test_rerun_on_another_dataset_of_the_corner_is_refused(tiny_models, scored, topleft, tmp_path, capsys,
+                                                           no_model_load):
+    """Pair ids 0-2 again, but other pictures: another folder, or the same folder regenerated."""
+    out = copy_of(scored["llava"], tmp_path)
+    other = generate_counterfactual(tmp_path / "other", count=3, image_size=80, seed=9, corners=["topleft"])[0]
+    with pytest.raises(SystemExit) as exit_info:
+        rerun("llava", other, out)
+    assert f"its pairs were scored with --dataset {str(topleft.resolve())!r}" in one_line_error(capsys, exit_info)
+    with pytest.raises(OptionError, match="scored with --dataset "):  # the same check after the load
+        run_step(tiny_models["llava"], other, out)
+
+    regenerated = tmp_path / "regenerated" / "dataset_topleft"
+    shutil.copytree(topleft, regenerated)
+    run_step(tiny_models["llava"], regenerated, tmp_path / "out2")
+    capsys.readouterr()  # its progress bars
+    shutil.rmtree(regenerated)
+    generate_counterfactual(regenerated.parent, count=3, image_size=80, seed=9, corners=["topleft"])
+    with pytest.raises(SystemExit) as exit_info:
+        rerun("llava", regenerated, tmp_path / "out2")
+    assert "scored with --dataset (sha256 of its metadata.jsonl) " in one_line_error(capsys, exit_info)
+
+    settings = json.loads((out / SETTINGS_FILE).read_text())  # an out-dir from before the data set was recorded
+    del settings["dataset"], settings["dataset_sha256"]
+    (out / SETTINGS_FILE).write_text(json.dumps(settings))
+    with pytest.raises(SystemExit) as exit_info:
+        rerun("llava", topleft, out)
+    assert "does not record --dataset, so there is no telling" in one_line_error(capsys, exit_info)
+
+
+def insert_line(path: Path, number: int, line: str) -> None:
+    lines = path.read_text().splitlines(keepends=True)
+    lines.insert(number - 1, line + "\n")
+    path.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("[1, 2]", "not a JSON object"),
+    ('{"id": 3}', "lacks full, control, full_answer, control_answer"),
+    ('{"id": 3, "full": [[0.1]], "control": [[0.1]], "full_answer": "", "control_answer": ""}',
+     "full has shape [1, 1], but line 1's has ["),
+    ('{"id": 3, "full": [0.1], "control": [0.1], "full_answer": "", "control_answer": ""}',
+     "full has shape [1], not [layers, heads]"),
+    ('{"id": 3, "full": "high", "control": [[0.1]], "full_answer": "", "control_answer": ""}',
+     "full is not a table of numbers"),
+    ('{"id": [3], "full": [[0.1]], "control": [[0.1]], "full_answer": "", "control_answer": ""}',
+     "id [3] is not a pair id"),
+])
+def test_foreign_results_line_fails_before_loading(line, problem, scored, topleft, tmp_path, capsys, no_model_load):
+    out = copy_of(scored["llava"], tmp_path)
+    insert_line(out / PAIRS_FILE, 2, line)
+    with pytest.raises(SystemExit) as exit_info:
+        rerun("llava", topleft, out)
+    error = one_line_error(capsys, exit_info)
+    assert error.startswith(f"error: {out / PAIRS_FILE}, line 2: not a scored pair ({problem}")
+    assert error.endswith("; delete that line to rescore that pair")
+
+
+def test_damaged_middle_line_fails_before_loading(scored, topleft, tmp_path, capsys, no_model_load):
+    out = copy_of(scored["llava"], tmp_path)
+    insert_line(out / PAIRS_FILE, 2, '{"id": 1, "full": [[0.1')
+    with pytest.raises(SystemExit) as exit_info:
+        rerun("llava", topleft, out)
+    assert f"{out / PAIRS_FILE}, line 2: not a JSON record" in one_line_error(capsys, exit_info)
+
+
+def test_foreign_results_line_is_named_after_loading(tiny_models, scored, topleft, tmp_path):
+    out = copy_of(scored["llava"], tmp_path)
+    (out / PAIRS_FILE).write_text((out / PAIRS_FILE).read_text() + "\n[1, 2]\n")  # a blank line counts
+    with pytest.raises(DataError, match=rf"{PAIRS_FILE}, line 5: not a scored pair \(not a JSON object\); delete "):
+        run_step(tiny_models["llava"], topleft, out)

@@ -16,7 +16,7 @@ from PIL import Image
 from spatial_attention.cli import ensure_shapeworld
 from spatial_attention.counterfactual import (CORNERS, REQUIRED_FIELDS, corner_prompt, read_pairs,
                                               validate_pairs)
-from spatial_attention.errors import DataError
+from spatial_attention.errors import DataError, OptionError
 from spatial_attention.metrics import entity_mask
 from spatial_attention.generate import generate_counterfactual, generate_shapeworld
 from spatial_attention.shapeworld import (COLORS, RELATIONS, SHAPES, Caption, Entity, ReadStats, Skipped, World,
@@ -489,3 +489,50 @@ def test_cli_rejects_bad_options_in_one_line(tmp_path):
         assert len(run.stderr.strip().splitlines()) == 1 and "Traceback" not in run.stderr
         assert args[2] in run.stderr
     assert not any(tmp_path.iterdir())
+
+
+def run_generator(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "generate_data.py"), *args], capture_output=True, text=True,
+                          cwd=REPO)
+
+
+@pytest.mark.parametrize("command", ["counterfactual", "shapeworld"])
+def test_cli_refuses_an_image_too_large_to_draw(command, tmp_path):
+    """Was a bare numpy out-of-memory traceback."""
+    run = run_generator(command, "--out", str(tmp_path), "--image-size", "100000")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "error: --image-size 100000: too large to draw in memory, and no model here takes more than 3584 px a "
+        "side (use 4096 or less)"]
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(OptionError, match="--image-size 4097: too large"):  # the bound is 4096, exactly
+        generate_counterfactual(tmp_path, count=1, image_size=4097, corners=["topleft"])
+
+
+def test_shapeworld_refuses_a_folder_with_shards(tmp_path):
+    """Two shards of seed 0 overwritten by one shard of seed 5 left shard1 and world-2/3.png of seed 0 beside it."""
+    out = tmp_path / "sw"
+    generate_shapeworld(out, shards=2, worlds_per_shard=4, seed=0)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    run = run_generator("shapeworld", "--out", str(out), "--shards", "1", "--worlds-per-shard", "2", "--seed", "5")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        f"error: --out {out}: already holds shard folders (shard0, shard1); choose an empty folder or delete {out} "
+        "first (generating over it would mix two data sets)"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    (tmp_path / "empty").mkdir()
+    generate_shapeworld(tmp_path / "empty", shards=1, worlds_per_shard=1)  # a folder that exists but is empty: fine
+
+
+def test_counterfactual_refuses_a_finished_corner_and_completes_an_interrupted_one(tmp_path):
+    generate_counterfactual(tmp_path, count=2, corners=["topleft"])
+    with pytest.raises(OptionError) as err:
+        generate_counterfactual(tmp_path, count=3, seed=1, corners=["topright", "topleft"])
+    assert str(err.value) == (f"--out {tmp_path}: already holds dataset_topleft/metadata.jsonl; choose an empty "
+                              f"folder or delete {tmp_path / 'dataset_topleft'} first (generating over it would mix "
+                              "two data sets)")
+    assert not (tmp_path / "dataset_topright").exists()  # refused before anything was written
+    generate_counterfactual(tmp_path, count=2, corners=["bottomleft"])  # other corners beside it, as the sweep does
+    (tmp_path / "dataset_bottomleft" / "metadata.jsonl").unlink()  # interrupted before its last file
+    generate_counterfactual(tmp_path, count=2, corners=["bottomleft"])
+    assert len(read_pairs(tmp_path / "dataset_bottomleft")) == 2

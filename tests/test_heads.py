@@ -277,8 +277,9 @@ def test_position_only_flags_needs_more_than_even_spreading():
 # --- analyze_corner_heads.py end to end ----------------------------------------------------
 
 def _write_run(folder: Path, corner: str, n_pairs: int, layers=(2, 4, 6), n_heads: int = 5, topk: int = 2,
-               blank: bool = False, seed: int = 0, model: str = "tiny", patch_size: int = 3) -> Path:
-    """A synthetic head_attention_stats.py out-dir: head 0 and the corner's own head rise on the full image."""
+               blank: bool = False, seed: int = 0, model: str = "tiny", **settings) -> Path:
+    """A synthetic head_attention_stats.py out-dir: head 0 and the corner's own head rise on the full image;
+    ``settings`` replace meta.json's scoring settings."""
     rng = np.random.default_rng(seed)
     shape = (len(layers), n_heads, n_pairs)
     control = rng.uniform(0.1, 0.3, shape).astype(np.float32)
@@ -299,7 +300,8 @@ def _write_run(folder: Path, corner: str, n_pairs: int, layers=(2, 4, 6), n_head
         np.save(folder / "scores_blank_image_LHM.npy", image)
     meta = {"model": model, "model_path": f"{model}-checkpoint", "layers": list(layers), "H": n_heads, "N": n_pairs,
             "topk": topk, "prompt": f"Is there anything in the {corner} corner?", "corner": corner,
-            "patch_size": patch_size, "versions": {}}
+            "patch_size": 3, "feed_size": [224, 224], "max_new_tokens": 1, "dtype": "float32",
+            "prompt_template": "Is there anything in the {corner} corner?", "versions": {}, **settings}
     if blank:
         meta["blank_block"] = {"corner": corner, "rows": 2, "cols": 2, "grid": [4, 4]}
     (folder / "meta.json").write_text(json.dumps(meta))
@@ -388,15 +390,32 @@ def test_cli_mismatched_layers(tmp_path):
     _assert_one_line_error(_cli(*dirs, "--out-dir", tmp_path / "out"), "layers")
 
 
-def test_exact_floor_above_bh_threshold_warns(tmp_path, caplog):
-    # 4 pairs: exact over 16 sign vectors, floor 2/16 = 0.125 > 0.05 / 15 heads; BH would need
-    # ceil(0.125 x 15 / 0.05) = 38 heads at that floor
-    dirs = [_write_run(tmp_path / c, c, 4, seed=i) for i, c in enumerate(CORNERS)]
+def _floor_warnings(tmp_path: Path, n_pairs: int, caplog) -> tuple[list[str], dict]:
+    dirs = [_write_run(tmp_path / c, c, n_pairs, seed=i) for i, c in enumerate(CORNERS)]
     with caplog.at_level(logging.WARNING, logger="spatial_attention"):
         summary = analyze(load_corner_runs(dirs), tmp_path / "out")
-    warnings = [r.getMessage() for r in caplog.records if "smallest sign-flip p is 0.125" in r.getMessage()]
-    assert len(warnings) == 4 and "at least 38 heads" in warnings[0]
+    return [r.getMessage() for r in caplog.records if "sign-flip p" in r.getMessage()], summary
+
+
+def test_exact_floor_above_alpha_says_no_head_can_be_rejected(tmp_path, caplog):
+    # 4 pairs: exact over 16 sign vectors, floor 2/16 = 0.125 > alpha: no head, however strong, is rejected
+    # (BH would need 38 of the 15 heads at the floor); one head alone can be from 2 / 2^N <= 0.05 / 15, N = 10
+    warnings, summary = _floor_warnings(tmp_path, 4, caplog)
+    assert len(warnings) == 4 and warnings[0] == (
+        "topleft: no head can be rejected with N = 4 pairs at alpha 0.05: the smallest sign-flip p, 0.125, is above "
+        "alpha; Benjamini-Hochberg over 15 heads can reject a head on its own from 10 pairs on")
     assert summary["fdr"]["p_floor"]["topleft"] == 0.125 and summary["significant_heads"]["topleft"] == []
+
+
+@pytest.mark.parametrize("n_pairs, heads", [(8, 3), (9, 2), (10, None)])
+def test_exact_floor_above_bh_threshold_warns(tmp_path, caplog, n_pairs, heads):
+    # 8 pairs: floor 2/256 > 0.05 / 15, BH needs ceil(2/256 x 15 / 0.05) = 3 heads at the floor; from 10 on, none
+    warnings, _ = _floor_warnings(tmp_path, n_pairs, caplog)
+    if heads is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 4 and warnings[0].endswith(
+            f"Benjamini-Hochberg over 15 heads rejects only if at least {heads} heads reach it")
 
 
 def test_cli_refuses_too_few_permutations(corner_dirs, tmp_path):
@@ -406,17 +425,30 @@ def test_cli_refuses_too_few_permutations(corner_dirs, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("key, value", [("model", "other"), ("patch_size", 4), ("topk", 3)])
+@pytest.mark.parametrize("key, value", [("model", "other"), ("patch_size", 4), ("topk", 3), ("feed_size", [336, 336]),
+                                        ("max_new_tokens", 2), ("prompt_template", "Anything in the {corner}?"),
+                                        ("dtype", "bfloat16")])
 def test_cli_refuses_mixed_settings(tmp_path, key, value):
-    # another model family, corner block or top-k in one folder: refused, naming both folders and models
+    # another model family, corner block, top-k, image size, answer length, question or precision in one
+    # folder: refused, naming both folders, models and the differing values
     dirs = [_write_run(tmp_path / c, c, 12, seed=i, **({key: value} if c == "bottomleft" else {}))
             for i, c in enumerate(CORNERS)]
     proc = _cli(*dirs, "--out-dir", tmp_path / "out")
     _assert_one_line_error(proc, f"differ in {key}")
     for needle in (str(tmp_path / "topleft"), str(tmp_path / "bottomleft"), "model 'tiny'",
-                   "model 'other'" if key == "model" else "model 'tiny'"):
+                   "model 'other'" if key == "model" else "model 'tiny'", f"{key} {value!r}"):
         assert needle in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_settings_compared_only_where_both_folders_record_them(tmp_path):
+    # an out-dir from before meta.json recorded prompt_template and dtype goes with newer ones
+    dirs = [_write_run(tmp_path / c, c, 12, seed=i) for i, c in enumerate(CORNERS)]
+    meta_path = dirs[2] / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["prompt_template"], meta["dtype"]
+    meta_path.write_text(json.dumps(meta))
+    assert list(load_corner_runs(dirs)) == list(CORNERS)
 
 
 def test_load_refuses_mixed_model_paths(tmp_path):

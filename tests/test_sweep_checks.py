@@ -1,0 +1,76 @@
+"""run_corner_experiments.sh checks every setting it reads before anything is generated or scored.
+
+The sweep runs with PYTHON set to a stand-in that only notes that it was called: a setting the
+script refuses must stop it before any Python step (data generation, scoring, analysis, ablation)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "run_corner_experiments.sh"
+
+
+def sweep_with_stand_in(tmp_path: Path, **settings: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run the sweep with ``settings``; PYTHON is a stand-in that appends its arguments to the returned
+    file and fails, so that nothing past the first Python step runs."""
+    calls = tmp_path / "python_calls.txt"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f'#!/usr/bin/env bash\necho "$@" >> "{calls}"\nexit 1\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stand_in), "MODEL_PATH": "tiny-random", "DATA_DIR": str(tmp_path / "data"),
+           "OUT_DIR": str(tmp_path / "out"), **settings}
+    done = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    return done, calls
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"ABLATE": "yes"}, "ABLATE=yes: must be one of 0 1"),  # was: silently no ablation
+    ({"ABLATE": "1", "ABLATE_MODE": "foo"}, "ABLATE_MODE=foo: must be one of zero mean"),  # was: after scoring
+    ({"RANDOM_CONTROLS": "0"}, "RANDOM_CONTROLS=0: must be a whole number of 1 or more"),  # was: after scoring
+    ({"RANDOM_CONTROLS": "many"}, "RANDOM_CONTROLS=many: must be a whole number of 1 or more"),
+    ({"COUNT": "0"}, "COUNT=0: must be a whole number of 1 or more"),
+    ({"COUNT": "-5"}, "COUNT=-5: must be a whole number of 1 or more"),
+    ({"TOPK": "1.5"}, "TOPK=1.5: must be a whole number of 1 or more"),
+    ({"MAX_NEW_TOKENS": "0"}, "MAX_NEW_TOKENS=0: must be a whole number of 1 or more"),
+    ({"PATCH_SIZE": "0"}, "PATCH_SIZE=0: must be a whole number of 1 or more"),
+    ({"BATCH_SIZE": "eight"}, "BATCH_SIZE=eight: must be a whole number of 1 or more"),
+    ({"MODEL": "gpt4"}, "MODEL=gpt4: must be one of qwen2 llava"),
+    ({"DTYPE": "int8"}, "DTYPE=int8: must be one of auto bf16 fp16 fp32"),
+])
+def test_bad_setting_stops_the_sweep_before_any_step(tmp_path, settings, error):
+    done, calls = sweep_with_stand_in(tmp_path, **settings)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"error: {error}"]
+    assert not calls.exists() and not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # the defaults
+    {"MODEL": "llava", "COUNT": "010", "ABLATE": "1", "ABLATE_MODE": "mean", "RANDOM_CONTROLS": "3",
+     "PATCH_SIZE": "2", "BATCH_SIZE": "4", "DTYPE": "fp32"},
+])
+def test_good_settings_pass_the_checks(tmp_path, settings):
+    """Valid values reach the first step (here: generating the missing data)."""
+    done, calls = sweep_with_stand_in(tmp_path, **settings)
+    assert done.returncode == 1 and "error:" not in done.stderr
+    assert calls.read_text().split()[:2] == [str(REPO / "generate_data.py"), "counterfactual"]
+
+
+def script_list(name: str) -> list[str]:
+    match = re.search(rf"^{name}=\(([^)]*)\)$", SCRIPT.read_text(), re.MULTILINE)
+    assert match, f"{SCRIPT.name} has no {name}=(...) line"
+    return match[1].split()
+
+
+def test_script_choices_are_the_python_choices():
+    """The script's lists of --mode and --dtype values are copies: they must stay the parser's."""
+    from spatial_attention.ablation import build_parser
+
+    choices = {action.dest: list(action.choices) for action in build_parser()._actions if action.choices}
+    assert script_list("ABLATE_MODES") == choices["mode"]
+    assert script_list("DTYPES") == choices["dtype"]
