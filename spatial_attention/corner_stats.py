@@ -51,8 +51,8 @@ from spatial_attention.cli import (HelpFormatter, add_model_args, check_at_least
 from spatial_attention.counterfactual import CORNERS, Pair, fill_corner_prompt, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.heads import corner_patch_indices, topk_count_cube
-from spatial_attention.runio import (append_jsonl, check_output_dir, finish_run, package_versions, read_jsonl,
-                                     run_record, setup_logging, start_run, write_atomic, write_json)
+from spatial_attention.runio import (append_jsonl, check_output_dir, finish_run, lacks_keys, package_versions,
+                                     read_jsonl, run_record, setup_logging, start_run, write_atomic, write_json)
 
 log = logging.getLogger("spatial_attention")
 DEFAULT_PROMPT = "Is there anything in the {corner} corner?"
@@ -256,31 +256,22 @@ def check_resume(out: Path, settings: dict) -> None:
 def read_pair_records(path: Path) -> list[dict]:
     """The scored pairs in ``path``, each checked: a hand-edited or foreign line is one DataError
     naming its line, not a TypeError while the cubes are stacked."""
-    records = list(read_jsonl(path))  # first: a torn last line is cut off, so the numbering below holds
-    first = None  # (scores shape, line) of the first pair: every pair has the same [layers, heads]
-    for number, record in zip(_record_line_numbers(path), records):
-        problem = _pair_record_problem(record, first)
-        if problem:
-            raise DataError(f"{path}, line {number}: not a scored pair ({problem}); delete that line to rescore "
-                            "that pair")
-        first = first or (np.shape(record["full"]), number)
-    return records
+    first: list = []  # (scores shape, pair id) of the first pair: every pair has the same [layers, heads]
+
+    def problem(record) -> str | None:
+        why = _pair_record_problem(record, first[0] if first else None)
+        if not why and not first:
+            first.append((np.shape(record["full"]), record["id"]))
+        return why
+
+    return list(read_jsonl(path, problem))
 
 
-def _record_line_numbers(path: Path) -> list[int]:
-    """The 1-based numbers of the non-blank lines, the lines read_jsonl gives records for."""
-    if not path.is_file():
-        return []
-    return [number for number, line in enumerate(path.read_bytes().split(b"\n"), start=1) if line.strip()]
-
-
-def _pair_record_problem(record, first: tuple[tuple, int] | None) -> str | None:
-    """Why ``record`` is not a pair record with scores of the first's (shape, line); None if it is."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    missing = [key for key in PAIR_KEYS if key not in record]
-    if missing:
-        return f"lacks {', '.join(missing)}"
+def _pair_record_problem(record, first: tuple[tuple, object] | None) -> str | None:
+    """Why ``record`` is not a pair record with scores of the first's (shape, pair id); None if it is."""
+    lacking = lacks_keys(*PAIR_KEYS)(record)
+    if lacking:
+        return lacking
     if not isinstance(record["id"], (str, int, float)) or isinstance(record["id"], bool):
         return f"id {record['id']!r} is not a pair id"
     for key in ("full_answer", "control_answer"):
@@ -294,7 +285,7 @@ def _pair_record_problem(record, first: tuple[tuple, int] | None) -> str | None:
         if scores.ndim != 2:
             return f"{key} has shape {list(scores.shape)}, not [layers, heads]"
         if first and scores.shape != first[0]:
-            return f"{key} has shape {list(scores.shape)}, but line {first[1]}'s has {list(first[0])}"
+            return f"{key} has shape {list(scores.shape)}, but pair {first[1]!r}'s has {list(first[0])}"
     return None
 
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.stats import json_safe
@@ -76,10 +76,22 @@ def append_jsonl(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> Iterator[dict]:
+RecordCheck = Callable[[object], "str | None"]  # a parsed line -> why it is not a result record, or None
+
+
+def lacks_keys(*keys: str) -> RecordCheck:
+    """A record check: the line must be a JSON object holding ``keys``."""
+    def problem(record) -> str | None:
+        missing = [k for k in keys if k not in record] if isinstance(record, dict) else None
+        return "not a JSON object" if missing is None else (f"lacks {', '.join(missing)}" if missing else None)
+
+    return problem
+
+
+def read_jsonl(path: Path, check: RecordCheck | None = None) -> Iterator[dict]:
     """Stream the complete lines of a JSONL file; a torn last line (a killed run) is cut off
-    with a warning, so that it is redone. A line that is JSON but not a record with the
-    ``required`` keys is a DataError naming the line."""
+    with a warning, so that it is redone. A line that is JSON but that ``check`` finds is no
+    result record is a DataError naming the line."""
     path = Path(path)
     if not path.exists():
         return
@@ -97,10 +109,10 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> Iterator[dict]:
                 except ValueError:  # not JSON, or not UTF-8
                     pending = offset
                     continue
-                missing = [k for k in required if k not in record] if isinstance(record, dict) else list(required)
-                if missing:
-                    raise DataError(f"{path}, line {number}: not a result record here (lacks {', '.join(missing)}); "
-                                    f"delete that line to redo its item, or use another output folder")
+                problem = check(record) if check else None
+                if problem:
+                    raise DataError(f"{path}, line {number}: not a result record here ({problem}); delete that "
+                                    f"line to redo its item, or use another output folder")
                 yield record
             offset += len(line)
     if pending is not None:
@@ -226,12 +238,12 @@ class ProcessShare:
         path = Path(path)
         return path if self.size == 1 else path.with_name(f"{path.stem}.part{self.rank}{path.suffix}")
 
-    def existing_records(self, path: Path, required: tuple[str, ...] = ()) -> Iterator[dict]:
+    def existing_records(self, path: Path, check: RecordCheck | None = None) -> Iterator[dict]:
         """What earlier runs finished: ``path`` and any part files a killed multi-process run left
-        (each record checked for the ``required`` keys)."""
+        (each record passed through ``check``, see read_jsonl)."""
         path = Path(path)
         for source in [path, *sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))]:
-            yield from read_jsonl(source, required)
+            yield from read_jsonl(source, check)
 
     def wait(self) -> None:
         self.state.wait_for_everyone()

@@ -30,7 +30,7 @@ from spatial_attention.capture import CaptureRequest, capture
 from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, load_model, parse_shards,
                                    prepare_run, user_errors_exit)
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import (append_jsonl, finish_run, read_jsonl, run_record, setup_logging, start_run,
+from spatial_attention.runio import (append_jsonl, finish_run, lacks_keys, read_jsonl, run_record, setup_logging, start_run,
                                      write_atomic, write_json)
 from spatial_attention.shapeworld import (FLIPPED_RELATION, Caption, ReadStats, Skipped, counterfactual_caption,
                                          iter_worlds)
@@ -67,7 +67,7 @@ def run(family: str, args) -> None:
     share, data = prepare_run(family, args)
     out = args.out
     pairs_path = out / "pairs.jsonl"
-    existing = list(share.existing_records(pairs_path, (*CSV_COLUMNS, "layers")))  # damaged: fails before loading
+    existing = list(share.existing_records(pairs_path, lacks_keys(*CSV_COLUMNS, "layers")))  # fails before loading
     captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
     adapter, layers, batch_size = load_model(family, args, share, default_layers="all")
     _check_same_layers(existing, layers, out)

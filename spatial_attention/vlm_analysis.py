@@ -27,7 +27,8 @@ from spatial_attention.capture import CaptureRequest, capture
 from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, check_at_least, load_model,
                                    parse_shards, prepare_run, user_errors_exit)
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import append_jsonl, finish_run, read_jsonl, run_record, setup_logging, start_run
+from spatial_attention.runio import (append_jsonl, finish_run, lacks_keys, read_jsonl, run_record, setup_logging,
+                                     start_run)
 from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
 
 log = logging.getLogger("spatial_attention")
@@ -80,7 +81,7 @@ def run(family: str, args, relations: list[str]) -> None:
     share, data = prepare_run(family, args)
     out = args.out
     samples_path = out / "samples.jsonl"
-    done = {_key(r) for r in share.existing_records(samples_path, RECORD_KEYS)}
+    done = {_key(r) for r in share.existing_records(samples_path, lacks_keys(*RECORD_KEYS))}
     worlds, skipped = _select_worlds(data, parse_shards(args.shards), relations, args.limit)
     adapter, layers, batch_size = load_model(family, args, share)
     (out / "figures").mkdir(parents=True, exist_ok=True)

@@ -484,7 +484,7 @@ def insert_line(path: Path, number: int, line: str) -> None:
     ("[1, 2]", "not a JSON object"),
     ('{"id": 3}', "lacks full, control, full_answer, control_answer"),
     ('{"id": 3, "full": [[0.1]], "control": [[0.1]], "full_answer": "", "control_answer": ""}',
-     "full has shape [1, 1], but line 1's has ["),
+     "full has shape [1, 1], but pair 0's has ["),
     ('{"id": 3, "full": [0.1], "control": [0.1], "full_answer": "", "control_answer": ""}',
      "full has shape [1], not [layers, heads]"),
     ('{"id": 3, "full": "high", "control": [[0.1]], "full_answer": "", "control_answer": ""}',
@@ -498,8 +498,8 @@ def test_foreign_results_line_fails_before_loading(line, problem, scored, toplef
     with pytest.raises(SystemExit) as exit_info:
         rerun("llava", topleft, out)
     error = one_line_error(capsys, exit_info)
-    assert error.startswith(f"error: {out / PAIRS_FILE}, line 2: not a scored pair ({problem}")
-    assert error.endswith("; delete that line to rescore that pair")
+    assert error.startswith(f"error: {out / PAIRS_FILE}, line 2: not a result record here ({problem}")
+    assert error.endswith("; delete that line to redo its item, or use another output folder")
 
 
 def test_damaged_middle_line_fails_before_loading(scored, topleft, tmp_path, capsys, no_model_load):
@@ -513,5 +513,5 @@ def test_damaged_middle_line_fails_before_loading(scored, topleft, tmp_path, cap
 def test_foreign_results_line_is_named_after_loading(tiny_models, scored, topleft, tmp_path):
     out = copy_of(scored["llava"], tmp_path)
     (out / PAIRS_FILE).write_text((out / PAIRS_FILE).read_text() + "\n[1, 2]\n")  # a blank line counts
-    with pytest.raises(DataError, match=rf"{PAIRS_FILE}, line 5: not a scored pair \(not a JSON object\); delete "):
+    with pytest.raises(DataError, match=rf"{PAIRS_FILE}, line 5: not a result record here \(not a JSON object\); "):
         run_step(tiny_models["llava"], topleft, out)
