@@ -16,8 +16,9 @@
 # A missing corner data set is generated first (COUNT pairs), with a notice.
 # Rerunning resumes: each corner folder keeps its scored pairs in pairs_scores.jsonl, a complete corner is
 # not rescored, and a pair whose images cannot be used is skipped with a warning (counted in its meta.json);
-# a finished ablation folder is left as it is, and one made with other settings (ABLATE_MODE, RANDOM_CONTROLS,
-# COUNT ...) is refused: choose another OUT_DIR or delete it. A bad setting stops the sweep before any step.
+# a finished ablation folder is left as it is, an interrupted one resumes, and one made with other settings
+# (ABLATE_MODE, RANDOM_CONTROLS ...) is refused: choose another OUT_DIR or delete it. A bad setting stops the
+# sweep before any step.
 # Relative paths are taken from the current folder, as for the Python scripts.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

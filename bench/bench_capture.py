@@ -38,6 +38,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from models import FAMILIES  # noqa: E402  (after the path)
 
 # Language-model / vision-encoder shapes per size (``7b``: the configs' defaults).
 SIZES = {
@@ -75,10 +76,7 @@ def build_adapter(args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     with device:
         model, processor = cls.build_random(text=text, vision=vision)
-    adapter = cls(model.to(device=device, dtype=dtype), processor, f"random-{args.size}")
-    if args.model == "qwen2":
-        adapter.set_feed_size(672)
-    return adapter
+    return cls(model.to(device=device, dtype=dtype), processor, f"random-{args.size}")  # at the family's feed size
 
 
 def scenes(n: int):
@@ -176,7 +174,7 @@ def _peak_mb(device: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["llava", "qwen2"], required=True)
+    parser.add_argument("--model", choices=FAMILIES, required=True)
     parser.add_argument("--size", choices=list(SIZES), default="small")
     parser.add_argument("--batch-size", type=int, default=None, help="engine batch size (default 8 on cuda, 1 on cpu)")
     parser.add_argument("--samples", type=int, default=4, help="scenes per timed pass")

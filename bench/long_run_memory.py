@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from models import FAMILIES  # noqa: E402  (after the path)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -29,7 +30,7 @@ def peak_rss_mb(pid: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["llava", "qwen2"], default="llava")
+    parser.add_argument("--model", choices=FAMILIES, default="llava")
     parser.add_argument("--worlds", type=int, default=5000)
     parser.add_argument("--checkpoint", type=int, default=1000)
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=["--no-baseline"],

@@ -13,13 +13,19 @@ from models.qwen2vl import Qwen2VLAdapter
 from spatial_attention.errors import OptionError
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter}
+FAMILIES = tuple(ADAPTERS)  # the --model choices
+
+
+def family_adapter(family: str) -> type[VLMAdapter]:
+    """The adapter class of ``family``; OptionError for a family there is none for."""
+    if family not in ADAPTERS:
+        raise OptionError(f"--model {family!r} is not one of {', '.join(ADAPTERS)}")
+    return ADAPTERS[family]
 
 
 def load_adapter(family: str, model_path: str | None = None, **kwargs) -> VLMAdapter:
-    """Load ``family`` ("llava" or "qwen2"); kwargs go to ``VLMAdapter.load``."""
-    if family not in ADAPTERS:
-        raise OptionError(f"--model {family!r} is not one of {', '.join(ADAPTERS)}")
-    return ADAPTERS[family].load(model_path, **kwargs)
+    """Load ``family`` (one of ``FAMILIES``); kwargs go to ``VLMAdapter.load``."""
+    return family_adapter(family).load(model_path, **kwargs)
 
 
-__all__ = ["ADAPTERS", "TINY_RANDOM", "Batch", "TokenLayout", "VLMAdapter", "load_adapter"]
+__all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "Batch", "TokenLayout", "VLMAdapter", "load_adapter"]

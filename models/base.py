@@ -189,6 +189,8 @@ class VLMAdapter:
     paper_layers: str = "all"
     # the (height, width) images are fed at, where the family lets it be chosen
     feed_size: tuple[int, int] | None = None
+    # the square side --feed-size defaults to; None where the family fixes the input size
+    default_feed_size: int | None = None
     # vision_feature_layer-style index of the last vision layer whose output the
     # language model sees (-1: all layers; LLaVA-1.5 uses -2).
     vision_select_layer: int = -1

@@ -56,10 +56,11 @@ class Qwen2VLAdapter(VLMAdapter):
     default_model_path = "Qwen/Qwen2-VL-7B-Instruct"
     vision_select_layer = -1  # the merger reads the last ViT layer
     paper_layers = "mid_third"
+    default_feed_size = 672  # the paper's: a 24 x 24 token grid
 
-    def __init__(self, model, processor, model_path, revision=None, feed_size=(672, 672)):
+    def __init__(self, model, processor, model_path, revision=None):
         super().__init__(model, processor, model_path, revision)
-        self.feed_size = feed_size
+        self.feed_size = (self.default_feed_size, self.default_feed_size)
         self.merge = int(model.config.vision_config.spatial_merge_size)
 
     # Pixels per image token: 14-px patches merged 2 x 2 (the 7B checkpoint and tiny-random alike).

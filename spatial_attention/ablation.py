@@ -48,6 +48,7 @@ import json
 import logging
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,16 +57,16 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from spatial_attention.capture import AttentionHook, active, last_position_logits, plain_logits
-from spatial_attention.cli import (HelpFormatter, add_model_args, check_at_least, check_model_options,
-                                   default_batch_size, user_errors_exit)
-from spatial_attention.corner_analysis import CornerRun, load_corner_run
-from spatial_attention.corner_stats import DEFAULT_PROMPT, corner_of
-from spatial_attention.counterfactual import Pair, fill_corner_prompt, read_pairs
+from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
+from spatial_attention.corner_results import CornerRun, load_corner_run
+from spatial_attention.counterfactual import CORNER_PROMPT, Pair, corner_of, fill_corner_prompt, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import save_figure
 from spatial_attention.heads import top_cells
-from spatial_attention.runio import (check_output_dir, finish_run, run_record, setup_logging, start_run, write_atomic,
+from spatial_attention.options import ModelOptions, check_at_least
+from spatial_attention.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run, write_atomic,
                                      write_json)
+from spatial_attention.runloop import ProcessShare, Results, load_run, open_results, resumable_map
 from spatial_attention.shapeworld import load_rgb
 from spatial_attention.stats import bootstrap_ci
 
@@ -75,11 +76,7 @@ Head = tuple[int, int]  # (layer, head), both 0-based
 KINDS = ("full", "control")
 METRICS = ("log_odds_full", "log_odds_control", "gap", "accuracy_full", "accuracy_control", "accuracy")
 PRIMARY = "log_odds_full"
-# The options an ablation's results depend on (not --device, --batch-size, --out-dir ...): an out-dir that holds
-# results made with other values of these is not written over. Paths count as the same when they name one place.
-RESULT_SETTINGS = ("model", "model_path", "revision", "dtype", "seed", "stats_dir", "analysis_dir", "dataset",
-                   "prompt", "heads", "mode", "random_controls", "max_pairs", "feed_size")
-PATH_SETTINGS = ("model_path", "stats_dir", "analysis_dir", "dataset")
+PAIRS_FILE = "ablation_pairs.jsonl"  # per pair, as it finishes: its log-odds unablated and with each head set ablated
 HEADS_HELP = ("shared: the analysis's shared head at its peak layer; unique: the stats dir corner's unique head "
               "at its peak layer; top:K: the K (layer, head) cells of largest |mean(full - control)| score in the "
               "stats dir; or LAYER.HEAD,... with layers 1-based and heads 0-based (e.g. 12.5,14.0)")
@@ -280,38 +277,29 @@ def log_odds(logits: torch.Tensor, yes: list[int], no: list[int]) -> np.ndarray:
 
 # --- the experiment ---------------------------------------------------------------
 
-def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]], mode: str, batch_size: int,
+def head_means(adapter, pairs: list[Pair], prompt: str, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
+    """``--mode mean``'s first pass: every head's per-position mean output in ``layers`` over every image of
+    ``pairs`` (full and control), in the unablated model; ``batch_size`` counts pairs."""
+    recorder = HeadMeans(adapter, layers)
+    for start in tqdm(range(0, len(pairs), batch_size), desc="head means", unit="batch"):
+        recorder.record(_encode(adapter, pairs[start:start + batch_size], prompt))
+    return recorder.means()
+
+
+def measure(adapter, pairs: list[Pair], prompt: str, hooks: list[HeadAblation],
             answer_ids: tuple[list[int], list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each head set ablated.
-    ``batch_size`` counts images (``--batch-size`` pairs bring two each).
-
-    First pass: the unablated model (and, in mean mode, the heads' per-position mean outputs);
-    second pass: one forward per (head set, batch of images).
-    """
-    yes, no = answer_ids
-    images = [(pair, kind) for pair in pairs for kind in range(len(KINDS))]
-    starts = range(0, len(images), batch_size)
-
-    def encode(start):
-        chunk = images[start:start + batch_size]
-        pictures = [load_rgb(pair.full_image if kind == 0 else pair.control_image) for pair, kind in chunk]
-        return adapter.encode([prompt] * len(chunk), pictures), slice(start, start + len(chunk))
-
-    layers = sorted({layer for heads in head_sets for layer, _ in heads})
-    recorder = HeadMeans(adapter, layers) if mode == "mean" else None
-    base = np.zeros(len(images))
-    for start in tqdm(starts, desc="unablated", unit="batch"):
-        batch, rows = encode(start)
-        logits = plain_logits(adapter, batch) if recorder is None else recorder.record(batch)
-        base[rows] = log_odds(logits, yes, no)
-    means = None if recorder is None else recorder.means()
-    hooks = [HeadAblation(adapter, heads, means) for heads in head_sets]
-    ablated = np.zeros((len(hooks), len(images)))
-    for start in tqdm(starts, desc=f"ablation ({len(hooks)} head sets)", unit="batch"):
-        batch, rows = encode(start)
-        for s, hook in enumerate(hooks):
-            ablated[s, rows] = log_odds(hooked_logits(adapter, batch, hook), yes, no)
+    """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each hook's head set
+    ablated, for one batch of pairs: one forward unablated, then one per hook."""
+    batch = _encode(adapter, pairs, prompt)
+    base = log_odds(plain_logits(adapter, batch), *answer_ids)
+    ablated = np.stack([log_odds(hooked_logits(adapter, batch, hook), *answer_ids) for hook in hooks])
     return base.reshape(len(pairs), 2), ablated.reshape(len(hooks), len(pairs), 2)
+
+
+def _encode(adapter, pairs: list[Pair], prompt: str):
+    """The pairs' images (full, control, full, ...) with ``prompt``, as one batch."""
+    images = [load_rgb(image) for pair in pairs for image in (pair.full_image, pair.control_image)]
+    return adapter.encode([prompt] * len(images), images)
 
 
 def pair_metrics(lo: np.ndarray) -> dict[str, np.ndarray]:
@@ -385,9 +373,9 @@ def plot_effects(path: Path, metrics: dict, title: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="head_ablation.py", formatter_class=HelpFormatter, description=__doc__ +
-        "\nWrites ablation.csv, summary.json, figures/effect_vs_random.png and run.json into the out-dir.")
-    parser.add_argument("--model", required=True, choices=["llava", "qwen2"], help="model family")
-    add_model_args(parser, None)
+        "\nWrites ablation_pairs.jsonl (per pair, as it finishes: the resume log), identity.json, ablation.csv, "
+        "summary.json, figures/effect_vs_random.png and run.json into the out-dir.")
+    add_model_args(parser, None, feed_size="the stats dir's, else the family's")
     parser.add_argument("--stats-dir", type=Path, required=True,
                         help="the out-dir of head_attention_stats.py for this corner (head_diff_stats_{corner})")
     parser.add_argument("--analysis-dir", type=Path, default=None,
@@ -404,11 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-controls", type=int, default=20,
                         help="random head sets from the same layers, the null distribution of the effect")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
-    parser.add_argument("--feed-size", type=int, default=None,
-                        help="Qwen2-VL: square side the image is fed at (default: the stats dir's, else 672)")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="output folder (default: ablation_{corner}_{heads}); one that holds an ablation made "
-                             "with other settings is refused, one finished with the same settings is left as it is")
+                             "with other settings is refused, an unfinished one with the same settings resumes, a "
+                             "finished one is left as it is")
     return parser
 
 
@@ -416,42 +403,67 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    check_options(args)
     # Everything that can be judged without the model is, before it loads: a mistake costs seconds.
-    run = load_corner_run(args.stats_dir)
-    check_stats_model(run, args)
-    chosen = parse_heads(args.heads, run, args.analysis_dir or args.stats_dir.parent / "count_shared_unique")
-    check_heads_in_stats_model(chosen, args.heads, run)
+    if args.layers:
+        raise OptionError("--layers does not apply here: --heads names the layers")
+    options = ModelOptions.from_args(args.model, args)
+    check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs)
+    stats = load_corner_run(args.stats_dir)
+    check_stats_model(stats, options)
+    chosen = parse_heads(args.heads, stats, args.analysis_dir or args.stats_dir.parent / "count_shared_unique")
+    check_heads_in_stats_model(chosen, args.heads, stats)
     pairs = read_pairs(args.dataset, limit=args.max_pairs)
     corner = corner_of(pairs, args.dataset)
-    if corner != run.corner:
-        log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, run.corner)
+    if corner != stats.corner:
+        log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, stats.corner)
     check_images(pairs)
-    prompt = corner_prompt(args, run, corner)
+    prompt = ablation_prompt(args.prompt, stats, corner)
     out = check_output_dir(args.out_dir or Path(f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}"),
                            "--out-dir")
-    if finished_with_same_settings(out, args, chosen):
+    options = replace(options, feed_size=options.feed_size or stats_feed_size(stats))
+    head_sets = [chosen] + random_head_sets(chosen, int(stats.meta["H"]), args.random_controls, options.seed)
+    settings = {"--dataset": str(args.dataset.resolve()), "--prompt": prompt, "--heads": list(map(head_name, chosen)),
+                "--mode": args.mode, "--random-controls": args.random_controls, "--seed": options.seed}
+    if args.mode == "mean":  # the means are taken over the run's pairs
+        settings["--max-pairs"] = args.max_pairs
+    results = Results(out / PAIRS_FILE, item_key=lambda pair: pair.id, record_key=lambda record: record["id"],
+                      check=lacks_keys("id", "log_odds", "ablated_log_odds"), option="--out-dir")
+    share = ProcessShare(options.device)
+    if share.is_main:
+        open_results(results, {**options.identity(), **settings})
+    if {record["id"] for record in results.read()} >= {pair.id for pair in pairs} and (out / "summary.json").is_file():
         log.info("%s already holds this ablation, finished with the same settings; delete it to redo it", out)
         return
-    from models import load_adapter
-
-    adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
-                           device_map=args.device_map, revision=args.revision, seed=args.seed)
-    adapter.set_feed_size(args.feed_size or run.meta.get("feed_size") or 672)
-    if run.full.shape[1] != adapter.num_heads:
-        raise DataError(f"{args.stats_dir}: scored {run.full.shape[1]} heads per layer, the model has "
+    run = load_run(options, share, vars(args))
+    adapter = run.adapter
+    if stats.full.shape[1] != adapter.num_heads:
+        raise DataError(f"{args.stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
                         f"{adapter.num_heads}; the stats dir comes from another model")
     check_heads(chosen, args.heads, adapter.num_layers, adapter.num_heads)
-    head_sets = [chosen] + random_head_sets(chosen, adapter.num_heads, args.random_controls, args.seed)
     log.info("%s: ablating %s (%s, mode %s) on %d pairs, %d random controls", corner,
              " ".join(map(head_name, chosen)), args.heads, args.mode, len(pairs), args.random_controls)
 
-    record = run_record(args, adapter, dataset=str(args.dataset))
-    start_run(out / "run.json", record, resumable=False)  # results are written at the end
+    record = run.record(dataset=str(args.dataset))
+    if share.is_main:
+        start_run(out / "run.json", record)
     answer_ids = yes_no_ids(adapter.tokenizer)
-    base, ablated = measure(adapter, pairs, prompt, head_sets, args.mode, 2 * default_batch_size(args, adapter.device),
-                            answer_ids)
-    metrics = write_outputs(out, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids)
+    layers = sorted({layer for heads in head_sets for layer, _ in heads})
+    means = head_means(adapter, pairs, prompt, layers, run.batch_size) if args.mode == "mean" else None
+    hooks = [HeadAblation(adapter, heads, means) for heads in head_sets]
+
+    def ablate(chunk: list[Pair]) -> list[dict]:
+        base, ablated = measure(adapter, chunk, prompt, hooks, answer_ids)
+        return [{"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
+                for i, pair in enumerate(chunk)]
+
+    records = resumable_map(share, results, pairs, ablate, {**run.identity(), **settings},
+                            batch_size=run.batch_size, desc=f"ablation ({len(hooks)} head sets)", unit="pair")
+    if not share.is_main:
+        return
+    base = np.array([r["log_odds"] for r in records])  # [N, 2]
+    ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
+    metrics = write_outputs(out, adapter, pairs, corner, prompt, args.heads, args.mode, options.seed, head_sets,
+                            base, ablated, answer_ids)
     finish_run(out / "run.json", record)
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
@@ -459,37 +471,29 @@ def main(argv=None) -> None:
              "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
 
 
-def check_options(args) -> None:
-    """OptionError for settings that cannot work, found before anything is read."""
-    from models import ADAPTERS
-
-    if args.layers:
-        raise OptionError("--layers does not apply here: --heads names the layers")
-    check_model_options(args)
-    check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs)
-    if args.feed_size is not None:
-        ADAPTERS[args.model].check_feed_size(args.feed_size)
+def stats_feed_size(stats: CornerRun) -> int | None:
+    """The square side the stats dir's images were fed at (None where the family fixes it)."""
+    feed = stats.meta.get("feed_size")
+    return int(feed[0]) if feed else None
 
 
-def check_stats_model(run: CornerRun, args) -> None:
+def check_stats_model(run: CornerRun, options: ModelOptions) -> None:
     """OptionError when the stats dir was scored by another model than --model / --model-path: its heads were
     found in that model, so ablating them in this one would test nothing.
 
     Checkpoints count as the same only when the paths are the same text or name the same local folder: a hub
     id and a local folder may or may not hold the same weights, and a silent mismatch costs a whole run.
     """
-    from models import ADAPTERS
-
     meta_path = run.folder / "meta.json"
     family, path = run.meta.get("model"), run.meta.get("model_path")
     if family is None:
         log.warning("%s does not say which model scored it; cannot check that it was --model %s",
-                    meta_path, args.model)
+                    meta_path, options.family)
         return
-    if family != args.model:
-        raise OptionError(f"--stats-dir {run.folder}: scored with --model {family}, not {args.model}; ablate "
-                          f"its heads in the model they were found in, or score {args.model} first")
-    wanted = args.model_path or ADAPTERS[args.model].default_model_path
+    if family != options.family:
+        raise OptionError(f"--stats-dir {run.folder}: scored with --model {family}, not {options.family}; ablate "
+                          f"its heads in the model they were found in, or score {options.family} first")
+    wanted = options.model_path
     if path is not None and not same_checkpoint(path, wanted):
         raise OptionError(f"--stats-dir {run.folder}: scored with --model-path {path!r}, not {wanted!r}; ablate "
                           f"in that checkpoint (--model-path {path}), or score this one first")
@@ -500,87 +504,33 @@ def same_checkpoint(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
-def finished_with_same_settings(out: Path, args, chosen: list[Head]) -> bool:
-    """Whether ``out`` holds a finished ablation of the ``chosen`` heads made with the settings of ``args``
-    (nothing left to do). OptionError, naming the first difference, when it holds one (summary.json) made
-    otherwise: writing over it would throw away hours of model time."""
-    if not (out / "summary.json").is_file():
-        return False
-    record = earlier_run(out)
-    earlier = record["settings"]
-    for key in RESULT_SETTINGS:
-        if not same_setting(key, earlier.get(key), getattr(args, key)):
-            raise OptionError(f"--out-dir {out}: holds an ablation made with --{key.replace('_', '-')} "
-                              f"{earlier.get(key)!r}, not {setting_text(getattr(args, key))!r}; choose another "
-                              f"--out-dir, or delete {out} to replace it")
-    # The same --heads text may name other heads now ('unique' after a new analysis).
-    earlier_heads = earlier_summary_heads(out)
-    if earlier_heads != heads_json(chosen):
-        names = " ".join(f"{h.get('layer')}.{h.get('head')}" for h in earlier_heads if isinstance(h, dict))
-        raise OptionError(f"--out-dir {out}: holds an ablation of heads {names or '?'}, but --heads {args.heads} "
-                          f"now names {' '.join(map(head_name, chosen))}; choose another --out-dir, or delete "
-                          f"{out} to replace it")
-    return record.get("status") == "finished"
-
-
-def earlier_summary_heads(out: Path) -> list:
-    """The heads summary.json in ``out`` says were ablated ([] when it cannot be read)."""
-    try:
-        heads = json.loads((out / "summary.json").read_text()).get("heads")
-    except (OSError, ValueError, AttributeError):
-        return []
-    return heads if isinstance(heads, list) else []
-
-
-def earlier_run(out: Path) -> dict:
-    """The run.json of the ablation in ``out``; OptionError when it does not say how the ablation was made."""
-    try:
-        record = json.loads((out / "run.json").read_text())
-        if isinstance(record, dict) and isinstance(record.get("settings"), dict):
-            return record
-    except (OSError, ValueError):
-        pass
-    raise OptionError(f"--out-dir {out}: holds an ablation (summary.json) but no run.json that says how it was "
-                      f"made; choose another --out-dir, or delete {out} to replace it")
-
-
-def setting_text(value):
-    """A setting as run.json records it (paths as text)."""
-    return str(value) if isinstance(value, Path) else value
-
-
-def same_setting(key: str, earlier, now) -> bool:
-    now = setting_text(now)
-    if key in PATH_SETTINGS and earlier is not None and now is not None:
-        return same_checkpoint(str(earlier), now)
-    return earlier == now
-
-
 def check_images(pairs: list[Pair]) -> None:
     """DataError naming the first image that cannot be read: found now, not hours into the run."""
     for pair in pairs:
         pair.load_images()
 
 
-def corner_prompt(args, run: CornerRun, corner: str) -> str:
+def ablation_prompt(prompt: str | None, run: CornerRun, corner: str) -> str:
     """--prompt (else the stats dir's, else the default) with '{corner}' filled in; an empty --prompt is
     refused, not replaced by the stats dir's."""
-    if args.prompt is not None:
-        return fill_corner_prompt(args.prompt, corner)
-    return fill_corner_prompt(run.meta.get("prompt") or DEFAULT_PROMPT, corner, f"{run.folder / 'meta.json'}: prompt")
+    if prompt is not None:
+        return fill_corner_prompt(prompt, corner)
+    return fill_corner_prompt(run.meta.get("prompt") or CORNER_PROMPT, corner, f"{run.folder / 'meta.json'}: prompt")
 
 
-def write_outputs(out: Path, args, adapter, pairs, corner, prompt, head_sets, base, ablated, answer_ids) -> dict:
+def write_outputs(out: Path, adapter, pairs: list[Pair], corner: str, prompt: str, heads_spec: str, mode: str,
+                  seed: int, head_sets: list[list[Head]], base: np.ndarray, ablated: np.ndarray,
+                  answer_ids: tuple[list[int], list[int]]) -> dict:
     """ablation.csv, summary.json and the figure; returns the per-metric summary."""
     chosen = head_sets[0]
-    metrics = summarize(base, ablated, args.seed)
+    metrics = summarize(base, ablated, seed)
     write_atomic(out / "ablation.csv", ablation_csv(pairs, head_sets, base, ablated))
     write_json(out / "summary.json", {
-        "corner": corner, "prompt": prompt, "heads_spec": args.heads, "heads": heads_json(chosen), "mode": args.mode,
+        "corner": corner, "prompt": prompt, "heads_spec": heads_spec, "heads": heads_json(chosen), "mode": mode,
         "n_pairs": len(pairs), "metrics": metrics,
         "primary": {"metric": PRIMARY, "effect": metrics[PRIMARY]["effect"], "p_value": metrics[PRIMARY]["p_drop"],
                     "test": "one-sided: (1 + random sets whose mean change is <= the chosen heads') / (1 + R)"},
-        "random_controls": {"count": len(head_sets) - 1, "seed": args.seed,
+        "random_controls": {"count": len(head_sets) - 1, "seed": seed,
                             "head_sets": [heads_json(heads) for heads in head_sets[1:]]},
         "yes_tokens": adapter.tokenizer.convert_ids_to_tokens(answer_ids[0]),
         "no_tokens": adapter.tokenizer.convert_ids_to_tokens(answer_ids[1]),
@@ -590,6 +540,6 @@ def write_outputs(out: Path, args, adapter, pairs, corner, prompt, head_sets, ba
                         "mean_mode": "per (layer, head) and position: mean output at that position over every "
                                      "image (full and control), unablated model"}})
     plot_effects(out / "figures" / "effect_vs_random.png", metrics,
-                 f"{corner}: ablating {' '.join(map(head_name, chosen))} ({args.mode}) vs "
+                 f"{corner}: ablating {' '.join(map(head_name, chosen))} ({mode}) vs "
                  f"{len(head_sets) - 1} random sets from the same layers")
     return metrics

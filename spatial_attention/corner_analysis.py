@@ -1,6 +1,7 @@
-"""Shared and unique heads across the four corner experiments: read the four
-``head_attention_stats.py`` out-dirs, check they belong together, and write the
-heatmaps, curves, text reports and ``summary.json`` (heads.py has the definitions).
+"""Shared and unique heads across the four corner experiments (analyze_corner_heads.py):
+from the four ``head_attention_stats.py`` out-dirs (read and checked by corner_results.py),
+compute the shared and unique heads, the FDR ranking and the position-only flags, and
+write the heatmaps, curves, text reports and ``summary.json`` (heads.py has the definitions).
 
 Inputs that must agree across the four folders: the layers list (hence L) and H.
 N may differ between corners: M_c is a mean over each corner's own pairs
@@ -13,7 +14,7 @@ difference is refused.
 """
 from __future__ import annotations
 
-import json
+import argparse
 import logging
 import math
 from dataclasses import dataclass
@@ -24,172 +25,20 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from spatial_attention.cli import check_at_least
-from spatial_attention.errors import DataError, OptionError
+from spatial_attention.cli import HelpFormatter, user_errors_exit
+from spatial_attention.corner_results import CornerRun, load_corner_runs
+from spatial_attention.errors import OptionError
 from spatial_attention.figures import save_figure
-from spatial_attention.heads import (CORNERS, position_only_flags, rank_heads, shared_unique, top_cells,
-                                     topk_count_cube)
-from spatial_attention.runio import write_atomic, write_json
+from spatial_attention.heads import position_only_flags, rank_heads, shared_unique, top_cells
+from spatial_attention.options import check_at_least
+from spatial_attention.runio import check_output_dir, setup_logging, write_atomic, write_json
 
 log = logging.getLogger("spatial_attention")
 
-REQUIRED_FILES = ("meta.json", "scores_full_LHN.npy", "scores_control_LHN.npy", "count_LHN.npy")
-# meta.json keys that must agree across the corners: the heads of another model, the score of another
-# patch_size and the count cube of another topk cannot be averaged into one M_shared
-SAME_SETTING_KEYS = ("model", "model_path", "patch_size", "topk")
-# likewise scores of another image size, answer length, question or precision; older out-dirs lack some
-# of these keys, so they are compared only where both folders record them
-SAME_IF_RECORDED_KEYS = ("feed_size", "max_new_tokens", "prompt_template", "dtype")
-BLANK_FILE = "scores_blank_LHM.npy"  # blank image, mass on the corner block
-BLANK_IMAGE_FILE = "scores_blank_image_LHM.npy"  # blank image, mass on all image tokens
 BLANK_WITHHELD = ("no scores_blank_image_LHM.npy or no blank_block in meta.json: an out-dir from before the blank "
                   "image was scored on the corner block, whose blank score may cover every image token, so a flag "
                   "would mark the heads that look at the image most, not those that favour the corner; rerun "
                   "head_attention_stats.py into the folder to get the control")
-
-
-@dataclass
-class BlankControl:
-    """The position-only control of one out-dir: the blank image's attention mass [L, H, M] on the
-    corner block and on all image tokens, and the block's share of the image tokens."""
-    block: np.ndarray
-    image: np.ndarray
-    area_share: float
-
-
-@dataclass
-class CornerRun:
-    """One ``head_attention_stats.py`` out-dir: scores [L, H, N], count cube, the blank control if it has one."""
-    folder: Path
-    meta: dict
-    full: np.ndarray
-    control: np.ndarray
-    count: np.ndarray
-    blank: BlankControl | None
-
-    @property
-    def corner(self) -> str:
-        return self.meta["corner"]
-
-    @property
-    def layers(self) -> list[int]:
-        return [int(x) for x in self.meta["layers"]]
-
-
-def _load_array(path: Path, shape: tuple[int, ...] | None, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{path}: missing ({what}; written by head_attention_stats.py)")
-    try:
-        a = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path}: not a readable .npy file ({err})") from None
-    if shape is not None and a.shape != shape:
-        raise DataError(f"{path}: shape {a.shape}, but meta.json says [L, H, N] = {list(shape)}")
-    if not np.all(np.isfinite(a)):
-        raise DataError(f"{path}: contains NaN or infinite values")
-    return a
-
-
-def load_corner_run(folder: Path) -> CornerRun:
-    """Read and check one out-dir; any problem is a one-line DataError naming the folder or file."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"{folder}: not a folder (expected an out-dir of head_attention_stats.py)")
-    meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise DataError(f"{meta_path}: missing (every out-dir of head_attention_stats.py has one)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{meta_path}: not readable JSON ({err})") from None
-    missing = [k for k in ("corner", "layers", "H", "N") if k not in meta]
-    if missing:
-        raise DataError(f"{meta_path}: lacks {', '.join(missing)}")
-    if not isinstance(meta["layers"], list) or not all(isinstance(x, int) for x in meta["layers"]):
-        raise DataError(f"{meta_path}: layers must be a list of 1-based layer numbers, got {meta['layers']!r}")
-    if meta["corner"] not in CORNERS:
-        raise DataError(f"{meta_path}: corner {meta['corner']!r} is not one of {', '.join(CORNERS)}")
-    shape = (len(meta["layers"]), int(meta["H"]), int(meta["N"]))
-    full = _load_array(folder / "scores_full_LHN.npy", shape, "full-image scores")
-    control = _load_array(folder / "scores_control_LHN.npy", shape, "control-image scores")
-    count = _load_array(folder / "count_LHN.npy", shape, "count cube")
-    if not np.isin(count, (0, 1)).all():
-        raise DataError(f"{folder / 'count_LHN.npy'}: a count cube holds only 0 and 1")
-    blank = _load_blank(folder, meta, shape[:2])
-    if "topk" in meta:
-        recomputed = topk_count_cube(full, control, int(meta["topk"]))
-        n_off = int((recomputed != count).any(axis=1).sum())
-        if n_off:
-            log.warning("%s: count_LHN.npy differs from the top-%s of |full - control| in %d (layer, pair) cells; "
-                        "using the file as written", folder, meta["topk"], n_off)
-    return CornerRun(folder, meta, full, control, count.astype(np.uint8), blank)
-
-
-def _load_blank(folder: Path, meta: dict, lh: tuple[int, int]) -> BlankControl | None:
-    """The blank control; None for an out-dir without both blank scores and meta.json's blank_block."""
-    block_meta = meta.get("blank_block")
-    if block_meta is None or not (folder / BLANK_FILE).is_file() or not (folder / BLANK_IMAGE_FILE).is_file():
-        return None
-    block = _load_array(folder / BLANK_FILE, None, "blank-image scores on the corner block")
-    image = _load_array(folder / BLANK_IMAGE_FILE, None, "blank-image scores on all image tokens")
-    if block.ndim != 3 or block.shape[:2] != lh or block.shape[2] < 1:
-        raise DataError(f"{folder / BLANK_FILE}: shape {block.shape}, expected [L, H, M] = [{lh[0]}, {lh[1]}, M >= 1]")
-    if image.shape != block.shape:
-        raise DataError(f"{folder / BLANK_IMAGE_FILE}: shape {image.shape}, but {BLANK_FILE} has {block.shape}")
-    try:
-        (gh, gw), rows, cols = block_meta["grid"], block_meta["rows"], block_meta["cols"]
-        area_share = rows * cols / (gh * gw)
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        area_share = None
-    if area_share is None or not 0 < area_share <= 1:
-        raise DataError(f"{folder / 'meta.json'}: blank_block {block_meta!r} needs rows and cols of a block that "
-                        "fits the token grid [gh, gw]")
-    return BlankControl(block, image, area_share)
-
-
-def load_corner_runs(folders: list[Path]) -> dict[str, CornerRun]:
-    """{corner: run} for exactly one folder per corner, all with the same layers and H."""
-    runs: dict[str, CornerRun] = {}
-    for folder in folders:
-        run = load_corner_run(folder)
-        if run.corner in runs:
-            raise DataError(f"{runs[run.corner].folder} and {run.folder} are both corner {run.corner!r} "
-                            "(meta.json); give one folder per corner")
-        runs[run.corner] = run
-    first = next(iter(runs.values()))
-    _check_same_setting(first, runs.values())
-    for run in runs.values():
-        if run.layers != first.layers or run.full.shape[1] != first.full.shape[1]:
-            raise DataError(f"{run.folder}: layers {run.layers} and H = {run.full.shape[1]} do not match "
-                            f"{first.folder} (layers {first.layers}, H = {first.full.shape[1]}); "
-                            "all corners must come from the same model and layer selection")
-    missing = [c for c in CORNERS if c not in runs]
-    if missing:
-        raise DataError(f"no folder for corner {', '.join(missing)}; give one out-dir each for "
-                        f"{', '.join(CORNERS)}")
-    return {c: runs[c] for c in CORNERS}
-
-
-def _setting(meta: dict, keys: list[str]) -> str:
-    """A run's values of ``keys``, for an error message."""
-    return ", ".join(f"{key} {meta.get(key)!r}" for key in keys)
-
-
-def _differing_keys(a: dict, b: dict) -> list[str]:
-    """The setting keys in which two meta.json differ."""
-    differing = [key for key in SAME_SETTING_KEYS if a.get(key) != b.get(key)]
-    return differing + [key for key in SAME_IF_RECORDED_KEYS if key in a and key in b and a[key] != b[key]]
-
-
-def _check_same_setting(first: CornerRun, runs) -> None:
-    """DataError naming both folders when a run's scoring settings differ from ``first``'s."""
-    for run in runs:
-        differing = _differing_keys(first.meta, run.meta)
-        if differing:
-            shown = list(dict.fromkeys([*SAME_SETTING_KEYS, *differing]))
-            raise DataError(f"{first.folder} ({_setting(first.meta, shown)}) and {run.folder} "
-                            f"({_setting(run.meta, shown)}) differ in {', '.join(differing)}: the shared/unique "
-                            "analysis needs all four corners scored by one model with the same settings")
 
 
 def _heatmap(path: Path, matrix: np.ndarray, layers: list[int], title: str, cbar_label: str,
@@ -297,10 +146,53 @@ def _position_only_summary(flags: dict | None) -> dict:
     return {key: flags[key] for key in ("rule", "percentile", "threshold", "area_share", "share", "flagged")}
 
 
+@dataclass
+class CornerAnalysis:
+    """Everything the outputs of ``analyze`` are made of, computed before any is written: the options that
+    shape them, shared_unique's matrices and heads (``result``), per corner the FDR ranking (``rankings``),
+    the position-only flags (``blank_flags``, None where withheld), the boxed top cells, the significant
+    heads (each marked position-only where flagged) and the summary.json content."""
+    corners: list[str]  # in the order of the runs given, the order of every per-corner output
+    layers: list[int]
+    reduce_level: str
+    use_scale: str
+    diff_brightness: str
+    topk_pixels: int
+    topk_diff_pixels: int
+    result: dict
+    rankings: dict[str, dict]
+    blank_flags: dict[str, dict | None]
+    shared_cells: list[tuple[int, int, float]]
+    diff_cells: dict[str, list[tuple[int, int, float]]]
+    significant: dict[str, list[dict]]
+    position_only: dict[str, dict]
+    summary: dict
+
+    @property
+    def scale_label(self) -> str:
+        return "fraction of pairs in top-k" if self.use_scale == "freq" else "pairs in top-k"
+
+
 def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max", use_scale: str = "freq",
             topk_pixels: int = 3, topk_diff_pixels: int = 3, diff_brightness: str = "raw", alpha: float = 0.05,
             n_perm: int | None = None, seed: int = 0, blank_percentile: float = 95.0) -> dict:
     """Compute shared/unique heads, the FDR ranking and position-only flags; write every output; return the summary."""
+    analysis = compute_analysis(runs, reduce_level=reduce_level, use_scale=use_scale, topk_pixels=topk_pixels,
+                                topk_diff_pixels=topk_diff_pixels, diff_brightness=diff_brightness, alpha=alpha,
+                                n_perm=n_perm, seed=seed, blank_percentile=blank_percentile)
+    write_analysis(analysis, out_dir)
+    log.info("shared head %d (peak layer %d); unique heads %s; significant heads per corner %s",
+             analysis.result["shared_head"], analysis.result["shared_layer"], analysis.result["unique_heads"],
+             {c: len(s) for c, s in analysis.significant.items()})
+    return analysis.summary
+
+
+def compute_analysis(runs: dict[str, CornerRun], reduce_level: str = "max", use_scale: str = "freq",
+                     topk_pixels: int = 3, topk_diff_pixels: int = 3, diff_brightness: str = "raw",
+                     alpha: float = 0.05, n_perm: int | None = None, seed: int = 0,
+                     blank_percentile: float = 95.0) -> CornerAnalysis:
+    """Shared/unique heads, the FDR ranking, position-only flags and the summary; writes nothing, so that a
+    refused option (--topk-pixels, --diff-brightness, --n-perm, --alpha) leaves no partial output."""
     check_at_least(0, topk_pixels=topk_pixels, topk_diff_pixels=topk_diff_pixels)
     if diff_brightness not in ("raw", "abs"):
         raise OptionError(f"--diff-brightness {diff_brightness!r} is not one of raw, abs")
@@ -310,55 +202,20 @@ def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max"
                     "weigh more in M_shared (--use-scale freq does not)", n_pairs)
     layers = next(iter(runs.values())).layers
     result = shared_unique({c: run.count for c, run in runs.items()}, reduce_level, use_scale, layers)
-    # ranked before anything is written, so that a refused --n-perm or --alpha leaves no partial output
     rankings = {c: _rank_corner(c, run, alpha, n_perm, seed, layers) for c, run in runs.items()}
-    blank_flags = _position_only(runs, layers, blank_percentile)  # likewise
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scale_label = "fraction of pairs in top-k" if use_scale == "freq" else "pairs in top-k"
-    by_abs = diff_brightness == "abs"
+    blank_flags = _position_only(runs, layers, blank_percentile)
 
     shared_cells = top_cells(result["M_shared"], topk_pixels)
-    _heatmap(out_dir / "heatmap_shared.png", result["M_shared"], layers,
-             f"M_shared (mean of the 4 corners); shared head {result['shared_head']}, top {topk_pixels} cells boxed",
-             scale_label, shared_cells, result["shared_head"], diverging=False)
-    write_atomic(out_dir / "top_pixels_shared.txt",
-                 _cells_report(f"top {topk_pixels} cells of M_shared (use_scale={use_scale})", shared_cells, layers))
-
-    diff_cells, significant, position_only = {}, {}, {}
-    for corner, run in runs.items():
-        residual = result["residual"][corner]
-        cells = top_cells(residual, topk_diff_pixels, by_abs=by_abs)
-        diff_cells[corner] = cells
-        _heatmap(out_dir / f"heatmap_residual_{corner}.png", residual, layers,
-                 f"residual {corner} = M_c - M_shared; unique head {result['unique_heads'][corner]}, "
-                 f"top {topk_diff_pixels} cells ({diff_brightness}) boxed",
-                 f"{scale_label}, minus shared", cells, result["unique_heads"][corner], diverging=True)
-        write_atomic(out_dir / f"top_pixels_diff_{corner}.txt",
-                     _cells_report(f"top {topk_diff_pixels} cells of residual_{corner} ranked by "
-                                   f"{'|value|' if by_abs else 'value'} (use_scale={use_scale})", cells, layers))
+    diff_cells = {c: top_cells(result["residual"][c], topk_diff_pixels, by_abs=diff_brightness == "abs")
+                  for c in runs}
+    significant, position_only = {}, {}
+    for corner in runs:
         significant[corner] = rankings[corner]["significant"]
         flags = blank_flags[corner]
         position_only[corner] = _position_only_summary(flags)
         if flags is not None:
             for entry in significant[corner]:
                 entry["position_only"] = bool(flags["flags"][layers.index(entry["layer"]), entry["head"]])
-    _unique_curves(out_dir / "unique_head_curves.png", result, scale_label)
-
-    rule = (f"argmax over heads of the {reduce_level} over layers of M_shared "
-            f"(use_scale={use_scale}: {scale_label}, M_c per corner, M_shared = mean of the corners)")
-    profile = " ".join(f"{v:.4g}" for v in result["shared_profile"])
-    write_atomic(out_dir / "shared_head.txt",
-                 f"shared head: {result['shared_head']} (0-based)\n"
-                 f"peak layer: {result['shared_layer']} (1-based)\n"
-                 f"rule: {rule}\nper-head {reduce_level} over layers (head 0 first): {profile}\n")
-    lines = [f"# unique head of corner c: argmax over heads of the {reduce_level} over layers of "
-             f"residual_c = M_c - M_shared (use_scale={use_scale}); head 0-based, layer 1-based",
-             "corner\thead\tpeak_layer\tscore"]
-    for corner in runs:
-        h = result["unique_heads"][corner]
-        lines.append(f"{corner}\t{h}\t{result['unique_layers'][corner]}\t{result['unique_profile'][corner][h]:.6g}")
-    write_atomic(out_dir / "unique_heads.txt", "\n".join(lines) + "\n")
 
     summary = {
         "shared_head": result["shared_head"], "shared_head_layer": result["shared_layer"],
@@ -384,8 +241,123 @@ def analyze(runs: dict[str, CornerRun], out_dir: Path, reduce_level: str = "max"
         "matrices": {"M_shared": result["M_shared"].tolist(),
                      "residual": {c: m.tolist() for c, m in result["residual"].items()}},
     }
-    write_json(out_dir / "summary.json", summary)
-    log.info("shared head %d (peak layer %d); unique heads %s; significant heads per corner %s",
-             result["shared_head"], result["shared_layer"], result["unique_heads"],
-             {c: len(s) for c, s in significant.items()})
-    return summary
+    return CornerAnalysis(corners=list(runs), layers=layers, reduce_level=reduce_level, use_scale=use_scale,
+                          diff_brightness=diff_brightness, topk_pixels=topk_pixels, topk_diff_pixels=topk_diff_pixels,
+                          result=result, rankings=rankings, blank_flags=blank_flags, shared_cells=shared_cells,
+                          diff_cells=diff_cells, significant=significant, position_only=position_only,
+                          summary=summary)
+
+
+def write_analysis(analysis: CornerAnalysis, out_dir: Path) -> None:
+    """Write the heatmaps, top_pixels_*.txt, unique_head_curves.png, shared_head.txt, unique_heads.txt and
+    summary.json of ``analysis`` into ``out_dir``."""
+    result, layers, scale_label = analysis.result, analysis.layers, analysis.scale_label
+    reduce_level, use_scale, diff_brightness = analysis.reduce_level, analysis.use_scale, analysis.diff_brightness
+    topk_pixels, topk_diff_pixels = analysis.topk_pixels, analysis.topk_diff_pixels
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    _heatmap(out_dir / "heatmap_shared.png", result["M_shared"], layers,
+             f"M_shared (mean of the 4 corners); shared head {result['shared_head']}, top {topk_pixels} cells boxed",
+             scale_label, analysis.shared_cells, result["shared_head"], diverging=False)
+    write_atomic(out_dir / "top_pixels_shared.txt",
+                 _cells_report(f"top {topk_pixels} cells of M_shared (use_scale={use_scale})", analysis.shared_cells,
+                               layers))
+    for corner in analysis.corners:
+        cells = analysis.diff_cells[corner]
+        _heatmap(out_dir / f"heatmap_residual_{corner}.png", result["residual"][corner], layers,
+                 f"residual {corner} = M_c - M_shared; unique head {result['unique_heads'][corner]}, "
+                 f"top {topk_diff_pixels} cells ({diff_brightness}) boxed",
+                 f"{scale_label}, minus shared", cells, result["unique_heads"][corner], diverging=True)
+        write_atomic(out_dir / f"top_pixels_diff_{corner}.txt",
+                     _cells_report(f"top {topk_diff_pixels} cells of residual_{corner} ranked by "
+                                   f"{'|value|' if diff_brightness == 'abs' else 'value'} (use_scale={use_scale})",
+                                   cells, layers))
+    _unique_curves(out_dir / "unique_head_curves.png", result, scale_label)
+
+    rule = (f"argmax over heads of the {reduce_level} over layers of M_shared "
+            f"(use_scale={use_scale}: {scale_label}, M_c per corner, M_shared = mean of the corners)")
+    profile = " ".join(f"{v:.4g}" for v in result["shared_profile"])
+    write_atomic(out_dir / "shared_head.txt",
+                 f"shared head: {result['shared_head']} (0-based)\n"
+                 f"peak layer: {result['shared_layer']} (1-based)\n"
+                 f"rule: {rule}\nper-head {reduce_level} over layers (head 0 first): {profile}\n")
+    lines = [f"# unique head of corner c: argmax over heads of the {reduce_level} over layers of "
+             f"residual_c = M_c - M_shared (use_scale={use_scale}); head 0-based, layer 1-based",
+             "corner\thead\tpeak_layer\tscore"]
+    for corner in analysis.corners:
+        h = result["unique_heads"][corner]
+        lines.append(f"{corner}\t{h}\t{result['unique_layers'][corner]}\t{result['unique_profile'][corner][h]:.6g}")
+    write_atomic(out_dir / "unique_heads.txt", "\n".join(lines) + "\n")
+    write_json(out_dir / "summary.json", analysis.summary)
+
+
+# --- the command line ---------------------------------------------------------------
+
+# analyze_corner_heads.py --help shows it with its line breaks
+CLI_DESCRIPTION = """Shared and unique attention heads across the four corner experiments.
+
+Give the four out-dirs of head_attention_stats.py (one per corner, in any order;
+each folder's corner is read from its meta.json). From each count cube
+C_c[L, H, N] (1 = head among its layer's top-k by |score(full) - score(control)|):
+
+  M_c = mean over pairs of C_c (--use-scale freq) or sum (count)
+  M_shared = mean over corners;  residual_c = M_c - M_shared
+  shared head = argmax_h (max or mean over layers) of M_shared
+  unique head of c = the same on residual_c
+
+plus, per corner, a paired sign-flip test of full vs control per (layer, head)
+with Benjamini-Hochberg FDR (enough sign vectors that the p floor never limits
+it), and position-only flags: heads whose share of image attention on the
+corner's block, on a blank image of the background colour, is unusually high
+(scores_blank_LHM.npy over scores_blank_image_LHM.npy). Heads are 0-based,
+layers 1-based.
+
+Example:
+  python analyze_corner_heads.py runs/topleft runs/topright runs/bottomleft runs/bottomright \\
+      --out-dir count_shared_unique
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="analyze_corner_heads.py", formatter_class=HelpFormatter,
+                                description=CLI_DESCRIPTION)
+    p.add_argument("dirs", nargs="+", type=Path,
+                   help="the out-dirs of head_attention_stats.py, one per corner (topleft, topright, bottomleft, "
+                        "bottomright); they must share the layers list, H and the scoring settings (model, "
+                        "patch size, top-k, feed size, new tokens, prompt template, dtype), N may differ")
+    p.add_argument("--out-dir", type=Path, default=Path("count_shared_unique"), help="where the outputs go")
+    p.add_argument("--reduce-level", choices=["max", "mean"], default="max",
+                   help="how a head's layer profile becomes one number before the argmax over heads")
+    p.add_argument("--use-scale", choices=["count", "freq"], default="freq",
+                   help="freq: M_c = fraction of pairs (every corner weighs the same); count: number of pairs")
+    p.add_argument("--topk-pixels", type=int, default=3, help="cells of M_shared to box and list")
+    p.add_argument("--topk-diff-pixels", type=int, default=3, help="cells of each residual to box and list")
+    p.add_argument("--diff-brightness", choices=["raw", "abs"], default="raw",
+                   help="rank residual cells by value (raw: over-used heads) or |value| (abs: also under-used)")
+    p.add_argument("--alpha", type=float, default=0.05, help="Benjamini-Hochberg FDR level")
+    p.add_argument("--n-perm", type=int, default=None,
+                   help="random sign vectors per sign-flip test; None (automatic): ceil(20 m / alpha) for the "
+                        "m = L x H heads, so the p floor 1/(n_perm+1) stays 20x below Benjamini-Hochberg's smallest "
+                        "threshold alpha/m (313600 for 28 x 28 heads); exact over all 2^N sign vectors when 2^N is "
+                        "no more; a smaller value is refused")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sign-flip test")
+    p.add_argument("--blank-percentile", type=float, default=95.0,
+                   help="position-only flag: a head's blank-image corner share (corner-block mass / image "
+                        "mass) above this percentile of all heads' shares (and above the block's area share)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+@user_errors_exit
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    check_at_least(0, seed=args.seed)
+    runs = load_corner_runs(args.dirs)
+    check_output_dir(args.out_dir, "--out-dir")  # after the inputs: a refused run leaves no empty folder
+    analyze(runs, args.out_dir, reduce_level=args.reduce_level, use_scale=args.use_scale,
+            topk_pixels=args.topk_pixels, topk_diff_pixels=args.topk_diff_pixels,
+            diff_brightness=args.diff_brightness, alpha=args.alpha, n_perm=args.n_perm, seed=args.seed,
+            blank_percentile=args.blank_percentile)
+

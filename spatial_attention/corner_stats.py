@@ -15,7 +15,7 @@ heads favour the corner when there is nothing to see.
 
 Resume: each pair's scores go to ``OUT/pairs_scores.jsonl`` as its batch
 finishes; a rerun with the same out-dir scores only the pairs not there yet and
-refuses when the scoring settings (``OUT/pairs_settings.json``) differ, the data
+refuses when the scoring settings (``OUT/identity.json``) differ, the data
 set included (its folder and the sha256 of its metadata.jsonl, which changes with
 every regeneration). Everything that needs no model, and every line of
 pairs_scores.jsonl, is checked before the model loads. The .npy cubes,
@@ -42,31 +42,26 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
-from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
-from spatial_attention.cli import (HelpFormatter, add_model_args, check_at_least, check_model_options,
-                                   default_batch_size, user_errors_exit)
-from spatial_attention.counterfactual import CORNERS, Pair, fill_corner_prompt, read_pairs
+from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
+from spatial_attention.counterfactual import CORNER_PROMPT, CORNERS, Pair, corner_of, fill_corner_prompt, read_pairs
 from spatial_attention.errors import DataError, OptionError
+from spatial_attention.figures import plot_count_bars
 from spatial_attention.heads import corner_patch_indices, topk_count_cube
-from spatial_attention.runio import (append_jsonl, check_output_dir, finish_run, lacks_keys, package_versions,
-                                     read_jsonl, run_record, setup_logging, start_run, write_atomic, write_json)
+from spatial_attention.options import ModelOptions, check_at_least, dtype_name
+from spatial_attention.runio import (RecordCheck, check_output_dir, finish_run, lacks_keys, package_versions,
+                                     setup_logging, start_run, write_atomic, write_json)
+from spatial_attention.runloop import (ProcessShare, Results, Run, check_identity, load_run, open_results,
+                                       resumable_map)
 
 log = logging.getLogger("spatial_attention")
-DEFAULT_PROMPT = "Is there anything in the {corner} corner?"
 PAIRS_FILE = "pairs_scores.jsonl"
-SETTINGS_FILE = "pairs_settings.json"
 OUTPUT_FILES = ("scores_full_LHN.npy", "scores_control_LHN.npy", "scores_blank_LHM.npy",
                 "scores_blank_image_LHM.npy", "count_LHN.npy", "count_LH.npy", "answers.csv", "count_bars.png",
                 "meta.json")
-OPTION_OF_SETTING = {"model": "--model", "model_path": "--model-path", "revision": "--revision",
-                     "layers": "--layers", "prompt": "--prompt", "patch_size": "--patch-size",
-                     "patch_corner": "--corner", "max_new_tokens": "--max-new-tokens", "feed_size": "--feed-size",
-                     "dtype": "--dtype", "dataset": "--dataset",
-                     "dataset_sha256": "--dataset (sha256 of its metadata.jsonl)"}
 PAIR_KEYS = ("id", "full", "control", "full_answer", "control_answer")
+DEFAULT_LAYERS = "all"  # every layer's heads are scored
 
 Columns = Callable[[object], np.ndarray]  # a sample's token layout -> the key positions its score covers
 
@@ -82,7 +77,27 @@ class CornerDataset:
     @property
     def identity(self) -> dict:
         """What tells this data set from another of the same corner (a regenerated one changes the digest)."""
-        return {"dataset": str(self.folder.resolve()), "dataset_sha256": self.metadata_sha256}
+        return {"--dataset": str(self.folder.resolve()),
+                "--dataset (sha256 of its metadata.jsonl)": self.metadata_sha256}
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the pairs are scored (the experiment's own options)."""
+    prompt: str  # the template, '{corner}' not yet filled in
+    patch_size: int | None  # score a K x K corner block of image tokens (None: every image token)
+    patch_corner: str | None  # the block's corner (None: the data set's)
+    max_new_tokens: int
+    topk: int
+
+    def corner_of_block(self, corner: str) -> str | None:
+        """The corner whose block the score covers on data set ``corner``'s images (None: all image tokens)."""
+        return (self.patch_corner or corner) if self.patch_size else None
+
+    def identity(self, corner: str) -> dict:
+        """What changes the scores of one corner's pairs (--topk only changes the count cubes built from them)."""
+        return {"--prompt": fill_corner_prompt(self.prompt, corner), "--patch-size": self.patch_size,
+                "--corner": self.corner_of_block(corner), "--max-new-tokens": self.max_new_tokens}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,12 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "image tokens), count_LHN.npy, count_LH.npy, answers.csv, count_bars.png, meta.json and "
                     "run.json into the out-dir; pairs_scores.jsonl keeps every scored pair, so that rerunning "
                     "the same command resumes.")
-    parser.add_argument("--model", required=True, choices=["llava", "qwen2"], help="model family")
-    add_model_args(parser, None)
+    add_model_args(parser, None, feed_size="the family's")
     parser.add_argument("--dataset", nargs="+", required=True,  # str, not Path: run.json records the list
                         help="corner data set folder(s) data/dataset_{corner}; with several, the model is loaded "
                              "once and each gets OUT/head_diff_stats_{corner}")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
+    parser.add_argument("--prompt", default=CORNER_PROMPT,
                         help="question asked with every image; '{corner}' becomes 'top left' etc.")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs per data set")
     parser.add_argument("--max-new-tokens", type=int, default=1,
@@ -112,7 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch-size", type=int, default=None,
                         help="score only the K x K block of image tokens in the corner (default: all image tokens; "
                              "the blank control is then scored on the corner quarter of the token grid)")
-    parser.add_argument("--feed-size", type=int, default=672, help="Qwen2-VL: square side the image is fed at")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="output folder (default: head_diff_stats_{corner}; with several data sets, the "
                              "parent of one such folder per corner, default '.')")
@@ -123,45 +136,46 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    args.layers = args.layers or "all"
-    check_options(args)
-    datasets = read_datasets(args)
-    outs = output_folders(args, list(datasets))
-    for corner, out in outs.items():  # before the (slow) model load: a refusal costs seconds
-        check_resume(out, settings_before_load(args, datasets[corner]))
-        read_pair_records(out / PAIRS_FILE)  # a damaged line fails now, not after the load
-    from models import load_adapter
-
-    adapter = load_adapter(args.model, args.model_path, device=args.device, dtype=args.dtype,
-                           device_map=args.device_map, revision=args.revision, seed=args.seed)
-    adapter.set_feed_size(args.feed_size)
-    if args.topk > adapter.num_heads:
-        raise OptionError(f"--topk {args.topk}: must be between 1 and the model's {adapter.num_heads} heads per layer")
-    for corner, out in outs.items():  # every folder before the first is scored: a refusal costs no finished corner
-        check_resume(out, scoring_settings(adapter, args, datasets[corner]))
+    options = ModelOptions.from_args(args.model, args)
+    scoring = check_scoring(args)
+    datasets = read_datasets(args.dataset, args.max_pairs)
+    outs = output_folders(args.out_dir, list(datasets))
+    share = ProcessShare(options.device)
+    results = {corner: pair_results(out) for corner, out in outs.items()}
+    for corner, dataset in datasets.items():  # before the (slow) model load: a refusal costs seconds
+        if share.is_main:
+            open_results(results[corner], identity(options.identity(DEFAULT_LAYERS), scoring, dataset))
+    run = load_run(options, share, vars(args), default_layers=DEFAULT_LAYERS)
+    if scoring.topk > run.adapter.num_heads:
+        raise OptionError(f"--topk {scoring.topk}: must be between 1 and the model's {run.adapter.num_heads} heads "
+                          "per layer")
+    for corner, dataset in datasets.items():  # every folder before the first is scored: a refusal costs no corner
+        check_identity(results[corner].path, identity(run.identity(), scoring, dataset), "--out-dir")
     for corner, dataset in datasets.items():
-        score_dataset(adapter, args, dataset, outs[corner])
+        score_dataset(run, scoring, dataset, results[corner], max_pairs=args.max_pairs)
 
 
-def check_options(args) -> None:
-    """OptionError for settings that cannot work, found before anything is loaded."""
-    check_model_options(args)
+def check_scoring(args) -> Scoring:
+    """The scoring options, checked before anything is loaded."""
     check_at_least(1, max_new_tokens=args.max_new_tokens, max_pairs=args.max_pairs, patch_size=args.patch_size,
-                   topk=args.topk, feed_size=args.feed_size)
+                   topk=args.topk)
     if args.corner and not args.patch_size:
         raise OptionError(f"--corner {args.corner} only applies with --patch-size (without it the score covers "
                           "every image token)")
     fill_corner_prompt(args.prompt, CORNERS[0])  # its form; every corner fills the same placeholder
-    from models import ADAPTERS
-
-    ADAPTERS[args.model].check_feed_size(args.feed_size)
+    return Scoring(args.prompt, args.patch_size, args.corner, args.max_new_tokens, args.topk)
 
 
-def read_datasets(args) -> dict[str, CornerDataset]:
+def identity(model: dict, scoring: Scoring, dataset: "CornerDataset") -> dict:
+    """A corner out-dir's identity: the model's part, the scoring's, the data set's."""
+    return {**model, **scoring.identity(dataset.corner), **dataset.identity}
+
+
+def read_datasets(folders: list[str], max_pairs: int | None) -> dict[str, CornerDataset]:
     """corner -> each --dataset folder, read before the (slow) model load: a bad folder fails at once."""
     datasets = {}
-    for folder in args.dataset:
-        dataset = read_dataset(Path(folder), args.max_pairs)
+    for folder in folders:
+        dataset = read_dataset(Path(folder), max_pairs)
         if dataset.corner in datasets:
             raise OptionError(f"--dataset: two folders hold corner {dataset.corner!r}; their results would overwrite "
                               f"each other in head_diff_stats_{dataset.corner}")
@@ -179,83 +193,25 @@ def read_dataset(folder: Path, limit: int | None) -> CornerDataset:
     return CornerDataset(folder, corner_of(pairs, folder), pairs, digest)
 
 
-def output_folders(args, corners: list[str]) -> dict[str, Path]:
-    """corner -> its out-dir, each checked writable before the model loads."""
-    if len(args.dataset) == 1:
-        return {corners[0]: check_output_dir(args.out_dir or Path(f"head_diff_stats_{corners[0]}"), "--out-dir")}
-    parent = check_output_dir(args.out_dir or Path("."), "--out-dir")
+def output_folders(out_dir: Path | None, corners: list[str]) -> dict[str, Path]:
+    """corner -> its out-dir (``out_dir`` itself for one data set), each checked writable before the model loads."""
+    if len(corners) == 1:
+        return {corners[0]: check_output_dir(out_dir or Path(f"head_diff_stats_{corners[0]}"), "--out-dir")}
+    parent = check_output_dir(out_dir or Path("."), "--out-dir")
     return {corner: check_output_dir(parent / f"head_diff_stats_{corner}", "--out-dir") for corner in corners}
-
-
-def corner_of(pairs: list[Pair], folder) -> str:
-    """The one corner all pairs of a folder share."""
-    corners = sorted({pair.corner for pair in pairs})
-    if len(corners) != 1:
-        raise DataError(f"{folder}: pairs of several corners ({', '.join(corners)}); a corner folder holds one")
-    return corners[0]
 
 
 # --- resume ---------------------------------------------------------------------------
 
-def settings_before_load(args, dataset: CornerDataset) -> dict:
-    """The scoring settings known without the model, as ``scoring_settings`` will give them: the
-    layers only when --layers lists numbers (a mode such as 'all' needs the model's depth)."""
-    from models import ADAPTERS
-    from models.base import VLMAdapter, pick_device_and_dtype
-
-    family = ADAPTERS[args.model]
-    # a family whose input size is fixed (LLaVA-1.5) keeps the base class's set_feed_size and reports None
-    takes_feed_size = family.set_feed_size is not VLMAdapter.set_feed_size
-    settings = {"model": args.model, "model_path": args.model_path or family.default_model_path,
-                "revision": args.revision, "dtype": _dtype_name(pick_device_and_dtype(args.device, args.dtype)[1]),
-                "prompt": fill_corner_prompt(args.prompt, dataset.corner), "patch_size": args.patch_size,
-                "patch_corner": (args.corner or dataset.corner) if args.patch_size else None,
-                "max_new_tokens": args.max_new_tokens,
-                "feed_size": [args.feed_size, args.feed_size] if takes_feed_size else None, **dataset.identity}
-    listed = M.layer_indices(args.layers, None)  # [] for a mode
-    if listed:
-        settings["layers"] = [layer + 1 for layer in listed]
-    return settings
+def pair_results(out: Path) -> Results:
+    """The results file of one corner out-dir: a line per scored pair, keyed by the pair's id."""
+    return Results(out / PAIRS_FILE, item_key=lambda pair: pair.id, record_key=lambda record: record["id"],
+                   check=pair_record_check(), option="--out-dir")
 
 
-def scoring_settings(adapter, args, dataset: CornerDataset) -> dict:
-    """What every pair of one out-dir must be scored with (as JSON holds it), the loaded model's own
-    values included."""
-    return {**settings_before_load(args, dataset), "model": adapter.family, "model_path": adapter.model_path,
-            "dtype": _dtype_name(adapter.dtype),
-            "layers": [layer + 1 for layer in M.layer_indices(args.layers, adapter.num_layers)],
-            "feed_size": list(adapter.feed_size) if adapter.feed_size else None}
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")  # bf16 and fp32 scores are not pooled
-
-
-def check_resume(out: Path, settings: dict) -> None:
-    """Refuse to add pairs to an out-dir scored with other settings: its cubes would mix two scorings."""
-    pairs_path = out / PAIRS_FILE
-    if not pairs_path.is_file() or pairs_path.stat().st_size == 0:
-        return
-    try:
-        recorded = json.loads((out / SETTINGS_FILE).read_text())
-    except (OSError, ValueError):
-        raise DataError(f"{pairs_path}: scored pairs without a readable {SETTINGS_FILE} beside them, so there is no "
-                        f"telling how they were scored; delete {PAIRS_FILE} to start over, or choose another "
-                        "--out-dir") from None
-    for key, value in settings.items():
-        if key not in recorded:  # an out-dir from before the setting was recorded
-            raise OptionError(f"--out-dir {out}: its {SETTINGS_FILE} does not record {OPTION_OF_SETTING[key]}, so "
-                              f"there is no telling whether its pairs match this run; delete {PAIRS_FILE} there to "
-                              "rescore them, or choose another --out-dir")
-        if recorded[key] != value:
-            raise OptionError(f"--out-dir {out}: its pairs were scored with {OPTION_OF_SETTING[key]} "
-                              f"{recorded[key]!r}, not {value!r}; rerun with the same setting to resume, or "
-                              "choose another --out-dir")
-
-
-def read_pair_records(path: Path) -> list[dict]:
-    """The scored pairs in ``path``, each checked: a hand-edited or foreign line is one DataError
-    naming its line, not a TypeError while the cubes are stacked."""
+def pair_record_check() -> RecordCheck:
+    """The check of one results file's lines (see read_jsonl): a hand-edited or foreign line is one
+    DataError naming its line, not a TypeError while the cubes are stacked."""
     first: list = []  # (scores shape, pair id) of the first pair: every pair has the same [layers, heads]
 
     def problem(record) -> str | None:
@@ -264,7 +220,7 @@ def read_pair_records(path: Path) -> list[dict]:
             first.append((np.shape(record["full"]), record["id"]))
         return why
 
-    return list(read_jsonl(path, problem))
+    return problem
 
 
 def _pair_record_problem(record, first: tuple[tuple, object] | None) -> str | None:
@@ -302,70 +258,61 @@ def _outputs_current(out: Path, pair_ids: list, topk: int) -> bool:
 
 # --- scoring --------------------------------------------------------------------------
 
-def score_dataset(adapter, args, dataset: CornerDataset, out: Path) -> None:
-    """Score the pairs not yet in OUT/pairs_scores.jsonl, then rebuild the corner's outputs from that file."""
-    pairs, corner = dataset.pairs, dataset.corner
-    out.mkdir(parents=True, exist_ok=True)
-    settings = scoring_settings(adapter, args, dataset)
-    check_resume(out, settings)
-    pairs_path = out / PAIRS_FILE
-    done = {record["id"] for record in read_pair_records(pairs_path)}
-    todo = [pair for pair in pairs if pair.id not in done]
-    if not todo and _outputs_current(out, [pair.id for pair in pairs], args.topk):
+def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: Results,
+                  max_pairs: int | None = None) -> None:
+    """Score the pairs not yet in the corner's results file, then rebuild the corner's outputs from it."""
+    pairs, corner, out = dataset.pairs, dataset.corner, results.path.parent
+    if max_pairs and len(pairs) < max_pairs:
+        log.warning("%s: the folder holds only %d pairs (--max-pairs %d)", corner, len(pairs), max_pairs)
+    ids = [pair.id for pair in pairs]
+    the_identity = identity(run.identity(), scoring, dataset)
+    if run.share.is_main:
+        open_results(results, the_identity)
+    if {record["id"] for record in results.read()} >= set(ids) and _outputs_current(out, ids, scoring.topk):
         log.info("%s: all %d pairs already scored in %s; nothing to redo", corner, len(pairs), out)
         return
-    if args.max_pairs and len(pairs) < args.max_pairs:
-        log.warning("%s: the folder holds only %d pairs (--max-pairs %d)", corner, len(pairs), args.max_pairs)
-    if len(todo) < len(pairs):
-        log.info("%s: resuming; %d of %d pairs already in %s", corner, len(pairs) - len(todo), len(pairs), pairs_path)
-    else:
-        write_json(out / SETTINGS_FILE, settings)
-    record = run_record(args, adapter, dataset=str(dataset.folder))
-    start_run(out / "run.json", record)
-    skipped = score_pairs(adapter, args, todo, corner, pairs_path)
-    by_id = {r["id"]: r for r in read_pair_records(pairs_path)}
-    records = [by_id[pair.id] for pair in pairs if pair.id in by_id]  # the data set's order, as an unbroken run has
-    if not records:
-        raise DataError(f"{corner}: none of the {len(pairs)} pairs could be scored (see the warnings above)")
-    meta = write_outputs(adapter, args, pairs, corner, out, records, skipped)
-    finish_run(out / "run.json", {**record, "pairs_scored": meta["N"], "pairs_skipped": meta["skipped"]["count"]})
+    record = run.record(dataset=str(dataset.folder))
+    if run.share.is_main:
+        start_run(out / "run.json", record)
+    prompt = fill_corner_prompt(scoring.prompt, corner)
+    columns = partial(_scored_positions, corner=scoring.corner_of_block(corner), patch_size=scoring.patch_size)
+    skipped = []  # the pairs whose images cannot be used, with why
 
-
-def score_pairs(adapter, args, pairs: list[Pair], corner: str, pairs_path: Path) -> list[dict]:
-    """Score ``pairs`` batch by batch, appending one record per pair to ``pairs_path`` as each batch
-    finishes; returns the pairs skipped because their images cannot be used, with why."""
-    layers = M.layer_indices(args.layers, adapter.num_layers)
-    prompt = fill_corner_prompt(args.prompt, corner)
-    columns = partial(_scored_positions, corner=args.corner or corner, patch_size=args.patch_size)
-    batch_size = default_batch_size(args, adapter.device)
-    skipped = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc=f"{corner} pairs", unit="batch"):
+    def score_pairs(chunk: list[Pair]) -> list[dict]:
         loaded = []
-        for pair in pairs[start:start + batch_size]:
+        for pair in chunk:
             try:
                 loaded.append((pair, pair.load_images()))
             except DataError as err:  # one bad pair must not cost the others
                 log.warning("%s: skipping %s", corner, err)  # the error names the pair and the file
                 skipped.append({"id": pair.id, "reason": "unusable_images", "detail": str(err)})
         if not loaded:
-            continue
+            return []
         images = [image for _, full_control in loaded for image in full_control]  # full, control, full, ...
-        scores, said = score_images(adapter, images, prompt, layers, [columns] * len(images), args.max_new_tokens)
-        for k, (pair, _) in enumerate(loaded):
-            append_jsonl(pairs_path, {"id": pair.id, "full": scores[2 * k], "control": scores[2 * k + 1],
-                                      "full_answer": said[2 * k], "control_answer": said[2 * k + 1]})
-    return skipped
+        scores, said = score_images(run.adapter, images, prompt, list(run.layers), [columns] * len(images),
+                                    scoring.max_new_tokens)
+        return [{"id": pair.id, "full": scores[2 * k], "control": scores[2 * k + 1], "full_answer": said[2 * k],
+                 "control_answer": said[2 * k + 1]} for k, (pair, _) in enumerate(loaded)]
+
+    records = resumable_map(run.share, results, pairs, score_pairs, the_identity, batch_size=run.batch_size,
+                            desc=f"{corner} pairs", unit="pair")
+    if not run.share.is_main:
+        return
+    if not records:
+        raise DataError(f"{corner}: none of the {len(pairs)} pairs could be scored (see the warnings above)")
+    meta = write_outputs(run, scoring, dataset, out, records, skipped)
+    finish_run(out / "run.json", {**record, "pairs_scored": meta["N"], "pairs_skipped": meta["skipped"]["count"]})
 
 
-def write_outputs(adapter, args, pairs: list[Pair], corner: str, out: Path, records: list[dict],
+def write_outputs(run: Run, scoring: Scoring, dataset: CornerDataset, out: Path, records: list[dict],
                   skipped: list[dict]) -> dict:
     """The cubes, the blank control, answers.csv, the count plot and meta.json from the pair records."""
-    layers = M.layer_indices(args.layers, adapter.num_layers)
-    prompt = fill_corner_prompt(args.prompt, corner)
+    adapter, corner = run.adapter, dataset.corner
+    prompt = fill_corner_prompt(scoring.prompt, corner)
     full = np.stack([np.asarray(r["full"], np.float32) for r in records], axis=-1)  # [L, H, N]
     control = np.stack([np.asarray(r["control"], np.float32) for r in records], axis=-1)
-    blank_on_block, blank_on_image, block = score_blank(adapter, args, pairs, corner, prompt, layers)
-    count = topk_count_cube(full, control, args.topk)
+    blank_on_block, blank_on_image, block = score_blank(run, scoring, dataset, prompt)
+    count = topk_count_cube(full, control, scoring.topk)
     np.save(out / "scores_full_LHN.npy", full)
     np.save(out / "scores_control_LHN.npy", control)
     np.save(out / "scores_blank_LHM.npy", blank_on_block)
@@ -375,13 +322,13 @@ def write_outputs(adapter, args, pairs: list[Pair], corner: str, out: Path, reco
     answers = [{"id": r["id"], "full_answer": r["full_answer"], "control_answer": r["control_answer"]}
                for r in records]
     write_atomic(out / "answers.csv", _answers_csv(answers))
-    _plot_counts(out / "count_bars.png", count.sum(-1), [l + 1 for l in layers], corner, args.topk)
-    meta = {"model": args.model, "model_path": adapter.model_path, "feed_size": adapter.feed_size,
-            "dtype": _dtype_name(adapter.dtype), "layers": [l + 1 for l in layers], "L": len(layers),
-            "H": adapter.num_heads, "N": len(records), "topk": args.topk, "prompt": prompt,
-            "prompt_template": args.prompt, "corner": corner,
-            "patch_corner": (args.corner or corner) if args.patch_size else None, "patch_size": args.patch_size,
-            "blank_block": block, "max_new_tokens": args.max_new_tokens, "pair_ids": [r["id"] for r in records],
+    plot_count_bars(out / "count_bars.png", count.sum(-1), run.layer_numbers, corner, scoring.topk)
+    meta = {"model": adapter.family, "model_path": adapter.model_path, "feed_size": adapter.feed_size,
+            "dtype": dtype_name(adapter.dtype), "layers": run.layer_numbers, "L": len(run.layers),
+            "H": adapter.num_heads, "N": len(records), "topk": scoring.topk, "prompt": prompt,
+            "prompt_template": scoring.prompt, "corner": corner, "patch_corner": scoring.corner_of_block(corner),
+            "patch_size": scoring.patch_size, "blank_block": block, "max_new_tokens": scoring.max_new_tokens,
+            "pair_ids": [r["id"] for r in records],
             "skipped": {"count": len(skipped), "by_reason": dict(Counter(s["reason"] for s in skipped)),
                         "pairs": skipped},
             "answers_yes_full": _share_yes([a["full_answer"] for a in answers]),
@@ -393,18 +340,18 @@ def write_outputs(adapter, args, pairs: list[Pair], corner: str, out: Path, reco
     return meta
 
 
-def score_blank(adapter, args, pairs: list[Pair], corner: str, prompt: str,
-                layers: list[int]) -> tuple[np.ndarray, np.ndarray, dict]:
+def score_blank(run: Run, scoring: Scoring, dataset: CornerDataset, prompt: str) -> tuple[np.ndarray, np.ndarray, dict]:
     """The position-only control: a blank image of the background colour scored on the corner block
     and on all image tokens (the same image twice in one batch; with --max-new-tokens > 1, two generations).
     Returns both [L, H, 1] scores and the block."""
-    image = make_blank_image(pairs)
+    adapter = run.adapter
+    image = make_blank_image(dataset.pairs)
     grid = adapter.token_grid(adapter.prepare_image(image))
-    block_corner = args.corner or corner
-    rows, cols = blank_block_size(grid, args.patch_size)
+    block_corner = scoring.patch_corner or dataset.corner
+    rows, cols = blank_block_size(grid, scoring.patch_size)
     cells = corner_patch_indices(grid, block_corner, (rows, cols))
     columns = [lambda layout: layout.image_positions[cells], lambda layout: layout.image_positions]
-    scores, _ = score_images(adapter, [image, image], prompt, layers, columns, args.max_new_tokens)
+    scores, _ = score_images(adapter, [image, image], prompt, list(run.layers), columns, scoring.max_new_tokens)
     block = {"corner": block_corner, "rows": rows, "cols": cols, "grid": list(grid)}
     return scores[0][..., None].astype(np.float32), scores[1][..., None].astype(np.float32), block
 
@@ -473,28 +420,3 @@ def _answers_csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-def _plot_counts(path: Path, count_lh: np.ndarray, layer_numbers: list[int], corner: str, topk: int) -> None:
-    """Per layer, a bar per head: how many pairs put that head in the layer's top-k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n_layers, n_heads = count_lh.shape
-    cols = min(8, n_layers)
-    rows = -(-n_layers // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.7 * rows), sharey=True, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= n_layers:
-            ax.axis("off")
-            continue
-        ax.bar(np.arange(n_heads), count_lh[i], width=0.9)
-        ax.set_title(f"layer {layer_numbers[i]}", fontsize=8)
-        ax.tick_params(labelsize=6)
-    fig.suptitle(f"{corner}: pairs in which each head is among its layer's top-{topk} by |full - control| "
-                 f"(x: head, 0-based)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

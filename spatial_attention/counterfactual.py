@@ -5,7 +5,7 @@ A corner folder (``data/dataset_{corner}/``, spec: shapeworld_format.md) holds
 same picture with the subject removed) and ``metadata.jsonl``, one JSON object
 per pair. The subject sits in the named corner cell of a 3x3 grid and the
 object in the opposite corner; each folder is paired with the prompt
-``corner_prompt(corner)``.
+``CORNER_PROMPT`` (``corner_prompt(corner)``).
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ CORNER_OF_RELATION = {relation: corner for corner, relation in RELATION_OF_CORNE
 REQUIRED_FIELDS = ("id", "caption", "relation", "subject_shape", "object_shape", "full_image", "control_image",
                    "bounding_boxes")
 
+# The question asked with every image of a corner folder; '{corner}' becomes the corner's words.
+CORNER_PROMPT = "Is there anything in the {corner} corner?"
+
 PixelBox = tuple[int, int, int, int]
 
 
@@ -37,7 +40,7 @@ def corner_prompt(corner: str) -> str:
     """The question asked about a corner folder's images."""
     if corner not in CORNER_WORDS:
         raise OptionError(f"corner {corner!r}: choose from {', '.join(CORNERS)}")
-    return f"Is there anything in the {CORNER_WORDS[corner]} corner?"
+    return fill_corner_prompt(CORNER_PROMPT, corner)
 
 
 def fill_corner_prompt(template: str, corner: str, source: str = "--prompt") -> str:
@@ -163,6 +166,14 @@ def read_pairs(folder: Path, limit: int | None = None) -> list[Pair]:
     if not pairs:
         raise DataError(f"{folder / 'metadata.jsonl'}: no pairs")
     return pairs
+
+
+def corner_of(pairs: list[Pair], folder) -> str:
+    """The one corner all pairs of a folder share; DataError when they are of several."""
+    corners = sorted({pair.corner for pair in pairs})
+    if len(corners) != 1:
+        raise DataError(f"{folder}: pairs of several corners ({', '.join(corners)}); a corner folder holds one")
+    return corners[0]
 
 
 def _pixel_problems(pair: Pair, where: str) -> list[str]:

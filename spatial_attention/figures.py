@@ -1,8 +1,14 @@
-"""Per-world figures: the image and its attention maps overlaid on it, with the
-ground-truth patch masks outlined on the grid.
+"""The project's figures:
+
+- per world, the image and its attention maps overlaid on it, with the
+  ground-truth patch masks outlined on the grid (``plot_world_panel``);
+- the relation-word asymmetry of the text analysis: scatter, one example pair,
+  profile by layer (``plot_asymmetry``, ``plot_example_pair``);
+- the corner head counts, one bar chart per layer (``plot_count_bars``).
 
 Figures are built on ``matplotlib.figure.Figure`` (no pyplot state), so nothing
-accumulates across thousands of calls.
+accumulates across thousands of calls, no backend has to be chosen, and the
+callers' pyplot state (if any) is left alone.
 """
 from __future__ import annotations
 
@@ -13,11 +19,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-# fixed column order; keys not listed here follow, alphabetically
-MAP_ORDER = ("subject_cross", "relation_cross", "object_cross", "subject_self_lm", "object_self_lm",
-             "background_self_lm", "subject_self_vit", "object_self_vit", "background_self_vit")
+from spatial_attention.metrics import MAPS, display_order
+from spatial_attention.shapeworld import FLIPPED_RELATION
+
 SUBJECT_COLOUR, OBJECT_COLOUR = "#00e5ff", "#ff00d4"
 
 
@@ -62,11 +69,6 @@ def _outline(ax, mask: np.ndarray, colour: str, label: str | None = None) -> Non
                 bbox=dict(facecolor="black", alpha=0.5, pad=1, linewidth=0))
 
 
-def _ordered(keys) -> list[str]:
-    rank = {name: i for i, name in enumerate(MAP_ORDER)}
-    return sorted(set(keys), key=lambda k: (rank.get(k, len(MAP_ORDER)), k))
-
-
 def plot_world_panel(path: Path, image: Image.Image, maps: dict[str, np.ndarray | None],
                      subject_mask: np.ndarray, object_mask: np.ndarray, title: str,
                      shuffled_maps: dict[str, np.ndarray | None] | None = None,
@@ -77,7 +79,7 @@ def plot_world_panel(path: Path, image: Image.Image, maps: dict[str, np.ndarray 
     A None or missing map is drawn as an empty "undefined" panel."""
     gh, gw = np.shape(subject_mask)
     extent = (0, gw, gh, 0)
-    keys = _ordered(list(maps) + list(shuffled_maps or {}))
+    keys = display_order(list(maps) + list(shuffled_maps or {}), MAPS)
     rows = [("real", image, maps)]
     if shuffled_maps is not None:
         rows.append(("shuffled", shuffled_image if shuffled_image is not None else image, shuffled_maps))
@@ -115,3 +117,112 @@ def plot_world_panel(path: Path, image: Image.Image, maps: dict[str, np.ndarray 
                  fontsize=12)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------
+# Text analysis: relation-word attention asymmetry (one record per caption pair)
+# ---------------------------------------------------------------------------
+
+def plot_asymmetry(fig_dir: Path, records: list[dict], profile: dict) -> None:
+    """Write ``asym_scatter.png``, ``example_pair_bars.png`` (the first record) and
+    ``layer_asym_profile.png`` into ``fig_dir`` (created; nothing is written when
+    ``records`` is empty). ``profile`` holds ``layers`` (1-based), ``asym_s1`` and ``asym_s2``."""
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    if not records:
+        return
+    _plot_asym_scatter(fig_dir / "asym_scatter.png", records)
+    plot_example_pair(fig_dir / "example_pair_bars.png", records[0])
+    _plot_layer_profile(fig_dir / "layer_asym_profile.png", profile, len(records))
+
+
+def _plot_asym_scatter(path: Path, records: list[dict]) -> None:
+    """asym of the counterfactual against asym of the original sentence, one colour per relation."""
+    a1 = np.array([r["asym_s1"] for r in records])
+    a2 = np.array([r["asym_s2"] for r in records])
+    fig = Figure(figsize=(5.5, 6.5))
+    ax = fig.subplots()
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.axvline(0, color="grey", lw=0.5)
+    for rel in sorted({r["relation"] for r in records}):
+        keep = np.array([r["relation"] == rel for r in records])
+        ax.scatter(a1[keep], a2[keep], s=12, alpha=0.7, label=f"s1 says '{rel}'")
+    lim = max(np.abs(np.concatenate([a1, a2])).max(), 1e-6) * 1.1
+    ax.plot([-lim, lim], [lim, -lim], "k--", lw=1, label="y = -x: symmetry 0 (role-consistent)")
+    ax.plot([-lim, lim], [-lim, lim], "k:", lw=1, label="y = x: asym unchanged (position only)")
+    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="asym, original sentence (s1)",
+           ylabel="asym, counterfactual sentence (s2)")
+    ax.set_title(f"Relation-word attention asymmetry ({len(records)} pairs)", pad=14)  # room for the 1e-N
+    ax.ticklabel_format(style="sci", scilimits=(-2, 2))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # no data hidden
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+def plot_example_pair(path: Path, example: dict) -> None:
+    """Bars of one pair: in each sentence, the relation word's attention to the first- then the
+    second-mentioned shape (asym = left bar - right bar); one colour per shape across sentences."""
+    first, second = example["e1"], example["e2"]  # the shapes as s1 mentions them
+    heights = [example["r_to_e1_s1"], example["r_to_e2_s1"], example["r_to_e1_s2"], example["r_to_e2_s2"]]
+    names = [first, second, second, first]
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    bars = ax.bar([0, 1, 3, 4], heights, color=["C0", "C1", "C1", "C0"])
+    ax.bar_label(bars, fmt="%.4g", fontsize=8)
+    ax.set_xticks([0, 1, 3, 4], [f"{name}\n({rank})" for name, rank in zip(names, ["1st", "2nd"] * 2)], fontsize=8)
+    ax.set_ylim(0, max(heights) * 1.3 if max(heights) > 0 else 1)
+    for x, tag, relation in ((0.5, "s1", example["relation"]), (3.5, "s2", FLIPPED_RELATION[example["relation"]])):
+        ax.text(x, max(heights) * 1.17, f"{tag}: '... relation is {relation}'\nasym = {example['asym_' + tag]:+.3g}",
+                ha="center", va="center", fontsize=8)
+    ax.set(ylabel="mean attention, relation word -> shape word",
+           title=f"Example pair (shard {example['shard']}, world {example['index']}): "
+                 f"symmetry = {example['symmetry_score']:+.3g}")
+    ax.title.set_fontsize(9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+def _plot_layer_profile(path: Path, profile: dict, n_pairs: int) -> None:
+    """Mean asym per layer of original and counterfactual sentences, and their sum."""
+    order = np.argsort(profile["layers"])
+    layer_axis = np.array(profile["layers"])[order]
+    s1, s2 = np.array(profile["asym_s1"])[order], np.array(profile["asym_s2"])[order]
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.plot(layer_axis, s1, marker="o", ms=3, label="original (s1)")
+    ax.plot(layer_axis, s2, marker="o", ms=3, label="counterfactual (s2)")
+    ax.plot(layer_axis, s1 + s2, "k--", lw=1, label="symmetry = s1 + s2")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.set(xlabel="layer (1-based)", ylabel="mean asym = r->e1 - r->e2")
+    ax.set_title(f"Asymmetry by layer (mean over {n_pairs} pairs, heads averaged)", pad=14)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+
+
+# ---------------------------------------------------------------------------
+# Corner statistics: how often each head is among its layer's top-k
+# ---------------------------------------------------------------------------
+
+def plot_count_bars(path: Path, count_lh: np.ndarray, layer_numbers: list[int], corner: str, topk: int) -> None:
+    """Per layer, a bar per head: how many pairs put that head in the layer's top-k.
+    ``count_lh`` has shape (layers, heads); ``layer_numbers`` labels its rows."""
+    count_lh = np.asarray(count_lh)
+    n_layers, n_heads = count_lh.shape
+    cols = min(8, n_layers)
+    rows = -(-n_layers // cols)
+    fig = Figure(figsize=(2.2 * cols, 1.7 * rows))
+    axes = fig.subplots(rows, cols, sharey=True, squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        if i >= n_layers:
+            ax.axis("off")
+            continue
+        ax.bar(np.arange(n_heads), count_lh[i], width=0.9)
+        ax.set_title(f"layer {layer_numbers[i]}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(f"{corner}: pairs in which each head is among its layer's top-{topk} by |full - control| "
+                 f"(x: head, 0-based)", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)

@@ -27,11 +27,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from spatial_attention.cli import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.cli import HelpFormatter, user_errors_exit
 from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, RELATION_OF_CORNER
-from spatial_attention.errors import OptionError
+from spatial_attention.errors import DataError, OptionError
+from spatial_attention.options import check_at_least
 from spatial_attention.runio import setup_logging, write_atomic
-from spatial_attention.shapeworld import COLORS, RELATIONS, SHAPES, format_caption
+from spatial_attention.shapeworld import COLORS, DEFAULT_SHAPEWORLD, RELATIONS, SHAPES, format_caption, list_shards
 
 log = logging.getLogger("spatial_attention")
 
@@ -345,6 +346,21 @@ def generate_counterfactual(out: Path, count: int = 100, image_size: int = 64, s
         log.info("wrote %s (%d pairs)", folder, count)
         folders.append(folder)
     return folders
+
+
+def shapeworld_folder(path: Path, seed: int = 0) -> Path:
+    """``path`` itself; the default folder (``DEFAULT_SHAPEWORLD``) is generated first when it is
+    missing. ``DataError`` when ``path`` is a file or another missing folder: said before a model loads."""
+    if path.exists():
+        list_shards(path)  # the reader's own check: a file is not a ShapeWorld folder
+        return path
+    if Path(path) != DEFAULT_SHAPEWORLD:
+        raise DataError(f"--data {path}: folder does not exist (point it at a ShapeWorld agreement/relational "
+                        f"folder, or generate one with: python generate_data.py shapeworld --out {path})")
+    log.warning("NOTICE: %s does not exist; generating 5 x 100 ShapeWorld-format worlds there (seed %d). "
+                "For the paper's data, put real ShapeWorld output in that folder.", path, seed)
+    generate_shapeworld(path, seed=seed)
+    return path
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -12,60 +12,30 @@ Conventions used throughout:
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
-from spatial_attention.errors import OptionError
 
+# Experiment 1's maps, in display order: three word-to-image maps, then the image self-attention maps seeded
+# at the subject, the object and the background, from the language model's image block and the vision encoder.
+MAPS = ("subject_cross", "relation_cross", "object_cross", "subject_self_lm", "object_self_lm",
+        "background_self_lm", "subject_self_vit", "object_self_vit", "background_self_vit")
+CROSS_MAPS = MAPS[:3]
+# what ``map_metrics`` computes for every map
 METRIC_NAMES = ("com", "iou", "soft_iou", "wasserstein_x", "wasserstein_y", "entity_bg_ratio", "dispersion", "entropy")
-LAYER_MODES = "all, first_third, mid_third, last_third, last_K (e.g. last_4), or 1-based numbers such as '1,5,30'"
+RELATION_METRIC = "relation_wasserstein"  # the relation map's own metric
+METRICS = METRIC_NAMES[:5] + (RELATION_METRIC,) + METRIC_NAMES[5:]  # every metric, in display order
+HIGHER_IS_BETTER = frozenset({"iou", "soft_iou", "entity_bg_ratio"})
+
+
+def display_order(names, known: Sequence[str]) -> list[str]:
+    """The distinct ``names`` in the order of ``known``; names not in it follow, alphabetically."""
+    rank = {name: i for i, name in enumerate(known)}
+    return sorted(set(names), key=lambda n: (rank.get(n, len(known)), n))
 # Below this a quantity that is a sum of fractions counts as zero (rounding noise, not signal).
 ZERO_TOL = 1e-12
-
-
-# --------------------------------------------------------------------------- layers
-
-def layer_indices(mode: str, num_layers: int | None) -> list[int]:
-    """0-based language-model layers selected by ``mode`` (the ``--layers`` option).
-
-    all = [0, L); with t = L // 3: first_third = [0, t), mid_third = [t, 2t),
-    last_third = [2t, L); last_K = the last K layers; '1,5,30' = those 1-based layers
-    (returned 0-based, in the order given). An empty, out-of-range, repeated or
-    unparsable selection raises OptionError. With ``num_layers`` None (no model
-    loaded yet) only the form is checked and the result is [].
-    """
-    def bad(why: str) -> OptionError:
-        depth = "" if num_layers is None else f" (the model has {num_layers} layers)"
-        return OptionError(f"--layers {mode!r}: {why}; use {LAYER_MODES}{depth}")
-
-    text = str(mode).strip()
-    limit = num_layers if num_layers is not None else float("inf")
-    if text in ("all", "first_third", "mid_third", "last_third"):
-        if num_layers is None:
-            return []
-        t = num_layers // 3
-        selected = list(range(*{"all": (0, num_layers), "first_third": (0, t), "mid_third": (t, 2 * t),
-                                "last_third": (2 * t, num_layers)}[text]))
-    elif match := re.fullmatch(r"last_(\d+)", text):
-        k = int(match.group(1))
-        if not 1 <= k <= limit:
-            raise bad(f"K must lie in 1..{num_layers}" if num_layers is not None else "K must be at least 1")
-        selected = list(range(num_layers - k, num_layers)) if num_layers is not None else []
-    elif re.fullmatch(r"\d+(\s*,\s*\d+)*", text):
-        numbers = [int(part) for part in text.split(",")]
-        if any(not 1 <= n <= limit for n in numbers):
-            raise bad("layer numbers are 1-based and must lie in 1.." + (str(num_layers) if num_layers else "L"))
-        if len(set(numbers)) != len(numbers):
-            raise bad("a layer is listed twice")
-        selected = [n - 1 for n in numbers]
-    else:
-        raise bad("not a known form")
-    if not selected and num_layers is not None:
-        raise bad("selects no layer")
-    return selected
 
 
 # --------------------------------------------------------------------------- masks

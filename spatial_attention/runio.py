@@ -1,6 +1,5 @@
-"""Output plumbing shared by every experiment: logging, append-as-you-go JSONL
-with resume, atomic summaries, ``run.json``, and splitting work across the
-processes of ``accelerate launch``.
+"""Output plumbing shared by every experiment: logging, append-as-you-go JSONL,
+atomic summaries and ``run.json`` (the run loop itself is ``runloop.py``).
 
 Guarantees a researcher relies on: a result line is on disk (flushed and
 fsynced) as soon as its item finishes; a summary file is either the old one or
@@ -19,7 +18,7 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.stats import json_safe
@@ -153,11 +152,11 @@ def check_output_dir(path: Path, option: str) -> Path:
     return path
 
 
-def run_record(args, adapter=None, **extra) -> dict:
-    """What ``run.json`` holds: the command (shell-quoted, to paste back), every setting,
-    the model, versions."""
+def run_record(settings: dict, adapter=None, **extra) -> dict:
+    """What ``run.json`` holds: the command (shell-quoted, to paste back), every setting
+    (the command's options, ``vars(args)``), the model, versions."""
     record = {"command": shlex.join([Path(sys.argv[0]).name] + sys.argv[1:]),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
               "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if adapter is not None:
         record["model"] = adapter.describe()
@@ -202,63 +201,3 @@ def mark_unfinished(status: str, reason: str) -> str:
     if lost:
         return f"{', '.join(lost)} keeps no partial results (run.json says how the run ended); a rerun starts over"
     return "no results had been written yet"
-
-
-class ProcessShare:
-    """This process's part of the work under ``accelerate launch`` (all of it otherwise).
-
-    Items are dealt round-robin; each process appends to its own part file and
-    the main process merges the parts once all are done.
-    """
-
-    def __init__(self, device: str = "auto"):
-        import torch
-        from accelerate import PartialState
-
-        # Processes started by `accelerate launch --multi_gpu` (torchrun) on a machine without
-        # GPUs, or asked to run on the CPU, join one gloo group.
-        cpu = device == "cpu" or not torch.cuda.is_available()
-        self.state = PartialState(cpu=cpu)
-        self.rank = self.state.process_index
-        self.size = self.state.num_processes
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def device(self):
-        return self.state.device
-
-    def take(self, items: Iterable) -> list:
-        return [item for i, item in enumerate(items) if i % self.size == self.rank]
-
-    def part_path(self, path: Path) -> Path:
-        """Where this process appends: ``path`` itself in a single-process run."""
-        path = Path(path)
-        return path if self.size == 1 else path.with_name(f"{path.stem}.part{self.rank}{path.suffix}")
-
-    def existing_records(self, path: Path, check: RecordCheck | None = None) -> Iterator[dict]:
-        """What earlier runs finished: ``path`` and any part files a killed multi-process run left
-        (each record passed through ``check``, see read_jsonl)."""
-        path = Path(path)
-        for source in [path, *sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))]:
-            yield from read_jsonl(source, check)
-
-    def wait(self) -> None:
-        self.state.wait_for_everyone()
-
-    def merge_jsonl(self, path: Path, key) -> None:
-        """Main process: fold every part file into ``path``, one record per key, sorted by key."""
-        path = Path(path)
-        if self.size == 1 or not self.is_main:
-            return
-        parts = [path.with_name(f"{path.stem}.part{rank}{path.suffix}") for rank in range(self.size)]
-        records = {}
-        for source in [path, *parts]:
-            for record in read_jsonl(source):
-                records.setdefault(key(record), record)
-        lines = [json.dumps(json_safe(records[k]), allow_nan=False) for k in sorted(records)]
-        write_atomic(path, "".join(line + "\n" for line in lines))
-        for part in parts:
-            part.unlink(missing_ok=True)

@@ -44,6 +44,8 @@ COLORS = {
     "gray": (0.5, 0.5, 0.5),
 }
 RELATIONS = ("left", "right", "above", "below")
+# where the experiments look for ShapeWorld output when --data is not given
+DEFAULT_SHAPEWORLD = Path("data/spatial_twoshapes/agreement/relational")
 RELATION_AXIS = {"left": "x", "right": "x", "above": "y", "below": "y"}
 FLIPPED_RELATION = {"left": "right", "right": "left", "above": "below", "below": "above"}
 

@@ -23,19 +23,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from spatial_attention.figures import save_figure
+from spatial_attention.metrics import CROSS_MAPS, HIGHER_IS_BETTER, MAPS, METRICS, display_order
 from spatial_attention.runio import write_atomic, write_json
+from spatial_attention.shapeworld import RELATIONS
 from spatial_attention.stats import benjamini_hochberg, bootstrap_ci, mean_std, paired_summary
 
 log = logging.getLogger("spatial_attention")
 
-# display order; names not listed here follow, alphabetically
-MAPS = ("subject_cross", "relation_cross", "object_cross", "subject_self_lm", "object_self_lm",
-        "background_self_lm", "subject_self_vit", "object_self_vit", "background_self_vit")
-CROSS_MAPS = ("subject_cross", "relation_cross", "object_cross")
-METRICS = ("com", "iou", "soft_iou", "wasserstein_x", "wasserstein_y", "relation_wasserstein",
-           "entity_bg_ratio", "dispersion", "entropy")
-HIGHER_IS_BETTER = frozenset({"iou", "soft_iou", "entity_bg_ratio"})
-RELATIONS = ("left", "right", "above", "below")
 CSV_COLUMNS = ("map", "metric", "relation", "better", "n", "n_null", "n_paired", "n_null_shuffled",
                "real_mean", "real_std", "real_ci_lo", "real_ci_hi",
                "shuffled_mean", "shuffled_std", "shuffled_ci_lo", "shuffled_ci_hi",
@@ -67,11 +61,6 @@ class _Values:
 
 def _float(x) -> float:
     return math.nan if x is None else float(x)
-
-
-def _order(names: Iterable[str], known: tuple[str, ...]) -> list[str]:
-    rank = {name: i for i, name in enumerate(known)}
-    return sorted(set(names), key=lambda n: (rank.get(n, len(known)), n))
 
 
 def better(metric: str) -> str:
@@ -131,9 +120,9 @@ def summarise_samples(records: Iterable[dict], seed: int = 0, n_boot: int = 2000
                 cell = cells.setdefault((map_name, metric, relation), _Values())
                 cell.add(value, shuf_values.get(metric), shuffled is not None)
 
-    maps = _order((k[0] for k in cells), MAPS)
-    metrics = _order((k[1] for k in cells), METRICS)
-    relations = _order(by_relation, RELATIONS)
+    maps = display_order((k[0] for k in cells), MAPS)
+    metrics = display_order((k[1] for k in cells), METRICS)
+    relations = display_order(by_relation, RELATIONS)
 
     def rows(rels: list[str]) -> list[dict]:
         out = []

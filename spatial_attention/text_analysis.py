@@ -22,22 +22,23 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from spatial_attention.capture import CaptureRequest, capture
-from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, load_model, parse_shards,
-                                   prepare_run, user_errors_exit)
-from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import (append_jsonl, finish_run, lacks_keys, read_jsonl, run_record, setup_logging, start_run,
-                                     write_atomic, write_json)
-from spatial_attention.shapeworld import (FLIPPED_RELATION, Caption, ReadStats, Skipped, counterfactual_caption,
-                                         iter_worlds)
+from spatial_attention.cli import HelpFormatter, add_model_args, add_shapeworld_args, user_errors_exit
+from spatial_attention.errors import DataError
+from spatial_attention.figures import plot_asymmetry
+from spatial_attention.options import parse_shards
+from spatial_attention.runio import finish_run, lacks_keys, setup_logging, write_atomic, write_json
+from spatial_attention.runloop import Run, open_run, prepare_run, resumable_map, world_results
+from spatial_attention.shapeworld import Caption, ReadStats, Skipped, counterfactual_caption, iter_worlds
 from spatial_attention.stats import bootstrap_ci, json_safe
 
 log = logging.getLogger("spatial_attention")
 
+DEFAULT_LAYERS = "all"  # every layer's attention, averaged
 CSV_COLUMNS = ["shard", "index", "sent1", "sent2", "e1", "e2", "relation", "r_to_e1_s1", "r_to_e2_s1", "asym_s1",
                "r_to_e1_s2", "r_to_e2_s2", "asym_s2", "symmetry_score"]
 
@@ -59,54 +60,29 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 def main(family: str, argv=None) -> None:
     args = build_parser(family).parse_args(argv)
     setup_logging(args.verbose)
-    run(family, args)
-
-
-def run(family: str, args) -> None:
     started = time.time()
-    share, data = prepare_run(family, args)
-    out = args.out
-    pairs_path = out / "pairs.jsonl"
-    existing = list(share.existing_records(pairs_path, lacks_keys(*CSV_COLUMNS, "layers")))  # fails before loading
-    captions, skipped, stats = _select_captions(data, parse_shards(args.shards), args.limit)
-    adapter, layers, batch_size = load_model(family, args, share, default_layers="all")
-    _check_same_layers(existing, layers, out)
-    done = {_key(r) for r in existing}
-    todo = [c for c in captions if (c[0], c[1]) not in done]
-    if done:
-        log.info("resuming: %d of %d pairs already in %s", len(captions) - len(todo), len(captions), pairs_path)
-    if share.is_main:
-        start_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers))
-    share.wait()  # every process has read what is done before any of them appends
-    mine = share.take(todo)
-    if share.size > 1:
-        log.info("process %d of %d: %d of %d pairs to do", share.rank + 1, share.size, len(mine), len(todo))
-    part_path = share.part_path(pairs_path)
+    shards = parse_shards(args.shards)
+    options, share, data = prepare_run(family, args)
+    captions, skipped, stats = _select_captions(data, shards, args.limit)
+    results = world_results(args.out / "pairs.jsonl", lacks_keys(*CSV_COLUMNS, "layers"))
+    run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve())}, vars(args),
+                             DEFAULT_LAYERS, data=str(data))
     failed = Counter()
-    for start in tqdm(range(0, len(mine), batch_size), desc=f"{family} caption pairs", unit="batch",
-                      disable=not share.is_main):
-        for record in analyse_pairs(adapter, mine[start:start + batch_size], layers, failed):
-            append_jsonl(part_path, record)
-    share.wait()
-    share.merge_jsonl(pairs_path, _key)
+    records = resumable_map(share, results, captions,
+                            lambda chunk: analyse_pairs(run.adapter, chunk, list(run.layers), failed), identity,
+                            batch_size=run.batch_size, desc=f"{family} caption pairs", unit="pair")
     if share.is_main:
-        _finish(out, args, adapter, data, layers, stats, skipped, failed, started)
+        _finish(run, args.out, sorted(records, key=results.record_key), data, stats, skipped, failed, started)
 
 
-def _check_same_layers(existing: list[dict], layers: list[int], out: Path) -> None:
-    """Refuse to resume into pairs averaged over other layers: the summary would mix them."""
-    wanted = [layer + 1 for layer in layers]
-    other = next((r["layers"] for r in existing if r["layers"] != wanted), None)
-    if other is not None:
-        raise OptionError(f"--out {out} holds pairs averaged over layers {other} (1-based), not the selected "
-                          f"{wanted}; rerun with the same --layers, or choose another --out")
+class CaptionItem(NamedTuple):
+    """One world's caption, keyed like the world (``runloop.world_results``)."""
+    shard: int
+    index: int
+    caption: Caption
 
 
-def _key(record: dict) -> tuple[int, int]:
-    return (int(record["shard"]), int(record["index"]))
-
-
-def _select_captions(data: Path, shards, limit) -> tuple[list[tuple[int, int, Caption]], Counter, ReadStats]:
+def _select_captions(data: Path, shards, limit) -> tuple[list[CaptionItem], Counter, ReadStats]:
     """(shard, index, caption) of every usable world with a true caption; skipped worlds
     counted by reason; the reader's counts (captions read, left out as not true)."""
     captions, skipped, stats = [], Counter(), ReadStats()
@@ -115,7 +91,7 @@ def _select_captions(data: Path, shards, limit) -> tuple[list[tuple[int, int, Ca
             skipped[item.kind] += 1
             log.warning("skipping: %s", item.reason)
             continue
-        captions.append((item.shard, item.index, item.caption))
+        captions.append(CaptionItem(item.shard, item.index, item.caption))
         if limit is not None and len(captions) >= limit:
             break
     if skipped:
@@ -208,90 +184,19 @@ def _csv_text(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _finish(out, args, adapter, data, layers, stats, skipped, failed, started) -> None:
-    records = sorted(read_jsonl(out / "pairs.jsonl"), key=_key)
+def _finish(run: Run, out: Path, records: list[dict], data: Path, stats: ReadStats, skipped: Counter,
+            failed: Counter, started: float) -> None:
+    """pairs.csv, the summary and figures of exactly this command's pairs (``records``, in world order), and
+    run.json."""
     if not records:  # not a finished run: say so instead of an empty summary
         raise DataError(f"--data {data}: no caption pair could be analysed ({dict(failed)}; see the warnings above)")
     write_atomic(out / "pairs.csv", _csv_text(records))
     counts = {"captions_read": stats.worlds, "captions_not_true": stats.filtered, "pairs_built": len(records),
               "pairs_skipped": sum(skipped.values()) + sum(failed.values()),
               "skipped_reasons": {**skipped, **failed}}
-    summary = {"counts": counts, **summarise_pairs(records, seed=args.seed), "layer_profile": layer_profile(records)}
+    summary = {"counts": counts, **summarise_pairs(records, seed=run.options.seed),
+               "layer_profile": layer_profile(records)}
     write_json(out / "summary.json", summary)
-    _plot(out / "figures", records, summary["layer_profile"])
-    finish_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers,
-                                            counts=counts, wall_seconds=round(time.time() - started, 1)))
+    plot_asymmetry(out / "figures", records, summary["layer_profile"])
+    finish_run(out / "run.json", run.record(data=str(data), counts=counts, wall_seconds=round(time.time() - started, 1)))
     log.info("done: %d pairs in %s (pairs.csv, summary.json, figures/)", len(records), out)
-
-
-def _plot(fig_dir: Path, records: list[dict], profile: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    if not records:
-        return
-    a1 = np.array([r["asym_s1"] for r in records])
-    a2 = np.array([r["asym_s2"] for r in records])
-    fig, ax = plt.subplots(figsize=(5.5, 6.5))
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.axvline(0, color="grey", lw=0.5)
-    for rel in sorted({r["relation"] for r in records}):
-        keep = np.array([r["relation"] == rel for r in records])
-        ax.scatter(a1[keep], a2[keep], s=12, alpha=0.7, label=f"s1 says '{rel}'")
-    lim = max(np.abs(np.concatenate([a1, a2])).max(), 1e-6) * 1.1
-    ax.plot([-lim, lim], [lim, -lim], "k--", lw=1, label="y = -x: symmetry 0 (role-consistent)")
-    ax.plot([-lim, lim], [-lim, lim], "k:", lw=1, label="y = x: asym unchanged (position only)")
-    ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xlabel="asym, original sentence (s1)",
-           ylabel="asym, counterfactual sentence (s2)")
-    ax.set_title(f"Relation-word attention asymmetry ({len(records)} pairs)", pad=14)  # room for the 1e-N
-    ax.ticklabel_format(style="sci", scilimits=(-2, 2))
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)  # no data hidden
-    fig.tight_layout()
-    fig.savefig(fig_dir / "asym_scatter.png", dpi=120)
-    plt.close(fig)
-
-    _plot_example(fig_dir / "example_pair_bars.png", records[0], plt)
-
-    order = np.argsort(profile["layers"])
-    layer_axis = np.array(profile["layers"])[order]
-    s1, s2 = np.array(profile["asym_s1"])[order], np.array(profile["asym_s2"])[order]
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.plot(layer_axis, s1, marker="o", ms=3, label="original (s1)")
-    ax.plot(layer_axis, s2, marker="o", ms=3, label="counterfactual (s2)")
-    ax.plot(layer_axis, s1 + s2, "k--", lw=1, label="symmetry = s1 + s2")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax.set(xlabel="layer (1-based)", ylabel="mean asym = r->e1 - r->e2")
-    ax.set_title(f"Asymmetry by layer (mean over {len(records)} pairs, heads averaged)", pad=14)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(fig_dir / "layer_asym_profile.png", dpi=120)
-    plt.close(fig)
-
-
-def _plot_example(path: Path, example: dict, plt) -> None:
-    """Bars of one pair: in each sentence, the relation word's attention to the first- then the
-    second-mentioned shape (asym = left bar - right bar); one colour per shape across sentences."""
-    first, second = example["e1"], example["e2"]  # the shapes as s1 mentions them
-    heights = [example["r_to_e1_s1"], example["r_to_e2_s1"], example["r_to_e1_s2"], example["r_to_e2_s2"]]
-    names = [first, second, second, first]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    bars = ax.bar([0, 1, 3, 4], heights, color=["C0", "C1", "C1", "C0"])
-    ax.bar_label(bars, fmt="%.4g", fontsize=8)
-    ax.set_xticks([0, 1, 3, 4], [f"{name}\n({rank})" for name, rank in zip(names, ["1st", "2nd"] * 2)], fontsize=8)
-    ax.set_ylim(0, max(heights) * 1.3 if max(heights) > 0 else 1)
-    for x, tag, relation in ((0.5, "s1", example["relation"]), (3.5, "s2", FLIPPED_RELATION[example["relation"]])):
-        ax.text(x, max(heights) * 1.17, f"{tag}: '... relation is {relation}'\nasym = {example['asym_' + tag]:+.3g}",
-                ha="center", va="center", fontsize=8)
-    ax.set(ylabel="mean attention, relation word -> shape word",
-           title=f"Example pair (shard {example['shard']}, world {example['index']}): "
-                 f"symmetry = {example['symmetry_score']:+.3g}")
-    ax.title.set_fontsize(9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -72,12 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check that the attention-capture engine reproduces the plain eager attention "
                     "(output_attentions=True) and leaves the model's next-token logits unchanged. "
                     "Exits 1 when a difference exceeds the tolerance.")
-    parser.add_argument("--model", required=True, choices=["llava", "qwen2"], help="model family")
-    add_model_args(parser, None)
+    add_model_args(parser, None, feed_size="the family's")
     parser.add_argument("--data", type=Path, default=None,
                         help="ShapeWorld folder to take the scenes from (default: a few generated ones)")
     parser.add_argument("--samples", type=int, default=3, help="how many scenes (all in one batch)")
-    parser.add_argument("--feed-size", type=int, default=672, help="Qwen2-VL: square side the image is fed at")
     parser.add_argument("--attention-tolerance", type=float, default=None,
                         help="largest allowed |engine - eager| on any recording (default by dtype: fp32 1e-4, "
                              "bf16 1e-2, fp16 5e-3)")
@@ -86,33 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from models import ADAPTERS, load_adapter
-    from spatial_attention.cli import check_at_least, check_model_options, user_errors_exit
-    from spatial_attention.metrics import layer_indices
+    from spatial_attention.cli import user_errors_exit
+    from spatial_attention.options import ModelOptions, check_at_least
     from spatial_attention.runio import check_output_dir, setup_logging, write_json
+    from spatial_attention.runloop import ProcessShare, load_run
 
     @user_errors_exit
     def run() -> int:
         args = build_parser().parse_args(argv)
         setup_logging(args.verbose)
-        check_model_options(args)  # everything that can be judged before the model loads
+        options = ModelOptions.from_args(args.model, args)  # everything that can be judged before the model loads
         check_at_least(1, samples=args.samples)
         tolerance = args.attention_tolerance
         if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
             raise OptionError(f"--attention-tolerance {tolerance}: must be a positive number (e.g. 1e-4)")
-        ADAPTERS[args.model].check_feed_size(args.feed_size)
         if args.out is not None:
             if args.out.is_dir():
                 raise OptionError(f"--out {args.out}: is a folder; give a file name for the JSON report")
             check_output_dir(args.out.parent, "--out")
         worlds = _scenes(args.data, args.samples, args.seed)
         images = [w.load_image() for w in worlds]
-        adapter = load_adapter(args.model, args.model_path or None, device=args.device, dtype=args.dtype,
-                               device_map=args.device_map, revision=args.revision, seed=args.seed)
-        adapter.set_feed_size(args.feed_size)
-        batch = adapter.encode([w.caption.text for w in worlds], images)
-        layers = layer_indices(args.layers or "all", adapter.num_layers)
-        report, passed = check(adapter, batch, verification_request(batch, layers), args.attention_tolerance)
+        model = load_run(options, ProcessShare(options.device), vars(args), default_layers="all")
+        batch = model.adapter.encode([w.caption.text for w in worlds], images)
+        report, passed = check(model.adapter, batch, verification_request(batch, list(model.layers)),
+                               args.attention_tolerance)
         log_report(report)
         if args.out:
             write_json(args.out, report)

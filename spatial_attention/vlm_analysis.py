@@ -20,22 +20,19 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture
-from spatial_attention.cli import (HelpFormatter, add_model_args, add_shapeworld_args, check_at_least, load_model,
-                                   parse_shards, prepare_run, user_errors_exit)
+from spatial_attention.cli import HelpFormatter, add_model_args, add_shapeworld_args, user_errors_exit
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.runio import (append_jsonl, finish_run, lacks_keys, read_jsonl, run_record, setup_logging,
-                                     start_run)
+from spatial_attention.options import check_at_least, parse_shards
+from spatial_attention.runio import finish_run, lacks_keys, setup_logging
+from spatial_attention.runloop import Run, open_run, prepare_run, resumable_map, world_results
 from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
 
 log = logging.getLogger("spatial_attention")
 
 RECORD_KEYS = ("shard", "index", "relation", "metrics")  # what the resume and the summary read of a record
-MAPS = ("subject_cross", "object_cross", "relation_cross", "subject_self_lm", "object_self_lm",
-        "background_self_lm", "subject_self_vit", "object_self_vit", "background_self_vit")
 
 
 def build_parser(family: str) -> argparse.ArgumentParser:
@@ -45,15 +42,12 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                     "ShapeWorld two-shape scenes, scored against the entity boxes and against a patch-shuffle "
                     "baseline. Writes OUT/samples.jsonl (one line per world, as it finishes), OUT/summary.json, "
                     "OUT/summary.csv, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
-    add_model_args(parser, family)
+    add_model_args(parser, family, feed_size="the family's")
     add_shapeworld_args(parser)
     parser.add_argument("--out", type=Path, default=Path(f"results/vlm_atten_analysis/{family}"),
                         help="output folder")
     parser.add_argument("--relations", default=",".join(RELATIONS),
                         help="comma-separated relations to analyse (left, right, above, below)")
-    parser.add_argument("--feed-size", type=int, default=672,
-                        help="Qwen2-VL: the square side, in pixels, the image is resized to before the model "
-                             "(672 gives a 24x24 token grid); ignored for LLaVA (336, fixed by CLIP)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the patch-shuffled baseline")
     parser.add_argument("--plot-samples", type=int, default=8, help="per-world figures for the first N worlds")
     parser.add_argument("--save-maps", action="store_true",
@@ -69,66 +63,30 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 def main(family: str, argv=None) -> None:
     args = build_parser(family).parse_args(argv)
     setup_logging(args.verbose)
-    relations = [r.strip() for r in args.relations.split(",") if r.strip()]
-    if not relations or set(relations) - set(RELATIONS):
-        raise OptionError(f"--relations {args.relations!r}: choose from {', '.join(RELATIONS)}")
-    check_at_least(0, plot_samples=args.plot_samples)
-    run(family, args, relations)
-
-
-def run(family: str, args, relations: list[str]) -> None:
     started = time.time()
-    share, data = prepare_run(family, args)
-    out = args.out
-    samples_path = out / "samples.jsonl"
-    done = {_key(r) for r in share.existing_records(samples_path, lacks_keys(*RECORD_KEYS))}
-    worlds, skipped = _select_worlds(data, parse_shards(args.shards), relations, args.limit)
-    adapter, layers, batch_size = load_model(family, args, share)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    first_plots = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
-    todo = [w for w in worlds if (w.shard, w.index) not in done]
-    if done:
-        log.info("resuming: %d of %d worlds already in %s", len(worlds) - len(todo), len(worlds), samples_path)
-    share.wait()  # every process has read what is done before any of them appends
-    mine = share.take(todo)
-    if share.size > 1:
-        log.info("process %d of %d: %d of %d worlds to do", share.rank + 1, share.size, len(mine), len(todo))
+    relations = parse_relations(args.relations)
+    check_at_least(0, plot_samples=args.plot_samples)
+    shards = parse_shards(args.shards)
+    options, share, data = prepare_run(family, args)
+    worlds, skipped = _select_worlds(data, shards, relations, args.limit)
+    results = world_results(args.out / "samples.jsonl", lacks_keys(*RECORD_KEYS))
+    run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
+                                                       "--no-baseline": args.no_baseline}, vars(args), data=str(data))
+    worlds_done = WorldAnalysis(run, args.out, seed=options.seed, baseline=not args.no_baseline,
+                                plotted={(w.shard, w.index) for w in worlds[: args.plot_samples]},
+                                save_maps=args.save_maps, verify=args.verify_attention)
+    records = resumable_map(share, results, worlds, worlds_done, identity, batch_size=run.batch_size,
+                            desc=f"{family} worlds", unit="world")
     if share.is_main:
-        start_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers,
-                                               feed_size=adapter.feed_size))
-
-    part_path = share.part_path(samples_path)
-    failed = Counter()
-    progress = tqdm(total=len(mine), desc=f"{family} worlds", unit="world", disable=not share.is_main)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        loaded = []
-        for world in chunk:
-            try:
-                loaded.append((world, world.load_image()))
-            except DataError as err:
-                failed["unreadable_image"] += 1
-                log.warning("skipping world: %s", err)
-        if loaded:
-            if args.verify_attention and start == 0:
-                _verify(adapter, loaded, layers)
-            for record, maps in analyse_worlds(adapter, loaded, layers, args):
-                append_jsonl(part_path, record)
-                if (record["shard"], record["index"]) in first_plots:
-                    _plot_world(out, record, maps)
-                if args.save_maps:
-                    _save_maps(out, record, maps)
-        progress.update(len(chunk))
-    progress.close()
-
-    share.wait()
-    share.merge_jsonl(samples_path, _key)
-    if share.is_main:
-        _finish(out, args, adapter, data, layers, worlds, skipped, failed, started)
+        _finish(run, args.out, records, data, len(worlds), skipped, worlds_done.failed, started)
 
 
-def _key(record: dict) -> tuple[int, int]:
-    return (int(record["shard"]), int(record["index"]))
+def parse_relations(text: str) -> list[str]:
+    """The --relations list; OptionError for an unknown relation."""
+    relations = [r.strip() for r in text.split(",") if r.strip()]
+    if not relations or set(relations) - set(RELATIONS):
+        raise OptionError(f"--relations {text!r}: choose from {', '.join(RELATIONS)}")
+    return relations
 
 
 def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], Counter]:
@@ -150,6 +108,40 @@ def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], C
     return worlds, skipped
 
 
+class WorldAnalysis:
+    """What ``resumable_map`` runs on each batch of worlds: load the images (an unreadable one is
+    skipped and counted in ``failed``), analyse, and on the way draw the first worlds' figures and
+    save the maps when asked."""
+
+    def __init__(self, run: Run, out: Path, seed: int, baseline: bool, plotted: set, save_maps: bool,
+                 verify: bool):
+        self.run, self.out, self.seed, self.baseline = run, out, seed, baseline
+        self.plotted, self.save_maps, self.verify = plotted, save_maps, verify
+        self.failed = Counter()
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, chunk: list[World]):
+        loaded = []
+        for world in chunk:
+            try:
+                loaded.append((world, world.load_image()))
+            except DataError as err:
+                self.failed["unreadable_image"] += 1
+                log.warning("skipping world: %s", err)
+        if not loaded:
+            return
+        if self.verify:  # the first batch only
+            _verify(self.run.adapter, loaded, list(self.run.layers))
+            self.verify = False
+        for record, maps in analyse_worlds(self.run.adapter, loaded, list(self.run.layers), self.seed,
+                                           self.baseline):
+            yield record  # appended before its figures are drawn
+            if (record["shard"], record["index"]) in self.plotted:
+                _plot_world(self.out, record, maps)
+            if self.save_maps:
+                _save_maps(self.out, record, maps)
+
+
 # Each random quantity of a world has its own stream, so that switching one off (--no-baseline)
 # leaves the others as they were.
 RANDOM_STREAMS = {"shuffle": 0, "background_seed": 1}
@@ -161,16 +153,17 @@ def world_rng(seed: int, world: World, stream: str) -> np.random.Generator:
     return np.random.default_rng([seed, RANDOM_STREAMS[stream], world.shard, world.index])
 
 
-def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], args) -> list[tuple[dict, dict]]:
+def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], seed: int,
+                   baseline: bool = True) -> list[tuple[dict, dict]]:
     """One forward pass over the worlds' real (and shuffled) images; a record and the maps per world."""
     worlds = [w for w, _ in loaded]
     fed = [adapter.prepare_image(image) for _, image in loaded]
     grids = [adapter.token_grid(image) for image in fed]
     kinds = ["real"]
     images = list(fed)
-    if not args.no_baseline:
+    if baseline:
         kinds.append("shuffled")
-        images += [M.shuffle_patches(image, grid, seed=int(world_rng(args.seed, world, "shuffle").integers(2**31)))
+        images += [M.shuffle_patches(image, grid, seed=int(world_rng(seed, world, "shuffle").integers(2**31)))
                    for image, grid, world in zip(fed, grids, worlds)]
     texts = [w.caption.text for w in worlds] * len(kinds)
     batch = adapter.encode(texts, images)
@@ -188,7 +181,7 @@ def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int
         regions = _regions(world, grid)
         seeds = {"subject": M.entity_seed(regions["subject"]), "object": M.entity_seed(regions["object"]),
                  "background": M.background_seed(regions["background"],
-                                                 world_rng(args.seed, world, "background_seed"))}
+                                                 world_rng(seed, world, "background_seed"))}
         record = _record_head(world, grid, regions)
         maps = {}
         for k, kind in enumerate(kinds):
@@ -242,7 +235,7 @@ def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
                "relation": (regions["entities"], regions["entities"], regions["background"]),
                "background": (regions["background"], regions["background"], regions["entities"])}
     result = {}
-    for name in MAPS:
+    for name in M.MAPS:
         target = targets[name.split("_")[0]]
         a = maps[name]
         result[name] = ({metric: None for metric in M.METRIC_NAMES} if a is None
@@ -300,18 +293,18 @@ def _verify(adapter, loaded, layers) -> None:
                          "(see the log above); no results were written")
 
 
-def _finish(out, args, adapter, data, layers, worlds, skipped, failed, started) -> None:
+def _finish(run: Run, out: Path, records: list[dict], data: Path, n_selected: int, skipped: Counter,
+            failed: Counter, started: float) -> None:
+    """The summary of exactly this command's worlds (``records``), its figures, and run.json."""
     from spatial_attention.summary import plot_summary, summarise_samples, write_summary
 
-    summary = summarise_samples(read_jsonl(out / "samples.jsonl"), seed=args.seed)
+    summary = summarise_samples(records, seed=run.options.seed)
     if summary["n_worlds"] == 0:  # not a finished run: say so instead of an empty summary
-        raise DataError(f"--data {data}: none of the {len(worlds)} selected worlds could be analysed "
+        raise DataError(f"--data {data}: none of the {n_selected} selected worlds could be analysed "
                         f"({dict(failed)}; see the warnings above)")
-    counts = {"worlds_selected": len(worlds), "worlds_in_samples": summary["n_worlds"],
+    counts = {"worlds_selected": n_selected, "worlds_in_samples": summary["n_worlds"],
               "skipped_reading": dict(skipped), "skipped_images": dict(failed)}
     write_summary(out, summary, {"counts": counts})
     plot_summary(summary, out / "figures")
-    finish_run(out / "run.json", run_record(args, adapter, data=str(data), layers_0based=layers,
-                                            feed_size=adapter.feed_size, counts=counts,
-                                            wall_seconds=round(time.time() - started, 1)))
+    finish_run(out / "run.json", run.record(data=str(data), counts=counts, wall_seconds=round(time.time() - started, 1)))
     log.info("done: %d worlds in %s (summary.json, summary.csv, figures/)", summary["n_worlds"], out)

@@ -15,14 +15,15 @@ import torch
 
 from conftest import random_images
 from spatial_attention import corner_stats
-from spatial_attention.ablation import (HeadAblation, HeadMeans, check_heads, hooked_logits, log_odds, main, measure,
-                                        parse_heads, random_head_sets, summarize, yes_no_ids)
+from spatial_attention.ablation import (PAIRS_FILE, HeadAblation, HeadMeans, check_heads, head_means, hooked_logits,
+                                        log_odds, main, measure, parse_heads, random_head_sets, summarize, yes_no_ids)
 from spatial_attention.capture import plain_logits
-from spatial_attention.corner_analysis import load_corner_run
+from spatial_attention.corner_results import load_corner_run
 from spatial_attention.counterfactual import read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.generate import generate_counterfactual
 from spatial_attention.heads import topk_count_cube
+from spatial_attention.runloop import IDENTITY_FILE
 
 CAPTIONS = ["Is there anything in the top left corner?", "Is there anything?"]
 LAYER = 1  # 0-based layer the hook tests edit
@@ -129,7 +130,8 @@ def test_measure_equals_hand_made_o_proj_edits(adapter, corner_data, mode):
     at every position by that position's mean over all the data set's images (full and control)."""
     pairs, head, prompt = read_pairs(corner_data), 1, CAPTIONS[0]
     answer_ids = yes_no_ids(adapter.tokenizer)
-    base, ablated = measure(adapter, pairs, prompt, [[(LAYER, head)]], mode, 3, answer_ids)  # 3: batches straddle pairs
+    means = head_means(adapter, pairs, prompt, [LAYER], 3) if mode == "mean" else None  # 3: two batches
+    base, ablated = measure(adapter, pairs, prompt, [HeadAblation(adapter, [(LAYER, head)], means)], answer_ids)
 
     images = [image for pair in pairs for image in pair.load_images()]  # full, control, full, ...
     singles = [adapter.encode([prompt], [image]) for image in images]
@@ -360,77 +362,84 @@ def test_same_checkpoint_by_another_path_is_accepted(tmp_path, corner_data, monk
               "--dataset", str(corner_data), "--heads", "top:1", "--out-dir", str(tmp_path / "out")])
 
 
-EARLIER_SUMMARY = json.dumps({"heads": [{"layer": 4, "head": 1}]})  # fake_stats's top:1
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory, corner_data, tiny_models) -> tuple[list[str], Path]:
+    """A finished ablation of fake_stats's top:1 head (4.1) in tiny LLaVA: the argv that made it, its out-dir."""
+    root = tmp_path_factory.mktemp("ablated")
+    out = root / "out"
+    argv = ["--model", "llava", "--model-path", "tiny-random", "--device", "cpu", "--stats-dir",
+            str(fake_stats(root / "stats")), "--dataset", str(corner_data), "--heads", "top:1", "--random-controls",
+            "2", "--out-dir", str(out)]
+    main(argv)
+    return argv, out
 
 
-def earlier_ablation(out: Path, argv: list[str], status: str = "finished", summary: str = EARLIER_SUMMARY) -> None:
-    """An out-dir as a run of ``argv`` leaves it: summary.json, and run.json with the settings and ``status``."""
-    from spatial_attention.ablation import build_parser
-    from spatial_attention.runio import run_record
-
-    out.mkdir()
-    (out / "summary.json").write_text(summary)
-    (out / "run.json").write_text(json.dumps({**run_record(build_parser().parse_args(argv)), "status": status}))
+def into_a_copy(ablated, tmp_path: Path) -> tuple[list[str], Path]:
+    """The ablation's argv, writing into a copy of its out-dir."""
+    argv, out = ablated
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return [*argv[:-1], str(copy)], copy
 
 
 @pytest.mark.parametrize("option, value, message", [
     ("--mode", "mean", "--mode 'zero', not 'mean'"),
-    ("--heads", "top:2", "--heads 'top:1', not 'top:2'"),
-    ("--random-controls", "5", "--random-controls 20, not 5"),
-    ("--dataset", "{copy}", "--dataset '{data}', not '{copy}'"),  # another data set of the same corner
+    ("--heads", "2.3", "--heads ['4.1'], not ['2.3']"),  # also 'unique' after a new analysis naming another head
+    ("--random-controls", "5", "--random-controls 2, not 5"),
+    ("--seed", "1", "--seed 0, not 1"),
+    ("--dtype", "bf16", "--dtype 'float32', not 'bfloat16'"),
+    ("--dataset", "{other}", "--dataset '{data}', not '{other}'"),  # another data set of the same corner
 ])
-def test_out_dir_with_an_ablation_of_other_settings_is_refused(tmp_path, corner_data, capsys, no_model_load,
+def test_out_dir_with_an_ablation_of_other_settings_is_refused(ablated, tmp_path, corner_data, capsys, no_model_load,
                                                                option, value, message):
     """Was: ablation.csv and summary.json of the earlier run silently written over."""
-    stats, out, copy = fake_stats(tmp_path / "stats"), tmp_path / "out", tmp_path / "copy"
-    shutil.copytree(corner_data, copy)
-    argv = ["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
-            str(corner_data), "--heads", "top:1", "--out-dir", str(out)]
-    earlier_ablation(out, argv)
-    error = run_cli([*argv, option, value.format(copy=copy)], capsys)
-    difference = message.format(data=corner_data, copy=copy)
-    assert error == (f"error: --out-dir {out}: holds an ablation made with {difference}; choose another --out-dir, "
-                     f"or delete {out} to replace it")
-    assert (out / "summary.json").read_text() == EARLIER_SUMMARY
+    argv, copy = into_a_copy(ablated, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(corner_data, other)
+    summary = (copy / "summary.json").read_text()
+    error = run_cli([*argv, option, value.format(other=other)], capsys)
+    difference = message.format(data=corner_data.resolve(), other=other.resolve())
+    assert error == (f"error: --out-dir {copy}: its results were made with {difference}; rerun with the same "
+                     f"setting to resume, or choose another --out-dir")
+    assert (copy / "summary.json").read_text() == summary
 
 
-def test_out_dir_with_the_same_ablation(tmp_path, corner_data, monkeypatch, caplog, no_model_load):
-    """Finished with the same settings (another --batch-size and --device do not count; the same folder by
-    another path is the same): nothing to do. Unfinished (summary.json written, the run failed after it): redone."""
-    stats, out = fake_stats(tmp_path / "stats"), tmp_path / "out"
-    argv = ["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
-            str(corner_data), "--heads", "top:1", "--out-dir", str(out)]
-    earlier_ablation(out, argv)
-    monkeypatch.chdir(tmp_path)
+def test_out_dir_with_the_same_ablation(ablated, tmp_path, monkeypatch, caplog, no_model_load):
+    """Finished with the same settings (another --batch-size and --device do not count; the same stats dir by
+    another path is the same): nothing to do, before the model loads."""
+    argv, copy = into_a_copy(ablated, tmp_path)
+    stats = Path(argv[argv.index("--stats-dir") + 1])
+    monkeypatch.chdir(stats.parent)
     caplog.set_level(logging.INFO, logger="spatial_attention")
-    main([*argv[:5], "stats", *argv[6:], "--batch-size", "3", "--device", "cpu"])
+    argv[argv.index("--stats-dir") + 1] = "stats"
+    main([*argv, "--batch-size", "3", "--device", "auto"])
     assert "already holds this ablation, finished with the same settings" in caplog.text
-    assert (out / "summary.json").read_text() == EARLIER_SUMMARY
-    earlier_ablation(out.with_name("failed"), argv, status="failed")
-    with pytest.raises(AssertionError, match="a model was loaded"):
-        main([*argv[:-1], str(out.with_name("failed"))])
 
 
-def test_out_dir_with_an_ablation_of_heads_the_spec_no_longer_names_is_refused(tmp_path, corner_data, capsys,
-                                                                              no_model_load):
-    """The same --heads text, other heads: 'unique' after a new analysis names another head."""
-    stats, out = fake_stats(tmp_path / "stats"), tmp_path / "out"
-    argv = ["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
-            str(corner_data), "--heads", "top:1", "--out-dir", str(out)]
-    earlier_ablation(out, argv, summary=json.dumps({"heads": [{"layer": 2, "head": 3}]}))
+def test_interrupted_ablation_resumes_with_the_missing_pairs(ablated, tmp_path, monkeypatch):
+    """Killed after two of the four pairs: the rerun measures the other two, and the results equal an unbroken run's."""
+    from spatial_attention import ablation
+
+    argv, copy = into_a_copy(ablated, tmp_path)
+    lines = (copy / PAIRS_FILE).read_text().splitlines(keepends=True)
+    (copy / PAIRS_FILE).write_text("".join(lines[:2]))
+    (copy / "summary.json").unlink()
+    measured, real = [], ablation.measure
+    monkeypatch.setattr(ablation, "measure", lambda adapter, pairs, *rest: measured.append([p.id for p in pairs])
+                        or real(adapter, pairs, *rest))
+    main(argv)
+    assert measured == [[2], [3]]  # batch size 1 on the CPU
+    for name in ("ablation.csv", "summary.json"):
+        assert (copy / name).read_text() == (ablated[1] / name).read_text(), name
+
+
+def test_out_dir_with_results_of_unknown_settings_is_refused(ablated, tmp_path, capsys, no_model_load):
+    argv, copy = into_a_copy(ablated, tmp_path)
+    (copy / IDENTITY_FILE).unlink()
     error = run_cli(argv, capsys)
-    assert error == (f"error: --out-dir {out}: holds an ablation of heads 2.3, but --heads top:1 now names 4.1; "
-                     f"choose another --out-dir, or delete {out} to replace it")
-
-
-def test_out_dir_with_an_ablation_of_unknown_settings_is_refused(tmp_path, corner_data, capsys, no_model_load):
-    stats, out = fake_stats(tmp_path / "stats"), tmp_path / "out"
-    out.mkdir()
-    (out / "summary.json").write_text("{}")
-    error = run_cli(["--model", "llava", "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset",
-                     str(corner_data), "--heads", "top:1", "--out-dir", str(out)], capsys)
-    assert error == (f"error: --out-dir {out}: holds an ablation (summary.json) but no run.json that says how it "
-                     f"was made; choose another --out-dir, or delete {out} to replace it")
+    assert error == (f"error: {copy / PAIRS_FILE}: results without a readable {IDENTITY_FILE} beside them, so there "
+                     f"is no telling how they were made; delete {PAIRS_FILE} to start over, or choose another "
+                     f"--out-dir")
 
 
 @pytest.mark.parametrize("family, heads, mode", [("llava", "unique", "zero"), ("qwen2", "top:2", "mean")])

@@ -14,7 +14,7 @@ from spatial_attention.generate import generate_shapeworld
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 # On a machine without GPUs, `--multi_gpu` makes accelerate start the processes through
-# torchrun; they join a gloo group on the CPU (runio.ProcessShare).
+# torchrun; they join a gloo group on the CPU (runloop.ProcessShare).
 LAUNCH = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517"]
 

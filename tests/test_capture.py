@@ -7,7 +7,7 @@ import torch
 
 from conftest import random_images
 from spatial_attention.capture import CaptureRequest, _Recorder, capture, plain_logits
-from spatial_attention.metrics import layer_indices
+from spatial_attention.options import layer_indices
 from spatial_attention.reference import reference_capture
 
 CAPTIONS = [

@@ -23,13 +23,15 @@ from PIL import Image
 from models.base import Batch
 from spatial_attention.capture import CaptureRequest
 from spatial_attention import corner_stats
-from spatial_attention.corner_stats import (DEFAULT_PROMPT, PAIRS_FILE, SETTINGS_FILE, _scored_positions, build_parser,
-                                            main, read_dataset, score_dataset, scoring_settings, settings_before_load)
-from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, read_pairs
+from spatial_attention.corner_stats import (DEFAULT_LAYERS, PAIRS_FILE, _scored_positions, build_parser, check_scoring,
+                                            identity, main, pair_results, read_dataset, score_dataset)
+from spatial_attention.counterfactual import CORNER_PROMPT, CORNER_WORDS, CORNERS, read_pairs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.generate import generate_counterfactual
 from spatial_attention.reference import reference_capture
+from spatial_attention.options import ModelOptions, layer_indices
 from spatial_attention.runio import read_jsonl
+from spatial_attention.runloop import IDENTITY_FILE, ProcessShare, Run
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Is there anything in the top left corner?"
@@ -57,15 +59,21 @@ def topleft(tmp_path_factory) -> Path:
 
 
 def stats_args(family: str, *options: str):
-    args = build_parser().parse_args(["--model", family, "--dataset", "unused", *options])
-    args.layers = args.layers or "all"
-    return args
+    return build_parser().parse_args(["--model", family, "--dataset", "unused", *options])
+
+
+def session_run(adapter, args) -> Run:
+    """The Run main() would load, on the session's adapter."""
+    layers = layer_indices(args.layers or DEFAULT_LAYERS, adapter.num_layers)
+    return Run(ModelOptions.from_args(adapter.family, args), ProcessShare(), adapter, tuple(layers),
+               args.batch_size or 1, vars(args))
 
 
 def run_step(adapter, folder: Path, out: Path, *options: str) -> dict[str, np.ndarray]:
     """score_dataset on the session's adapter; the saved files as arrays (plus meta and answers)."""
     args = stats_args(adapter.family, *options)
-    score_dataset(adapter, args, read_dataset(folder, args.max_pairs), out)
+    score_dataset(session_run(adapter, args), check_scoring(args), read_dataset(folder, args.max_pairs),
+                  pair_results(out))
     saved = {name: np.load(out / f"{name}.npy") for name in ARRAYS}
     saved["meta"] = json.loads((out / "meta.json").read_text())
     with open(out / "answers.csv") as f:
@@ -217,7 +225,7 @@ def test_scores_equal_reference_and_batching(adapter, topleft, tmp_path):
         np.testing.assert_allclose(three[name], one[name][[0, 2]], atol=1e-5)
     assert (three["count_LHN"] == one["count_LHN"][[0, 2]]).all()
     assert three["answers"] == one["answers"]
-    assert one["meta"]["prompt_template"] == DEFAULT_PROMPT and one["meta"]["dtype"] == "float32"
+    assert one["meta"]["prompt_template"] == CORNER_PROMPT and one["meta"]["dtype"] == "float32"
 
     want = reference_scores(adapter, topleft, lambda lay: lay.image_positions)
     np.testing.assert_allclose(one["scores_full_LHN"], np.moveaxis(want[0:6:2], 0, -1), atol=1e-5)
@@ -345,7 +353,7 @@ def test_killed_run_resumes_with_the_missing_pairs(tiny_models, topleft, tmp_pat
     assert n_images == []
     for options, option in ((["--layers", "1,3"], "--layers"), (["--prompt", "Anything?"], "--prompt"),
                             (["--patch-size", "2"], "--patch-size"), (["--max-new-tokens", "2"], "--max-new-tokens")):
-        with pytest.raises(OptionError, match=f"its pairs were scored with {option} "):
+        with pytest.raises(OptionError, match=f"its results were made with {option} "):
             run_step(adapter, topleft, out, *options)
 
 
@@ -416,10 +424,11 @@ def test_settings_known_before_loading_are_the_loaded_ones(family, tiny_models, 
     adapter.set_feed_size(224)
     for layers in ([], ["--layers", "1,3"]):
         args = stats_args(family, "--model-path", "tiny-random", "--device", "cpu", "--feed-size", "224", *layers)
-        dataset = read_dataset(topleft, None)
-        before, after = settings_before_load(args, dataset), scoring_settings(adapter, args, dataset)
+        dataset, scoring = read_dataset(topleft, None), check_scoring(args)
+        before = identity(ModelOptions.from_args(family, args).identity(DEFAULT_LAYERS), scoring, dataset)
+        after = identity(session_run(adapter, args).identity(), scoring, dataset)
         assert before == {key: after[key] for key in before}
-        assert ("layers" in before) == bool(layers) and after["dataset"] == str(topleft.resolve())
+        assert ("--layers" in before) == bool(layers) and after["--dataset"] == str(topleft.resolve())
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2"])
@@ -442,7 +451,7 @@ def test_changed_setting_is_refused_before_loading(family, options, option, scor
                                                    no_model_load):
     with pytest.raises(SystemExit) as exit_info:
         rerun(family, topleft, copy_of(scored[family], tmp_path), *options)  # a later --feed-size wins
-    assert f"its pairs were scored with {option} " in one_line_error(capsys, exit_info)
+    assert f"its results were made with {option} " in one_line_error(capsys, exit_info)
 
 
 def test_rerun_on_another_dataset_of_the_corner_is_refused(tiny_models, scored, topleft, tmp_path, capsys,
@@ -452,8 +461,8 @@ def test_rerun_on_another_dataset_of_the_corner_is_refused(tiny_models, scored, 
     other = generate_counterfactual(tmp_path / "other", count=3, image_size=80, seed=9, corners=["topleft"])[0]
     with pytest.raises(SystemExit) as exit_info:
         rerun("llava", other, out)
-    assert f"its pairs were scored with --dataset {str(topleft.resolve())!r}" in one_line_error(capsys, exit_info)
-    with pytest.raises(OptionError, match="scored with --dataset "):  # the same check after the load
+    assert f"its results were made with --dataset {str(topleft.resolve())!r}" in one_line_error(capsys, exit_info)
+    with pytest.raises(OptionError, match="made with --dataset "):  # the same check after the load
         run_step(tiny_models["llava"], other, out)
 
     regenerated = tmp_path / "regenerated" / "dataset_topleft"
@@ -464,11 +473,11 @@ def test_rerun_on_another_dataset_of_the_corner_is_refused(tiny_models, scored, 
     generate_counterfactual(regenerated.parent, count=3, image_size=80, seed=9, corners=["topleft"])
     with pytest.raises(SystemExit) as exit_info:
         rerun("llava", regenerated, tmp_path / "out2")
-    assert "scored with --dataset (sha256 of its metadata.jsonl) " in one_line_error(capsys, exit_info)
+    assert "made with --dataset (sha256 of its metadata.jsonl) " in one_line_error(capsys, exit_info)
 
-    settings = json.loads((out / SETTINGS_FILE).read_text())  # an out-dir from before the data set was recorded
-    del settings["dataset"], settings["dataset_sha256"]
-    (out / SETTINGS_FILE).write_text(json.dumps(settings))
+    settings = json.loads((out / IDENTITY_FILE).read_text())  # an out-dir from before the data set was recorded
+    del settings["--dataset"], settings["--dataset (sha256 of its metadata.jsonl)"]
+    (out / IDENTITY_FILE).write_text(json.dumps(settings))
     with pytest.raises(SystemExit) as exit_info:
         rerun("llava", topleft, out)
     assert "does not record --dataset, so there is no telling" in one_line_error(capsys, exit_info)

@@ -13,7 +13,7 @@ import pytest
 
 from PIL import Image
 
-from spatial_attention.cli import ensure_shapeworld
+from spatial_attention.generate import shapeworld_folder
 from spatial_attention.counterfactual import (CORNERS, REQUIRED_FIELDS, corner_prompt, read_pairs,
                                               validate_pairs)
 from spatial_attention.errors import DataError, OptionError
@@ -416,7 +416,7 @@ def test_file_given_as_data_folder(tmp_path):
     with pytest.raises(DataError, match=message):
         list(iter_worlds(file))
     with pytest.raises(DataError, match=message):
-        ensure_shapeworld(file)
+        shapeworld_folder(file)
     assert [one_line(p) for p in validate_shapeworld(file)] == [f"{file}: {message}, shard1, ..."]
     with pytest.raises(DataError, match="is a file, not a folder; point --dataset at"):
         read_pairs(file)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spatial_attention.corner_analysis import analyze, load_corner_runs
+from spatial_attention.corner_analysis import analyze
+from spatial_attention.corner_results import load_corner_runs
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.heads import (CORNERS, corner_patch_indices, position_only_flags, rank_heads, shared_unique,
                                      top_cells, topk_count_cube)

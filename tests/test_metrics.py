@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from spatial_attention import metrics as M
+from spatial_attention.options import layer_indices
 from spatial_attention.errors import OptionError
 
 
@@ -33,12 +34,12 @@ def cells(shape: tuple[int, int], *where: tuple[int, int]) -> np.ndarray:
     ("32", [31]),
 ])
 def test_layer_indices_modes(mode, want):
-    assert M.layer_indices(mode, 32) == want
+    assert layer_indices(mode, 32) == want
 
 
 def test_layer_indices_small_model():
     # L = 4: t = 1 -> first [0], mid [1], last [2, 3]
-    assert [M.layer_indices(m, 4) for m in ("first_third", "mid_third", "last_third")] == [[0], [1], [2, 3]]
+    assert [layer_indices(m, 4) for m in ("first_third", "mid_third", "last_third")] == [[0], [1], [2, 3]]
 
 
 @pytest.mark.parametrize("mode, layers", [
@@ -47,7 +48,7 @@ def test_layer_indices_small_model():
 ])
 def test_layer_indices_errors(mode, layers):
     with pytest.raises(OptionError) as info:
-        M.layer_indices(mode, layers)
+        layer_indices(mode, layers)
     message = str(info.value)
     assert "\n" not in message and "--layers" in message and repr(mode) in message
     assert "last_K" in message and "first_third" in message

@@ -17,7 +17,7 @@ import pytest
 
 import models
 import models.base
-from spatial_attention import text_analysis, vlm_analysis
+from spatial_attention import runloop, text_analysis, vlm_analysis
 from spatial_attention.errors import OptionError
 from spatial_attention.generate import generate_shapeworld
 from spatial_attention.runio import write_json
@@ -144,7 +144,7 @@ def test_verify_attention_checks_before_the_model_loads(tmp_path, capsys, no_mod
 
 def test_disk_turning_read_only_mid_run_is_one_line(worlds, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    real = vlm_analysis.append_jsonl
+    real = runloop.append_jsonl
     appended = []
 
     def append_then_fail(path, record):
@@ -153,7 +153,7 @@ def test_disk_turning_read_only_mid_run_is_one_line(worlds, tmp_path, capsys, mo
         appended.append(record)
         real(path, record)
 
-    monkeypatch.setattr(vlm_analysis, "append_jsonl", append_then_fail)
+    monkeypatch.setattr(runloop, "append_jsonl", append_then_fail)
     err = _one_line_exit(capsys, lambda: vlm_analysis.main("llava", [*FAST, "--data", str(worlds), "--out", str(out),
                                                                     "--no-baseline"]), code=1)
     assert "Read-only file system" in err and "samples.jsonl" in err and "rerun" in err

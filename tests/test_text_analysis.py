@@ -311,6 +311,10 @@ def _jsonl(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
 
 
+def world_key(record: dict) -> tuple[int, int]:
+    return record["shard"], record["index"]
+
+
 def test_resume_after_a_torn_last_line_gives_the_same_pairs(two_shards, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     main("qwen2", [*FAST, "--data", str(two_shards), "--out", str(full)])
@@ -319,7 +323,7 @@ def test_resume_after_a_torn_last_line_gives_the_same_pairs(two_shards, tmp_path
     with open(resumed / "pairs.jsonl", "a") as f:  # killed while writing the fourth line
         f.write('{"shard": 1, "index": 0, "sent1": "there are two sha')
     main("qwen2", [*FAST, "--data", str(two_shards), "--out", str(resumed)])
-    assert sorted(_jsonl(resumed), key=TA._key) == sorted(_jsonl(full), key=TA._key)
+    assert sorted(_jsonl(resumed), key=world_key) == sorted(_jsonl(full), key=world_key)
     for name in ("pairs.csv", "summary.json"):
         assert (resumed / name).read_text() == (full / name).read_text()
 
@@ -340,8 +344,8 @@ def test_batch_size_three_equals_batch_size_one(family, two_shards, tmp_path):
     one, three = tmp_path / "bs1", tmp_path / "bs3"
     main(family, [*FAST, "--data", str(two_shards), "--out", str(one), "--batch-size", "1"])
     main(family, [*FAST, "--data", str(two_shards), "--out", str(three), "--batch-size", "3"])
-    a, b = sorted(_jsonl(one), key=TA._key), sorted(_jsonl(three), key=TA._key)
-    assert [TA._key(r) for r in a] == [TA._key(r) for r in b]
+    a, b = sorted(_jsonl(one), key=world_key), sorted(_jsonl(three), key=world_key)
+    assert [world_key(r) for r in a] == [world_key(r) for r in b]
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         for key in x:

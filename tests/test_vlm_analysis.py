@@ -11,7 +11,8 @@ import pytest
 
 from spatial_attention import metrics as M
 from spatial_attention.generate import generate_shapeworld
-from spatial_attention.vlm_analysis import MAPS, main
+from spatial_attention.metrics import MAPS
+from spatial_attention.vlm_analysis import main
 
 FAST = ["--model-path", "tiny-random", "--feed-size", "224", "--plot-samples", "1"]
 

@@ -1,0 +1,324 @@
+"""The one run loop of every experiment that goes over worlds or pairs.
+
+A driver parses its options in ``main``, checks them and its data, and then
+calls, in this order:
+
+- ``open_results(results, identity)``: the folder is claimed (a lock file: a
+  second run on it stops with one line), the results already there were made
+  with the same settings (as far as they are known before the model loads),
+  and their lines are sound;
+- ``load_run(...)``: the model, as a frozen ``Run`` (``open_run`` does these
+  two and starts run.json, for an experiment with one results folder);
+- ``resumable_map(...)``: the items not yet done, appended as they finish,
+  sharded over the processes of ``accelerate launch``, merged; it returns the
+  records of exactly the items asked for, which is what the summary covers.
+
+The identity of a folder (``identity.json`` beside its records) is everything
+that changes the numbers: the model (family, checkpoint, revision, dtype), the
+layers, the feed size, the data, the seeds and controls of the experiment. Its
+keys are the options' names, so that a refusal names the option to change.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Sequence
+
+from tqdm import tqdm
+
+from spatial_attention.errors import DataError, OptionError
+from spatial_attention.options import ModelOptions, check_at_least, dtype_name, layer_indices
+from spatial_attention.runio import (RecordCheck, append_jsonl, check_output_dir, read_jsonl, run_record,
+                                     start_run, write_atomic, write_json)
+from spatial_attention.stats import json_safe
+
+if TYPE_CHECKING:
+    from models import VLMAdapter
+
+log = logging.getLogger("spatial_attention")
+
+IDENTITY_FILE = "identity.json"
+LOCK_FILE = ".lock"
+
+
+# --- the work split -------------------------------------------------------------------
+
+class ProcessShare:
+    """This process's part of the work under ``accelerate launch`` (all of it otherwise).
+
+    Items are dealt round-robin; each process appends to its own part file and
+    the main process merges the parts once all are done.
+    """
+
+    def __init__(self, device: str = "auto"):
+        import torch
+        from accelerate import PartialState
+
+        # Processes started by `accelerate launch --multi_gpu` (torchrun) on a machine without
+        # GPUs, or asked to run on the CPU, join one gloo group.
+        cpu = device == "cpu" or not torch.cuda.is_available()
+        self.state = PartialState(cpu=cpu)
+        self.rank = self.state.process_index
+        self.size = self.state.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self):
+        return self.state.device
+
+    def take(self, items: Sequence) -> list:
+        return [item for i, item in enumerate(items) if i % self.size == self.rank]
+
+    def part_path(self, path: Path) -> Path:
+        """Where this process appends: ``path`` itself in a single-process run."""
+        path = Path(path)
+        return path if self.size == 1 else path.with_name(f"{path.stem}.part{self.rank}{path.suffix}")
+
+    def wait(self) -> None:
+        self.state.wait_for_everyone()
+
+
+def record_files(path: Path) -> list[Path]:
+    """``path`` and the part files a multi-process run left beside it (all merged into ``path``
+    when the run finishes; a killed run leaves them, and the next one reads them)."""
+    path = Path(path)
+    return [path, *sorted(path.parent.glob(f"{path.stem}.part*{path.suffix}"))]
+
+
+def existing_records(path: Path, check: RecordCheck | None = None) -> Iterable[dict]:
+    """Every record earlier runs finished, from ``path`` and its part files (see read_jsonl)."""
+    for source in record_files(path):
+        yield from read_jsonl(source, check)
+
+
+# --- one run per folder -----------------------------------------------------------------
+
+_LOCKS: dict[Path, int] = {}  # folder -> the open lock file this process holds (released when it exits)
+
+
+def claim_output(out: Path, option: str) -> None:
+    """Make ``out`` (created if missing) this process's: OptionError naming ``option`` when another
+    run holds it. Two runs appending to one folder would write each item twice."""
+    out = Path(out)
+    key = out.resolve()
+    if key in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OptionError(f"{option} {out}: another run (process {holder}) is writing there now; wait for it to "
+                          f"finish, or choose another {option}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[key] = fd
+
+
+# --- identity ---------------------------------------------------------------------------
+
+def _as_json(value):
+    return json.loads(json.dumps(json_safe(value)))
+
+
+def check_identity(records: Path, identity: dict, option: str) -> None:
+    """Refuse to add to ``records`` (a results file) when the results already there were made with
+    other settings: OptionError naming the first setting that differs. Only the keys of ``identity``
+    are compared, so that what is known before the model loads can be checked then."""
+    records = Path(records)
+    if not _has_records(records):
+        return
+    folder = records.parent
+    try:
+        recorded = json.loads((folder / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        raise DataError(f"{records}: results without a readable {IDENTITY_FILE} beside them, so there is no telling "
+                        f"how they were made; delete {records.name} to start over, or choose another "
+                        f"{option}") from None
+    for key, value in _as_json(identity).items():
+        if key not in recorded:
+            raise OptionError(f"{option} {folder}: its {IDENTITY_FILE} does not record {key}, so there is no "
+                              f"telling whether its results match this run; choose another {option}, or delete "
+                              f"{records.name} there to redo them")
+        if recorded[key] != value:
+            raise OptionError(f"{option} {folder}: its results were made with {key} {recorded[key]!r}, not "
+                              f"{value!r}; rerun with the same setting to resume, or choose another {option}")
+
+
+def _has_records(path: Path) -> bool:
+    return any(p.is_file() and p.stat().st_size for p in record_files(path))
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Results:
+    """A results file of one folder: where, how an item and a record are keyed, and how a line is checked."""
+    path: Path
+    item_key: Callable[[object], Hashable]
+    record_key: Callable[[dict], Hashable]
+    check: RecordCheck | None = None
+    option: str = "--out"  # the option that names the folder, for messages
+
+    def read(self) -> list[dict]:
+        """Every record finished so far (checked line by line, see read_jsonl), one per key."""
+        by_key = {}
+        for record in existing_records(self.path, self.check):
+            by_key.setdefault(self.record_key(record), record)
+        return list(by_key.values())
+
+
+def world_results(path: Path, check: RecordCheck) -> Results:
+    """A results file with one record per ShapeWorld world: items and records both carry shard and index."""
+    return Results(path, item_key=lambda item: (item.shard, item.index),
+                   record_key=lambda record: (int(record["shard"]), int(record["index"])), check=check)
+
+
+def open_results(results: Results, identity: dict) -> list[dict]:
+    """Before the model loads (main process): claim the folder, refuse results made with another
+    ``identity`` (what is known so far), and read every finished record, so that a damaged line
+    fails now; returns them."""
+    claim_output(results.path.parent, results.option)
+    records = results.read()
+    check_identity(results.path, identity, results.option)
+    return records
+
+
+def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Callable[[list], Iterable[dict]],
+                  identity: dict, batch_size: int = 1, desc: str = "", unit: str = "item") -> list[dict]:
+    """Run ``fn`` over the ``items`` whose key has no record yet, ``batch_size`` at a time, appending
+    each record it returns as its batch finishes; the processes of an ``accelerate launch`` take turns
+    (round-robin) and the main process merges their part files.
+
+    Refuses (OptionError) when the folder's records were made with another ``identity``, and when
+    another run holds the folder. Each key is written once: items repeating a key are done once, and
+    the merge keeps one record per key. Returns, in the main process, the records of exactly
+    ``items`` (in their order; an item ``fn`` gave no record for is absent); [] in the others.
+    """
+    path = results.path
+    if share.is_main:
+        open_results(results, identity)
+        if not _has_records(path):
+            write_json(path.parent / IDENTITY_FILE, identity)
+    share.wait()
+    unique: dict = {}  # key -> the first item with it
+    for item in items:
+        unique.setdefault(results.item_key(item), item)
+    done = {results.record_key(record) for record in existing_records(path, results.check)}
+    todo = [item for key, item in unique.items() if key not in done]
+    if len(todo) < len(unique):
+        log.info("resuming: %d of %d %ss already in %s", len(unique) - len(todo), len(unique), unit, path)
+    share.wait()  # every process has read what is done before any of them appends
+    mine = share.take(todo)
+    if share.size > 1:
+        log.info("process %d of %d: %d of %d %ss to do", share.rank + 1, share.size, len(mine), len(todo), unit)
+    part = share.part_path(path)
+    progress = tqdm(total=len(mine), desc=desc, unit=unit, disable=not share.is_main)
+    for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        for record in fn(chunk):
+            append_jsonl(part, record)
+        progress.update(len(chunk))
+    progress.close()
+    share.wait()
+    if not share.is_main:
+        return []
+    if share.size > 1 or len(record_files(path)) > 1:
+        _merge(results, list(unique))
+    by_key = {results.record_key(record): record for record in results.read()}
+    return [by_key[key] for key in unique if key in by_key]
+
+
+def _merge(results: Results, order: list) -> None:
+    """Fold the part files into the results file, one record per key: the asked items' in their order,
+    then any others (earlier runs' items) in the order they were found."""
+    records = results.read()
+    rank = {key: i for i, key in enumerate(order)}
+    records.sort(key=lambda r: rank.get(results.record_key(r), len(rank)))  # stable: the others keep their order
+    lines = [json.dumps(json_safe(r), allow_nan=False) for r in records]
+    write_atomic(results.path, "".join(line + "\n" for line in lines))
+    for part in record_files(results.path)[1:]:
+        part.unlink(missing_ok=True)
+
+
+# --- the run ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Run:
+    """What an experiment runs with, fixed once the model is loaded: nothing below ``main`` changes it."""
+    options: ModelOptions
+    share: ProcessShare
+    adapter: VLMAdapter
+    layers: tuple[int, ...]  # 0-based
+    batch_size: int  # items (worlds, caption pairs, image pairs) per forward pass
+    settings: dict  # the command's options as given (``vars(args)``), for run.json
+
+    @property
+    def layer_numbers(self) -> list[int]:
+        """The layers 1-based, as results and reports write them."""
+        return [layer + 1 for layer in self.layers]
+
+    def identity(self) -> dict:
+        """The model's part of a results folder's identity, with the loaded model's own values."""
+        adapter = self.adapter
+        return {**self.options.identity(), "model family": adapter.family, "--model-path": adapter.model_path,
+                "--dtype": dtype_name(adapter.dtype), "--layers": self.layer_numbers,
+                "--feed-size": list(adapter.feed_size) if adapter.feed_size else None}
+
+    def record(self, **extra) -> dict:
+        """A run.json record of this run (runio.run_record), with the layers and feed size it used."""
+        return run_record(self.settings, self.adapter, layers_0based=list(self.layers),
+                          feed_size=self.adapter.feed_size, **extra)
+
+
+def load_run(options: ModelOptions, share: ProcessShare, settings: dict, default_layers: str | None = None) -> Run:
+    """Load the model of ``options``; ``--layers`` defaults to ``default_layers``, else to the layers
+    the paper used with the family (``paper_layers``), and is checked against the model's depth."""
+    from models import load_adapter
+
+    device = str(share.device) if share.size > 1 and options.device == "auto" else options.device
+    adapter = load_adapter(options.family, options.model_path, device=device, dtype=options.dtype,
+                           device_map=options.device_map, revision=options.revision, seed=options.seed)
+    if options.feed_size:
+        adapter.set_feed_size(options.feed_size)
+    layers = layer_indices(options.layers or default_layers or adapter.paper_layers, adapter.num_layers)
+    batch_size = options.batch_size or (8 if adapter.device.type == "cuda" else 1)
+    return Run(options, share, adapter, tuple(layers), batch_size, dict(settings))
+
+
+def open_run(options: ModelOptions, share: ProcessShare, results: Results, identity: dict, settings: dict,
+             default_layers: str | None = None, **record) -> tuple[Run, dict]:
+    """What a one-folder experiment does from its results folder to its first item: claim the folder and
+    check its identity (the model's part as known before the load, plus the experiment's ``identity``),
+    load the model (``load_run``), and write run.json ("running", with ``record``). Returns the run and
+    the folder's whole identity, for ``resumable_map``."""
+    if share.is_main:
+        open_results(results, {**options.identity(default_layers), **identity})
+    run = load_run(options, share, settings, default_layers)
+    if share.is_main:
+        start_run(results.path.parent / "run.json", run.record(**record))
+    return run, {**run.identity(), **identity}
+
+
+def prepare_run(family: str, args) -> tuple[ModelOptions, ProcessShare, Path]:
+    """What an experiment over ShapeWorld does first: check the model options, --limit and the output
+    folder (``args.out``), join the processes, and find the data folder (the default one generated
+    once, by the main process)."""
+    from spatial_attention.generate import shapeworld_folder
+
+    options = ModelOptions.from_args(family, args)
+    check_at_least(1, limit=args.limit)
+    check_output_dir(args.out, "--out")
+    share = ProcessShare(options.device)
+    data = shapeworld_folder(args.data, options.seed) if share.is_main else args.data
+    share.wait()
+    return options, share, data
