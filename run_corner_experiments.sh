@@ -42,8 +42,10 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
 CORNERS=(topleft topright bottomleft bottomright)
-# The choices of head_ablation.py --mode and of --dtype (spatial_attention/ablation.py build_parser and
-# cli.add_model_args); tests/test_sweep_checks.py keeps these lists equal to those.
+# The model families (models.FAMILIES), the choices of head_ablation.py --mode and of --dtype
+# (spatial_attention/ablation.py build_parser and cli.add_model_args); tests/test_sweep_checks.py keeps these
+# lists equal to those.
+MODELS=(qwen2 llava)
 ABLATE_MODES=(zero mean)
 DTYPES=(auto bf16 fp16 fp32)
 
@@ -60,7 +62,7 @@ check_choice() {  # NAME VALUE CHOICE...
 check_positive() {  # NAME VALUE: a whole number of 1 or more
   [[ $2 =~ ^0*[1-9][0-9]*$ ]] || fail "$1=$2: must be a whole number of 1 or more"
 }
-check_choice MODEL "$MODEL" qwen2 llava
+check_choice MODEL "$MODEL" "${MODELS[@]}"
 check_choice ABLATE "$ABLATE" 0 1
 check_choice ABLATE_MODE "$ABLATE_MODE" "${ABLATE_MODES[@]}"
 check_choice DTYPE "$DTYPE" "${DTYPES[@]}"

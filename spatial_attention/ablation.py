@@ -59,14 +59,15 @@ from tqdm import tqdm
 from spatial_attention.capture import AttentionHook, active, last_position_logits, plain_logits
 from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
 from spatial_attention.corner_results import CornerRun, load_corner_run
-from spatial_attention.counterfactual import CORNER_PROMPT, Pair, corner_of, fill_corner_prompt, read_pairs
+from spatial_attention.counterfactual import CORNER_PROMPT, Pair, fill_corner_prompt, read_dataset
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import save_figure
 from spatial_attention.heads import top_cells
-from spatial_attention.options import ModelOptions, check_at_least
+from spatial_attention.options import ModelOptions, check_at_least, checkpoint_name
 from spatial_attention.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run, write_atomic,
                                      write_json)
-from spatial_attention.runloop import ProcessShare, Results, load_run, open_results, resumable_map
+from spatial_attention.runloop import (Results, check_identity, join_processes, load_run, open_results,
+                                       resumable_map)
 from spatial_attention.shapeworld import load_rgb
 from spatial_attention.stats import bootstrap_ci
 
@@ -412,8 +413,8 @@ def main(argv=None) -> None:
     check_stats_model(stats, options)
     chosen = parse_heads(args.heads, stats, args.analysis_dir or args.stats_dir.parent / "count_shared_unique")
     check_heads_in_stats_model(chosen, args.heads, stats)
-    pairs = read_pairs(args.dataset, limit=args.max_pairs)
-    corner = corner_of(pairs, args.dataset)
+    dataset = read_dataset(args.dataset, args.max_pairs)
+    pairs, corner = dataset.pairs, dataset.corner
     if corner != stats.corner:
         log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, stats.corner)
     check_images(pairs)
@@ -422,19 +423,18 @@ def main(argv=None) -> None:
                            "--out-dir")
     options = replace(options, feed_size=options.feed_size or stats_feed_size(stats))
     head_sets = [chosen] + random_head_sets(chosen, int(stats.meta["H"]), args.random_controls, options.seed)
-    settings = {"--dataset": str(args.dataset.resolve()), "--prompt": prompt, "--heads": list(map(head_name, chosen)),
-                "--mode": args.mode, "--random-controls": args.random_controls, "--seed": options.seed}
-    if args.mode == "mean":  # the means are taken over the run's pairs
-        settings["--max-pairs"] = args.max_pairs
+    # --max-pairs too: the summary covers the run's pairs, and in mean mode the means are taken over them
+    settings = {**dataset.identity, "--max-pairs": args.max_pairs, "--prompt": prompt,
+                "--heads": list(map(head_name, chosen)), "--mode": args.mode, "--random-controls": args.random_controls,
+                "--seed": options.seed}
     results = Results(out / PAIRS_FILE, item_key=lambda pair: pair.id, record_key=lambda record: record["id"],
                       check=lacks_keys("id", "log_odds", "ablated_log_odds"), option="--out-dir")
-    share = ProcessShare(options.device)
-    if share.is_main:
-        open_results(results, {**options.identity(), **settings})
-    if {record["id"] for record in results.read()} >= {pair.id for pair in pairs} and (out / "summary.json").is_file():
+    options, share = join_processes(options)
+    share.main_checks(lambda: open_results(results, {**options.identity(), **settings}))
+    if finished(out, results, pairs):
         log.info("%s already holds this ablation, finished with the same settings; delete it to redo it", out)
         return
-    run = load_run(options, share, vars(args))
+    run = load_run(options, share, vars(args), out=out, data=args.dataset)
     adapter = run.adapter
     if stats.full.shape[1] != adapter.num_heads:
         raise DataError(f"{args.stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
@@ -443,6 +443,8 @@ def main(argv=None) -> None:
     log.info("%s: ablating %s (%s, mode %s) on %d pairs, %d random controls", corner,
              " ".join(map(head_name, chosen)), args.heads, args.mode, len(pairs), args.random_controls)
 
+    identity = {**run.identity(), **settings}
+    share.main_checks(lambda: check_identity(results.path, identity, "--out-dir"))  # before run.json changes
     record = run.record(dataset=str(args.dataset))
     if share.is_main:
         start_run(out / "run.json", record)
@@ -456,8 +458,7 @@ def main(argv=None) -> None:
         return [{"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
                 for i, pair in enumerate(chunk)]
 
-    records = resumable_map(share, results, pairs, ablate, {**run.identity(), **settings},
-                            batch_size=run.batch_size, desc=f"ablation ({len(hooks)} head sets)", unit="pair")
+    records = resumable_map(share, results, pairs, ablate, identity, batch_size=run.batch_size, desc=f"ablation ({len(hooks)} head sets)", unit="pair")
     if not share.is_main:
         return
     base = np.array([r["log_odds"] for r in records])  # [N, 2]
@@ -469,6 +470,16 @@ def main(argv=None) -> None:
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "
              "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
+
+
+def finished(out: Path, results: Results, pairs: list[Pair]) -> bool:
+    """Whether ``out`` (its identity checked) holds this ablation finished: every pair measured and run.json
+    saying so (a run that failed after its summary is redone)."""
+    try:
+        status = json.loads((out / "run.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return status == "finished" and {record["id"] for record in results.read()} >= {pair.id for pair in pairs}
 
 
 def stats_feed_size(stats: CornerRun) -> int | None:
@@ -494,14 +505,9 @@ def check_stats_model(run: CornerRun, options: ModelOptions) -> None:
         raise OptionError(f"--stats-dir {run.folder}: scored with --model {family}, not {options.family}; ablate "
                           f"its heads in the model they were found in, or score {options.family} first")
     wanted = options.model_path
-    if path is not None and not same_checkpoint(path, wanted):
+    if path is not None and checkpoint_name(path) != checkpoint_name(wanted):
         raise OptionError(f"--stats-dir {run.folder}: scored with --model-path {path!r}, not {wanted!r}; ablate "
                           f"in that checkpoint (--model-path {path}), or score this one first")
-
-
-def same_checkpoint(a: str, b: str) -> bool:
-    """The same text, or two spellings of one local folder."""
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def check_images(pairs: list[Pair]) -> None:

@@ -90,7 +90,7 @@ def user_errors_exit(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        from spatial_attention.runio import mark_unfinished
+        from spatial_attention.runio import mark_unfinished, release_outputs
 
         # SIGTERM (kill, timeout, a cluster's time limit) ends a run like Ctrl-C does
         in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
@@ -113,6 +113,7 @@ def user_errors_exit(main):
             mark_unfinished("failed", f"{type(err).__name__}: {str(err)[:200]}")
             raise
         finally:
+            release_outputs()
             if in_main_thread:
                 signal.signal(signal.SIGTERM, previous)
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -45,15 +44,15 @@ from PIL import Image
 
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
 from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
-from spatial_attention.counterfactual import CORNER_PROMPT, CORNERS, Pair, corner_of, fill_corner_prompt, read_pairs
+from spatial_attention.counterfactual import (CORNER_PROMPT, CORNERS, CornerDataset, Pair, fill_corner_prompt,
+                                             read_dataset)
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import plot_count_bars
 from spatial_attention.heads import corner_patch_indices, topk_count_cube
 from spatial_attention.options import ModelOptions, check_at_least, dtype_name
 from spatial_attention.runio import (RecordCheck, check_output_dir, finish_run, lacks_keys, package_versions,
                                      setup_logging, start_run, write_atomic, write_json)
-from spatial_attention.runloop import (ProcessShare, Results, Run, check_identity, load_run, open_results,
-                                       resumable_map)
+from spatial_attention.runloop import Results, Run, join_processes, load_run, open_results, resumable_map
 
 log = logging.getLogger("spatial_attention")
 PAIRS_FILE = "pairs_scores.jsonl"
@@ -64,21 +63,6 @@ PAIR_KEYS = ("id", "full", "control", "full_answer", "control_answer")
 DEFAULT_LAYERS = "all"  # every layer's heads are scored
 
 Columns = Callable[[object], np.ndarray]  # a sample's token layout -> the key positions its score covers
-
-
-@dataclass(frozen=True)
-class CornerDataset:
-    """One --dataset folder: its corner, its pairs and the digest of its metadata.jsonl."""
-    folder: Path
-    corner: str
-    pairs: list[Pair]
-    metadata_sha256: str
-
-    @property
-    def identity(self) -> dict:
-        """What tells this data set from another of the same corner (a regenerated one changes the digest)."""
-        return {"--dataset": str(self.folder.resolve()),
-                "--dataset (sha256 of its metadata.jsonl)": self.metadata_sha256}
 
 
 @dataclass(frozen=True)
@@ -140,17 +124,20 @@ def main(argv=None) -> None:
     scoring = check_scoring(args)
     datasets = read_datasets(args.dataset, args.max_pairs)
     outs = output_folders(args.out_dir, list(datasets))
-    share = ProcessShare(options.device)
+    options, share = join_processes(options)
     results = {corner: pair_results(out) for corner, out in outs.items()}
-    for corner, dataset in datasets.items():  # before the (slow) model load: a refusal costs seconds
-        if share.is_main:
-            open_results(results[corner], identity(options.identity(DEFAULT_LAYERS), scoring, dataset))
-    run = load_run(options, share, vars(args), default_layers=DEFAULT_LAYERS)
+
+    def check_folders(model: dict, check) -> None:
+        for corner, dataset in datasets.items():
+            check(results[corner], identity(model, scoring, dataset))
+
+    share.main_checks(lambda: check_folders(options.identity(DEFAULT_LAYERS), open_results))  # before the load
+    run = load_run(options, share, vars(args), out=args.out_dir, default_layers=DEFAULT_LAYERS)
     if scoring.topk > run.adapter.num_heads:
         raise OptionError(f"--topk {scoring.topk}: must be between 1 and the model's {run.adapter.num_heads} heads "
                           "per layer")
-    for corner, dataset in datasets.items():  # every folder before the first is scored: a refusal costs no corner
-        check_identity(results[corner].path, identity(run.identity(), scoring, dataset), "--out-dir")
+    # every folder with the loaded model's values before the first corner is scored: a refusal costs no corner
+    share.main_checks(lambda: check_folders(run.identity(), open_results))
     for corner, dataset in datasets.items():
         score_dataset(run, scoring, dataset, results[corner], max_pairs=args.max_pairs)
 
@@ -166,7 +153,7 @@ def check_scoring(args) -> Scoring:
     return Scoring(args.prompt, args.patch_size, args.corner, args.max_new_tokens, args.topk)
 
 
-def identity(model: dict, scoring: Scoring, dataset: "CornerDataset") -> dict:
+def identity(model: dict, scoring: Scoring, dataset: CornerDataset) -> dict:
     """A corner out-dir's identity: the model's part, the scoring's, the data set's."""
     return {**model, **scoring.identity(dataset.corner), **dataset.identity}
 
@@ -181,16 +168,6 @@ def read_datasets(folders: list[str], max_pairs: int | None) -> dict[str, Corner
                               f"each other in head_diff_stats_{dataset.corner}")
         datasets[dataset.corner] = dataset
     return datasets
-
-
-def read_dataset(folder: Path, limit: int | None) -> CornerDataset:
-    """One corner folder's pairs (at most ``limit``) and the digest of its whole metadata.jsonl."""
-    pairs = read_pairs(folder, limit=limit)
-    ids = [pair.id for pair in pairs]
-    if len(set(ids)) < len(ids):
-        raise DataError(f"{folder}: pair ids repeat; each pair needs its own id (a rerun resumes by id)")
-    digest = hashlib.sha256((folder / "metadata.jsonl").read_bytes()).hexdigest()
-    return CornerDataset(folder, corner_of(pairs, folder), pairs, digest)
 
 
 def output_folders(out_dir: Path | None, corners: list[str]) -> dict[str, Path]:
@@ -266,8 +243,7 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
         log.warning("%s: the folder holds only %d pairs (--max-pairs %d)", corner, len(pairs), max_pairs)
     ids = [pair.id for pair in pairs]
     the_identity = identity(run.identity(), scoring, dataset)
-    if run.share.is_main:
-        open_results(results, the_identity)
+    run.share.main_checks(lambda: open_results(results, the_identity))
     if {record["id"] for record in results.read()} >= set(ids) and _outputs_current(out, ids, scoring.topk):
         log.info("%s: all %d pairs already scored in %s; nothing to redo", corner, len(pairs), out)
         return
@@ -296,6 +272,7 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
 
     records = resumable_map(run.share, results, pairs, score_pairs, the_identity, batch_size=run.batch_size,
                             desc=f"{corner} pairs", unit="pair")
+    skipped = run.share.gather(skipped)  # every process's
     if not run.share.is_main:
         return
     if not records:

@@ -9,6 +9,7 @@ object in the opposite corner; each folder is paired with the prompt
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -88,6 +89,21 @@ class Pair:
                             f"the full image {self.full_image} is {full.width}x{full.height}; the two must be the "
                             "same size, regenerate the pair")
         return full, control
+
+
+@dataclass(frozen=True)
+class CornerDataset:
+    """One --dataset folder: its corner, its pairs and the digest of its metadata.jsonl."""
+    folder: Path
+    corner: str
+    pairs: list[Pair]
+    metadata_sha256: str
+
+    @property
+    def identity(self) -> dict:
+        """What tells this data set from another of the same corner (a regenerated one changes the digest)."""
+        return {"--dataset": str(self.folder.resolve()),
+                "--dataset (sha256 of its metadata.jsonl)": self.metadata_sha256}
 
 
 def _pixel_box(value, where: str) -> PixelBox:
@@ -174,6 +190,16 @@ def corner_of(pairs: list[Pair], folder) -> str:
     if len(corners) != 1:
         raise DataError(f"{folder}: pairs of several corners ({', '.join(corners)}); a corner folder holds one")
     return corners[0]
+
+
+def read_dataset(folder: Path, limit: int | None) -> CornerDataset:
+    """One corner folder's pairs (at most ``limit``) and the digest of its whole metadata.jsonl."""
+    pairs = read_pairs(folder, limit=limit)
+    ids = [pair.id for pair in pairs]
+    if len(set(ids)) < len(ids):
+        raise DataError(f"{folder}: pair ids repeat; each pair needs its own id (a rerun resumes by id)")
+    digest = hashlib.sha256((folder / "metadata.jsonl").read_bytes()).hexdigest()
+    return CornerDataset(folder, corner_of(pairs, folder), pairs, digest)
 
 
 def _pixel_problems(pair: Pair, where: str) -> list[str]:

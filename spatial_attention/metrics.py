@@ -34,6 +34,8 @@ def display_order(names, known: Sequence[str]) -> list[str]:
     """The distinct ``names`` in the order of ``known``; names not in it follow, alphabetically."""
     rank = {name: i for i, name in enumerate(known)}
     return sorted(set(names), key=lambda n: (rank.get(n, len(known)), n))
+
+
 # Below this a quantity that is a sum of fractions counts as zero (rounding noise, not signal).
 ZERO_TOL = 1e-12
 

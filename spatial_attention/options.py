@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from spatial_attention.errors import OptionError
 
@@ -95,6 +96,13 @@ def parse_shards(text: str | None) -> list[int] | None:
     return shards
 
 
+def checkpoint_name(model_path: str) -> str:
+    """A --model-path as identities record it: a local folder by its absolute path (so that './ckpt' and
+    '/home/me/ckpt' are one checkpoint), a hub id or 'tiny-random' as it is."""
+    path = Path(model_path)
+    return str(path.resolve()) if path.exists() else model_path
+
+
 def dtype_name(dtype) -> str:
     """A torch dtype as identities and meta.json record it ('bfloat16'): bf16 and fp32 results are not pooled."""
     return str(dtype).replace("torch.", "")
@@ -138,15 +146,18 @@ class ModelOptions:
     def identity(self, default_layers: str | None = None) -> dict:
         """The model's part of a results folder's identity, as far as it is known before the model loads:
         the layers only when --layers lists numbers (a mode such as 'all' needs the model's depth)."""
-        from models import family_adapter
+        from models import TINY_RANDOM, family_adapter
         from models.base import pick_device_and_dtype
 
         adapter = family_adapter(self.family)
         feed = (self.feed_size or adapter.default_feed_size) if adapter.default_feed_size else None  # else fixed
-        identity = {"model family": self.family, "--model-path": self.model_path, "--revision": self.revision,
+        identity = {"--model": self.family, "--model-path": checkpoint_name(self.model_path),
+                    "--revision": self.revision,
                     "--dtype": dtype_name(pick_device_and_dtype(self.device, self.dtype)[1]),
                     "--feed-size": [feed, feed] if feed else None}
         listed = layer_indices(self.layers or default_layers or adapter.paper_layers, None)
         if listed:
             identity["--layers"] = [layer + 1 for layer in listed]
+        if self.model_path == TINY_RANDOM:  # its weights are drawn with the seed
+            identity["--seed"] = self.seed
         return identity

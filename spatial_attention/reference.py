@@ -6,11 +6,13 @@ and the reductions are taken from it on the CPU in float64. The vision encoders
 do not all return their attention (Qwen2-VL's ViT returns none, even under
 eager), so for them a plain eager function that keeps every probability tensor
 is registered under its own name. This is what the paper's scripts did, and
-what ``--verify-attention`` / ``verify_attention.py`` compare with.
+what ``--verify-attention`` / ``verify_attention.py`` compare with (``check``,
+at the end of this file).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import numpy as np
 import torch
@@ -19,6 +21,8 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from spatial_attention.capture import ATTENTION_NAME, CaptureRequest, capture, plain_logits
+
+log = logging.getLogger("spatial_attention")
 
 REFERENCE_NAME = "spatial_attention_reference"
 _kept: dict[int, list[torch.Tensor]] | None = None
@@ -106,3 +110,43 @@ def verify(adapter, batch, request: CaptureRequest) -> dict:
     return {"max_abs_diff": diffs,
             "logits_max_abs_diff": float((engine_logits - plain).abs().max()),
             "argmax_agree": bool((engine_logits.argmax(-1) == plain.argmax(-1)).all())}
+
+
+# --- the check of the engine against this path (verify_attention.py, --verify-attention) ---
+
+# dtype -> (attention tolerance, logits tolerance relative to the largest |logit|)
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 5e-2), torch.float16: (5e-3, 2e-2)}
+
+
+def verification_request(batch, layers: list[int]) -> CaptureRequest:
+    """Every kind of recording the experiments use, for the given layers."""
+    lays = batch.layouts
+    return CaptureRequest(layers=layers, vision=True,
+                          blocks={"cross": [(l.text_positions(), l.image_positions) for l in lays],
+                                  "image_self": [(l.image_positions, l.image_positions) for l in lays]},
+                          last_mass=[l.image_positions for l in lays])
+
+
+def check(adapter, batch, request: CaptureRequest, attention_tol: float | None = None,
+          logits_tol: float | None = None) -> tuple[dict, bool]:
+    """Compare engine and eager on ``batch``; returns (report, passed)."""
+    default_attn, default_logits = TOLERANCES.get(adapter.dtype, TOLERANCES[torch.bfloat16])
+    attention_tol = default_attn if attention_tol is None else attention_tol
+    logits_tol = default_logits if logits_tol is None else logits_tol
+    report = verify(adapter, batch, request)
+    scale = float(plain_logits(adapter, batch).abs().max())
+    report.update(attention_tolerance=attention_tol, logits_tolerance=logits_tol * scale,
+                  dtype=str(adapter.dtype).replace("torch.", ""))
+    passed = (max(report["max_abs_diff"].values()) <= attention_tol and report["argmax_agree"]
+              and report["logits_max_abs_diff"] <= logits_tol * scale)
+    report["passed"] = passed
+    return report, passed
+
+
+def log_report(report: dict) -> None:
+    for name, diff in report["max_abs_diff"].items():
+        log.info("verify: %-12s max |engine - eager| = %.3g (tolerance %.1g)", name, diff,
+                 report["attention_tolerance"])
+    log.info("verify: next-token logits max |engine - plain| = %.3g (tolerance %.3g), argmax agree: %s",
+             report["logits_max_abs_diff"], report["logits_tolerance"], report["argmax_agree"])
+    log.info("verify: %s", "PASSED" if report["passed"] else "FAILED")

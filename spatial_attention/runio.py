@@ -1,5 +1,6 @@
 """Output plumbing shared by every experiment: logging, append-as-you-go JSONL,
-atomic summaries and ``run.json`` (the run loop itself is ``runloop.py``).
+atomic summaries, ``run.json`` and the lock that keeps a results folder to one
+run (the run loop itself is ``runloop.py``).
 
 Guarantees a researcher relies on: a result line is on disk (flushed and
 fsynced) as soon as its item finishes; a summary file is either the old one or
@@ -8,6 +9,7 @@ what is already there.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -162,6 +164,40 @@ def run_record(settings: dict, adapter=None, **extra) -> dict:
         record["model"] = adapter.describe()
     record.update(extra)
     return record
+
+
+# --- one run per folder -----------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+_LOCKS: dict[Path, int] = {}  # folder -> the open lock file this process holds
+
+
+def claim_output(out: Path, option: str) -> None:
+    """Make ``out`` (created if missing) this process's: OptionError naming ``option`` when another
+    run holds it. Two runs appending to one folder would write each item twice."""
+    out = Path(out)
+    key = out.resolve()
+    if key in _LOCKS:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OptionError(f"{option} {out}: another run (process {holder}) is writing there now; wait for it to "
+                          f"finish, or choose another {option}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[key] = fd
+
+
+def release_outputs() -> None:
+    """Free every folder this process claimed (``user_errors_exit`` does it when a command ends, however it
+    ends; the system does it when a process dies)."""
+    while _LOCKS:
+        os.close(_LOCKS.popitem()[1])
 
 
 # run.json files of runs in progress in this process, and whether a rerun resumes them: if

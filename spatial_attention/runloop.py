@@ -20,20 +20,19 @@ keys are the options' names, so that a refusal names the option to change.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Sequence
 
 from tqdm import tqdm
 
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.options import ModelOptions, check_at_least, dtype_name, layer_indices
-from spatial_attention.runio import (RecordCheck, append_jsonl, check_output_dir, read_jsonl, run_record,
-                                     start_run, write_atomic, write_json)
+from spatial_attention.generate import shapeworld_folder
+from spatial_attention.options import ModelOptions, check_at_least, checkpoint_name, dtype_name, layer_indices
+from spatial_attention.runio import (RecordCheck, append_jsonl, check_output_dir, claim_output, read_jsonl,
+                                     run_record, start_run, write_atomic, write_json)
 from spatial_attention.stats import json_safe
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("spatial_attention")
 
 IDENTITY_FILE = "identity.json"
-LOCK_FILE = ".lock"
+RESULTS_KEY = "results file"  # the identity's record of which results file it describes
 
 
 # --- the work split -------------------------------------------------------------------
@@ -84,6 +83,32 @@ class ProcessShare:
     def wait(self) -> None:
         self.state.wait_for_everyone()
 
+    def main_checks(self, check: Callable[[], object]) -> None:
+        """Run ``check`` in the main process only; when it refuses (OptionError, DataError) every process
+        stops, the main one with the error (said once), so that none goes on to load a model."""
+        error = None
+        if self.is_main:
+            try:
+                check()
+            except (OptionError, DataError) as err:
+                error = err
+        if self.size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            error = broadcast_object_list([error])[0]
+        if error is not None:
+            if self.is_main:
+                raise error
+            raise SystemExit(2)
+
+    def gather(self, items: list) -> list:
+        """Every process's ``items``, concatenated in rank order (every process must call it)."""
+        if self.size == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
 
 def record_files(path: Path) -> list[Path]:
     """``path`` and the part files a multi-process run left beside it (all merged into ``path``
@@ -98,32 +123,6 @@ def existing_records(path: Path, check: RecordCheck | None = None) -> Iterable[d
         yield from read_jsonl(source, check)
 
 
-# --- one run per folder -----------------------------------------------------------------
-
-_LOCKS: dict[Path, int] = {}  # folder -> the open lock file this process holds (released when it exits)
-
-
-def claim_output(out: Path, option: str) -> None:
-    """Make ``out`` (created if missing) this process's: OptionError naming ``option`` when another
-    run holds it. Two runs appending to one folder would write each item twice."""
-    out = Path(out)
-    key = out.resolve()
-    if key in _LOCKS:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise OptionError(f"{option} {out}: another run (process {holder}) is writing there now; wait for it to "
-                          f"finish, or choose another {option}") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    _LOCKS[key] = fd
-
-
 # --- identity ---------------------------------------------------------------------------
 
 def _as_json(value):
@@ -133,17 +132,24 @@ def _as_json(value):
 def check_identity(records: Path, identity: dict, option: str) -> None:
     """Refuse to add to ``records`` (a results file) when the results already there were made with
     other settings: OptionError naming the first setting that differs. Only the keys of ``identity``
-    are compared, so that what is known before the model loads can be checked then."""
+    are compared, so that what is known before the model loads can be checked then. Refuse too a
+    folder that holds another command's results (its run.json and summary would be written over)."""
     records = Path(records)
-    if not _has_records(records):
-        return
     folder = records.parent
     try:
         recorded = json.loads((folder / IDENTITY_FILE).read_text())
     except (OSError, ValueError):
+        recorded = None
+    other = recorded.get(RESULTS_KEY) if isinstance(recorded, dict) else None
+    if other and other != records.name and _has_records(folder / other):
+        raise OptionError(f"{option} {folder}: holds the results of another command ({other}); choose another "
+                          f"{option}")
+    if not _has_records(records):
+        return
+    if not isinstance(recorded, dict):
         raise DataError(f"{records}: results without a readable {IDENTITY_FILE} beside them, so there is no telling "
                         f"how they were made; delete {records.name} to start over, or choose another "
-                        f"{option}") from None
+                        f"{option}")
     for key, value in _as_json(identity).items():
         if key not in recorded:
             raise OptionError(f"{option} {folder}: its {IDENTITY_FILE} does not record {key}, so there is no "
@@ -208,7 +214,7 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
     if share.is_main:
         open_results(results, identity)
         if not _has_records(path):
-            write_json(path.parent / IDENTITY_FILE, identity)
+            write_json(path.parent / IDENTITY_FILE, {RESULTS_KEY: path.name, **identity})
     share.wait()
     unique: dict = {}  # key -> the first item with it
     for item in items:
@@ -260,6 +266,8 @@ class Run:
     adapter: VLMAdapter
     layers: tuple[int, ...]  # 0-based
     batch_size: int  # items (worlds, caption pairs, image pairs) per forward pass
+    out: Path | None  # the output folder (experiment 3: the parent of one folder per corner)
+    data: Path | None  # the input data folder, where there is one
     settings: dict  # the command's options as given (``vars(args)``), for run.json
 
     @property
@@ -270,7 +278,8 @@ class Run:
     def identity(self) -> dict:
         """The model's part of a results folder's identity, with the loaded model's own values."""
         adapter = self.adapter
-        return {**self.options.identity(), "model family": adapter.family, "--model-path": adapter.model_path,
+        return {**self.options.identity(), "--model": adapter.family,
+                "--model-path": checkpoint_name(adapter.model_path),
                 "--dtype": dtype_name(adapter.dtype), "--layers": self.layer_numbers,
                 "--feed-size": list(adapter.feed_size) if adapter.feed_size else None}
 
@@ -280,45 +289,53 @@ class Run:
                           feed_size=self.adapter.feed_size, **extra)
 
 
-def load_run(options: ModelOptions, share: ProcessShare, settings: dict, default_layers: str | None = None) -> Run:
+def join_processes(options: ModelOptions) -> tuple[ModelOptions, ProcessShare]:
+    """This process's share of the work, and ``options`` with the device it runs on: under
+    ``accelerate launch``, --device auto means the process's own device."""
+    share = ProcessShare(options.device)
+    if share.size > 1 and options.device == "auto":
+        options = replace(options, device=str(share.device))
+    return options, share
+
+
+def load_run(options: ModelOptions, share: ProcessShare, settings: dict, out: Path | None,
+             data: Path | None = None, default_layers: str | None = None) -> Run:
     """Load the model of ``options``; ``--layers`` defaults to ``default_layers``, else to the layers
     the paper used with the family (``paper_layers``), and is checked against the model's depth."""
     from models import load_adapter
 
-    device = str(share.device) if share.size > 1 and options.device == "auto" else options.device
-    adapter = load_adapter(options.family, options.model_path, device=device, dtype=options.dtype,
+    adapter = load_adapter(options.family, options.model_path, device=options.device, dtype=options.dtype,
                            device_map=options.device_map, revision=options.revision, seed=options.seed)
     if options.feed_size:
         adapter.set_feed_size(options.feed_size)
     layers = layer_indices(options.layers or default_layers or adapter.paper_layers, adapter.num_layers)
     batch_size = options.batch_size or (8 if adapter.device.type == "cuda" else 1)
-    return Run(options, share, adapter, tuple(layers), batch_size, dict(settings))
+    return Run(options, share, adapter, tuple(layers), batch_size, out, data, dict(settings))
 
 
 def open_run(options: ModelOptions, share: ProcessShare, results: Results, identity: dict, settings: dict,
-             default_layers: str | None = None, **record) -> tuple[Run, dict]:
+             data: Path | None = None, default_layers: str | None = None) -> tuple[Run, dict]:
     """What a one-folder experiment does from its results folder to its first item: claim the folder and
     check its identity (the model's part as known before the load, plus the experiment's ``identity``),
-    load the model (``load_run``), and write run.json ("running", with ``record``). Returns the run and
-    the folder's whole identity, for ``resumable_map``."""
+    load the model (``load_run``), check the identity again with the loaded model's values, and write
+    run.json ("running"). Returns the run and the folder's whole identity, for ``resumable_map``."""
+    share.main_checks(lambda: open_results(results, {**options.identity(default_layers), **identity}))
+    run = load_run(options, share, settings, results.path.parent, data, default_layers)
+    whole = {**run.identity(), **identity}
+    share.main_checks(lambda: check_identity(results.path, whole, results.option))  # before run.json changes
     if share.is_main:
-        open_results(results, {**options.identity(default_layers), **identity})
-    run = load_run(options, share, settings, default_layers)
-    if share.is_main:
-        start_run(results.path.parent / "run.json", run.record(**record))
-    return run, {**run.identity(), **identity}
+        start_run(results.path.parent / "run.json", run.record(data=str(data)))
+    return run, whole
 
 
 def prepare_run(family: str, args) -> tuple[ModelOptions, ProcessShare, Path]:
     """What an experiment over ShapeWorld does first: check the model options, --limit and the output
     folder (``args.out``), join the processes, and find the data folder (the default one generated
     once, by the main process)."""
-    from spatial_attention.generate import shapeworld_folder
-
     options = ModelOptions.from_args(family, args)
     check_at_least(1, limit=args.limit)
     check_output_dir(args.out, "--out")
-    share = ProcessShare(options.device)
+    options, share = join_processes(options)
     data = shapeworld_folder(args.data, options.seed) if share.is_main else args.data
     share.wait()
     return options, share, data

@@ -65,14 +65,15 @@ def main(family: str, argv=None) -> None:
     options, share, data = prepare_run(family, args)
     captions, skipped, stats = _select_captions(data, shards, args.limit)
     results = world_results(args.out / "pairs.jsonl", lacks_keys(*CSV_COLUMNS, "layers"))
-    run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve())}, vars(args),
-                             DEFAULT_LAYERS, data=str(data))
+    run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve())}, vars(args), data=data,
+                             default_layers=DEFAULT_LAYERS)
     failed = Counter()
     records = resumable_map(share, results, captions,
                             lambda chunk: analyse_pairs(run.adapter, chunk, list(run.layers), failed), identity,
                             batch_size=run.batch_size, desc=f"{family} caption pairs", unit="pair")
+    failed = sum(map(Counter, share.gather([dict(failed)])), Counter())  # every process's skipped pairs
     if share.is_main:
-        _finish(run, args.out, sorted(records, key=results.record_key), data, stats, skipped, failed, started)
+        _finish(run, sorted(records, key=results.record_key), stats, skipped, failed, started)
 
 
 class CaptionItem(NamedTuple):
@@ -184,10 +185,11 @@ def _csv_text(records: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _finish(run: Run, out: Path, records: list[dict], data: Path, stats: ReadStats, skipped: Counter,
-            failed: Counter, started: float) -> None:
+def _finish(run: Run, records: list[dict], stats: ReadStats, skipped: Counter, failed: Counter,
+            started: float) -> None:
     """pairs.csv, the summary and figures of exactly this command's pairs (``records``, in world order), and
     run.json."""
+    out, data = run.out, run.data
     if not records:  # not a finished run: say so instead of an empty summary
         raise DataError(f"--data {data}: no caption pair could be analysed ({dict(failed)}; see the warnings above)")
     write_atomic(out / "pairs.csv", _csv_text(records))

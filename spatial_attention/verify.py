@@ -1,7 +1,7 @@
 """The self-check: the capture engine against the plain eager path, on the
 user's own model and inputs.
 
-It runs a few ShapeWorld scenes through both paths (``reference.verify``),
+It runs a few ShapeWorld scenes through both paths (``reference.check``),
 prints the largest absolute difference of every recording and of the
 next-token logits against a plain forward, and fails when they disagree beyond
 the tolerance of the dtype (bf16 eager attention rounds probabilities to 8
@@ -16,53 +16,10 @@ import math
 import tempfile
 from pathlib import Path
 
-import torch
-
-from spatial_attention.capture import CaptureRequest
 from spatial_attention.errors import DataError, OptionError
+from spatial_attention.reference import check, log_report, verification_request
 
 log = logging.getLogger("spatial_attention")
-
-# dtype -> (attention tolerance, logits tolerance relative to the largest |logit|)
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 5e-2), torch.float16: (5e-3, 2e-2)}
-
-
-def verification_request(batch, layers: list[int]) -> CaptureRequest:
-    """Every kind of recording the experiments use, for the given layers."""
-    lays = batch.layouts
-    return CaptureRequest(layers=layers, vision=True,
-                          blocks={"cross": [(l.text_positions(), l.image_positions) for l in lays],
-                                  "image_self": [(l.image_positions, l.image_positions) for l in lays]},
-                          last_mass=[l.image_positions for l in lays])
-
-
-def check(adapter, batch, request: CaptureRequest, attention_tol: float | None = None,
-          logits_tol: float | None = None) -> tuple[dict, bool]:
-    """Compare engine and eager on ``batch``; returns (report, passed)."""
-    from spatial_attention.capture import plain_logits
-    from spatial_attention.reference import verify
-
-    default_attn, default_logits = TOLERANCES.get(adapter.dtype, TOLERANCES[torch.bfloat16])
-    attention_tol = default_attn if attention_tol is None else attention_tol
-    logits_tol = default_logits if logits_tol is None else logits_tol
-    report = verify(adapter, batch, request)
-    scale = float(plain_logits(adapter, batch).abs().max())
-    report.update(attention_tolerance=attention_tol, logits_tolerance=logits_tol * scale,
-                  dtype=str(adapter.dtype).replace("torch.", ""))
-    passed = (max(report["max_abs_diff"].values()) <= attention_tol and report["argmax_agree"]
-              and report["logits_max_abs_diff"] <= logits_tol * scale)
-    report["passed"] = passed
-    return report, passed
-
-
-def log_report(report: dict) -> None:
-    for name, diff in report["max_abs_diff"].items():
-        log.info("verify: %-12s max |engine - eager| = %.3g (tolerance %.1g)", name, diff,
-                 report["attention_tolerance"])
-    log.info("verify: next-token logits max |engine - plain| = %.3g (tolerance %.3g), argmax agree: %s",
-             report["logits_max_abs_diff"], report["logits_tolerance"], report["argmax_agree"])
-    log.info("verify: %s", "PASSED" if report["passed"] else "FAILED")
-
 
 def build_parser() -> argparse.ArgumentParser:
     from spatial_attention.cli import HelpFormatter, add_model_args
@@ -87,7 +44,7 @@ def main(argv=None) -> int:
     from spatial_attention.cli import user_errors_exit
     from spatial_attention.options import ModelOptions, check_at_least
     from spatial_attention.runio import check_output_dir, setup_logging, write_json
-    from spatial_attention.runloop import ProcessShare, load_run
+    from spatial_attention.runloop import join_processes, load_run
 
     @user_errors_exit
     def run() -> int:
@@ -104,7 +61,8 @@ def main(argv=None) -> int:
             check_output_dir(args.out.parent, "--out")
         worlds = _scenes(args.data, args.samples, args.seed)
         images = [w.load_image() for w in worlds]
-        model = load_run(options, ProcessShare(options.device), vars(args), default_layers="all")
+        options, share = join_processes(options)
+        model = load_run(options, share, vars(args), out=None, default_layers="all")
         batch = model.adapter.encode([w.caption.text for w in worlds], images)
         report, passed = check(model.adapter, batch, verification_request(batch, list(model.layers)),
                                args.attention_tolerance)

@@ -71,14 +71,15 @@ def main(family: str, argv=None) -> None:
     worlds, skipped = _select_worlds(data, shards, relations, args.limit)
     results = world_results(args.out / "samples.jsonl", lacks_keys(*RECORD_KEYS))
     run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
-                                                       "--no-baseline": args.no_baseline}, vars(args), data=str(data))
-    worlds_done = WorldAnalysis(run, args.out, seed=options.seed, baseline=not args.no_baseline,
-                                plotted={(w.shard, w.index) for w in worlds[: args.plot_samples]},
-                                save_maps=args.save_maps, verify=args.verify_attention)
-    records = resumable_map(share, results, worlds, worlds_done, identity, batch_size=run.batch_size,
+                                                       "--no-baseline": args.no_baseline}, vars(args), data=data)
+    analysis = WorldAnalysis(run, seed=options.seed, baseline=not args.no_baseline,
+                             plotted={(w.shard, w.index) for w in worlds[: args.plot_samples]},
+                             save_maps=args.save_maps, verify=args.verify_attention)
+    records = resumable_map(share, results, worlds, analysis, identity, batch_size=run.batch_size,
                             desc=f"{family} worlds", unit="world")
+    failed = sum(map(Counter, share.gather([dict(analysis.failed)])), Counter())  # every process's skipped images
     if share.is_main:
-        _finish(run, args.out, records, data, len(worlds), skipped, worlds_done.failed, started)
+        _finish(run, records, len(worlds), skipped, failed, started)
 
 
 def parse_relations(text: str) -> list[str]:
@@ -113,12 +114,11 @@ class WorldAnalysis:
     skipped and counted in ``failed``), analyse, and on the way draw the first worlds' figures and
     save the maps when asked."""
 
-    def __init__(self, run: Run, out: Path, seed: int, baseline: bool, plotted: set, save_maps: bool,
-                 verify: bool):
-        self.run, self.out, self.seed, self.baseline = run, out, seed, baseline
+    def __init__(self, run: Run, seed: int, baseline: bool, plotted: set, save_maps: bool, verify: bool):
+        self.run, self.out, self.seed, self.baseline = run, run.out, seed, baseline
         self.plotted, self.save_maps, self.verify = plotted, save_maps, verify
         self.failed = Counter()
-        (out / "figures").mkdir(parents=True, exist_ok=True)
+        (run.out / "figures").mkdir(parents=True, exist_ok=True)
 
     def __call__(self, chunk: list[World]):
         loaded = []
@@ -283,7 +283,7 @@ def _plot_world(out: Path, record: dict, maps: dict) -> None:
 
 
 def _verify(adapter, loaded, layers) -> None:
-    from spatial_attention.verify import check, log_report, verification_request
+    from spatial_attention.reference import check, log_report, verification_request
 
     batch = adapter.encode([w.caption.text for w, _ in loaded], [image for _, image in loaded])
     report, passed = check(adapter, batch, verification_request(batch, layers))
@@ -293,11 +293,12 @@ def _verify(adapter, loaded, layers) -> None:
                          "(see the log above); no results were written")
 
 
-def _finish(run: Run, out: Path, records: list[dict], data: Path, n_selected: int, skipped: Counter,
-            failed: Counter, started: float) -> None:
+def _finish(run: Run, records: list[dict], n_selected: int, skipped: Counter, failed: Counter,
+            started: float) -> None:
     """The summary of exactly this command's worlds (``records``), its figures, and run.json."""
     from spatial_attention.summary import plot_summary, summarise_samples, write_summary
 
+    out, data = run.out, run.data
     summary = summarise_samples(records, seed=run.options.seed)
     if summary["n_worlds"] == 0:  # not a finished run: say so instead of an empty summary
         raise DataError(f"--data {data}: none of the {n_selected} selected worlds could be analysed "

@@ -65,8 +65,9 @@ def stats_args(family: str, *options: str):
 def session_run(adapter, args) -> Run:
     """The Run main() would load, on the session's adapter."""
     layers = layer_indices(args.layers or DEFAULT_LAYERS, adapter.num_layers)
-    return Run(ModelOptions.from_args(adapter.family, args), ProcessShare(), adapter, tuple(layers),
-               args.batch_size or 1, vars(args))
+    options = replace(ModelOptions.from_args(adapter.family, args), model_path=adapter.model_path)
+    return Run(options, ProcessShare(), adapter, tuple(layers), args.batch_size or 1, out=None, data=None,
+               settings=vars(args))
 
 
 def run_step(adapter, folder: Path, out: Path, *options: str) -> dict[str, np.ndarray]:

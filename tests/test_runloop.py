@@ -16,7 +16,7 @@ from spatial_attention import ablation, corner_stats, text_analysis, verify, vlm
 from spatial_attention.errors import OptionError
 from spatial_attention.generate import generate_counterfactual, generate_shapeworld
 from spatial_attention.runio import append_jsonl, lacks_keys
-from spatial_attention.runloop import IDENTITY_FILE, ProcessShare, Results, resumable_map
+from spatial_attention.runloop import IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, resumable_map
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model-path", "tiny-random", "--plot-samples", "0"]
@@ -52,7 +52,7 @@ def test_each_key_is_written_once_and_the_result_is_what_was_asked(share, tmp_pa
 
     got = resumable_map(share, results_at(path), [3, 1, 3, 2, 1], fn, {"--x": 1}, batch_size=2)
     assert done == [3, 1, 2] and [r["key"] for r in got] == [3, 1, 2]
-    assert json.loads((path.parent / IDENTITY_FILE).read_text()) == {"--x": 1}
+    assert json.loads((path.parent / IDENTITY_FILE).read_text()) == {RESULTS_KEY: "records.jsonl", "--x": 1}
 
     done.clear()  # a narrower rerun: nothing to do, and only its own records come back
     assert [r["key"] for r in resumable_map(share, results_at(path), [2], fn, {"--x": 1})] == [2]
@@ -73,12 +73,12 @@ def test_other_identity_is_refused_naming_the_setting(share, tmp_path):
     assert len(lines(path)) == 1
     path.write_text("")  # no results: any identity may start there
     resumable_map(share, results_at(path), [1], square, {"--layers": [1]})
-    assert json.loads((tmp_path / IDENTITY_FILE).read_text()) == {"--layers": [1]}
+    assert json.loads((tmp_path / IDENTITY_FILE).read_text()) == {RESULTS_KEY: "records.jsonl", "--layers": [1]}
 
 
 def test_part_files_of_a_killed_multi_process_run_are_merged_once(share, tmp_path):
     path = tmp_path / "records.jsonl"
-    (tmp_path / IDENTITY_FILE).write_text(json.dumps({"--x": 1}))
+    (tmp_path / IDENTITY_FILE).write_text(json.dumps({RESULTS_KEY: "records.jsonl", "--x": 1}))
     append_jsonl(path, {"key": 9, "value": 81})  # an earlier run's item, not asked for now
     append_jsonl(tmp_path / "records.part0.jsonl", {"key": 2, "value": 4})
     append_jsonl(tmp_path / "records.part1.jsonl", {"key": 1, "value": 1})
@@ -115,7 +115,7 @@ def one_error_line(capsys, run) -> str:
 
 @pytest.mark.parametrize("family, options, difference", [
     ("llava", ["--layers", "1"], "--layers [1, 2, 3, 4], not [1]"),
-    ("qwen2", [], "model family 'llava', not 'qwen2'"),
+    ("qwen2", [], "--model 'llava', not 'qwen2'"),
     ("llava", ["--seed", "1"], "--seed 0, not 1"),
     ("llava", ["--no-baseline"], "--no-baseline False, not True"),
 ])
@@ -131,12 +131,13 @@ def test_experiment_1_rerun_with_other_settings_is_refused_before_loading(family
 
 
 def test_experiment_1_layers_mode_is_refused_once_the_depth_is_known(exp1, worlds):
-    """'last_2' names layers only once the model's depth is known: refused after the load, before any world."""
-    before = (exp1 / "samples.jsonl").read_text()
+    """'last_2' names layers only once the model's depth is known: refused after the load, before any world
+    and before run.json changes."""
+    before = {name: (exp1 / name).read_text() for name in ("samples.jsonl", "summary.json", "run.json")}
     with pytest.raises(OptionError, match=r"its results were made with --layers \[1, 2, 3, 4\], not \[3, 4\]"):
         vlm_analysis.main.__wrapped__("llava", [*FAST, "--data", str(worlds), "--out", str(exp1),
                                                 "--layers", "last_2"])
-    assert (exp1 / "samples.jsonl").read_text() == before
+    assert {name: (exp1 / name).read_text() for name in before} == before
 
 
 def test_experiment_1_narrower_rerun_summarises_only_what_it_asks_for(exp1, worlds, tmp_path):
@@ -161,7 +162,14 @@ def test_experiment_2_rerun_with_the_other_family_is_refused_before_loading(worl
     monkeypatch.setattr(models, "load_adapter", lambda *a, **k: pytest.fail("a model was loaded"))
     error = one_error_line(capsys, lambda: text_analysis.main(
         "qwen2", ["--model-path", "tiny-random", "--data", str(worlds), "--out", str(out)]))
-    assert "its results were made with model family 'llava', not 'qwen2'" in error
+    assert "its results were made with --model 'llava', not 'qwen2'" in error
+
+
+def test_a_folder_holding_another_commands_results_is_refused(share, tmp_path):
+    """E.g. an ablation pointed at a stats dir: its identity.json, run.json and summary would be written over."""
+    resumable_map(share, results_at(tmp_path / "pairs_scores.jsonl"), [1], square, {"--x": 1})
+    with pytest.raises(OptionError, match=r"holds the results of another command \(pairs_scores.jsonl\)"):
+        resumable_map(share, results_at(tmp_path / "ablation_pairs.jsonl"), [1], square, {"--x": 1})
 
 
 def test_a_second_run_on_one_out_stops_in_one_line(worlds, tmp_path, capsys, no_model_load):
@@ -169,7 +177,7 @@ def test_a_second_run_on_one_out_stops_in_one_line(worlds, tmp_path, capsys, no_
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from spatial_attention.runloop import claim_output; "
+                               "from spatial_attention.runio import claim_output; "
                                "claim_output(sys.argv[2], '--out'); print('claimed', flush=True); time.sleep(60)",
          str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
     try:

@@ -68,9 +68,11 @@ def script_list(name: str) -> list[str]:
 
 
 def test_script_choices_are_the_python_choices():
-    """The script's lists of --mode and --dtype values are copies: they must stay the parser's."""
+    """The script's lists of families, --mode and --dtype values are copies: they must stay the parser's."""
+    from models import FAMILIES
     from spatial_attention.ablation import build_parser
 
     choices = {action.dest: list(action.choices) for action in build_parser()._actions if action.choices}
+    assert sorted(script_list("MODELS")) == sorted(FAMILIES)
     assert script_list("ABLATE_MODES") == choices["mode"]
     assert script_list("DTYPES") == choices["dtype"]
