@@ -14,6 +14,8 @@
 #   PYTHON [the checkout's .venv/bin/python when it exists, else python3]
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
+# The settings above (not DEVICE, BATCH_SIZE, DATA_DIR, ABLATE) are kept in $OUT_DIR/sweep_settings.txt; a rerun
+# with other values is refused before its first step.
 # Rerunning resumes: each corner folder keeps its scored pairs in pairs_scores.jsonl, a complete corner is
 # not rescored, and a pair whose images cannot be used is skipped with a warning (counted in its meta.json);
 # a finished ablation folder is left as it is, an interrupted one resumes, and one made with other settings
@@ -90,6 +92,21 @@ args=(--model "$MODEL" --dataset "${datasets[@]}" --max-pairs "$COUNT" --layers 
 [ -n "$MODEL_PATH" ] && args+=(--model-path "$MODEL_PATH")
 [ -n "$PATCH_SIZE" ] && args+=(--patch-size "$PATCH_SIZE")
 [ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
+
+# The sweep's settings, one per line, kept in OUT_DIR: a rerun with other values would rescore some steps and be
+# refused at others (an ablation made with another COUNT), leaving a folder of mixed settings; refused here.
+settings=$(printf '%s\n' "MODEL=$MODEL" "MODEL_PATH=$MODEL_PATH" "COUNT=$COUNT" "LAYERS=$LAYERS" \
+  "MAX_NEW_TOKENS=$MAX_NEW_TOKENS" "TOPK=$TOPK" "PATCH_SIZE=$PATCH_SIZE" "DTYPE=$DTYPE" "ABLATE_MODE=$ABLATE_MODE" \
+  "RANDOM_CONTROLS=$RANDOM_CONTROLS")
+record="$OUT_DIR/sweep_settings.txt"
+if [ -f "$record" ]; then
+  while IFS= read -r line; do
+    grep -qxF -- "$line" "$record" || fail "$line: $OUT_DIR was swept with $(grep "^${line%%=*}=" "$record" || \
+      echo "no ${line%%=*}") (sweep_settings.txt there); use those settings, or another OUT_DIR"
+  done <<< "$settings"
+fi
+mkdir -p "$OUT_DIR"
+printf '%s\n' "$settings" > "$record"
 
 echo "== scoring heads on ${CORNERS[*]} ($MODEL) -> $OUT_DIR" >&2
 "$PYTHON" "$HERE/head_attention_stats.py" "${args[@]}"

@@ -77,6 +77,7 @@ Head = tuple[int, int]  # (layer, head), both 0-based
 KINDS = ("full", "control")
 METRICS = ("log_odds_full", "log_odds_control", "gap", "accuracy_full", "accuracy_control", "accuracy")
 PRIMARY = "log_odds_full"
+FIGURE = "figures/effect_vs_random.png"
 PAIRS_FILE = "ablation_pairs.jsonl"  # per pair, as it finishes: its log-odds unablated and with each head set ablated
 HEADS_HELP = ("shared: the analysis's shared head at its peak layer; unique: the stats dir corner's unique head "
               "at its peak layer; top:K: the K (layer, head) cells of largest |mean(full - control)| score in the "
@@ -423,8 +424,8 @@ def main(argv=None) -> None:
                            "--out-dir")
     options = replace(options, feed_size=options.feed_size or stats_feed_size(stats))
     head_sets = [chosen] + random_head_sets(chosen, int(stats.meta["H"]), args.random_controls, options.seed)
-    # --max-pairs too: the summary covers the run's pairs, and in mean mode the means are taken over them
-    settings = {**dataset.identity, "--max-pairs": args.max_pairs, "--prompt": prompt,
+    # the pairs used too: the summary covers them, and in mean mode the means are taken over them
+    settings = {**dataset.identity, "--max-pairs (pairs used)": len(pairs), "--prompt": prompt,
                 "--heads": list(map(head_name, chosen)), "--mode": args.mode, "--random-controls": args.random_controls,
                 "--seed": options.seed}
     results = Results(out / PAIRS_FILE, item_key=lambda pair: pair.id, record_key=lambda record: record["id"],
@@ -473,13 +474,15 @@ def main(argv=None) -> None:
 
 
 def finished(out: Path, results: Results, pairs: list[Pair]) -> bool:
-    """Whether ``out`` (its identity checked) holds this ablation finished: every pair measured and run.json
-    saying so (a run that failed after its summary is redone)."""
+    """Whether ``out`` (its identity checked) holds this ablation finished: every pair measured, its outputs
+    there and run.json saying so (a run that failed after its summary, or lost an output, is redone)."""
     try:
         status = json.loads((out / "run.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         return False
-    return status == "finished" and {record["id"] for record in results.read()} >= {pair.id for pair in pairs}
+    outputs = all((out / name).is_file() for name in ("summary.json", "ablation.csv", FIGURE))
+    return (status == "finished" and outputs
+            and {record["id"] for record in results.read()} >= {pair.id for pair in pairs})
 
 
 def stats_feed_size(stats: CornerRun) -> int | None:
@@ -545,7 +548,7 @@ def write_outputs(out: Path, adapter, pairs: list[Pair], corner: str, prompt: st
                         "effect": "mean over pairs of (ablated - unablated)", "ci": "95% percentile bootstrap",
                         "mean_mode": "per (layer, head) and position: mean output at that position over every "
                                      "image (full and control), unablated model"}})
-    plot_effects(out / "figures" / "effect_vs_random.png", metrics,
+    plot_effects(out / FIGURE, metrics,
                  f"{corner}: ablating {' '.join(map(head_name, chosen))} ({mode}) vs "
                  f"{len(head_sets) - 1} random sets from the same layers")
     return metrics

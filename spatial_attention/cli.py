@@ -20,7 +20,11 @@ log = logging.getLogger("spatial_attention")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the description's line breaks."""
+    """Show defaults and keep the description's line breaks. A default of None means "not given": its help
+    says what happens then, so no "(default: None)" is added."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_model_args(parser: argparse.ArgumentParser, family: str | None, feed_size: str | None = None) -> None:
@@ -58,8 +62,8 @@ def add_model_args(parser: argparse.ArgumentParser, family: str | None, feed_siz
         fixed = ", ".join(name for name, cls in ADAPTERS.items() if cls.default_feed_size is None)
         group.add_argument("--feed-size", type=int, default=None,
                            help="the square side, in pixels, the image is resized to before the model, where the "
-                                f"family lets it be chosen (default: {feed_size}; the family's: {chosen}); "
-                                f"ignored by {fixed}, whose input size is fixed")
+                                f"family lets it be chosen (default: {feed_size}, i.e. {chosen}); ignored by "
+                                f"{fixed}, whose input size is fixed")
     group.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 

@@ -32,8 +32,10 @@ from spatial_attention.figures import save_figure
 from spatial_attention.heads import position_only_flags, rank_heads, shared_unique, top_cells
 from spatial_attention.options import check_at_least
 from spatial_attention.runio import check_output_dir, setup_logging, write_atomic, write_json
+from spatial_attention.runloop import check_free, mark_results
 
 log = logging.getLogger("spatial_attention")
+SUMMARY_FILE = "summary.json"
 
 BLANK_WITHHELD = ("no scores_blank_image_LHM.npy or no blank_block in meta.json: an out-dir from before the blank "
                   "image was scored on the corner block, whose blank score may cover every image token, so a flag "
@@ -289,7 +291,7 @@ def write_analysis(analysis: CornerAnalysis, out_dir: Path) -> None:
         h = result["unique_heads"][corner]
         lines.append(f"{corner}\t{h}\t{result['unique_layers'][corner]}\t{result['unique_profile'][corner][h]:.6g}")
     write_atomic(out_dir / "unique_heads.txt", "\n".join(lines) + "\n")
-    write_json(out_dir / "summary.json", analysis.summary)
+    write_json(out_dir / SUMMARY_FILE, analysis.summary)
 
 
 # --- the command line ---------------------------------------------------------------
@@ -356,8 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     check_at_least(0, seed=args.seed)
     runs = load_corner_runs(args.dirs)
     check_output_dir(args.out_dir, "--out-dir")  # after the inputs: a refused run leaves no empty folder
+    check_free(args.out_dir, SUMMARY_FILE, "--out-dir")
     analyze(runs, args.out_dir, reduce_level=args.reduce_level, use_scale=args.use_scale,
             topk_pixels=args.topk_pixels, topk_diff_pixels=args.topk_diff_pixels,
             diff_brightness=args.diff_brightness, alpha=args.alpha, n_perm=args.n_perm, seed=args.seed,
             blank_percentile=args.blank_percentile)
+    mark_results(args.out_dir, SUMMARY_FILE)
 

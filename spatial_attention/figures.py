@@ -12,8 +12,7 @@ callers' pyplot state (if any) is left alone.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +22,17 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from spatial_attention.metrics import MAPS, display_order
+from spatial_attention.runio import write_atomic
 from spatial_attention.shapeworld import FLIPPED_RELATION
 
 SUBJECT_COLOUR, OBJECT_COLOUR = "#00e5ff", "#ff00d4"
 
 
 def save_figure(fig: Figure, path: Path, dpi: int = 120) -> None:
-    """Save ``fig`` as PNG through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Save ``fig`` as PNG, atomically and with a plain file's mode (``runio.write_atomic``)."""
+    png = io.BytesIO()
+    fig.savefig(png, dpi=dpi, format="png")
+    write_atomic(path, png.getvalue())
 
 
 def mask_outline(mask: np.ndarray) -> list[tuple[tuple[float, float], tuple[float, float]]]:

@@ -139,7 +139,11 @@ class ModelOptions:
         if feed_size is not None:
             adapter.check_feed_size(feed_size)  # the family's own rule first: it says what would work
             check_at_least(1, feed_size=feed_size)
-        return cls(family=family, model_path=args.model_path or adapter.default_model_path, revision=args.revision,
+        model_path = args.model_path or adapter.default_model_path
+        if model_path.startswith(("/", "./", "../", "~")) and not Path(model_path).expanduser().exists():
+            raise OptionError(f"--model-path {model_path}: no such folder (a hub id has the form owner/name); "
+                              "give a downloaded checkpoint folder, a hub id, or tiny-random")
+        return cls(family=family, model_path=model_path, revision=args.revision,
                    device=args.device, dtype=args.dtype, device_map=args.device_map, batch_size=args.batch_size,
                    seed=args.seed, layers=args.layers, feed_size=feed_size)
 

@@ -50,7 +50,10 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
@@ -58,6 +61,9 @@ def write_atomic(path: Path, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # named by the file meant, not the temporary one
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -169,7 +175,7 @@ def run_record(settings: dict, adapter=None, **extra) -> dict:
 # --- one run per folder -----------------------------------------------------------------
 
 LOCK_FILE = ".lock"
-_LOCKS: dict[Path, int] = {}  # folder -> the open lock file this process holds
+_LOCKS: dict[Path, tuple[int, bool]] = {}  # folder -> (its open lock file, whether this process made the folder)
 
 
 def claim_output(out: Path, option: str) -> None:
@@ -179,6 +185,7 @@ def claim_output(out: Path, option: str) -> None:
     key = out.resolve()
     if key in _LOCKS:
         return
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -190,14 +197,19 @@ def claim_output(out: Path, option: str) -> None:
                           f"finish, or choose another {option}") from None
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
-    _LOCKS[key] = fd
+    _LOCKS[key] = (fd, made)
 
 
 def release_outputs() -> None:
     """Free every folder this process claimed (``user_errors_exit`` does it when a command ends, however it
-    ends; the system does it when a process dies)."""
+    ends; the system does it when a process dies). A folder this process made that holds nothing but the
+    lock (a run refused before it wrote anything) is removed."""
     while _LOCKS:
-        os.close(_LOCKS.popitem()[1])
+        folder, (fd, made) = _LOCKS.popitem()
+        if made and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()
+            folder.rmdir()
+        os.close(fd)
 
 
 # run.json files of runs in progress in this process, and whether a rerun resumes them: if
@@ -225,11 +237,14 @@ def mark_unfinished(status: str, reason: str) -> str:
     ``reason``; returns what the user is told was kept and how to go on."""
     kept, lost = [], []
     for path, (record, resumable) in list(_RUNNING.items()):
+        ended = {**record, "status": status, "ended_because": reason, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
-            write_json(path, {**record, "status": status, "ended_because": reason,
-                              "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        except OSError:
-            pass
+            write_json(path, ended)
+        except OSError:  # a folder turned read-only: the file itself may still be writable
+            try:
+                path.write_text(json.dumps(json_safe(ended), indent=2, allow_nan=False) + "\n")
+            except OSError:
+                pass
         (kept if resumable else lost).append(str(path.parent))
         _RUNNING.pop(path, None)
     if kept:

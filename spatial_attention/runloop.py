@@ -42,6 +42,8 @@ log = logging.getLogger("spatial_attention")
 
 IDENTITY_FILE = "identity.json"
 RESULTS_KEY = "results file"  # the identity's record of which results file it describes
+# identity keys that are not an option of every script, as a refusal names them
+SETTING_NAMES = {"--model": "the model family (--model; experiments 1 and 2: the script)"}
 
 
 # --- the work split -------------------------------------------------------------------
@@ -136,14 +138,8 @@ def check_identity(records: Path, identity: dict, option: str) -> None:
     folder that holds another command's results (its run.json and summary would be written over)."""
     records = Path(records)
     folder = records.parent
-    try:
-        recorded = json.loads((folder / IDENTITY_FILE).read_text())
-    except (OSError, ValueError):
-        recorded = None
-    other = recorded.get(RESULTS_KEY) if isinstance(recorded, dict) else None
-    if other and other != records.name and _has_records(folder / other):
-        raise OptionError(f"{option} {folder}: holds the results of another command ({other}); choose another "
-                          f"{option}")
+    recorded = _recorded_identity(folder)
+    check_free(folder, records.name, option)
     if not _has_records(records):
         return
     if not isinstance(recorded, dict):
@@ -156,8 +152,36 @@ def check_identity(records: Path, identity: dict, option: str) -> None:
                               f"telling whether its results match this run; choose another {option}, or delete "
                               f"{records.name} there to redo them")
         if recorded[key] != value:
-            raise OptionError(f"{option} {folder}: its results were made with {key} {recorded[key]!r}, not "
-                              f"{value!r}; rerun with the same setting to resume, or choose another {option}")
+            if isinstance(value, bool):  # a switch: made with it or without it
+                made, now = ("with", "without") if recorded[key] else ("without", "with")
+                difference = f"{made} {key}, and this run is {now} it"
+            else:
+                difference = f"with {SETTING_NAMES.get(key, key)} {recorded[key]!r}, not {value!r}"
+            raise OptionError(f"{option} {folder}: its results were made {difference}; rerun with the same setting "
+                              f"to resume, or choose another {option}")
+
+
+def _recorded_identity(folder: Path) -> dict | None:
+    try:
+        recorded = json.loads((folder / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def check_free(folder: Path, results_name: str, option: str) -> None:
+    """OptionError when ``folder`` holds another command's results (its identity.json names a results file
+    other than ``results_name``, with content): writing there would replace their run.json and summary."""
+    other = (_recorded_identity(folder) or {}).get(RESULTS_KEY)
+    if other and other != results_name and _has_records(folder / other):
+        raise OptionError(f"{option} {folder}: holds the results of another command ({other}); choose another "
+                          f"{option}")
+
+
+def mark_results(folder: Path, results_name: str) -> None:
+    """Record in ``folder`` that it holds ``results_name`` of a command that does not resume (it rewrites its
+    outputs each time), so that no other command writes over them (``check_free``)."""
+    write_json(Path(folder) / IDENTITY_FILE, {RESULTS_KEY: results_name})
 
 
 def _has_records(path: Path) -> bool:
@@ -174,6 +198,9 @@ class Results:
     record_key: Callable[[dict], Hashable]
     check: RecordCheck | None = None
     option: str = "--out"  # the option that names the folder, for messages
+    # whether a record was made from this very item (the same caption, boxes ...), where the identity cannot
+    # tell: data regenerated in place keeps its folder and keys
+    same_item: Callable[[object, dict], bool] | None = None
 
     def read(self) -> list[dict]:
         """Every record finished so far (checked line by line, see read_jsonl), one per key."""
@@ -183,19 +210,28 @@ class Results:
         return list(by_key.values())
 
 
-def world_results(path: Path, check: RecordCheck) -> Results:
+def world_results(path: Path, check: RecordCheck, same_item: Callable[[object, dict], bool]) -> Results:
     """A results file with one record per ShapeWorld world: items and records both carry shard and index."""
     return Results(path, item_key=lambda item: (item.shard, item.index),
-                   record_key=lambda record: (int(record["shard"]), int(record["index"])), check=check)
+                   record_key=lambda record: (int(record["shard"]), int(record["index"])), check=check,
+                   same_item=same_item)
 
 
-def open_results(results: Results, identity: dict) -> list[dict]:
-    """Before the model loads (main process): claim the folder, refuse results made with another
-    ``identity`` (what is known so far), and read every finished record, so that a damaged line
-    fails now; returns them."""
+def open_results(results: Results, identity: dict, items: Sequence = ()) -> list[dict]:
+    """Before the model loads (main process): claim the folder, read every finished record, so that a
+    damaged line fails now, refuse results made with another ``identity`` (what is known so far) or from
+    other ``items`` than the ones of their keys; returns the records."""
     claim_output(results.path.parent, results.option)
     records = results.read()
     check_identity(results.path, identity, results.option)
+    if results.same_item is not None and records:
+        by_key = {results.record_key(record): record for record in records}
+        for item in items:
+            key = results.item_key(item)
+            if key in by_key and not results.same_item(item, by_key[key]):
+                raise OptionError(f"{results.option} {results.path.parent}: its results for {key} were made from "
+                                  f"other data than this run's (regenerated in the same folder?); choose another "
+                                  f"{results.option}")
     return records
 
 
@@ -212,7 +248,7 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
     """
     path = results.path
     if share.is_main:
-        open_results(results, identity)
+        open_results(results, identity, items)
         if not _has_records(path):
             write_json(path.parent / IDENTITY_FILE, {RESULTS_KEY: path.name, **identity})
     share.wait()
@@ -314,12 +350,12 @@ def load_run(options: ModelOptions, share: ProcessShare, settings: dict, out: Pa
 
 
 def open_run(options: ModelOptions, share: ProcessShare, results: Results, identity: dict, settings: dict,
-             data: Path | None = None, default_layers: str | None = None) -> tuple[Run, dict]:
+             items: Sequence = (), data: Path | None = None, default_layers: str | None = None) -> tuple[Run, dict]:
     """What a one-folder experiment does from its results folder to its first item: claim the folder and
     check its identity (the model's part as known before the load, plus the experiment's ``identity``),
     load the model (``load_run``), check the identity again with the loaded model's values, and write
     run.json ("running"). Returns the run and the folder's whole identity, for ``resumable_map``."""
-    share.main_checks(lambda: open_results(results, {**options.identity(default_layers), **identity}))
+    share.main_checks(lambda: open_results(results, {**options.identity(default_layers), **identity}, items))
     run = load_run(options, share, settings, results.path.parent, data, default_layers)
     whole = {**run.identity(), **identity}
     share.main_checks(lambda: check_identity(results.path, whole, results.option))  # before run.json changes

@@ -64,9 +64,10 @@ def main(family: str, argv=None) -> None:
     shards = parse_shards(args.shards)
     options, share, data = prepare_run(family, args)
     captions, skipped, stats = _select_captions(data, shards, args.limit)
-    results = world_results(args.out / "pairs.jsonl", lacks_keys(*CSV_COLUMNS, "layers"))
-    run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve())}, vars(args), data=data,
-                             default_layers=DEFAULT_LAYERS)
+    results = world_results(args.out / "pairs.jsonl", lacks_keys(*CSV_COLUMNS, "layers"),
+                            lambda item, record: record.get("sent1") == item.caption.text)  # all a pair depends on
+    run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve())}, vars(args), captions,
+                             data, DEFAULT_LAYERS)
     failed = Counter()
     records = resumable_map(share, results, captions,
                             lambda chunk: analyse_pairs(run.adapter, chunk, list(run.layers), failed), identity,

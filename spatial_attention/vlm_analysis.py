@@ -69,11 +69,14 @@ def main(family: str, argv=None) -> None:
     shards = parse_shards(args.shards)
     options, share, data = prepare_run(family, args)
     worlds, skipped = _select_worlds(data, shards, relations, args.limit)
-    results = world_results(args.out / "samples.jsonl", lacks_keys(*RECORD_KEYS))
+    results = world_results(args.out / "samples.jsonl", lacks_keys(*RECORD_KEYS), same_world)
     run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
-                                                       "--no-baseline": args.no_baseline}, vars(args), data=data)
-    analysis = WorldAnalysis(run, seed=options.seed, baseline=not args.no_baseline,
-                             plotted={(w.shard, w.index) for w in worlds[: args.plot_samples]},
+                                                       "--no-baseline": args.no_baseline}, vars(args), worlds, data)
+    plotted = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
+    if share.is_main:
+        done = {results.record_key(record) for record in results.read()}
+        _warn_missing_extras(args.out, worlds, done, plotted, args.save_maps)
+    analysis = WorldAnalysis(run, seed=options.seed, baseline=not args.no_baseline, plotted=plotted,
                              save_maps=args.save_maps, verify=args.verify_attention)
     records = resumable_map(share, results, worlds, analysis, identity, batch_size=run.batch_size,
                             desc=f"{family} worlds", unit="world")
@@ -82,11 +85,20 @@ def main(family: str, argv=None) -> None:
         _finish(run, records, len(worlds), skipped, failed, started)
 
 
+def same_world(world: World, record: dict) -> bool:
+    """Whether ``record`` was made from ``world``: its caption and both entities' boxes."""
+    return (record.get("caption") == world.caption.text
+            and all((record.get(role) or {}).get("bbox") == [float(v) for v in entity.clipped_bbox()]
+                    for role, entity in (("subject", world.subject), ("object", world.object))))
+
+
 def parse_relations(text: str) -> list[str]:
     """The --relations list; OptionError for an unknown relation."""
     relations = [r.strip() for r in text.split(",") if r.strip()]
     if not relations or set(relations) - set(RELATIONS):
         raise OptionError(f"--relations {text!r}: choose from {', '.join(RELATIONS)}")
+    if len(set(relations)) < len(relations):
+        raise OptionError(f"--relations {text!r}: a relation is listed twice")
     return relations
 
 
@@ -262,14 +274,34 @@ def _record_head(world: World, grid, regions) -> dict:
             "grid": [int(grid[0]), int(grid[1])], "metrics": {}}
 
 
+def maps_path(out: Path, shard: int, index: int) -> Path:
+    return out / "maps" / f"shard{shard}_world{index}.npz"
+
+
+def figure_path(out: Path, shard: int, index: int) -> Path:
+    return out / "figures" / f"world_shard{shard}_{index}.png"
+
+
+def _warn_missing_extras(out: Path, worlds: list[World], done: set, plotted: set, save_maps: bool) -> None:
+    """Worlds an earlier run analysed are not redone, so the maps and figures it did not make stay missing."""
+    earlier = [(w.shard, w.index) for w in worlds if (w.shard, w.index) in done]
+    no_maps = [key for key in earlier if save_maps and not maps_path(out, *key).exists()]
+    no_figure = [key for key in earlier if key in plotted and not figure_path(out, *key).exists()]
+    for missing, what in ((no_maps, "maps (--save-maps)"), (no_figure, "figures (--plot-samples)")):
+        if missing:
+            log.warning("%d worlds analysed by an earlier run into %s have no %s and are not redone; for those, "
+                        "run into a new --out", len(missing), out, what)
+
+
 def _save_maps(out: Path, record: dict, maps: dict) -> None:
     arrays = {f"{kind}_{name}": maps[kind][name].astype(np.float32)
               for kind in ("real", "shuffled") if kind in maps
               for name in ("subject_cross", "object_cross", "relation_cross")}
     arrays["subject_mask"] = maps["masks"]["subject"].astype(np.uint8)
     arrays["object_mask"] = maps["masks"]["object"].astype(np.uint8)
-    (out / "maps").mkdir(exist_ok=True)
-    np.savez_compressed(out / "maps" / f"shard{record['shard']}_world{record['index']}.npz", **arrays)
+    path = maps_path(out, record["shard"], record["index"])
+    path.parent.mkdir(exist_ok=True)
+    np.savez_compressed(path, **arrays)
 
 
 def _plot_world(out: Path, record: dict, maps: dict) -> None:
@@ -277,7 +309,7 @@ def _plot_world(out: Path, record: dict, maps: dict) -> None:
 
     title = f"shard {record['shard']} world {record['index']}: {record['caption'].split(' . ')[0]} -- " \
             f"relation '{record['relation']}'"
-    plot_world_panel(out / "figures" / f"world_shard{record['shard']}_{record['index']}.png",
+    plot_world_panel(figure_path(out, record["shard"], record["index"]),
                      maps["images"]["real"], maps["real"], maps["masks"]["subject"], maps["masks"]["object"], title,
                      shuffled_maps=maps.get("shuffled"), shuffled_image=maps["images"].get("shuffled"))
 

@@ -487,3 +487,14 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
     assert json.loads((out / "run.json").read_text()) == run
     with pytest.raises(SystemExit):  # other settings: refused
         main([*argv, "--random-controls", "4"])
+
+
+def test_finished_ablation_missing_an_output_is_rebuilt(ablated, tmp_path, monkeypatch):
+    """Was: 'already holds this ablation' with ablation.csv gone; now rebuilt from the pairs, none measured again."""
+    from spatial_attention import ablation
+
+    argv, copy = into_a_copy(ablated, tmp_path)
+    (copy / "ablation.csv").unlink()
+    monkeypatch.setattr(ablation, "measure", lambda *args: pytest.fail("a pair was measured again"))
+    main(argv)
+    assert (copy / "ablation.csv").read_text() == (ablated[1] / "ablation.csv").read_text()

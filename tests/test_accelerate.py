@@ -68,3 +68,21 @@ def test_two_processes_equal_one(script, result, summary_key, shards, tmp_path):
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     _assert_same(one[summary_key], two[summary_key])
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason=f"accelerate launcher not found beside {sys.executable}")
+def test_refusal_stops_every_process_in_one_line(shards, tmp_path):
+    """A rerun with other --layers under accelerate launch: the main process says why, once, and no process goes
+    on (was: the other process loaded the model, then died in the gloo group with a traceback of its own)."""
+    argv = ["vlm_atten_analysis_llava.py", "--model-path", "tiny-random", "--data", str(shards), "--plot-samples",
+            "0", "--out", str(tmp_path / "two")]
+    _run([*LAUNCH, *argv])
+    before = (tmp_path / "two" / "samples.jsonl").read_text()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([*LAUNCH, *argv, "--layers", "1"], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --out {tmp_path / 'two'}: its results were made with --layers [1, 2, 3, 4], not [1]; "
+                      f"rerun with the same setting to resume, or choose another --out"]
+    assert "gloo" not in done.stderr.lower() and (tmp_path / "two" / "samples.jsonl").read_text() == before

@@ -2,6 +2,7 @@
 original size and dpi, and none touches pyplot's global state."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +131,13 @@ def test_figures_source_has_no_pyplot():
     source = (REPO / "spatial_attention" / "figures.py").read_text()
     assert "import matplotlib.pyplot" not in source and "from matplotlib import pyplot" not in source
     assert "matplotlib.use" not in source
+
+
+def test_figures_get_a_plain_files_mode(tmp_path):
+    """Was: 0600, the temporary file's mode, on every PNG."""
+    old = os.umask(0o022)
+    try:
+        plot_count_bars(tmp_path / "bars.png", np.ones((3, 4)), [1, 2, 3], "topleft", 1)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bars.png").stat().st_mode & 0o777 == 0o644

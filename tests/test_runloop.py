@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ import pytest
 from spatial_attention import ablation, corner_stats, text_analysis, verify, vlm_analysis
 from spatial_attention.errors import OptionError
 from spatial_attention.generate import generate_counterfactual, generate_shapeworld
-from spatial_attention.runio import append_jsonl, lacks_keys
-from spatial_attention.runloop import IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, resumable_map
+from spatial_attention.runio import append_jsonl, claim_output, lacks_keys, release_outputs
+from spatial_attention.runloop import (IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, check_free, mark_results,
+                                       resumable_map)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model-path", "tiny-random", "--plot-samples", "0"]
@@ -114,10 +116,10 @@ def one_error_line(capsys, run) -> str:
 
 
 @pytest.mark.parametrize("family, options, difference", [
-    ("llava", ["--layers", "1"], "--layers [1, 2, 3, 4], not [1]"),
-    ("qwen2", [], "--model 'llava', not 'qwen2'"),
-    ("llava", ["--seed", "1"], "--seed 0, not 1"),
-    ("llava", ["--no-baseline"], "--no-baseline False, not True"),
+    ("llava", ["--layers", "1"], "with --layers [1, 2, 3, 4], not [1]"),
+    ("qwen2", [], "with the model family (--model; experiments 1 and 2: the script) 'llava', not 'qwen2'"),
+    ("llava", ["--seed", "1"], "with --seed 0, not 1"),
+    ("llava", ["--no-baseline"], "without --no-baseline, and this run is with it"),
 ])
 def test_experiment_1_rerun_with_other_settings_is_refused_before_loading(family, options, difference, exp1,
                                                                           worlds, capsys, no_model_load):
@@ -125,7 +127,7 @@ def test_experiment_1_rerun_with_other_settings_is_refused_before_loading(family
     before = (exp1 / "samples.jsonl").read_text()
     error = one_error_line(capsys, lambda: vlm_analysis.main(
         family, [*FAST, "--data", str(worlds), "--out", str(exp1), *options]))
-    assert error == (f"error: --out {exp1}: its results were made with {difference}; rerun with the same setting "
+    assert error == (f"error: --out {exp1}: its results were made {difference}; rerun with the same setting "
                      f"to resume, or choose another --out")
     assert (exp1 / "samples.jsonl").read_text() == before
 
@@ -162,7 +164,8 @@ def test_experiment_2_rerun_with_the_other_family_is_refused_before_loading(worl
     monkeypatch.setattr(models, "load_adapter", lambda *a, **k: pytest.fail("a model was loaded"))
     error = one_error_line(capsys, lambda: text_analysis.main(
         "qwen2", ["--model-path", "tiny-random", "--data", str(worlds), "--out", str(out)]))
-    assert "its results were made with --model 'llava', not 'qwen2'" in error
+    assert "its results were made with the model family (--model; experiments 1 and 2: the script) 'llava', " \
+           "not 'qwen2'" in error
 
 
 def test_a_folder_holding_another_commands_results_is_refused(share, tmp_path):
@@ -230,3 +233,54 @@ def test_batch_size_0_fails_before_a_model_loads(worlds, corner_folder, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         verify.main(["--model", "llava", *bad])
     assert exit_info.value.code == 2 and "error: --batch-size 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_data_regenerated_in_place_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """Was: the same --data path with other worlds resumed, pooling two data sets in one samples.jsonl."""
+    data, out = tmp_path / "sw", tmp_path / "out"
+    generate_shapeworld(data, shards=1, worlds_per_shard=4, seed=1)
+    vlm_analysis.main("llava", [*FAST, "--data", str(data), "--out", str(out), "--limit", "2"])
+    text_analysis.main("llava", ["--model-path", "tiny-random", "--data", str(data), "--out", str(tmp_path / "t"),
+                                 "--limit", "2"])
+    shutil.rmtree(data)
+    generate_shapeworld(data, shards=1, worlds_per_shard=4, seed=2)
+    import models
+
+    monkeypatch.setattr(models, "load_adapter", lambda *a, **k: pytest.fail("a model was loaded"))
+    for run, folder in ((lambda: vlm_analysis.main("llava", [*FAST, "--data", str(data), "--out", str(out)]), out),
+                        (lambda: text_analysis.main("llava", ["--model-path", "tiny-random", "--data", str(data),
+                                                              "--out", str(tmp_path / "t")]), tmp_path / "t")):
+        assert one_error_line(capsys, run) == (f"error: --out {folder}: its results for (0, 0) were made from other "
+                                               f"data than this run's (regenerated in the same folder?); choose "
+                                               f"another --out")
+
+
+def test_a_folder_of_a_command_that_does_not_resume_is_kept_from_others(share, tmp_path):
+    """The corner analysis rewrites its outputs each time; no other command may write over its summary.json."""
+    (tmp_path / "summary.json").write_text("{}")
+    mark_results(tmp_path, "summary.json")
+    with pytest.raises(OptionError, match=r"holds the results of another command \(summary.json\)"):
+        resumable_map(share, results_at(tmp_path / "records.jsonl"), [1], square, {"--x": 1})
+    check_free(tmp_path, "summary.json", "--out-dir")  # the analysis itself may rewrite it
+    other = tmp_path / "other"
+    resumable_map(share, results_at(other / "records.jsonl"), [1], square, {"--x": 1})
+    with pytest.raises(OptionError, match=r"--out-dir .*other: holds the results of another command"):
+        check_free(other, "summary.json", "--out-dir")
+
+
+def test_a_refused_run_leaves_no_folder_it_made(tmp_path):
+    made, kept = tmp_path / "made", tmp_path / "kept"
+    kept.mkdir()
+    for folder in (made, kept):
+        claim_output(folder, "--out")
+    release_outputs()
+    assert not made.exists() and [p.name for p in kept.iterdir()] == [".lock"]  # the user's folder stays
+
+
+@pytest.mark.parametrize("options, error", [
+    (["--relations", "left,left"], "error: --relations 'left,left': a relation is listed twice"),
+    (["--model-path", "./no-such-checkpoint"], "error: --model-path ./no-such-checkpoint: no such folder"),
+])
+def test_more_options_refused_before_loading(options, error, worlds, tmp_path, capsys, no_model_load):
+    argv = [*FAST, "--data", str(worlds), "--out", str(tmp_path / "out"), *options]
+    assert one_error_line(capsys, lambda: vlm_analysis.main("llava", argv)).startswith(error)

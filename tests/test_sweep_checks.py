@@ -76,3 +76,22 @@ def test_script_choices_are_the_python_choices():
     assert sorted(script_list("MODELS")) == sorted(FAMILIES)
     assert script_list("ABLATE_MODES") == choices["mode"]
     assert script_list("DTYPES") == choices["dtype"]
+
+
+def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
+    """Was: COUNT=3 on a COUNT=4 sweep rescored the corners and the analysis, then the ablation refused."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep_settings.txt").write_text("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\n"
+                                           "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nDTYPE=auto\nABLATE_MODE=zero\n"
+                                           "RANDOM_CONTROLS=20\n")
+    (tmp_path / "data").mkdir()
+    for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # no data to generate: the first step scores
+        (tmp_path / "data" / f"dataset_{corner}").mkdir()
+        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("")
+    done, calls = sweep_with_stand_in(tmp_path, COUNT="3")
+    assert done.returncode == 2 and not calls.exists()
+    assert done.stderr.splitlines()[-1] == (f"error: COUNT=3: {out} was swept with COUNT=4 (sweep_settings.txt there); "
+                                            "use those settings, or another OUT_DIR")
+    done, calls = sweep_with_stand_in(tmp_path, COUNT="4", DEVICE="cpu", BATCH_SIZE="2")  # not settings of the sweep
+    assert done.returncode == 1 and "head_attention_stats.py" in calls.read_text()
