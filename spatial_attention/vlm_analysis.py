@@ -247,9 +247,8 @@ def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
                "relation": (regions["entities"], regions["entities"], regions["background"]),
                "background": (regions["background"], regions["background"], regions["entities"])}
     result = {}
-    for name in M.MAPS:
+    for name, a in maps.items():  # every map _maps made, in its order (the records' key order)
         target = targets[name.split("_")[0]]
-        a = maps[name]
         result[name] = ({metric: None for metric in M.METRIC_NAMES} if a is None
                         else M.map_metrics(a, *target))
     rel = world.caption.relation
