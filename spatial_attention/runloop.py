@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.generate import shapeworld_folder
-from spatial_attention.options import ModelOptions, check_at_least, checkpoint_name, dtype_name, layer_indices
+from spatial_attention.options import (ModelOptions, check_at_least, checkpoint_name, dtype_name, layer_indices,
+                                       parse_shards)
 from spatial_attention.runio import (RecordCheck, append_jsonl, check_output_dir, claim_output, read_jsonl,
                                      run_record, start_run, write_atomic, write_json)
 from spatial_attention.stats import json_safe
@@ -364,14 +365,15 @@ def open_run(options: ModelOptions, share: ProcessShare, results: Results, ident
     return run, whole
 
 
-def prepare_run(family: str, args) -> tuple[ModelOptions, ProcessShare, Path]:
-    """What an experiment over ShapeWorld does first: check the model options, --limit and the output
-    folder (``args.out``), join the processes, and find the data folder (the default one generated
-    once, by the main process)."""
+def prepare_run(family: str, args) -> tuple[ModelOptions, ProcessShare, Path, list[int] | None]:
+    """What an experiment over ShapeWorld does first: check the model options, --shards, --limit and the
+    output folder (``args.out``), join the processes, and find the data folder (the default one generated
+    once, by the main process). Returns the options, the share, the data folder and the shards to read."""
     options = ModelOptions.from_args(family, args)
+    shards = parse_shards(args.shards)
     check_at_least(1, limit=args.limit)
     check_output_dir(args.out, "--out")
     options, share = join_processes(options)
     data = shapeworld_folder(args.data, options.seed) if share.is_main else args.data
     share.wait()
-    return options, share, data
+    return options, share, data, shards

@@ -30,7 +30,6 @@ from spatial_attention.capture import CaptureRequest, capture
 from spatial_attention.cli import HelpFormatter, add_model_args, add_shapeworld_args, user_errors_exit
 from spatial_attention.errors import DataError
 from spatial_attention.figures import plot_asymmetry
-from spatial_attention.options import parse_shards
 from spatial_attention.runio import finish_run, lacks_keys, setup_logging, write_atomic, write_json
 from spatial_attention.runloop import Run, open_run, prepare_run, resumable_map, world_results
 from spatial_attention.shapeworld import Caption, ReadStats, Skipped, counterfactual_caption, iter_worlds
@@ -61,8 +60,7 @@ def main(family: str, argv=None) -> None:
     args = build_parser(family).parse_args(argv)
     setup_logging(args.verbose)
     started = time.time()
-    shards = parse_shards(args.shards)
-    options, share, data = prepare_run(family, args)
+    options, share, data, shards = prepare_run(family, args)
     captions, skipped, stats = _select_captions(data, shards, args.limit)
     results = world_results(args.out / "pairs.jsonl", lacks_keys(*CSV_COLUMNS, "layers"),
                             lambda item, record: record.get("sent1") == item.caption.text)  # all a pair depends on

@@ -25,7 +25,7 @@ from spatial_attention import metrics as M
 from spatial_attention.capture import CaptureRequest, capture
 from spatial_attention.cli import HelpFormatter, add_model_args, add_shapeworld_args, user_errors_exit
 from spatial_attention.errors import DataError, OptionError
-from spatial_attention.options import check_at_least, parse_shards
+from spatial_attention.options import check_at_least
 from spatial_attention.runio import finish_run, lacks_keys, setup_logging
 from spatial_attention.runloop import Run, open_run, prepare_run, resumable_map, world_results
 from spatial_attention.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
@@ -66,8 +66,7 @@ def main(family: str, argv=None) -> None:
     started = time.time()
     relations = parse_relations(args.relations)
     check_at_least(0, plot_samples=args.plot_samples)
-    shards = parse_shards(args.shards)
-    options, share, data = prepare_run(family, args)
+    options, share, data, shards = prepare_run(family, args)
     worlds, skipped = _select_worlds(data, shards, relations, args.limit)
     results = world_results(args.out / "samples.jsonl", lacks_keys(*RECORD_KEYS), same_world)
     run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
