@@ -248,10 +248,9 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
     ``items`` (in their order; an item ``fn`` gave no record for is absent); [] in the others.
     """
     path = results.path
-    if share.is_main:
-        open_results(results, identity, items)
-        if not _has_records(path):
-            write_json(path.parent / IDENTITY_FILE, {RESULTS_KEY: path.name, **identity})
+    share.main_checks(lambda: open_results(results, identity, items))
+    if share.is_main and not _has_records(path):
+        write_json(path.parent / IDENTITY_FILE, {RESULTS_KEY: path.name, **identity})
     share.wait()
     unique: dict = {}  # key -> the first item with it
     for item in items:
