@@ -26,8 +26,11 @@ CROSS_MAPS = MAPS[:3]
 # what ``map_metrics`` computes for every map
 METRIC_NAMES = ("com", "iou", "soft_iou", "wasserstein_x", "wasserstein_y", "entity_bg_ratio", "dispersion", "entropy")
 RELATION_METRIC = "relation_wasserstein"  # the relation map's own metric
-METRICS = METRIC_NAMES[:5] + (RELATION_METRIC,) + METRIC_NAMES[5:]  # every metric, in display order
-HIGHER_IS_BETTER = frozenset({"iou", "soft_iou", "entity_bg_ratio"})
+# binding specificity of the maps about one entity (``specificity``): own referent minus the other shape
+SPECIFICITY_METRICS = ("specificity_iou", "specificity_soft_iou", "specificity_com")
+SPECIFIC_ROLES = {"subject": "object", "object": "subject"}  # a map's referent -> the other shape
+METRICS = METRIC_NAMES[:5] + (RELATION_METRIC,) + METRIC_NAMES[5:] + SPECIFICITY_METRICS  # display order
+HIGHER_IS_BETTER = frozenset({"iou", "soft_iou", "entity_bg_ratio", *SPECIFICITY_METRICS})
 
 
 def display_order(names, known: Sequence[str]) -> list[str]:
@@ -229,6 +232,21 @@ def map_metrics(a: np.ndarray, mask: np.ndarray, entity_only: np.ndarray,
             "wasserstein_x": wasserstein_x(a, mask), "wasserstein_y": wasserstein_y(a, mask),
             "entity_bg_ratio": entity_bg_ratio(a, entity_only, background),
             "dispersion": dispersion(a), "entropy": entropy(a)}
+
+
+def specificity(a: np.ndarray, own: np.ndarray, other: np.ndarray) -> dict[str, float | None]:
+    """Binding specificity of map ``a`` about one entity: its score against its own referent's mask
+    minus its score against the other shape's, signed so that positive means "looks at its own referent
+    more than at the other shape" (for com: the other centroid's distance minus the own one's).
+    The patch-shuffle baseline rewards attention to any shape; this tells grounding from salience."""
+    a = normalise(a)
+
+    def minus(x: float | None, y: float | None) -> float | None:
+        return None if x is None or y is None else x - y
+
+    return {"specificity_iou": minus(topk_iou(a, own), topk_iou(a, other)),
+            "specificity_soft_iou": minus(soft_iou(a, own), soft_iou(a, other)),
+            "specificity_com": minus(com_distance(a, other), com_distance(a, own))}
 
 
 # --------------------------------------------------------------------------- relation ground truth

@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from spatial_attention.figures import save_figure
-from spatial_attention.metrics import CROSS_MAPS, HIGHER_IS_BETTER, MAPS, METRICS, display_order
+from spatial_attention.metrics import CROSS_MAPS, HIGHER_IS_BETTER, MAPS, METRICS, SPECIFICITY_METRICS, display_order
 from spatial_attention.runio import write_atomic, write_json
 from spatial_attention.shapeworld import RELATIONS
 from spatial_attention.stats import benjamini_hochberg, bootstrap_ci, mean_std, paired_summary
@@ -197,10 +197,39 @@ def _title(metric: str) -> str:
     return f"{metric} ({better(metric)} is better)"
 
 
+def _plot_specificity(rows: list[dict], n_worlds: int, path: Path) -> None:
+    """A panel per specificity metric: per subject/object map, the REAL and SHUF means with 95% bootstrap
+    CIs around the zero line (above it: the map looks at its own referent more than at the other shape)."""
+    metrics = [m for m in SPECIFICITY_METRICS if any(r["metric"] == m and r["real_mean"] is not None for r in rows)]
+    if not metrics:
+        return
+    fig, axes = _panel_grid(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        mrows = [r for r in rows if r["metric"] == metric and r["real_mean"] is not None]
+        x = np.arange(len(mrows))
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.errorbar(x - 0.15, [r["real_mean"] for r in mrows], yerr=_err(mrows, "real_"), fmt="o",
+                    color="tab:blue", capsize=3, label="real")
+        srows = [(i, r) for i, r in enumerate(mrows) if r["shuffled_mean"] is not None]
+        if srows:
+            ax.errorbar([i + 0.15 for i, _ in srows], [r["shuffled_mean"] for _, r in srows],
+                        yerr=_err([r for _, r in srows], "shuffled_"), fmt="s", color="tab:gray", capsize=3,
+                        label="shuffled")
+        ax.set_xticks(x, [r["map"].replace("_", " ") for r in mrows], rotation=40, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(mrows) - 0.4)
+        ax.set_title(metric, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"Binding specificity, {n_worlds} worlds (mean, 95% bootstrap CI): own referent minus the other "
+                 f"shape; above 0 = looks at its own shape more", fontsize=12)
+    _finish(fig, axes)
+    save_figure(fig, path)
+
+
 def plot_summary(summary: dict, fig_dir: Path) -> None:
     """``real_vs_shuffled.png`` (a panel per metric: REAL and SHUF means with 95% bootstrap CIs per map,
-    * where the row's q < 0.05, Benjamini-Hochberg within all worlds' rows) and ``metric_by_relation.png``
-    (a panel per metric: the cross maps' REAL means with 95% CIs per relation)."""
+    * where the row's q < 0.05, Benjamini-Hochberg within all worlds' rows), ``specificity.png`` (the binding
+    specificity rows around zero) and ``metric_by_relation.png`` (a panel per metric: the cross maps' REAL
+    means with 95% CIs per relation)."""
     fig_dir = Path(fig_dir)
     rows = summary["by_metric"]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
@@ -229,6 +258,7 @@ def plot_summary(summary: dict, fig_dir: Path) -> None:
                  f"* q < {SIGNIFICANCE:g}, Benjamini-Hochberg within the {n_tests} map x metric tests)", fontsize=12)
     _finish(fig, axes)
     save_figure(fig, fig_dir / "real_vs_shuffled.png")
+    _plot_specificity(rows, summary["n_worlds"], fig_dir / "specificity.png")
 
     relations = list(summary["by_relation"])
     cross = [m for m in CROSS_MAPS if any(r["map"] == m for r in rows)]

@@ -247,9 +247,12 @@ def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
                "background": (regions["background"], regions["background"], regions["entities"])}
     result = {}
     for name, a in maps.items():  # every map _maps made, in its order (the records' key order)
-        target = targets[name.split("_")[0]]
+        role = name.split("_")[0]
         result[name] = ({metric: None for metric in M.METRIC_NAMES} if a is None
-                        else M.map_metrics(a, *target))
+                        else M.map_metrics(a, *targets[role]))
+        if role in M.SPECIFIC_ROLES:
+            result[name].update({metric: None for metric in M.SPECIFICITY_METRICS} if a is None
+                                else M.specificity(a, regions[role], regions[M.SPECIFIC_ROLES[role]]))
     rel = world.caption.relation
     axis = RELATION_AXIS[rel]
     first = M.first_along_axis(rel)

@@ -345,3 +345,38 @@ def test_shuffle_patches_rectangular_grid_and_uneven_sides():
     uneven = Image.fromarray(np.random.default_rng(2).integers(0, 256, size=(13, 10, 3), dtype=np.uint8))
     shuffled = M.shuffle_patches(uneven, 4, seed=0)
     assert shuffled.size == uneven.size and shuffled.mode == "RGB"
+
+
+# --------------------------------------------------------------------------- binding specificity
+
+SUBJECT = np.zeros((8, 8), dtype=bool)
+SUBJECT[1:3, 1:3] = True
+OBJECT = np.zeros((8, 8), dtype=bool)
+OBJECT[5:7, 4:6] = True
+
+
+@pytest.mark.parametrize("where, sign", [("own", 1), ("other", -1)])
+def test_specificity_sign_and_hand_values(where, sign):
+    """All of the map's mass on its own referent: iou 1 - 0, soft_iou 1/4 - 0, com = distance between the
+    centroids - 0; on the other shape: the same with the opposite sign."""
+    a = (SUBJECT if where == "own" else OBJECT).astype(float)
+    got = M.specificity(a, SUBJECT, OBJECT)
+    distance = float(np.hypot(5.5 - 1.5, 4.5 - 1.5))
+    assert got["specificity_iou"] == pytest.approx(sign * 1.0)
+    assert got["specificity_soft_iou"] == pytest.approx(sign * 1.0 / 4.0)  # sum(a*m) / (1 + 4 - 1)
+    assert got["specificity_com"] == pytest.approx(sign * distance)
+
+
+def test_specificity_of_a_map_on_both_shapes_is_zero():
+    """Salience without grounding: equal mass on both shapes (the shuffle test rewards it) scores 0."""
+    a = (SUBJECT | OBJECT).astype(float)
+    a[1, 1] = a[2, 2] = a[5, 4] = a[6, 5] = 1.01  # the top 4 cells: two in each shape, not a raster-order tie
+    got = M.specificity(a, SUBJECT, OBJECT)
+    assert got["specificity_iou"] == pytest.approx(0.0) and got["specificity_soft_iou"] == pytest.approx(0.0)
+    assert got["specificity_com"] == pytest.approx(0.0, abs=1e-3)
+    assert M.topk_iou(a, SUBJECT) > 0 and M.soft_iou(a, SUBJECT) > 0  # while the own-target scores are high
+
+
+def test_specificity_undefined_without_a_mask():
+    assert M.specificity(SUBJECT.astype(float), SUBJECT, np.zeros((8, 8), dtype=bool)) == {
+        "specificity_iou": None, "specificity_soft_iou": None, "specificity_com": None}

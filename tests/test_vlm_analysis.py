@@ -51,6 +51,9 @@ def _check_outputs(out: Path, n_worlds: int, baseline: bool = True) -> list[dict
             for name in MAPS:
                 assert set(M.METRIC_NAMES) <= set(r["metrics"][kind][name])
             assert "relation_wasserstein" in r["metrics"][kind]["relation_cross"]
+            for name in MAPS:  # binding specificity for the maps about one entity, only
+                has = set(M.SPECIFICITY_METRICS) <= set(r["metrics"][kind][name])
+                assert has == name.startswith(("subject_", "object_")), name
     for line in (out / "samples.jsonl").read_text().splitlines():
         _no_nan(line)
     _no_nan((out / "summary.json").read_text())
@@ -62,7 +65,8 @@ def _check_outputs(out: Path, n_worlds: int, baseline: bool = True) -> list[dict
     assert run["status"] == "finished" and run["model"]["model_path"] == "tiny-random"
     assert {"torch", "transformers", "numpy"} <= run["versions"].keys()
     figures = {p.name for p in (out / "figures").iterdir()}
-    assert {"real_vs_shuffled.png", "metric_by_relation.png"} <= figures
+    assert {"real_vs_shuffled.png", "specificity.png", "metric_by_relation.png"} <= figures
+    assert {r["metric"] for r in summary["by_metric"]} >= set(M.SPECIFICITY_METRICS)
     assert any(name.startswith("world_") for name in figures)
     return records
 
