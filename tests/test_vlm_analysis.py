@@ -148,3 +148,83 @@ def test_bad_options_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as code:
         main("llava", ["--model-path", "tiny-random", "--relations", "inside", "--out", str(tmp_path)])
     assert code.value.code == 2
+
+
+# --- the instrument on injected attention ------------------------------------------------
+
+def test_injected_attention_gives_the_hand_made_metrics_and_specificity(adapter, tmp_path, monkeypatch):
+    """The language model's attention replaced, in every layer and head, by a known pattern pushed through the
+    real capture path: the subject's shape word puts all its mass, evenly, on the subject's box; the object's
+    shape word spreads it evenly over both boxes (salience without grounding). The maps, every metric, the
+    specificity sign and the summary's verdict are then known by hand."""
+    from spatial_attention import capture as capture_module
+    from spatial_attention import vlm_analysis as VA
+    from spatial_attention.shapeworld import World, iter_worlds
+    from spatial_attention.summary import summarise_samples
+
+    root = tmp_path / "sw"
+    generate_shapeworld(root, shards=1, worlds_per_shard=6, seed=11)
+    worlds = [w for w in iter_worlds(root) if isinstance(w, World)]
+    real_softmax = capture_module.softmax_in_place
+    plans = []  # per world: (sequence length, subject rows, object rows, subject keys, both keys, regions)
+    for world in worlds:
+        image = world.load_image()
+        layout = adapter.encode([world.caption.text], [image]).layouts[0]
+        regions = VA._regions(world, adapter.token_grid(adapter.prepare_image(image)))
+        rows = VA._word_rows(layout, world)
+        plans.append((layout.length, rows["subject"], rows["object"],
+                      layout.image_positions[regions["subject"].ravel()],
+                      layout.image_positions[(regions["subject"] | regions["object"]).ravel()], regions))
+    current = []
+
+    def injected(scores):
+        length, subject_rows, object_rows, subject_keys, both_keys, _ = current[0]
+        probs = real_softmax(scores)
+        if scores.shape[-1] == scores.shape[-2] == length:  # the language model's prefill (not the vision encoder)
+            for rows, keys in ((subject_rows, subject_keys), (object_rows, both_keys)):
+                probs[..., rows, :] = 0.0
+                probs[..., rows[:, None], keys] = 1.0 / len(keys)
+        return probs
+
+    monkeypatch.setattr(capture_module, "softmax_in_place", injected)
+    records = []
+    for world, plan in zip(worlds, plans):
+        current[:] = [plan]
+        (record, maps), = VA.analyse_worlds(adapter, [(world, world.load_image())], list(range(adapter.num_layers)),
+                                            seed=0, baseline=False)
+        records.append(record)
+        regions = plan[-1]
+        subject, obj = regions["subject"], regions["object"]
+        on_subject = subject / subject.sum()
+        on_both = (subject | obj) / (subject | obj).sum()
+        np.testing.assert_allclose(maps["real"]["subject_cross"], on_subject, atol=1e-6)
+        np.testing.assert_allclose(maps["real"]["object_cross"], on_both, atol=1e-6)
+        got = record["metrics"]["real"]
+        # the subject word: on its own box only
+        assert got["subject_cross"]["iou"] == pytest.approx(1.0) and got["subject_cross"]["com"] == pytest.approx(0.0)
+        assert got["subject_cross"]["soft_iou"] == pytest.approx(1.0 / subject.sum())
+        centre = lambda m: np.argwhere(m).mean(0)  # noqa: E731  (row, col) centroid of a mask
+        distance = float(np.linalg.norm(centre(subject) - centre(obj)))
+        overlap = float((subject & obj).sum())
+        assert got["subject_cross"]["specificity_com"] == pytest.approx(distance, abs=1e-6)
+        assert got["subject_cross"]["specificity_soft_iou"] == pytest.approx(
+            1.0 / subject.sum() - (overlap / subject.sum()) / (1.0 + obj.sum() - overlap / subject.sum()))
+        # the object word: on both boxes, no preference: soft_iou by hand, com between the two centroids
+        n = float((subject | obj).sum())
+        own, other = obj.sum() / n, subject.sum() / n
+        assert got["object_cross"]["specificity_soft_iou"] == pytest.approx(
+            own / (1.0 + obj.sum() - own) - other / (1.0 + subject.sum() - other))
+        union_centre = np.argwhere(subject | obj).mean(0)
+        assert got["object_cross"]["specificity_com"] == pytest.approx(
+            float(np.linalg.norm(union_centre - centre(subject)) - np.linalg.norm(union_centre - centre(obj))),
+            abs=1e-6)
+        assert got["subject_cross"]["specificity_iou"] > 0  # every sign as defined: own referent above 0
+    monkeypatch.undo()
+
+    # the summary's verdict: the grounded word's specificity is above 0 with its whole CI; the salient one's
+    # soft_iou specificity is the hand-made mean
+    rows = {(r["map"], r["metric"]): r for r in summarise_samples(records)["by_metric"]}
+    assert rows["subject_cross", "specificity_soft_iou"]["real_ci_lo"] > 0
+    assert rows["subject_cross", "specificity_com"]["real_ci_lo"] > 0
+    hand = np.mean([r["metrics"]["real"]["object_cross"]["specificity_soft_iou"] for r in records])
+    assert rows["object_cross", "specificity_soft_iou"]["real_mean"] == pytest.approx(hand)
