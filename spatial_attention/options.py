@@ -140,7 +140,7 @@ class ModelOptions:
             adapter.check_feed_size(feed_size)  # the family's own rule first: it says what would work
             check_at_least(1, feed_size=feed_size)
         model_path = args.model_path or adapter.default_model_path
-        if model_path.startswith(("/", "./", "../", "~")) and not Path(model_path).expanduser().exists():
+        if model_path.startswith(("/", "./", "../")) and not Path(model_path).exists():
             raise OptionError(f"--model-path {model_path}: no such folder (a hub id has the form owner/name); "
                               "give a downloaded checkpoint folder, a hub id, or tiny-random")
         return cls(family=family, model_path=model_path, revision=args.revision,
