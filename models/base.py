@@ -206,12 +206,16 @@ class VLMAdapter:
     # -- loading -----------------------------------------------------------
     @classmethod
     def load(cls, model_path: str | None = None, device: str | None = None, dtype: str | None = None,
-             device_map: str | None = None, revision: str | None = None, seed: int = 0) -> "VLMAdapter":
-        """Load from a hub id or local folder, or build ``tiny-random`` offline."""
+             device_map: str | None = None, revision: str | None = None, seed: int = 0,
+             random_init_seed: int | None = None) -> "VLMAdapter":
+        """Load from a hub id or local folder, or build ``tiny-random`` offline.
+
+        ``random_init_seed``: the random-weights control: the checkpoint's architecture (its config), processor
+        and tokenizer, but weights initialised with this seed instead of loaded (no weight file is read)."""
         model_path = model_path or cls.default_model_path
         dev, torch_dtype = pick_device_and_dtype(device, dtype)
         if model_path == TINY_RANDOM:
-            torch.manual_seed(seed)
+            torch.manual_seed(seed if random_init_seed is None else random_init_seed)
             model, processor = cls.build_random()
             model = model.to(device=dev, dtype=torch_dtype)
             return cls(model, processor, model_path)
@@ -227,7 +231,15 @@ class VLMAdapter:
                       local_files_only=offline)
         try:
             processor = AutoProcessor.from_pretrained(model_path, revision=revision, local_files_only=offline)
-            if device_map:
+            if random_init_seed is not None:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(model_path, revision=revision, local_files_only=offline)
+                torch.manual_seed(random_init_seed)
+                with torch.device(dev):  # initialised where it runs: a 7B model is not built on the CPU first
+                    model = AutoModelForImageTextToText.from_config(
+                        config, dtype=torch_dtype, attn_implementation=_registered_attention())
+            elif device_map:
                 model = AutoModelForImageTextToText.from_pretrained(model_path, device_map=device_map, **kwargs)
             else:
                 model = AutoModelForImageTextToText.from_pretrained(model_path, **kwargs).to(dev)

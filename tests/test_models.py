@@ -137,3 +137,30 @@ def test_unloadable_model_is_one_clear_line(family, tmp_path):
         load_adapter(family, str(tmp_path / "no-such-checkpoint"), device="cpu")
     message = str(err.value)
     assert "\n" not in message and "--model-path" in message and "tiny-random" in message
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_random_weights_control_keeps_the_checkpoints_architecture_and_processor(family, tiny_models, tmp_path):
+    """random_init_seed: the saved checkpoint's config and processor, its weights not read but drawn with the seed
+    (the same seed, the same weights; another seed, others)."""
+    from models import ADAPTERS
+
+    saved = tiny_models[family]
+    folder = tmp_path / "checkpoint"
+    saved.model.save_pretrained(folder)
+    saved.processor.save_pretrained(folder)
+    cls = ADAPTERS[family]
+    draws = [cls.load(str(folder), device="cpu", dtype="fp32", random_init_seed=s) for s in (1, 1, 2)]
+    loaded = cls.load(str(folder), device="cpu", dtype="fp32")
+    want = dict(saved.model.named_parameters())
+    for adapter in draws:
+        got = dict(adapter.model.named_parameters())
+        assert got.keys() == want.keys() and all(got[k].shape == want[k].shape for k in want)
+        assert adapter.num_layers == saved.num_layers and adapter.num_heads == saved.num_heads
+        assert adapter.tokenizer("a red square").input_ids == saved.tokenizer("a red square").input_ids
+    weights = lambda adapter: adapter.model.get_input_embeddings().weight  # noqa: E731
+    assert torch.equal(weights(loaded), weights(saved))  # the plain load reads the weights
+    assert not torch.equal(weights(draws[0]), weights(saved))  # the control does not
+    assert torch.equal(weights(draws[0]), weights(draws[1])) and not torch.equal(weights(draws[0]), weights(draws[2]))
+    layout = draws[0].encode(["a red square"], random_images(1)).layouts[0]  # it runs like the model it stands for
+    assert len(layout.image_positions) == len(saved.encode(["a red square"], random_images(1)).layouts[0].image_positions)
