@@ -46,6 +46,7 @@ import csv
 import io
 import json
 import logging
+import math
 import re
 from collections import Counter
 from dataclasses import replace
@@ -180,6 +181,10 @@ def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) 
                         layer + 1, len(others), k, num_heads)
             others = list(range(num_heads))
         pools[layer] = others
+    distinct = math.prod(math.comb(len(pools[layer]), k) for layer, k in per_layer.items())
+    if distinct < count:  # the sets are drawn independently (a valid Monte Carlo null), so they repeat
+        log.warning("only %d distinct random head sets exist in these layers; the %d random controls repeat them, "
+                    "and the effects' null distribution has at most %d values", distinct, count, distinct)
     rng = np.random.default_rng(seed)
     return [sorted((layer, int(h)) for layer, k in per_layer.items()
                    for h in rng.choice(pools[layer], k, replace=False)) for _ in range(count)]

@@ -252,6 +252,18 @@ def test_random_controls_same_layers_other_heads():
     assert everything == [[(0, 0), (0, 1)]] * 2
 
 
+def test_few_distinct_random_sets_are_said(caplog):
+    """One chosen head among 4: 3 distinct sets; 20 controls repeat them (drawn independently), and a line says so."""
+    with caplog.at_level(logging.WARNING, logger="spatial_attention"):
+        sets = random_head_sets([(3, 1)], num_heads=4, count=20, seed=0)
+    assert {tuple(heads) for heads in sets} <= {((3, 0),), ((3, 2),), ((3, 3),)}
+    assert "only 3 distinct random head sets exist" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spatial_attention"):
+        random_head_sets([(3, 1)], num_heads=28, count=20, seed=0)  # 27 sets: enough
+    assert "distinct random head sets" not in caplog.text
+
+
 def test_effects_and_p_values():
     base = np.array([[1.0, -1.0], [4.0, 0.5]])  # [N, 2]: pair 1's control says yes (wrong)
     shift = np.array([-3.0, 0.0, -4.0, 1.0])  # set 0 chosen, then 3 random sets: log-odds on full move by this
