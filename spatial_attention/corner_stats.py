@@ -52,7 +52,8 @@ from spatial_attention.heads import corner_patch_indices, topk_count_cube
 from spatial_attention.options import ModelOptions, check_at_least, dtype_name
 from spatial_attention.runio import (RecordCheck, check_output_dir, finish_run, lacks_keys, package_versions,
                                      setup_logging, start_run, write_atomic, write_json)
-from spatial_attention.runloop import Results, Run, join_processes, load_run, open_results, resumable_map
+from spatial_attention.runloop import (Results, Run, check_identity, join_processes, load_run, open_results,
+                                       resumable_map)
 
 log = logging.getLogger("spatial_attention")
 PAIRS_FILE = "pairs_scores.jsonl"
@@ -137,7 +138,8 @@ def main(argv=None) -> None:
         raise OptionError(f"--topk {scoring.topk}: must be between 1 and the model's {run.adapter.num_heads} heads "
                           "per layer")
     # every folder with the loaded model's values before the first corner is scored: a refusal costs no corner
-    share.main_checks(lambda: check_folders(run.identity(), open_results))
+    share.main_checks(lambda: check_folders(run.identity(), lambda results, identity:
+                                            check_identity(results.path, identity, results.option)))
     for corner, dataset in datasets.items():
         score_dataset(run, scoring, dataset, results[corner], max_pairs=args.max_pairs)
 

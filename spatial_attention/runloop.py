@@ -222,8 +222,15 @@ def open_results(results: Results, identity: dict, items: Sequence = ()) -> list
     """Before the model loads (main process): claim the folder, read every finished record, so that a
     damaged line fails now, refuse results made with another ``identity`` (what is known so far) or from
     other ``items`` than the ones of their keys; returns the records."""
-    claim_output(results.path.parent, results.option)
     records = results.read()
+    check_results(results, identity, items, records)
+    return records
+
+
+def check_results(results: Results, identity: dict, items: Sequence, records: list[dict]) -> None:
+    """``open_results`` on records already read: claim the folder, check its identity and that each done
+    item's record was made from it."""
+    claim_output(results.path.parent, results.option)
     check_identity(results.path, identity, results.option)
     if results.same_item is not None and records:
         by_key = {results.record_key(record): record for record in records}
@@ -233,7 +240,6 @@ def open_results(results: Results, identity: dict, items: Sequence = ()) -> list
                 raise OptionError(f"{results.option} {results.path.parent}: its results for {key} were made from "
                                   f"other data than this run's (regenerated in the same folder?); choose another "
                                   f"{results.option}")
-    return records
 
 
 def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Callable[[list], Iterable[dict]],
@@ -248,14 +254,15 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
     ``items`` (in their order; an item ``fn`` gave no record for is absent); [] in the others.
     """
     path = results.path
-    share.main_checks(lambda: open_results(results, identity, items))
-    if share.is_main and not _has_records(path):
+    records = results.read()  # every process: what earlier runs finished (read once)
+    share.main_checks(lambda: check_results(results, identity, items, records))
+    if share.is_main and not records:
         write_json(path.parent / IDENTITY_FILE, {RESULTS_KEY: path.name, **identity})
     share.wait()
     unique: dict = {}  # key -> the first item with it
     for item in items:
         unique.setdefault(results.item_key(item), item)
-    done = {results.record_key(record) for record in existing_records(path, results.check)}
+    done = {results.record_key(record) for record in records}
     todo = [item for key, item in unique.items() if key not in done]
     if len(todo) < len(unique):
         log.info("resuming: %d of %d %ss already in %s", len(unique) - len(todo), len(unique), unit, path)
