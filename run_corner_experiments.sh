@@ -10,11 +10,15 @@
 #   BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]   DEVICE [auto]   DTYPE [auto]
 #   ABLATE [0]  1: then ablate each corner's unique head and the shared head (head_ablation.py)
 #   ABLATE_MODE [zero]  zero | mean     RANDOM_CONTROLS [20]
+#   CONTROL [empty]  random-weights: run every step on CONTROL_SEEDS [3] random initialisations of the model's
+#                    architecture instead of the model (the negative control; README, Controls), into
+#                    $OUT_DIR/control_random_weights/init_seed_S/, laid out as $OUT_DIR; run the sweep once
+#                    without and once with it, in either order, for the model-minus-control comparison
 # With ABLATE=1 also: $OUT_DIR/ablation_{corner}_{unique|shared}/.
 #   PYTHON [the checkout's .venv/bin/python when it exists, else python3]
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
-# The settings above (not DEVICE, BATCH_SIZE, DATA_DIR, ABLATE) are kept in $OUT_DIR/sweep_settings.txt; a rerun
+# The settings above (not DEVICE, BATCH_SIZE, DATA_DIR, ABLATE, CONTROL, CONTROL_SEEDS) are kept in $OUT_DIR/sweep_settings.txt; a rerun
 # with other values is refused before its first step.
 # Rerunning resumes: each corner folder keeps its scored pairs in pairs_scores.jsonl, a complete corner is
 # not rescored, and a pair whose images cannot be used is skipped with a warning (counted in its meta.json);
@@ -40,6 +44,8 @@ DTYPE="${DTYPE:-auto}"
 ABLATE="${ABLATE:-0}"
 ABLATE_MODE="${ABLATE_MODE:-zero}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-20}"
+CONTROL="${CONTROL:-}"
+CONTROL_SEEDS="${CONTROL_SEEDS:-3}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -72,13 +78,14 @@ check_positive COUNT "$COUNT"
 check_positive TOPK "$TOPK"
 check_positive MAX_NEW_TOKENS "$MAX_NEW_TOKENS"
 check_positive RANDOM_CONTROLS "$RANDOM_CONTROLS"
+check_positive CONTROL_SEEDS "$CONTROL_SEEDS"
+[ -z "$CONTROL" ] || check_choice CONTROL "$CONTROL" random-weights
 [ -z "$PATCH_SIZE" ] || check_positive PATCH_SIZE "$PATCH_SIZE"
 [ -z "$BATCH_SIZE" ] || check_positive BATCH_SIZE "$BATCH_SIZE"
 
-datasets=() stats_dirs=() missing=()
+datasets=() missing=()
 for corner in "${CORNERS[@]}"; do
   datasets+=("$DATA_DIR/dataset_$corner")
-  stats_dirs+=("$OUT_DIR/head_diff_stats_$corner")
   [ -f "$DATA_DIR/dataset_$corner/metadata.jsonl" ] || missing+=("$corner")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -92,6 +99,8 @@ args=(--model "$MODEL" --dataset "${datasets[@]}" --max-pairs "$COUNT" --layers 
 [ -n "$MODEL_PATH" ] && args+=(--model-path "$MODEL_PATH")
 [ -n "$PATCH_SIZE" ] && args+=(--patch-size "$PATCH_SIZE")
 [ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
+control_args=()
+[ -n "$CONTROL" ] && control_args=(--control "$CONTROL" --control-seeds "$CONTROL_SEEDS")
 
 # The sweep's settings, one per line, kept in OUT_DIR: a rerun with other values would rescore some steps and be
 # refused at others (an ablation made with another COUNT), leaving a folder of mixed settings; refused here.
@@ -108,11 +117,18 @@ fi
 mkdir -p "$OUT_DIR"
 printf '%s\n' "$settings" > "$record"
 
-echo "== scoring heads on ${CORNERS[*]} ($MODEL) -> $OUT_DIR" >&2
-"$PYTHON" "$HERE/head_attention_stats.py" "${args[@]}"
+echo "== scoring heads on ${CORNERS[*]} ($MODEL${CONTROL:+, $CONTROL control}) -> $OUT_DIR" >&2
+"$PYTHON" "$HERE/head_attention_stats.py" "${args[@]}" "${control_args[@]}"
 
-echo "== shared / unique head analysis -> $OUT_DIR/count_shared_unique" >&2
-"$PYTHON" "$HERE/analyze_corner_heads.py" "${stats_dirs[@]}" --out-dir "$OUT_DIR/count_shared_unique"
+# the model's folder, or each initialisation's folder of the control (laid out alike)
+roots=("$OUT_DIR")
+[ -n "$CONTROL" ] && roots=("$OUT_DIR"/control_random_weights/init_seed_*)
+for root in "${roots[@]}"; do
+  echo "== shared / unique head analysis -> $root/count_shared_unique" >&2
+  root_stats=()
+  for corner in "${CORNERS[@]}"; do root_stats+=("$root/head_diff_stats_$corner"); done
+  "$PYTHON" "$HERE/analyze_corner_heads.py" "${root_stats[@]}" --out-dir "$root/count_shared_unique"
+done
 if [ "$ABLATE" = 1 ]; then
   ablate_args=(--model "$MODEL" --mode "$ABLATE_MODE" --random-controls "$RANDOM_CONTROLS" --max-pairs "$COUNT"
                --analysis-dir "$OUT_DIR/count_shared_unique" --device "$DEVICE" --dtype "$DTYPE")
@@ -121,7 +137,7 @@ if [ "$ABLATE" = 1 ]; then
   for corner in "${CORNERS[@]}"; do
     for heads in unique shared; do
       echo "== ablating the $heads head on $corner -> $OUT_DIR/ablation_${corner}_$heads" >&2
-      "$PYTHON" "$HERE/head_ablation.py" "${ablate_args[@]}" --heads "$heads" \
+      "$PYTHON" "$HERE/head_ablation.py" "${ablate_args[@]}" "${control_args[@]}" --heads "$heads" \
         --stats-dir "$OUT_DIR/head_diff_stats_$corner" --dataset "$DATA_DIR/dataset_$corner" \
         --out-dir "$OUT_DIR/ablation_${corner}_$heads"
     done

@@ -2,12 +2,15 @@
 
     adapter = load_adapter("qwen2", model_path="tiny-random")
 
-``model_path`` is a hub id, a local checkpoint folder, or ``tiny-random`` for a
-random-weight model of the same architecture built offline (numbers mean nothing).
+``model_path`` is a hub id, a local checkpoint folder, ``tiny-random`` for a
+random-weight model of the same architecture built offline (numbers mean nothing), or
+``toy`` for the family's committed toy model (small, trained: a positive control).
 """
 from __future__ import annotations
 
-from models.base import TINY_RANDOM, Batch, TokenLayout, VLMAdapter
+from pathlib import Path
+
+from models.base import TINY_RANDOM, TOY, TOY_ROOT, Batch, TokenLayout, VLMAdapter
 from models.llava import LlavaAdapter
 from models.qwen2vl import Qwen2VLAdapter
 from spatial_attention.errors import OptionError
@@ -23,9 +26,14 @@ def family_adapter(family: str) -> type[VLMAdapter]:
     return ADAPTERS[family]
 
 
+def toy_folder(family: str) -> Path:
+    """Where ``family``'s toy model is saved (``--model-path toy``)."""
+    return TOY_ROOT / family_adapter(family).family
+
+
 def load_adapter(family: str, model_path: str | None = None, **kwargs) -> VLMAdapter:
     """Load ``family`` (one of ``FAMILIES``); kwargs go to ``VLMAdapter.load``."""
     return family_adapter(family).load(model_path, **kwargs)
 
 
-__all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "Batch", "TokenLayout", "VLMAdapter", "load_adapter"]
+__all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "TOY", "toy_folder", "Batch", "TokenLayout", "VLMAdapter", "load_adapter"]

@@ -20,6 +20,8 @@ from spatial_attention.errors import OptionError, quote
 log = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+TOY = "toy"  # --model-path toy: the family's committed toy (models/toy/{family}, train_toy_vlm.py)
+TOY_ROOT = Path(__file__).parent / "toy"
 
 
 @dataclass
@@ -205,6 +207,25 @@ class VLMAdapter:
 
     # -- loading -----------------------------------------------------------
     @classmethod
+    def resolve_model_path(cls, model_path: str | None) -> str:
+        """``model_path``, the family's default checkpoint for None, the toy's folder for ``toy``
+        (OptionError where it has not been trained)."""
+        model_path = model_path or cls.default_model_path
+        if model_path != TOY:
+            return model_path
+        folder = TOY_ROOT / cls.family
+        if not (folder / "config.json").is_file():
+            raise OptionError(f"--model-path toy: no toy {cls.family} model in {folder}; train it with "
+                              f"python train_toy_vlm.py --model {cls.family}")
+        return str(folder)
+
+    @classmethod
+    def checkpoint_feed_size(cls, model_path: str) -> int | None:
+        """The square side images are fed at when --feed-size is not given (None: fixed by the family),
+        known before the model loads."""
+        return cls.default_feed_size
+
+    @classmethod
     def load(cls, model_path: str | None = None, device: str | None = None, dtype: str | None = None,
              device_map: str | None = None, revision: str | None = None, seed: int = 0,
              random_init_seed: int | None = None) -> "VLMAdapter":
@@ -212,7 +233,7 @@ class VLMAdapter:
 
         ``random_init_seed``: the random-weights control: the checkpoint's architecture (its config), processor
         and tokenizer, but weights initialised with this seed instead of loaded (no weight file is read)."""
-        model_path = model_path or cls.default_model_path
+        model_path = cls.resolve_model_path(model_path)
         dev, torch_dtype = pick_device_and_dtype(device, dtype)
         if model_path == TINY_RANDOM:
             torch.manual_seed(seed if random_init_seed is None else random_init_seed)
@@ -248,11 +269,12 @@ class VLMAdapter:
         return cls(model, processor, model_path, revision)
 
     @classmethod
-    def build_random(cls, text: dict | None = None, vision: dict | None = None):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
         """A random-weight model of the real architecture and its processor, built offline.
 
         With no arguments: the ``tiny-random`` shapes. ``text`` / ``vision``
-        override entries of the language-model / vision-encoder configs.
+        override entries of the language-model / vision-encoder configs;
+        ``image_side``: the largest square side images are fed at (the family's own by default).
         """
         raise NotImplementedError
 

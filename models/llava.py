@@ -33,12 +33,13 @@ class LlavaAdapter(VLMAdapter):
                        projection_dim=32)
 
     @classmethod
-    def build_random(cls, text: dict | None = None, vision: dict | None = None):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
         from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
             LlavaForConditionalGeneration, LlavaProcessor
 
         tokenizer = llama_style_tokenizer(["<image>", "<pad>"])
-        vision = CLIPVisionConfig(**{**cls.TINY_VISION, **(vision or {})}, image_size=336, patch_size=14)
+        side = image_side or 336
+        vision = CLIPVisionConfig(**{**cls.TINY_VISION, **(vision or {})}, image_size=side, patch_size=14)
         text = LlamaConfig(**{**cls.TINY_TEXT, **(text or {})}, vocab_size=len(tokenizer), max_position_embeddings=4096,
                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                            eos_token_id=tokenizer.eos_token_id)
@@ -47,7 +48,7 @@ class LlavaAdapter(VLMAdapter):
                              vision_feature_layer=-2, vision_feature_select_strategy="default")
         model = LlavaForConditionalGeneration._from_config(copy.deepcopy(config),
                                                            attn_implementation=_registered_attention())
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                              image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276])
         processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                    vision_feature_select_strategy="default", num_additional_image_tokens=1)

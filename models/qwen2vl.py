@@ -10,7 +10,9 @@ attention is pooled to the merged grid, in raster order, before it becomes a map
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -60,12 +62,40 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def __init__(self, model, processor, model_path, revision=None):
         super().__init__(model, processor, model_path, revision)
-        self.feed_size = (self.default_feed_size, self.default_feed_size)
+        side = self.feed_side_for(processor.image_processor.size.get("longest_edge"))
+        self.feed_size = (side, side)
         self.merge = int(model.config.vision_config.spatial_merge_size)
 
     # Pixels per image token: 14-px patches merged 2 x 2 (the 7B checkpoint and tiny-random alike).
     FEED_CELL = 28
     MIN_FEED_TOKENS = 4  # per side: smaller grids leave no room for two shapes and a background
+
+    @classmethod
+    def feed_side_for(cls, max_pixels: int | None) -> int:
+        """The default feed side under a processor that takes at most ``max_pixels``: the paper's 672, or
+        the largest multiple of 28 px within the cap (a toy's processor caps its input at its own size)."""
+        if not max_pixels:
+            return cls.default_feed_size
+        return min(cls.default_feed_size, math.isqrt(int(max_pixels)) // cls.FEED_CELL * cls.FEED_CELL)
+
+    @classmethod
+    def checkpoint_feed_size(cls, model_path: str) -> int | None:
+        """From a local checkpoint's image-processor settings (their pixel cap): preprocessor_config.json, as
+        the hub's checkpoints have it, or the "image_processor" of processor_config.json, as transformers 5
+        saves a processor; the paper's 672 otherwise (a hub id, no cap)."""
+        folder = Path(model_path)
+        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            try:
+                config = json.loads((folder / name).read_text())
+            except (OSError, ValueError):
+                continue
+            config = config.get(key) if key and isinstance(config, dict) else config
+            if not isinstance(config, dict):
+                continue
+            size = config.get("size") if isinstance(config.get("size"), dict) else {}
+            cap = size.get("longest_edge", config.get("max_pixels"))
+            return cls.feed_side_for(cap if isinstance(cap, int) else None)
+        return cls.default_feed_size
 
     @classmethod
     def check_feed_size(cls, size: int) -> None:
@@ -91,7 +121,7 @@ class Qwen2VLAdapter(VLMAdapter):
     TINY_VISION = dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=4)
 
     @classmethod
-    def build_random(cls, text: dict | None = None, vision: dict | None = None):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, \
             Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -112,7 +142,9 @@ class Qwen2VLAdapter(VLMAdapter):
                                vision_end_token_id=ids["<|vision_end|>"])
         model = Qwen2VLForConditionalGeneration._from_config(copy.deepcopy(config),
                                                              attn_implementation=_registered_attention())
-        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+        # image_side caps the pixels the processor takes, so that it is also the default feed size
+        cap = {"size": {"shortest_edge": 56 * 56, "longest_edge": image_side ** 2}} if image_side else {}
+        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**cap), tokenizer=tokenizer,
                                      video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
         return model, processor
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -57,17 +58,18 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from spatial_attention import controls
 from spatial_attention.capture import AttentionHook, active, last_position_logits, plain_logits
 from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
 from spatial_attention.corner_results import CornerRun, load_corner_run
-from spatial_attention.counterfactual import CORNER_PROMPT, Pair, fill_corner_prompt, read_dataset
+from spatial_attention.counterfactual import CORNER_PROMPT, CornerDataset, Pair, fill_corner_prompt, read_dataset
 from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import save_figure
 from spatial_attention.heads import top_cells
-from spatial_attention.options import ModelOptions, check_at_least, checkpoint_name
+from spatial_attention.options import INIT_SEED_KEY, ModelOptions, check_at_least, checkpoint_name
 from spatial_attention.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run, write_atomic,
                                      write_json)
-from spatial_attention.runloop import (Results, check_identity, join_processes, load_run, open_results,
+from spatial_attention.runloop import (IDENTITY_FILE, Results, check_identity, join_processes, load_run, open_results,
                                        resumable_map)
 from spatial_attention.shapeworld import load_rgb
 from spatial_attention.stats import bootstrap_ci
@@ -170,8 +172,11 @@ def heads_json(heads: list[Head]) -> list[dict]:
 
 
 def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) -> list[list[Head]]:
-    """``count`` random sets: per layer of ``chosen``, as many heads drawn from that layer's other heads
-    (from all of its heads when too few others remain)."""
+    """The null sets: per layer of ``chosen``, as many heads from that layer's other heads (from all of its
+    heads when too few others remain). ``count`` seeded random draws; or, where no more than ``count``
+    distinct sets exist, every one of them once, an exact test. (Drawing from a few sets that exclude the
+    chosen heads would make the p-value too small: with 7 other heads, chosen heads that are merely the
+    layer's most harmful one of 8 would get p = 1/(1 + count), not 1/8.)"""
     per_layer = Counter(layer for layer, _ in chosen)
     pools = {}
     for layer, k in sorted(per_layer.items()):
@@ -182,9 +187,13 @@ def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) 
             others = list(range(num_heads))
         pools[layer] = others
     distinct = math.prod(math.comb(len(pools[layer]), k) for layer, k in per_layer.items())
-    if distinct < count:  # the sets are drawn independently (a valid Monte Carlo null), so they repeat
-        log.warning("only %d distinct random head sets exist in these layers; the %d random controls repeat them, "
-                    "and the effects' null distribution has at most %d values", distinct, count, distinct)
+    if distinct <= count:
+        log.warning("only %d distinct random head sets exist in these layers: each is used once instead of %d "
+                    "random draws (an exact test; the smallest possible p is 1/%d)", distinct, count, distinct + 1)
+        per_layer_sets = [[[(layer, h) for h in heads] for heads in itertools.combinations(pools[layer], k)]
+                          for layer, k in sorted(per_layer.items())]
+        return [sorted(head for part in combination for head in part)
+                for combination in itertools.product(*per_layer_sets)]
     rng = np.random.default_rng(seed)
     return [sorted((layer, int(h)) for layer, k in per_layer.items()
                    for h in rng.choice(pools[layer], k, replace=False)) for _ in range(count)]
@@ -324,14 +333,14 @@ def summarize(base: np.ndarray, ablated: np.ndarray, seed: int) -> dict:
     out = {}
     for name in METRICS:
         delta = after[name] - before[name]  # [S, N]
-        effect, controls = float(delta[0].mean()), delta[1:].mean(-1)
+        effect, random_effects = float(delta[0].mean()), delta[1:].mean(-1)
         ci_lo, ci_hi = bootstrap_ci(delta[0], seed=seed)
-        p_drop = (1 + int((controls <= effect).sum())) / (1 + n_random)
-        p_rise = (1 + int((controls >= effect).sum())) / (1 + n_random)
+        p_drop = (1 + int((random_effects <= effect).sum())) / (1 + n_random)
+        p_rise = (1 + int((random_effects >= effect).sum())) / (1 + n_random)
         out[name] = {"unablated": float(before[name].mean()), "ablated": float(after[name][0].mean()),
-                     "effect": effect, "ci_lo": ci_lo, "ci_hi": ci_hi, "random_effects": controls.tolist(),
-                     "random_mean": float(controls.mean()),
-                     "random_std": float(controls.std(ddof=1)) if n_random > 1 else None,
+                     "effect": effect, "ci_lo": ci_lo, "ci_hi": ci_hi,
+                     "random_effects": random_effects.tolist(), "random_mean": float(random_effects.mean()),
+                     "random_std": float(random_effects.std(ddof=1)) if n_random > 1 else None,
                      "p_drop": p_drop, "p_rise": p_rise, "p_two_sided": min(1.0, 2 * min(p_drop, p_rise))}
     return out
 
@@ -383,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         "\nWrites ablation_pairs.jsonl (per pair, as it finishes: the resume log), identity.json, ablation.csv, "
         "summary.json, figures/effect_vs_random.png and run.json into the out-dir.")
     add_model_args(parser, None, feed_size="the stats dir's, else the family's")
+    controls.add_control_args(parser)
     parser.add_argument("--stats-dir", type=Path, required=True,
                         help="the out-dir of head_attention_stats.py for this corner (head_diff_stats_{corner})")
     parser.add_argument("--analysis-dir", type=Path, default=None,
@@ -415,18 +425,34 @@ def main(argv=None) -> None:
         raise OptionError("--layers does not apply here: --heads names the layers")
     options = ModelOptions.from_args(args.model, args)
     check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs)
-    stats = load_corner_run(args.stats_dir)
-    check_stats_model(stats, options)
-    chosen = parse_heads(args.heads, stats, args.analysis_dir or args.stats_dir.parent / "count_shared_unique")
-    check_heads_in_stats_model(chosen, args.heads, stats)
     dataset = read_dataset(args.dataset, args.max_pairs)
+    check_images(dataset.pairs)
+    out = args.out_dir or Path(f"ablation_{dataset.corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}")
+    seeds = controls.init_seeds(args)
+    if seeds is None:
+        jobs = [(options, args.stats_dir, args.analysis_dir, out)]
+    else:  # each initialisation ablates the heads its own stats and analysis found
+        jobs = [(replace(options, random_init_seed=seed), controls.counterpart(args.stats_dir, seed, "--stats-dir"),
+                 args.analysis_dir and controls.counterpart(args.analysis_dir, seed, "--analysis-dir"),
+                 controls.seed_folder(out, seed)) for seed in seeds]
+    is_main = [_ablate(args, dataset, *job) for job in jobs][-1]
+    if is_main:
+        controls.write_comparison(out, ITEM_METRICS, seed=options.seed)
+
+
+def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path, analysis_dir: Path | None,
+            out: Path) -> bool:
+    """The ablation with one model (the checkpoint, or one initialisation of the control) into ``out``;
+    returns whether this is the main process."""
+    stats = load_corner_run(stats_dir)
+    check_stats_model(stats, options)
+    chosen = parse_heads(args.heads, stats, analysis_dir or stats_dir.parent / "count_shared_unique")
+    check_heads_in_stats_model(chosen, args.heads, stats)
     pairs, corner = dataset.pairs, dataset.corner
     if corner != stats.corner:
         log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, stats.corner)
-    check_images(pairs)
     prompt = ablation_prompt(args.prompt, stats, corner)
-    out = check_output_dir(args.out_dir or Path(f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}"),
-                           "--out-dir")
+    out = check_output_dir(out, "--out-dir")
     options = replace(options, feed_size=options.feed_size or stats_feed_size(stats))
     head_sets = [chosen] + random_head_sets(chosen, int(stats.meta["H"]), args.random_controls, options.seed)
     # the pairs used too: the summary covers them, and in mean mode the means are taken over them
@@ -439,11 +465,11 @@ def main(argv=None) -> None:
     share.main_checks(lambda: open_results(results, {**options.identity(), **settings}))
     if finished(out, results, pairs):
         log.info("%s already holds this ablation, finished with the same settings; delete it to redo it", out)
-        return
+        return share.is_main
     run = load_run(options, share, vars(args), out=out, data=args.dataset)
     adapter = run.adapter
     if stats.full.shape[1] != adapter.num_heads:
-        raise DataError(f"{args.stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
+        raise DataError(f"{stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
                         f"{adapter.num_heads}; the stats dir comes from another model")
     check_heads(chosen, args.heads, adapter.num_layers, adapter.num_heads)
     log.info("%s: ablating %s (%s, mode %s) on %d pairs, %d random controls", corner,
@@ -464,9 +490,10 @@ def main(argv=None) -> None:
         return [{"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
                 for i, pair in enumerate(chunk)]
 
-    records = resumable_map(share, results, pairs, ablate, identity, batch_size=run.batch_size, desc=f"ablation ({len(hooks)} head sets)", unit="pair")
+    records = resumable_map(share, results, pairs, ablate, identity, batch_size=run.batch_size,
+                            desc=f"ablation ({len(hooks)} head sets)", unit="pair")
     if not share.is_main:
-        return
+        return False
     base = np.array([r["log_odds"] for r in records])  # [N, 2]
     ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
     metrics = write_outputs(out, adapter, pairs, corner, prompt, args.heads, args.mode, options.seed, head_sets,
@@ -476,6 +503,22 @@ def main(argv=None) -> None:
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "
              "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
+    return True
+
+
+def _pair_effects(record: dict) -> dict[str, float]:
+    """Per pair: the chosen heads' change of the log-odds (full, control images) and its excess over the
+    random head sets' mean change."""
+    base = np.asarray(record["log_odds"], np.float64)  # [2]: full, control
+    ablated = np.asarray(record["ablated_log_odds"], np.float64)  # [sets, 2]; set 0: the chosen heads
+    effect = ablated - base
+    random_mean = effect[1:].mean(0) if len(effect) > 1 else np.full(2, np.nan)
+    return {"log_odds_full": base[0], "log_odds_control": base[1],
+            "effect_log_odds_full": effect[0, 0], "effect_log_odds_control": effect[0, 1],
+            "effect_minus_random_log_odds_full": effect[0, 0] - random_mean[0]}
+
+
+ITEM_METRICS = controls.ItemMetrics(PAIRS_FILE, lambda record: record["id"], _pair_effects)
 
 
 def finished(out: Path, results: Results, pairs: list[Pair]) -> bool:
@@ -516,6 +559,14 @@ def check_stats_model(run: CornerRun, options: ModelOptions) -> None:
     if path is not None and checkpoint_name(path) != checkpoint_name(wanted):
         raise OptionError(f"--stats-dir {run.folder}: scored with --model-path {path!r}, not {wanted!r}; ablate "
                           f"in that checkpoint (--model-path {path}), or score this one first")
+    try:  # a random-weights control's heads belong to its initialisation only
+        scored_seed = json.loads((run.folder / IDENTITY_FILE).read_text()).get(INIT_SEED_KEY)
+    except (OSError, ValueError, AttributeError):
+        scored_seed = None
+    if scored_seed != options.random_init_seed:
+        said = lambda seed: "the model's own weights" if seed is None else f"random initialisation {seed}"  # noqa: E731
+        raise OptionError(f"--stats-dir {run.folder}: scored with {said(scored_seed)}, not "
+                          f"{said(options.random_init_seed)}; give the stats dir of the same weights")
 
 
 def check_images(pairs: list[Pair]) -> None:

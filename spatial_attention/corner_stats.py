@@ -42,6 +42,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from spatial_attention import controls
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
 from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
 from spatial_attention.counterfactual import (CORNER_PROMPT, CORNERS, CornerDataset, Pair, fill_corner_prompt,
@@ -96,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "run.json into the out-dir; pairs_scores.jsonl keeps every scored pair, so that rerunning "
                     "the same command resumes.")
     add_model_args(parser, None, feed_size="the family's")
+    controls.add_control_args(parser)
     parser.add_argument("--dataset", nargs="+", required=True,  # str, not Path: run.json records the list
                         help="corner data set folder(s) data/dataset_{corner}; with several, the model is loaded "
                              "once and each gets OUT/head_diff_stats_{corner}")
@@ -124,8 +126,23 @@ def main(argv=None) -> None:
     options = ModelOptions.from_args(args.model, args)
     scoring = check_scoring(args)
     datasets = read_datasets(args.dataset, args.max_pairs)
-    outs = output_folders(args.out_dir, list(datasets))
-    options, share = join_processes(options)
+    root = output_root(args.out_dir, list(datasets))
+    planned = [(run_options, output_folders(folder, list(datasets)))
+               for run_options, folder in controls.runs(options, root, args)]  # every folder checked before a load
+    share = None
+    for run_options, outs in planned:
+        run_options, share = join_processes(run_options)
+        _score(args, run_options, share, scoring, datasets, outs)
+    if share.is_main:
+        for corner, out in output_folders(root, list(datasets)).items():
+            folders = [output_folders(seed_root, list(datasets))[corner]
+                       for seed_root in controls.control_seed_folders(root)]
+            controls.write_comparison(out, ITEM_METRICS, seed=options.seed, seed_folders=folders)
+
+
+def _score(args, options: ModelOptions, share, scoring: Scoring, datasets: dict[str, CornerDataset],
+           outs: dict[str, Path]) -> None:
+    """Experiment 3 with one model (the checkpoint, or one initialisation of the control) into ``outs``."""
     results = {corner: pair_results(out) for corner, out in outs.items()}
 
     def check_folders(model: dict, check) -> None:
@@ -142,6 +159,17 @@ def main(argv=None) -> None:
                                             check_identity(results.path, identity, results.option)))
     for corner, dataset in datasets.items():
         score_dataset(run, scoring, dataset, results[corner], max_pairs=args.max_pairs)
+
+
+def _pair_metrics(record: dict) -> dict[str, float]:
+    """Per pair: whether each image was answered yes, and the heads' full-minus-control scores (mean, max)."""
+    diff = np.asarray(record["full"], np.float64) - np.asarray(record["control"], np.float64)
+    return {"full_answer_yes": float(_share_yes([record["full_answer"]])),
+            "control_answer_yes": float(_share_yes([record["control_answer"]])),
+            "head_score_diff_mean": float(diff.mean()), "head_score_diff_max": float(diff.max())}
+
+
+ITEM_METRICS = controls.ItemMetrics(PAIRS_FILE, lambda record: record["id"], _pair_metrics)
 
 
 def check_scoring(args) -> Scoring:
@@ -172,11 +200,18 @@ def read_datasets(folders: list[str], max_pairs: int | None) -> dict[str, Corner
     return datasets
 
 
-def output_folders(out_dir: Path | None, corners: list[str]) -> dict[str, Path]:
-    """corner -> its out-dir (``out_dir`` itself for one data set), each checked writable before the model loads."""
+def output_root(out_dir: Path | None, corners: list[str]) -> Path:
+    """The folder --out-dir names: one data set's out-dir, or the parent of one per corner."""
+    if out_dir is not None:
+        return out_dir
+    return Path(f"head_diff_stats_{corners[0]}") if len(corners) == 1 else Path(".")
+
+
+def output_folders(root: Path, corners: list[str]) -> dict[str, Path]:
+    """corner -> its out-dir (``root`` itself for one data set), each checked writable before the model loads."""
     if len(corners) == 1:
-        return {corners[0]: check_output_dir(out_dir or Path(f"head_diff_stats_{corners[0]}"), "--out-dir")}
-    parent = check_output_dir(out_dir or Path("."), "--out-dir")
+        return {corners[0]: check_output_dir(root, "--out-dir")}
+    parent = check_output_dir(root, "--out-dir")
     return {corner: check_output_dir(parent / f"head_diff_stats_{corner}", "--out-dir") for corner in corners}
 
 

@@ -244,8 +244,9 @@ def _draw(entities: Sequence[dict], image_size: int, background: tuple[int, int,
     return pixels
 
 
-def _random_world(rng: np.random.Generator, image_size: int) -> tuple[str, dict, bytes]:
-    """(caption, world_model element, PNG bytes) of one two-shape world."""
+def random_scene(rng: np.random.Generator, image_size: int) -> tuple[dict, dict, str, list[dict]]:
+    """One two-shape world's entities: (first-mentioned, second, relation from the first to the second,
+    both in list order); centres and boxes are fractions of the image side."""
     relation = RELATIONS[rng.integers(len(RELATIONS))]
     while True:
         first_shape, second_shape = (SHAPES[k] for k in rng.choice(len(SHAPES), size=2, replace=False))
@@ -253,11 +254,22 @@ def _random_world(rng: np.random.Generator, image_size: int) -> tuple[str, dict,
         if _place(subject, obj, relation, 2.0 / image_size, rng):
             break
     ordered = [obj, subject] if rng.random() < 0.5 else [subject, obj]  # list order is not caption order
+    return subject, obj, relation, ordered
+
+
+def draw_scene(entities: Sequence[dict], image_size: int) -> np.ndarray:
+    """A ShapeWorld picture of ``entities`` (black background), (size, size, 3) uint8."""
+    return _draw(entities, image_size, (0, 0, 0))
+
+
+def _random_world(rng: np.random.Generator, image_size: int) -> tuple[str, dict, bytes]:
+    """(caption, world_model element, PNG bytes) of one two-shape world."""
+    subject, obj, relation, ordered = random_scene(rng, image_size)
     caption = format_caption(subject["color"], subject["shape"], obj["color"], obj["shape"], relation)
     model = {"color": {"name": "black", "rgb": [0.0, 0.0, 0.0], "shade": 0.0},
              "entities": [_entity_json(e, k) for k, e in enumerate(ordered)],
              "meta": {}, "size": image_size}
-    return caption, model, _png_bytes(_draw(ordered, image_size, (0, 0, 0)))
+    return caption, model, _png_bytes(draw_scene(ordered, image_size))
 
 
 def generate_shapeworld(out: Path, shards: int = 5, worlds_per_shard: int = 100, seed: int = 0,
@@ -293,6 +305,36 @@ def _pixel_box(shape: str, half_size: tuple[float, float], center: tuple[float, 
             math.ceil(x2 * image_size), math.ceil(y2 * image_size)]
 
 
+def corner_pair(rng: np.random.Generator, corner: str, image_size: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """One counterfactual pair: the subject in ``corner``'s cell of a 3x3 grid, the object in the opposite
+    corner's cell. Returns (caption, relation, shapes, colours and pixel boxes as metadata.jsonl writes them;
+    the full picture; the control picture, the same without the subject)."""
+    margin = image_size / 16
+    cell = (image_size - 2 * margin) / 3
+    row, col = (0 if corner.startswith("top") else 2), (0 if corner.endswith("left") else 2)
+    cells = {"subject": (row, col), "object": (2 - row, 2 - col)}
+    shapes = [SHAPES[k] for k in rng.choice(len(SHAPES), size=2, replace=False)]
+    entities = {}
+    for role, shape in zip(("subject", "object"), shapes):
+        r, c = cells[role]
+        size = sample_half_size(shape, rng, (0.3 * cell / image_size, 0.42 * cell / image_size))
+        center = ((margin + (c + 0.5) * cell) / image_size, (margin + (r + 0.5) * cell) / image_size)
+        entities[role] = {"shape": shape, "size": size, "rotation": 0.0, "center": center, "shade": 0.0,
+                          "color": list(COLORS)[rng.integers(len(COLORS))]}
+    subject, obj = entities["subject"], entities["object"]
+    words = CORNER_WORDS[corner].replace("top", "upper").replace("bottom", "lower")
+    record = {
+        "caption": f"a {subject['color']} {subject['shape']} is to the {words} of a {obj['color']} {obj['shape']}",
+        "relation": RELATION_OF_CORNER[corner],
+        "subject_shape": subject["shape"], "object_shape": obj["shape"],
+        "subject_color": subject["color"], "object_color": obj["color"],
+        "bounding_boxes": {role: _pixel_box(e["shape"], e["size"], e["center"], image_size)
+                           for role, e in entities.items()},
+    }
+    return (record, _draw([obj, subject], image_size, BACKGROUND_LIGHT),
+            _draw([obj], image_size, BACKGROUND_LIGHT))
+
+
 def generate_counterfactual(out: Path, count: int = 100, image_size: int = 64, seed: int = 7,
                             corners: Sequence[str] = CORNERS) -> list[Path]:
     """Write ``out/dataset_{corner}/`` for each corner: ``count`` pairs of a full
@@ -305,43 +347,23 @@ def generate_counterfactual(out: Path, count: int = 100, image_size: int = 64, s
     if unknown or not corners:
         raise OptionError(f"--corners {','.join(corners)!r}: choose from {', '.join(CORNERS)}")
     _check_corners_not_generated(Path(out), corners)
-    margin = image_size / 16
-    cell = (image_size - 2 * margin) / 3
     folders = []
     for corner in corners:
         rng = np.random.default_rng([seed, CORNERS.index(corner)])
         folder = Path(out) / f"dataset_{corner}"
-        row, col = (0 if corner.startswith("top") else 2), (0 if corner.endswith("left") else 2)
-        cells = {"subject": (row, col), "object": (2 - row, 2 - col)}
         lines = []
         for index in range(count):
-            shapes = [SHAPES[k] for k in rng.choice(len(SHAPES), size=2, replace=False)]
-            entities = {}
-            for role, shape in zip(("subject", "object"), shapes):
-                r, c = cells[role]
-                size = sample_half_size(shape, rng, (0.3 * cell / image_size, 0.42 * cell / image_size))
-                center = ((margin + (c + 0.5) * cell) / image_size, (margin + (r + 0.5) * cell) / image_size)
-                entities[role] = {"shape": shape, "size": size, "rotation": 0.0, "center": center, "shade": 0.0,
-                                  "color": list(COLORS)[rng.integers(len(COLORS))]}
-            subject, obj = entities["subject"], entities["object"]
+            record, full_pixels, control_pixels = corner_pair(rng, corner, image_size)
             name = f"pair_{index:05d}"
             full, control = f"images/{name}_full.png", f"images/{name}_control.png"
-            write_atomic(folder / full, _png_bytes(_draw([obj, subject], image_size, BACKGROUND_LIGHT)))
-            write_atomic(folder / control, _png_bytes(_draw([obj], image_size, BACKGROUND_LIGHT)))
-            words = CORNER_WORDS[corner].replace("top", "upper").replace("bottom", "lower")
-            lines.append(json.dumps({
-                "id": index,
-                "caption": f"a {subject['color']} {subject['shape']} is to the {words} of "
-                           f"a {obj['color']} {obj['shape']}",
-                "relation": RELATION_OF_CORNER[corner],
-                "subject_shape": subject["shape"], "object_shape": obj["shape"],
-                "subject_color": subject["color"], "object_color": obj["color"],
-                "full_image": full, "control_image": control,
-                "bounding_boxes": {role: _pixel_box(e["shape"], e["size"], e["center"], image_size)
-                                   for role, e in entities.items()},
-                "note": "control = full image with the subject removed; the object is pixel-identical",
-                "corner": corner, "image_size": image_size, "seed": seed,
-            }))
+            write_atomic(folder / full, _png_bytes(full_pixels))
+            write_atomic(folder / control, _png_bytes(control_pixels))
+            boxes = record.pop("bounding_boxes")  # written after the image names, as before
+            lines.append(json.dumps({"id": index, **record, "full_image": full, "control_image": control,
+                                     "bounding_boxes": boxes,
+                                     "note": "control = full image with the subject removed; the object is "
+                                             "pixel-identical",
+                                     "corner": corner, "image_size": image_size, "seed": seed}))
         write_atomic(folder / "metadata.jsonl", "".join(line + "\n" for line in lines))
         log.info("wrote %s (%d pairs)", folder, count)
         folders.append(folder)

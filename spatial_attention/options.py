@@ -108,6 +108,9 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+INIT_SEED_KEY = "initialisation seed"  # the identity's record of a random-weights control's weights
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """The model options of one command (``cli.add_model_args``), checked, with the family's defaults
@@ -122,6 +125,7 @@ class ModelOptions:
     seed: int
     layers: str | None
     feed_size: int | None
+    random_init_seed: int | None = None  # the random-weights control: weights drawn with this seed (controls.py)
 
     @classmethod
     def from_args(cls, family: str, args) -> "ModelOptions":
@@ -139,7 +143,7 @@ class ModelOptions:
         if feed_size is not None:
             adapter.check_feed_size(feed_size)  # the family's own rule first: it says what would work
             check_at_least(1, feed_size=feed_size)
-        model_path = args.model_path or adapter.default_model_path
+        model_path = adapter.resolve_model_path(args.model_path)
         if model_path.startswith(("/", "./", "../")) and not Path(model_path).exists():
             raise OptionError(f"--model-path {model_path}: no such folder (a hub id has the form owner/name); "
                               "give a downloaded checkpoint folder, a hub id, or tiny-random")
@@ -154,7 +158,8 @@ class ModelOptions:
         from models.base import pick_device_and_dtype
 
         adapter = family_adapter(self.family)
-        feed = (self.feed_size or adapter.default_feed_size) if adapter.default_feed_size else None  # else fixed
+        default_feed = adapter.checkpoint_feed_size(self.model_path)
+        feed = (self.feed_size or default_feed) if default_feed else None  # else fixed by the family
         identity = {"--model": self.family, "--model-path": checkpoint_name(self.model_path),
                     "--revision": self.revision,
                     "--dtype": dtype_name(pick_device_and_dtype(self.device, self.dtype)[1]),
@@ -164,4 +169,7 @@ class ModelOptions:
             identity["--layers"] = [layer + 1 for layer in listed]
         if self.model_path == TINY_RANDOM:  # its weights are drawn with the seed
             identity["--seed"] = self.seed
+        if self.random_init_seed is not None:
+            identity["--control"] = "random-weights"
+            identity[INIT_SEED_KEY] = self.random_init_seed
         return identity

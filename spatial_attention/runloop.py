@@ -348,7 +348,8 @@ def load_run(options: ModelOptions, share: ProcessShare, settings: dict, out: Pa
     from models import load_adapter
 
     adapter = load_adapter(options.family, options.model_path, device=options.device, dtype=options.dtype,
-                           device_map=options.device_map, revision=options.revision, seed=options.seed)
+                           device_map=options.device_map, revision=options.revision, seed=options.seed,
+                           random_init_seed=options.random_init_seed)
     if options.feed_size:
         adapter.set_feed_size(options.feed_size)
     layers = layer_indices(options.layers or default_layers or adapter.paper_layers, adapter.num_layers)

@@ -380,7 +380,7 @@ def _read_agreements(path: Path) -> list[float]:
     return values
 
 
-def _read_shard(shard_dir: Path, agreement_only: bool) -> tuple[list[str], list[float], list]:
+def read_shard(shard_dir: Path, agreement_only: bool) -> tuple[list[str], list[float], list]:
     """(captions, agreements, world_model elements) of one shard, checked to have equal counts."""
     captions = _read_lines(shard_dir / "caption.txt")
     worlds = _read_world_model(shard_dir / "world_model.json")
@@ -458,7 +458,7 @@ def iter_worlds(root: Path, shards: Sequence[int] | None = None, agreement_only:
     stats = stats if stats is not None else ReadStats()
     for shard in shards:
         shard_dir = root / f"shard{shard}"
-        captions, agreements, worlds = _read_shard(shard_dir, agreement_only)
+        captions, agreements, worlds = read_shard(shard_dir, agreement_only)
         stats.shards.append(shard)
         for index, (caption_text, agreement, world_json) in enumerate(zip(captions, agreements, worlds)):
             stats.worlds += 1

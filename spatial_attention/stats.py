@@ -49,6 +49,32 @@ def bootstrap_ci(x: Iterable[float | None] | np.ndarray, n_boot: int = 2000, alp
     return float(lo), float(hi)
 
 
+def hierarchical_bootstrap_ci(values: np.ndarray, n_boot: int = 2000, alpha: float = 0.05,
+                              seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile bootstrap (1 - alpha) interval of the mean of ``values`` [groups, items] (NaN: missing),
+    resampling the groups (e.g. random initialisations) with replacement, then the items (worlds, pairs)
+    with replacement: an interval that covers the spread between groups as well as between items. With one
+    group it is the items' bootstrap. (None, None) when fewer than 2 finite values."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2:
+        raise ValueError(f"hierarchical_bootstrap_ci: values must be [groups, items], got shape {values.shape}")
+    finite = np.isfinite(values)
+    if finite.sum() < 2:
+        return None, None
+    groups, items = values.shape
+    filled, counts = np.where(finite, values, 0.0), finite.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for b in range(n_boot):
+        g = rng.integers(0, groups, size=groups) if groups > 1 else np.zeros(1, dtype=np.int64)
+        i = rng.integers(0, items, size=items)
+        total, count = filled[np.ix_(g, i)].sum(), counts[np.ix_(g, i)].sum()
+        means[b] = total / count if count else np.nan
+    means = means[np.isfinite(means)]
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
 def signflip_is_exact(n: int, n_perm: int) -> bool:
     """Whether the sign-flip test of n pairs enumerates all 2**n sign vectors (2**n <= n_perm)."""
     return n < 63 and 2 ** n <= n_perm

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from spatial_attention import controls
 from spatial_attention.capture import CaptureRequest, capture
 from spatial_attention.cli import HelpFormatter, add_model_args, add_shapeworld_args, user_errors_exit
 from spatial_attention.errors import DataError
@@ -52,6 +53,7 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     add_model_args(parser, family)
     add_shapeworld_args(parser)
     parser.add_argument("--out", type=Path, default=Path(f"results/text_only/{family}"), help="output folder")
+    controls.add_control_args(parser)
     return parser
 
 
@@ -61,8 +63,18 @@ def main(family: str, argv=None) -> None:
     setup_logging(args.verbose)
     started = time.time()
     options, share, data, shards = prepare_run(family, args)
+    planned = controls.runs(options, args.out, args)
     captions, skipped, stats = _select_captions(data, shards, args.limit)
-    results = world_results(args.out / "pairs.jsonl", lacks_keys(*CSV_COLUMNS, "layers"),
+    for run_options, out in planned:
+        _analyse(family, args, run_options, share, data, out, captions, skipped, stats, started)
+    if share.is_main:
+        controls.write_comparison(args.out, ITEM_METRICS, seed=options.seed)
+
+
+def _analyse(family: str, args, options, share, data: Path, out: Path, captions: list, skipped: Counter,
+             stats: ReadStats, started: float) -> None:
+    """Experiment 2 with one model (the checkpoint, or one initialisation of the control) into ``out``."""
+    results = world_results(out / "pairs.jsonl", lacks_keys(*CSV_COLUMNS, "layers"),
                             lambda item, record: record.get("sent1") == item.caption.text)  # all a pair depends on
     run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve())}, vars(args), captions,
                              data, DEFAULT_LAYERS)
@@ -73,6 +85,12 @@ def main(family: str, argv=None) -> None:
     failed = sum(map(Counter, share.gather([dict(failed)])), Counter())  # every process's skipped pairs
     if share.is_main:
         _finish(run, sorted(records, key=results.record_key), stats, skipped, failed, started)
+
+
+ITEM_METRICS = controls.ItemMetrics(
+    "pairs.jsonl", lambda record: (record["shard"], record["index"]),
+    lambda record: {"asym_s1": record["asym_s1"], "asym_s2": record["asym_s2"],
+                    "symmetry_score": record["symmetry_score"], "abs_symmetry_score": abs(record["symmetry_score"])})
 
 
 class CaptionItem(NamedTuple):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spatial_attention import metrics as M
+from spatial_attention import controls, metrics as M
 from spatial_attention.capture import CaptureRequest, capture
 from spatial_attention.cli import HelpFormatter, add_model_args, add_shapeworld_args, user_errors_exit
 from spatial_attention.errors import DataError, OptionError
@@ -46,6 +46,7 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     add_shapeworld_args(parser)
     parser.add_argument("--out", type=Path, default=Path(f"results/vlm_atten_analysis/{family}"),
                         help="output folder")
+    controls.add_control_args(parser)
     parser.add_argument("--relations", default=",".join(RELATIONS),
                         help="comma-separated relations to analyse (left, right, above, below)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the patch-shuffled baseline")
@@ -67,14 +68,24 @@ def main(family: str, argv=None) -> None:
     relations = parse_relations(args.relations)
     check_at_least(0, plot_samples=args.plot_samples)
     options, share, data, shards = prepare_run(family, args)
+    planned = controls.runs(options, args.out, args)
     worlds, skipped = _select_worlds(data, shards, relations, args.limit)
-    results = world_results(args.out / "samples.jsonl", lacks_keys(*RECORD_KEYS), same_world)
+    for run_options, out in planned:
+        _analyse(family, args, run_options, share, data, out, worlds, skipped, started)
+    if share.is_main:
+        controls.write_comparison(args.out, ITEM_METRICS, seed=options.seed)
+
+
+def _analyse(family: str, args, options, share, data: Path, out: Path, worlds: list[World], skipped: Counter,
+             started: float) -> None:
+    """Experiment 1 with one model (the checkpoint, or one initialisation of the control) into ``out``."""
+    results = world_results(out / "samples.jsonl", lacks_keys(*RECORD_KEYS), same_world)
     run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
                                                        "--no-baseline": args.no_baseline}, vars(args), worlds, data)
     plotted = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
     if share.is_main:
         done = {results.record_key(record) for record in results.read()}
-        _warn_missing_extras(args.out, worlds, done, plotted, args.save_maps)
+        _warn_missing_extras(out, worlds, done, plotted, args.save_maps)
     analysis = WorldAnalysis(run, seed=options.seed, baseline=not args.no_baseline, plotted=plotted,
                              save_maps=args.save_maps, verify=args.verify_attention)
     records = resumable_map(share, results, worlds, analysis, identity, batch_size=run.batch_size,
@@ -82,6 +93,22 @@ def main(family: str, argv=None) -> None:
     failed = sum(map(Counter, share.gather([dict(analysis.failed)])), Counter())  # every process's skipped images
     if share.is_main:
         _finish(run, records, len(worlds), skipped, failed, started)
+
+
+def _world_metrics(record: dict) -> dict[str, float | None]:
+    """A record's real values by "map/metric", and "map/metric real-shuffled" where there is a baseline."""
+    real, shuffled = (record.get("metrics") or {}).get("real") or {}, (record.get("metrics") or {}).get("shuffled")
+    values = {}
+    for map_name, metrics in real.items():
+        for metric, value in metrics.items():
+            values[f"{map_name}/{metric}"] = value
+            other = ((shuffled or {}).get(map_name) or {}).get(metric)
+            if value is not None and other is not None:
+                values[f"{map_name}/{metric} real-shuffled"] = value - other
+    return values
+
+
+ITEM_METRICS = controls.ItemMetrics("samples.jsonl", lambda record: (record["shard"], record["index"]), _world_metrics)
 
 
 def same_world(world: World, record: dict) -> bool:

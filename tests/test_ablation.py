@@ -249,19 +249,32 @@ def test_random_controls_same_layers_other_heads():
         assert not set(heads) & set(chosen)
     assert {h for heads in sets for layer, h in heads if layer == 1} == {1, 2, 3, 4, 6, 7}
     everything = random_head_sets([(0, 0), (0, 1)], num_heads=2, count=2, seed=0)  # no other heads: draw from all
-    assert everything == [[(0, 0), (0, 1)]] * 2
+    assert everything == [[(0, 0), (0, 1)]]  # the one set there is, once
 
 
-def test_few_distinct_random_sets_are_said(caplog):
-    """One chosen head among 4: 3 distinct sets; 20 controls repeat them (drawn independently), and a line says so."""
+def test_few_distinct_random_sets_are_all_used_once(caplog):
+    """One chosen head among 4: 3 distinct sets exist; instead of 20 draws that repeat them, each is used
+    once (an exact test), and a line says so. Two layers multiply their sets."""
     with caplog.at_level(logging.WARNING, logger="spatial_attention"):
         sets = random_head_sets([(3, 1)], num_heads=4, count=20, seed=0)
-    assert {tuple(heads) for heads in sets} <= {((3, 0),), ((3, 2),), ((3, 3),)}
-    assert "only 3 distinct random head sets exist" in caplog.text
+    assert sets == [[(3, 0)], [(3, 2)], [(3, 3)]]
+    assert "only 3 distinct random head sets exist" in caplog.text and "smallest possible p is 1/4" in caplog.text
+    two_layers = random_head_sets([(0, 0), (2, 1), (2, 2)], num_heads=5, count=50, seed=0)
+    assert len(two_layers) == 4 * 3 == len({tuple(s) for s in two_layers})  # 4 others x C(3, 2)
+    assert all(len(s) == 3 and sum(layer == 2 for layer, _ in s) == 2 for s in two_layers)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="spatial_attention"):
-        random_head_sets([(3, 1)], num_heads=28, count=20, seed=0)  # 27 sets: enough
+        assert len(random_head_sets([(3, 1)], num_heads=28, count=20, seed=0)) == 20  # 27 sets: drawn
     assert "distinct random head sets" not in caplog.text
+
+
+def test_p_drop_of_an_unremarkable_head_is_not_small_when_sets_are_few():
+    """The chosen head is the most harmful of its layer's 8 (one in 8 heads is, by chance): its p_drop must
+    be 1/8, not 1/(1 + random controls) as repeated draws from the 7 others would say."""
+    sets = random_head_sets([(0, 3)], num_heads=8, count=100, seed=0)
+    base = np.zeros((4, 2))
+    ablated = np.stack([np.full((4, 2), -1.0)] + [np.full((4, 2), -0.5 + 0.01 * i) for i in range(len(sets))])
+    assert summarize(base, ablated, seed=0)["log_odds_full"]["p_drop"] == pytest.approx(1 / 8)
 
 
 def test_effects_and_p_values():

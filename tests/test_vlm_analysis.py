@@ -228,3 +228,53 @@ def test_injected_attention_gives_the_hand_made_metrics_and_specificity(adapter,
     assert rows["subject_cross", "specificity_com"]["real_ci_lo"] > 0
     hand = np.mean([r["metrics"]["real"]["object_cross"]["specificity_soft_iou"] for r in records])
     assert rows["object_cross", "specificity_soft_iou"]["real_mean"] == pytest.approx(hand)
+
+
+def test_injected_image_self_attention_gives_the_seed_maps(adapter, tmp_path, monkeypatch):
+    """The language model's image block replaced by a known pattern: every image token in the subject's box
+    attends evenly to the subject's box, every other image token evenly to both boxes. The subject seed's map
+    is then its box (the seed cell removed, as seed_map defines), the object seed's map both boxes, and
+    their binding specificity is positive for the subject only."""
+    from spatial_attention import capture as capture_module
+    from spatial_attention import vlm_analysis as VA
+    from spatial_attention.shapeworld import World, iter_worlds
+
+    root = tmp_path / "sw"
+    generate_shapeworld(root, shards=1, worlds_per_shard=6, seed=12)
+    worlds = [w for w in iter_worlds(root) if isinstance(w, World)]
+    real_softmax = capture_module.softmax_in_place
+    current = []
+
+    def injected(scores):
+        length, image_positions, subject, both = current[0]
+        probs = real_softmax(scores)
+        if scores.shape[-1] == scores.shape[-2] == length:  # the language model's prefill
+            cells = np.arange(len(image_positions))
+            for rows, keys in ((cells[~subject], both), (cells[subject], subject)):
+                probs[..., image_positions[rows], :] = 0.0
+                probs[..., image_positions[rows][:, None], image_positions[np.flatnonzero(keys)]] = \
+                    1.0 / keys.sum()
+        return probs
+
+    monkeypatch.setattr(capture_module, "softmax_in_place", injected)
+    checked = 0
+    for world in worlds:
+        image = world.load_image()
+        layout = adapter.encode([world.caption.text], [image]).layouts[0]
+        regions = VA._regions(world, adapter.token_grid(adapter.prepare_image(image)))
+        subject, obj = regions["subject"].ravel(), regions["object"].ravel()
+        seeds = M.entity_seed(regions["subject"]), M.entity_seed(regions["object"])
+        if not subject[seeds[0]] or subject[seeds[1]] or (subject & obj).any():
+            continue  # keep the hand values simple: seeds inside their own box, boxes apart
+        current[:] = [(layout.length, layout.image_positions, subject, subject | obj)]
+        (record, maps), = VA.analyse_worlds(adapter, [(world, image)], list(range(adapter.num_layers)), seed=0,
+                                            baseline=False)
+        for seed, keys, name in ((seeds[0], subject, "subject_self_lm"), (seeds[1], subject | obj, "object_self_lm")):
+            expected = keys.astype(np.float64)
+            expected[seed] = 0.0
+            np.testing.assert_allclose(maps["real"][name].ravel(), expected / expected.sum(), atol=1e-6)
+        got = record["metrics"]["real"]
+        assert got["subject_self_lm"]["specificity_soft_iou"] > 0
+        assert got["subject_self_lm"]["specificity_com"] > 0
+        checked += 1
+    assert checked >= 2
