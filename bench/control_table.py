@@ -45,7 +45,8 @@ def experiment_1(out: Path) -> list[str]:
                 continue
             if metric == "iou":  # the paper's test: real vs patch-shuffled
                 name = f"exp 1 `{map_name}` top-k IoU, real minus shuffled (paper's test)"
-                toy = _ci(row["mean_diff"], row["ci_lo"], row["ci_hi"]) + f", p={row['p_value']:.2g}"
+                toy = _ci(row["mean_diff"], row["ci_lo"], row["ci_hi"])
+                toy += "" if row["p_value"] is None else f", p={row['p_value']:.2g}"
                 key = f"{map_name}/{metric} real-shuffled"
             else:
                 name = f"exp 1 `{map_name}` {metric}"
@@ -90,8 +91,8 @@ def experiment_3(out: Path) -> list[str]:
         return []
     lines = [f"| exp 3 significant heads per corner ({', '.join(CORNERS)}) | {toy} | "
              + "; ".join(str(_significant(s)) for s in seeds) + " |"]
-    for heads in ("unique", "shared"):
-        for corner in CORNERS:
+    for heads, corners in (("unique", CORNERS), ("shared", CORNERS), ("top4_mean", ("topleft",))):
+        for corner in corners:
             folder = out / f"ablation_{corner}_{heads}"
             lines.append(f"| ablation `{heads}` {corner}: log-odds change on full images, vs random sets of the "
                          f"same layers | {_ablation(folder)} | "
@@ -100,6 +101,8 @@ def experiment_3(out: Path) -> list[str]:
 
 
 def main() -> None:
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        sys.exit("usage: python bench/control_table.py OUT  (the folder bench/toy_controls.sh wrote)")
     out = Path(sys.argv[1])
     print("| instrument | toy | random-weights control |")
     print("| --- | --- | --- |")

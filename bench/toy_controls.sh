@@ -2,7 +2,7 @@
 # The README's Controls table for one family: every instrument on the committed toy (the positive control)
 # and on its random-weights control (the negative control), then the table rows.
 #
-#   bash bench/toy_controls.sh llava            # or qwen2; about 15 minutes on 2 CPU cores
+#   bash bench/toy_controls.sh llava            # or qwen2; 4 to 6 minutes on 2 CPU cores
 #
 # Settings (environment): OUT [results/toy_controls/$FAMILY]  WORLDS [200]  PAIRS [40]  SEEDS [3]
 #   RANDOM_CONTROLS [100]  BATCH_SIZE [16]
@@ -39,5 +39,13 @@ for extra in "" random-weights; do
   MODEL="$FAMILY" MODEL_PATH=toy COUNT="$PAIRS" DATA_DIR="$OUT/data" OUT_DIR="$OUT/corners" DEVICE=cpu DTYPE=fp32 \
     BATCH_SIZE="$BATCH_SIZE" ABLATE=1 RANDOM_CONTROLS="$RANDOM_CONTROLS" CONTROL="$extra" CONTROL_SEEDS="$SEEDS" \
     PYTHON="$PYTHON" bash "$HERE/run_corner_experiments.sh"
+done
+# beyond the sweep: the four heads whose attention changes most, mean-ablated, on the top-left corner
+for extra in "" control; do
+  args=("${model[@]}" --model "$FAMILY" --stats-dir "$OUT/corners/head_diff_stats_topleft" --heads top:4 --mode mean
+        --dataset "$OUT/data/dataset_topleft" --random-controls "$RANDOM_CONTROLS" --max-pairs "$PAIRS"
+        --out-dir "$OUT/corners/ablation_topleft_top4_mean")
+  [ -n "$extra" ] && args+=("${control[@]}")
+  "$PYTHON" "$HERE/head_ablation.py" "${args[@]}"
 done
 "$PYTHON" "$HERE/bench/control_table.py" "$OUT" | tee "$OUT/table.md"

@@ -31,7 +31,9 @@ log-odds are > 0. Metrics per pair: log_odds_full, log_odds_control, gap
 a metric's effect is its mean over the pairs of ablated minus unablated.
 
 Controls: ``--random-controls`` sets of as many heads, drawn (seeded) from the
-same layers, per layer as many as were chosen there, from the heads not chosen.
+same layers, per layer as many as were chosen there, from all of the layer's
+heads (the chosen set is one possible draw, as a valid null needs); where no
+more other sets exist than R, each is used once instead (an exact test).
 For each metric, the chosen heads' mean effect is placed in the distribution of
 the random sets' mean effects: p_drop = (1 + #{random <= chosen}) / (1 + R),
 p_rise = (1 + #{random >= chosen}) / (1 + R), two-sided = min(1, 2 min(p_drop,
@@ -172,31 +174,23 @@ def heads_json(heads: list[Head]) -> list[dict]:
 
 
 def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) -> list[list[Head]]:
-    """The null sets: per layer of ``chosen``, as many heads from that layer's other heads (from all of its
-    heads when too few others remain). ``count`` seeded random draws; or, where no more than ``count``
-    distinct sets exist, every one of them once, an exact test. (Drawing from a few sets that exclude the
-    chosen heads would make the p-value too small: with 7 other heads, chosen heads that are merely the
-    layer's most harmful one of 8 would get p = 1/(1 + count), not 1/8.)"""
+    """The null sets: per layer of ``chosen``, as many heads drawn from all of that layer's heads, so that the
+    chosen set is one possible draw (the p-value is then valid; drawing only from the other heads made it too
+    small). ``count`` seeded random draws; or, where no more than ``count`` other sets exist, every set but
+    the chosen one once: an exact test, p = (1 + sets at least as harmful) / (all sets)."""
     per_layer = Counter(layer for layer, _ in chosen)
-    pools = {}
-    for layer, k in sorted(per_layer.items()):
-        others = [h for h in range(num_heads) if (layer, h) not in chosen]
-        if len(others) < k:
-            log.warning("layer %d: only %d heads besides the %d chosen; random controls draw from all %d",
-                        layer + 1, len(others), k, num_heads)
-            others = list(range(num_heads))
-        pools[layer] = others
-    distinct = math.prod(math.comb(len(pools[layer]), k) for layer, k in per_layer.items())
-    if distinct <= count:
-        log.warning("only %d distinct random head sets exist in these layers: each is used once instead of %d "
-                    "random draws (an exact test; the smallest possible p is 1/%d)", distinct, count, distinct + 1)
-        per_layer_sets = [[[(layer, h) for h in heads] for heads in itertools.combinations(pools[layer], k)]
+    total = math.prod(math.comb(num_heads, k) for k in per_layer.values())
+    if total - 1 <= count:
+        log.warning("only %d other head sets exist in these layers: each is used once instead of %d random "
+                    "draws (an exact test; the smallest possible p is 1/%d)", total - 1, count, total)
+        per_layer_sets = [[[(layer, h) for h in heads] for heads in itertools.combinations(range(num_heads), k)]
                           for layer, k in sorted(per_layer.items())]
-        return [sorted(head for part in combination for head in part)
-                for combination in itertools.product(*per_layer_sets)]
+        every = [sorted(head for part in combination for head in part)
+                 for combination in itertools.product(*per_layer_sets)]
+        return [heads for heads in every if heads != sorted(chosen)]
     rng = np.random.default_rng(seed)
     return [sorted((layer, int(h)) for layer, k in per_layer.items()
-                   for h in rng.choice(pools[layer], k, replace=False)) for _ in range(count)]
+                   for h in rng.choice(num_heads, k, replace=False)) for _ in range(count)]
 
 
 # --- the hooks --------------------------------------------------------------------
@@ -433,7 +427,8 @@ def main(argv=None) -> None:
         jobs = [(options, args.stats_dir, args.analysis_dir, out)]
     else:  # each initialisation ablates the heads its own stats and analysis found
         jobs = [(replace(options, random_init_seed=seed), controls.counterpart(args.stats_dir, seed, "--stats-dir"),
-                 args.analysis_dir and controls.counterpart(args.analysis_dir, seed, "--analysis-dir"),
+                 controls.counterpart(args.analysis_dir, seed, "--analysis-dir")
+                 if args.analysis_dir and args.heads in ("shared", "unique") else None,
                  controls.seed_folder(out, seed)) for seed in seeds]
     is_main = [_ablate(args, dataset, *job) for job in jobs][-1]
     if is_main:
@@ -458,6 +453,7 @@ def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path
     # the pairs used too: the summary covers them, and in mean mode the means are taken over them
     settings = {**dataset.identity, "--max-pairs (pairs used)": len(pairs), "--prompt": prompt,
                 "--heads": list(map(head_name, chosen)), "--mode": args.mode, "--random-controls": args.random_controls,
+                "--random-controls (head sets)": [list(map(head_name, heads)) for heads in head_sets[1:]],
                 "--seed": options.seed}
     results = Results(out / PAIRS_FILE, item_key=lambda pair: pair.id, record_key=lambda record: record["id"],
                       check=lacks_keys("id", "log_odds", "ablated_log_odds"), option="--out-dir")

@@ -38,6 +38,7 @@ log = logging.getLogger("spatial_attention")
 RANDOM_WEIGHTS = "random-weights"
 CONTROL_FOLDER = "control_random_weights"
 INIT_SEED_BASE = 1000  # far from the small --seed values that draw tiny-random's own weights
+DEFAULT_SEEDS = 3
 COMPARISON_FILE = "control_comparison"
 COMPARISON_COLUMNS = ("metric", "n_items", "n_seeds", "control_mean", "control_ci_lo", "control_ci_hi",
                       "model_mean", "n_paired", "diff_mean", "diff_ci_lo", "diff_ci_hi")
@@ -49,17 +50,23 @@ def add_control_args(parser: argparse.ArgumentParser) -> None:
                        help="instead of the model, run K random initialisations of its architecture (its "
                             "config, processor and tokenizer; no weights are read) into "
                             f"OUT/{CONTROL_FOLDER}/init_seed_S/, then compare with the model's results in OUT")
-    group.add_argument("--control-seeds", type=int, default=3,
+    group.add_argument("--control-seeds", type=int, default=None,
                        help=f"with --control: how many initialisations (torch seeds {INIT_SEED_BASE}, "
-                            f"{INIT_SEED_BASE + 1}, ...)")
+                            f"{INIT_SEED_BASE + 1}, ...; default {DEFAULT_SEEDS}); the comparison pools every "
+                            f"initialisation folder it finds")
 
 
 def init_seeds(args) -> list[int] | None:
-    """The control's initialisation seeds, None without --control; OptionError for a bad count."""
+    """The control's initialisation seeds, None without --control; OptionError for a bad count, or a
+    count without --control (it would be ignored)."""
+    count = getattr(args, "control_seeds", None)
     if getattr(args, "control", None) is None:
+        if count is not None:
+            raise OptionError(f"--control-seeds {count}: only means something with --control {RANDOM_WEIGHTS}")
         return None
-    check_at_least(1, control_seeds=args.control_seeds)
-    return [INIT_SEED_BASE + k for k in range(args.control_seeds)]
+    count = DEFAULT_SEEDS if count is None else count
+    check_at_least(1, control_seeds=count)
+    return [INIT_SEED_BASE + k for k in range(count)]
 
 
 def seed_folder(out: Path, init_seed: int) -> Path:
@@ -105,7 +112,7 @@ def read_items(folder: Path, items: ItemMetrics) -> dict[str, dict[Hashable, flo
     path = Path(folder) / items.results_name
     if not path.is_file():
         return table
-    for record in read_jsonl(path):
+    for record in read_jsonl(path, repair=False):  # the run that owns the file may still be appending
         key = items.key(record)
         for metric, value in items.values(record).items():
             if value is not None and math.isfinite(value):
@@ -132,7 +139,7 @@ def compare(model: dict[str, dict], control: list[dict[str, dict]], seed: int = 
         if paired:
             diff = np.array([[mine[i] - t.get(i, np.nan) for i in paired] for t in tables])
             dlo, dhi = hierarchical_bootstrap_ci(diff, n_boot=n_boot, seed=seed)
-            row.update(model_mean=float(np.mean(list(mine.values()))), n_paired=len(paired),
+            row.update(model_mean=float(np.mean([mine[i] for i in paired])), n_paired=len(paired),
                        diff_mean=float(np.nanmean(diff)), diff_ci_lo=dlo, diff_ci_hi=dhi)
         rows.append(row)
     return rows

@@ -172,4 +172,6 @@ class ModelOptions:
         if self.random_init_seed is not None:
             identity["--control"] = "random-weights"
             identity[INIT_SEED_KEY] = self.random_init_seed
+            # weights are drawn where the model runs, and one seed draws other numbers on a GPU than on a CPU
+            identity["initialisation device"] = pick_device_and_dtype(self.device, self.dtype)[0].type
         return identity

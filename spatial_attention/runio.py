@@ -95,10 +95,11 @@ def lacks_keys(*keys: str) -> RecordCheck:
     return problem
 
 
-def read_jsonl(path: Path, check: RecordCheck | None = None) -> Iterator[dict]:
+def read_jsonl(path: Path, check: RecordCheck | None = None, repair: bool = True) -> Iterator[dict]:
     """Stream the complete lines of a JSONL file; a torn last line (a killed run) is cut off
-    with a warning, so that it is redone. A line that is JSON but that ``check`` finds is no
-    result record is a DataError naming the line."""
+    with a warning, so that it is redone (``repair=False``: only skipped, for a reader that does
+    not own the file, which another run may be appending to). A line that is JSON but that
+    ``check`` finds is no result record is a DataError naming the line."""
     path = Path(path)
     if not path.exists():
         return
@@ -122,7 +123,7 @@ def read_jsonl(path: Path, check: RecordCheck | None = None) -> Iterator[dict]:
                                     f"line to redo its item, or use another output folder")
                 yield record
             offset += len(line)
-    if pending is not None:
+    if pending is not None and repair:
         log.warning("%s: dropping an incomplete last line (interrupted run); it will be redone", path)
         _truncate_to(path, pending)
 

@@ -62,6 +62,7 @@ def main(family: str, argv=None) -> None:
     args = build_parser(family).parse_args(argv)
     setup_logging(args.verbose)
     started = time.time()
+    controls.init_seeds(args)  # checked before prepare_run generates any data
     options, share, data, shards = prepare_run(family, args)
     planned = controls.runs(options, args.out, args)
     captions, skipped, stats = _select_captions(data, shards, args.limit)

@@ -67,6 +67,7 @@ def main(family: str, argv=None) -> None:
     started = time.time()
     relations = parse_relations(args.relations)
     check_at_least(0, plot_samples=args.plot_samples)
+    controls.init_seeds(args)  # checked before prepare_run generates any data
     options, share, data, shards = prepare_run(family, args)
     planned = controls.runs(options, args.out, args)
     worlds, skipped = _select_worlds(data, shards, relations, args.limit)

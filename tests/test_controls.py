@@ -73,8 +73,13 @@ def test_seed_options_and_counterparts(tmp_path):
     Args.control_seeds = 0
     with pytest.raises(OptionError, match="--control-seeds"):
         controls.init_seeds(Args)
+    Args.control_seeds = None
+    assert len(controls.init_seeds(Args)) == controls.DEFAULT_SEEDS
     Args.control = None
     assert controls.init_seeds(Args) is None
+    Args.control_seeds = 2
+    with pytest.raises(OptionError, match="--control-seeds 2: only means something with --control"):
+        controls.init_seeds(Args)  # would be silently ignored
     # a stats dir's counterpart: its own seed folder, or its sibling's (one folder per corner under a parent)
     own = controls.seed_folder(tmp_path / "stats", 1000)
     own.mkdir(parents=True)
