@@ -71,8 +71,8 @@ from spatial_attention.heads import top_cells
 from spatial_attention.options import INIT_SEED_KEY, ModelOptions, check_at_least, checkpoint_name
 from spatial_attention.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run, write_atomic,
                                      write_json)
-from spatial_attention.runloop import (IDENTITY_FILE, Results, check_identity, join_processes, load_run, open_results,
-                                       resumable_map)
+from spatial_attention.runloop import (Results, check_identity, join_processes, load_run, open_results,
+                                       recorded_identity, resumable_map)
 from spatial_attention.shapeworld import load_rgb
 from spatial_attention.stats import bootstrap_ci
 
@@ -555,10 +555,7 @@ def check_stats_model(run: CornerRun, options: ModelOptions) -> None:
     if path is not None and checkpoint_name(path) != checkpoint_name(wanted):
         raise OptionError(f"--stats-dir {run.folder}: scored with --model-path {path!r}, not {wanted!r}; ablate "
                           f"in that checkpoint (--model-path {path}), or score this one first")
-    try:  # a random-weights control's heads belong to its initialisation only
-        scored_seed = json.loads((run.folder / IDENTITY_FILE).read_text()).get(INIT_SEED_KEY)
-    except (OSError, ValueError, AttributeError):
-        scored_seed = None
+    scored_seed = (recorded_identity(run.folder) or {}).get(INIT_SEED_KEY)  # a control's heads are its seed's
     if scored_seed != options.random_init_seed:
         said = lambda seed: "the model's own weights" if seed is None else f"random initialisation {seed}"  # noqa: E731
         raise OptionError(f"--stats-dir {run.folder}: scored with {said(scored_seed)}, not "

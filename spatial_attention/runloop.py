@@ -139,7 +139,7 @@ def check_identity(records: Path, identity: dict, option: str) -> None:
     folder that holds another command's results (its run.json and summary would be written over)."""
     records = Path(records)
     folder = records.parent
-    recorded = _recorded_identity(folder)
+    recorded = recorded_identity(folder)
     check_free(folder, records.name, option)
     if not _has_records(records):
         return
@@ -162,7 +162,8 @@ def check_identity(records: Path, identity: dict, option: str) -> None:
                               f"to resume, or choose another {option}")
 
 
-def _recorded_identity(folder: Path) -> dict | None:
+def recorded_identity(folder: Path) -> dict | None:
+    """The identity.json of ``folder`` as a dict; None where it is missing or unreadable."""
     try:
         recorded = json.loads((folder / IDENTITY_FILE).read_text())
     except (OSError, ValueError):
@@ -173,7 +174,7 @@ def _recorded_identity(folder: Path) -> dict | None:
 def check_free(folder: Path, results_name: str, option: str) -> None:
     """OptionError when ``folder`` holds another command's results (its identity.json names a results file
     other than ``results_name``, with content): writing there would replace their run.json and summary."""
-    other = (_recorded_identity(folder) or {}).get(RESULTS_KEY)
+    other = (recorded_identity(folder) or {}).get(RESULTS_KEY)
     if other and other != results_name and _has_records(folder / other):
         raise OptionError(f"{option} {folder}: holds the results of another command ({other}); choose another "
                           f"{option}")

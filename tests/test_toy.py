@@ -88,12 +88,15 @@ def test_committed_toy_answers_the_corner_question(family, tmp_path, capsys):
     assert line["accuracy"] >= CORNER_FLOOR[family]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_committed_toy_is_evaluated_on_real_shapeworld(family, real_sample, capsys):
+@pytest.mark.parametrize("family, said_yes", [("llava", 13), ("qwen2", 0)])
+def test_committed_toy_is_evaluated_on_real_shapeworld(family, said_yes, real_sample, capsys):
+    """The model card's figure on the real sample (16 true captions): LLaVA's toy says yes to 13, Qwen2-VL's
+    to none (neither learned agreement); one answer either way is allowed for numerical noise."""
     _committed(family)
     toy.main(["--model", family, "--evaluate", str(real_sample)])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["task"] == "agreement" and line["n"] == 16 and 0.0 <= line["accuracy"] <= 1.0
+    assert line["task"] == "agreement" and line["n"] == 16
+    assert abs(line["accuracy"] * 16 - said_yes) <= 1
 
 
 def test_qwen2_toy_is_fed_at_its_own_size():
