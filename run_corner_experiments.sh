@@ -6,15 +6,19 @@
 #   COUNT [100]    pairs per corner        LAYERS [all]   all | 1,5,30 | mid_third | ...
 #   MAX_NEW_TOKENS [1]   TOPK [3]          PATCH_SIZE [empty: all image tokens; the blank control then
 #                                                     covers the corner quarter of the token grid]
+#   SCORE [attention]  attention (the paper's) | patching (the causal score: each head's answer-position
+#                      output swapped between the pair's images; head_attention_stats.py --help)
 #   DATA_DIR [data]      OUT_DIR [results/corners/$MODEL]
 #   BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]   DEVICE [auto]   DTYPE [auto]
-#   ABLATE [0]  1: then ablate each corner's unique head and the shared head (head_ablation.py)
+#   ABLATE [0]  1: then ablate each corner's heads named by ABLATE_HEADS (head_ablation.py)
+#   ABLATE_HEADS ["unique shared"]  head_ablation.py --heads values, space-separated (e.g. "unique top:4")
 #   ABLATE_MODE [zero]  zero | mean     RANDOM_CONTROLS [20]
+#   ABLATE_POSITIONS [all]  all (the paper's) | answer (only the answer position, where SCORE=patching measures)
 #   CONTROL [empty]  random-weights: run every step on CONTROL_SEEDS [3] random initialisations of the model's
 #                    architecture instead of the model (the negative control; README, Controls), into
 #                    $OUT_DIR/control_random_weights/init_seed_S/, laid out as $OUT_DIR; run the sweep once
 #                    without and once with it, in either order, for the model-minus-control comparison
-# With ABLATE=1 also: $OUT_DIR/ablation_{corner}_{unique|shared}/.
+# With ABLATE=1 also: $OUT_DIR/ablation_{corner}_{heads}/ per ABLATE_HEADS value (top:4 -> top-4).
 #   PYTHON [the checkout's .venv/bin/python when it exists, else python3]
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
@@ -36,6 +40,7 @@ LAYERS="${LAYERS:-all}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-1}"
 TOPK="${TOPK:-3}"
 PATCH_SIZE="${PATCH_SIZE:-}"
+SCORE="${SCORE:-attention}"
 DATA_DIR="${DATA_DIR:-data}"
 OUT_DIR="${OUT_DIR:-results/corners/$MODEL}"
 BATCH_SIZE="${BATCH_SIZE:-}"
@@ -43,6 +48,8 @@ DEVICE="${DEVICE:-auto}"
 DTYPE="${DTYPE:-auto}"
 ABLATE="${ABLATE:-0}"
 ABLATE_MODE="${ABLATE_MODE:-zero}"
+ABLATE_HEADS="${ABLATE_HEADS:-unique shared}"
+ABLATE_POSITIONS="${ABLATE_POSITIONS:-all}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-20}"
 CONTROL="${CONTROL:-}"
 CONTROL_SEEDS="${CONTROL_SEEDS:-3}"
@@ -50,10 +57,11 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
 CORNERS=(topleft topright bottomleft bottomright)
-# The model families (models.FAMILIES), the choices of head_ablation.py --mode and of --dtype
-# (spatial_attention/ablation.py build_parser and cli.add_model_args); tests/test_sweep_checks.py keeps these
-# lists equal to those.
+# The model families (models.FAMILIES), the choices of head_attention_stats.py --score, head_ablation.py --mode
+# and --dtype (spatial_attention/corner_stats.py, ablation.py build_parser and cli.add_model_args);
+# tests/test_sweep_checks.py keeps these lists equal to those.
 MODELS=(qwen2 llava)
+SCORES=(attention patching)
 ABLATE_MODES=(zero mean)
 DTYPES=(auto bf16 fp16 fp32)
 
@@ -73,6 +81,10 @@ check_positive() {  # NAME VALUE: a whole number of 1 or more
 check_choice MODEL "$MODEL" "${MODELS[@]}"
 check_choice ABLATE "$ABLATE" 0 1
 check_choice ABLATE_MODE "$ABLATE_MODE" "${ABLATE_MODES[@]}"
+check_choice SCORE "$SCORE" "${SCORES[@]}"
+check_choice ABLATE_POSITIONS "$ABLATE_POSITIONS" all answer
+read -r -a ablate_heads <<< "$ABLATE_HEADS"
+[ "$ABLATE" = 0 ] || [ ${#ablate_heads[@]} -gt 0 ] || fail "ABLATE_HEADS is empty: name the heads to ablate (e.g. \"unique shared\")"
 check_choice DTYPE "$DTYPE" "${DTYPES[@]}"
 check_positive COUNT "$COUNT"
 check_positive TOPK "$TOPK"
@@ -95,7 +107,7 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 args=(--model "$MODEL" --dataset "${datasets[@]}" --max-pairs "$COUNT" --layers "$LAYERS"
-      --max-new-tokens "$MAX_NEW_TOKENS" --topk "$TOPK" --out-dir "$OUT_DIR" --device "$DEVICE" --dtype "$DTYPE")
+      --max-new-tokens "$MAX_NEW_TOKENS" --topk "$TOPK" --score "$SCORE" --out-dir "$OUT_DIR" --device "$DEVICE" --dtype "$DTYPE")
 [ -n "$MODEL_PATH" ] && args+=(--model-path "$MODEL_PATH")
 [ -n "$PATCH_SIZE" ] && args+=(--patch-size "$PATCH_SIZE")
 [ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
@@ -105,8 +117,8 @@ control_args=()
 # The sweep's settings, one per line, kept in OUT_DIR: a rerun with other values would rescore some steps and be
 # refused at others (an ablation made with another COUNT), leaving a folder of mixed settings; refused here.
 settings=$(printf '%s\n' "MODEL=$MODEL" "MODEL_PATH=$MODEL_PATH" "COUNT=$COUNT" "LAYERS=$LAYERS" \
-  "MAX_NEW_TOKENS=$MAX_NEW_TOKENS" "TOPK=$TOPK" "PATCH_SIZE=$PATCH_SIZE" "DTYPE=$DTYPE" "ABLATE_MODE=$ABLATE_MODE" \
-  "RANDOM_CONTROLS=$RANDOM_CONTROLS")
+  "MAX_NEW_TOKENS=$MAX_NEW_TOKENS" "TOPK=$TOPK" "PATCH_SIZE=$PATCH_SIZE" "SCORE=$SCORE" "DTYPE=$DTYPE" "ABLATE_MODE=$ABLATE_MODE" \
+  "ABLATE_POSITIONS=$ABLATE_POSITIONS" "RANDOM_CONTROLS=$RANDOM_CONTROLS")
 record="$OUT_DIR/sweep_settings.txt"
 if [ -f "$record" ]; then
   while IFS= read -r line; do
@@ -130,16 +142,16 @@ for root in "${roots[@]}"; do
   "$PYTHON" "$HERE/analyze_corner_heads.py" "${root_stats[@]}" --out-dir "$root/count_shared_unique"
 done
 if [ "$ABLATE" = 1 ]; then
-  ablate_args=(--model "$MODEL" --mode "$ABLATE_MODE" --random-controls "$RANDOM_CONTROLS" --max-pairs "$COUNT"
-               --analysis-dir "$OUT_DIR/count_shared_unique" --device "$DEVICE" --dtype "$DTYPE")
+  ablate_args=(--model "$MODEL" --mode "$ABLATE_MODE" --positions "$ABLATE_POSITIONS"
+               --random-controls "$RANDOM_CONTROLS" --max-pairs "$COUNT" --analysis-dir "$OUT_DIR/count_shared_unique" --device "$DEVICE" --dtype "$DTYPE")
   [ -n "$MODEL_PATH" ] && ablate_args+=(--model-path "$MODEL_PATH")
   [ -n "$BATCH_SIZE" ] && ablate_args+=(--batch-size "$BATCH_SIZE")
   for corner in "${CORNERS[@]}"; do
-    for heads in unique shared; do
-      echo "== ablating the $heads head on $corner -> $OUT_DIR/ablation_${corner}_$heads" >&2
+    for heads in "${ablate_heads[@]}"; do
+      folder="$OUT_DIR/ablation_${corner}_${heads//[^0-9A-Za-z]/-}"
+      echo "== ablating --heads $heads on $corner -> $folder" >&2
       "$PYTHON" "$HERE/head_ablation.py" "${ablate_args[@]}" "${control_args[@]}" --heads "$heads" \
-        --stats-dir "$OUT_DIR/head_diff_stats_$corner" --dataset "$DATA_DIR/dataset_$corner" \
-        --out-dir "$OUT_DIR/ablation_${corner}_$heads"
+        --stats-dir "$OUT_DIR/head_diff_stats_$corner" --dataset "$DATA_DIR/dataset_$corner" --out-dir "$folder"
     done
   done
 fi

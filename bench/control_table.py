@@ -79,23 +79,25 @@ def _ablation(folder: Path) -> str:
     summary = _json(folder / "summary.json")
     if summary is None:
         return "n/a"
-    m = summary["metrics"]["log_odds_full"]
+    full, gap = summary["metrics"]["log_odds_full"], summary["metrics"]["gap"]
     named = " ".join(f"{h['layer']}.{h['head']}" for h in summary["heads"])
-    return f"{m['effect']:+.2f} vs {m['random_mean']:+.2f}, p_drop={m['p_drop']:.2g} ({named})"
+    return (f"full {full['effect']:+.2f} vs {full['random_mean']:+.2f}, p_drop={full['p_drop']:.2g}; gap "
+            f"{gap['unablated']:.1f} {gap['effect']:+.2f} vs {gap['random_mean']:+.2f}, p_drop={gap['p_drop']:.2g} "
+            f"({named})")
 
 
-def experiment_3(out: Path) -> list[str]:
+def experiment_3(out: Path, score: str, ablations: tuple) -> list[str]:
     seeds = control_seed_folders(out)
     toy = _significant(out)
     if toy is None:
         return []
-    lines = [f"| exp 3 significant heads per corner ({', '.join(CORNERS)}) | {toy} | "
+    lines = [f"| exp 3 ({score} score) significant heads per corner ({', '.join(CORNERS)}) | {toy} | "
              + "; ".join(str(_significant(s)) for s in seeds) + " |"]
-    for heads, corners in (("unique", CORNERS), ("shared", CORNERS), ("top4_mean", ("topleft",))):
+    for heads, corners in ablations:
         for corner in corners:
             folder = out / f"ablation_{corner}_{heads}"
-            lines.append(f"| ablation `{heads}` {corner}: log-odds change on full images, vs random sets of the "
-                         f"same layers | {_ablation(folder)} | "
+            lines.append(f"| ablation ({score} score) `{heads}` {corner}: change of the log-odds on full images and "
+                         f"of the gap, vs random sets of the same layers | {_ablation(folder)} | "
                          + "; ".join(_ablation(s) for s in control_seed_folders(folder)) + " |")
     return lines
 
@@ -106,7 +108,10 @@ def main() -> None:
     out = Path(sys.argv[1])
     print("| instrument | toy | random-weights control |")
     print("| --- | --- | --- |")
-    for line in experiment_1(out / "exp1") + experiment_2(out / "exp2") + experiment_3(out / "corners"):
+    attention = experiment_3(out / "corners", "attention",
+                             (("unique", CORNERS), ("shared", CORNERS), ("top4_mean", ("topleft",))))
+    patching = experiment_3(out / "corners_patching", "patching", (("unique", CORNERS), ("top-4", CORNERS)))
+    for line in experiment_1(out / "exp1") + experiment_2(out / "exp2") + attention + patching:
         print(line)
 
 

@@ -6,8 +6,10 @@
 #
 # Settings (environment): OUT [results/toy_controls/$FAMILY]  WORLDS [200]  PAIRS [40]  SEEDS [3]
 #   RANDOM_CONTROLS [100]  BATCH_SIZE [16]
-# Writes $OUT/exp1, $OUT/exp2, $OUT/corners (the sweep with ABLATE=1, its control under
-# control_random_weights/) and $OUT/table.md (printed too). Every step resumes, as the scripts do.
+# Writes $OUT/exp1, $OUT/exp2, $OUT/corners (the sweep with the paper's attention score, ABLATE=1),
+# $OUT/corners_patching (the sweep with SCORE=patching, each corner's top 4 and unique heads mean-ablated at the
+# answer position), each with its control under control_random_weights/, and $OUT/table.md (printed too).
+# Every step resumes, as the scripts do.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FAMILY="${1:?usage: bash bench/toy_controls.sh llava|qwen2}"
@@ -35,10 +37,17 @@ for extra in "" control; do
   "$PYTHON" "$HERE/vlm_atten_analysis_$FAMILY.py" "${args[@]}" --out "$OUT/exp1" --plot-samples 2
   "$PYTHON" "$HERE/text_only_llm_analysis_$FAMILY.py" "${args[@]}" --out "$OUT/exp2"
 done
+sweep() {  # CONTROL OUT_DIR [SETTING=VALUE ...]
+  local control=$1 out_dir=$2
+  shift 2
+  env MODEL="$FAMILY" MODEL_PATH=toy COUNT="$PAIRS" DATA_DIR="$OUT/data" OUT_DIR="$out_dir" DEVICE=cpu DTYPE=fp32 \
+    BATCH_SIZE="$BATCH_SIZE" ABLATE=1 RANDOM_CONTROLS="$RANDOM_CONTROLS" CONTROL="$control" CONTROL_SEEDS="$SEEDS" \
+    PYTHON="$PYTHON" "$@" bash "$HERE/run_corner_experiments.sh"
+}
 for extra in "" random-weights; do
-  MODEL="$FAMILY" MODEL_PATH=toy COUNT="$PAIRS" DATA_DIR="$OUT/data" OUT_DIR="$OUT/corners" DEVICE=cpu DTYPE=fp32 \
-    BATCH_SIZE="$BATCH_SIZE" ABLATE=1 RANDOM_CONTROLS="$RANDOM_CONTROLS" CONTROL="$extra" CONTROL_SEEDS="$SEEDS" \
-    PYTHON="$PYTHON" bash "$HERE/run_corner_experiments.sh"
+  sweep "$extra" "$OUT/corners"  # the paper's: attention score; unique and shared heads zeroed everywhere
+  sweep "$extra" "$OUT/corners_patching" SCORE=patching ABLATE_HEADS="unique top:4" ABLATE_MODE=mean \
+    ABLATE_POSITIONS=answer
 done
 # beyond the sweep: the four heads whose attention changes most, mean-ablated, on the top-left corner
 for extra in "" control; do

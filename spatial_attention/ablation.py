@@ -2,7 +2,9 @@
 what happens to the model's yes/no answer.
 
 Ablating a head replaces its slice of its layer's per-head attention output,
-at every position, before the output projection (o_proj):
+at every position (``--positions all``, the paper's) or at the answer position
+only (``--positions answer``: what ``--score patching`` swaps, so that the heads
+it found are tested where it found them), before the output projection (o_proj):
 
 - ``zero``: with zeros;
 - ``mean``: at each position, with that head's mean output at that position
@@ -196,12 +198,16 @@ def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) 
 # --- the hooks --------------------------------------------------------------------
 
 class HeadAblation(AttentionHook):
-    """Replace chosen heads' outputs (before o_proj) at every position with zeros, or with the per-position
-    means ``means[layer][:, head]`` (see ``HeadMeans``)."""
+    """Replace chosen heads' outputs (before o_proj) with zeros, or with the per-position means
+    ``means[layer][:, head]`` (see ``HeadMeans``): at every position, or with ``answer_only`` at each sample's
+    answer position (``for_batch`` says where that is)."""
 
     explicit_mask = False  # outputs only: keep sdpa's mask, as the plain model
 
-    def __init__(self, adapter, heads: list[Head], means: dict[int, torch.Tensor] | None = None):
+    def __init__(self, adapter, heads: list[Head], means: dict[int, torch.Tensor] | None = None,
+                 answer_only: bool = False):
+        self.answer_only = answer_only
+        self.last: torch.Tensor | None = None  # (B,) answer positions of the batch (answer_only)
         modules = adapter.lm_attention_modules()
         self.edits = {}  # module id -> (head indices, replacement vectors (T, k, head_dim) or None)
         for layer in sorted({layer for layer, _ in heads}):
@@ -209,10 +215,23 @@ class HeadAblation(AttentionHook):
             index = torch.tensor([h for l, h in heads if l == layer], device=device)
             self.edits[id(modules[layer])] = (index, None if means is None else means[layer][:, index])
 
+    def for_batch(self, batch) -> HeadAblation:
+        """This hook, set to edit ``batch``'s answer positions (with answer_only)."""
+        self.last = torch.tensor([layout.last_position for layout in batch.layouts])
+        return self
+
     def edit_output(self, module, output):
         if id(module) not in self.edits:
             return output
         index, fill = self.edits[id(module)]
+        if self.answer_only:
+            if self.last is None or len(self.last) != output.shape[0]:
+                raise RuntimeError("HeadAblation(answer_only=True) needs for_batch(batch) before each forward")
+            rows = torch.arange(output.shape[0], device=output.device)[:, None]
+            last = self.last.to(output.device)
+            edited = output.clone()
+            edited[rows, last[:, None], index[None, :]] = 0.0 if fill is None else fill[last].to(output.dtype)
+            return edited
         if fill is None:
             return output.index_fill(2, index, 0.0)
         return output.index_copy(2, index, fill.to(output.dtype).expand(output.shape[0], *fill.shape))
@@ -302,7 +321,8 @@ def measure(adapter, pairs: list[Pair], prompt: str, hooks: list[HeadAblation],
     ablated, for one batch of pairs: one forward unablated, then one per hook."""
     batch = _encode(adapter, pairs, prompt)
     base = log_odds(plain_logits(adapter, batch), *answer_ids)
-    ablated = np.stack([log_odds(hooked_logits(adapter, batch, hook), *answer_ids) for hook in hooks])
+    ablated = np.stack([log_odds(hooked_logits(adapter, batch, hook.for_batch(batch)), *answer_ids)
+                        for hook in hooks])
     return base.reshape(len(pairs), 2), ablated.reshape(len(hooks), len(pairs), 2)
 
 
@@ -400,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=["zero", "mean"], default="zero",
                         help="replace an ablated head's output with zeros, or at each position with its mean "
                              "output at that position over the data set's images")
+    parser.add_argument("--positions", choices=["all", "answer"], default="all",
+                        help="ablate the heads at every position (the paper's), or only at the answer position "
+                             "(where head_attention_stats.py --score patching measures them)")
     parser.add_argument("--random-controls", type=int, default=20,
                         help="random head sets from the same layers, the null distribution of the effect")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
@@ -452,7 +475,8 @@ def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path
     head_sets = [chosen] + random_head_sets(chosen, int(stats.meta["H"]), args.random_controls, options.seed)
     # the pairs used too: the summary covers them, and in mean mode the means are taken over them
     settings = {**dataset.identity, "--max-pairs (pairs used)": len(pairs), "--prompt": prompt,
-                "--heads": list(map(head_name, chosen)), "--mode": args.mode, "--random-controls": args.random_controls,
+                "--heads": list(map(head_name, chosen)), "--mode": args.mode, "--positions": args.positions,
+                "--random-controls": args.random_controls,
                 "--random-controls (head sets)": [list(map(head_name, heads)) for heads in head_sets[1:]],
                 "--seed": options.seed}
     results = Results(out / PAIRS_FILE, item_key=lambda pair: pair.id, record_key=lambda record: record["id"],
@@ -468,8 +492,8 @@ def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path
         raise DataError(f"{stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
                         f"{adapter.num_heads}; the stats dir comes from another model")
     check_heads(chosen, args.heads, adapter.num_layers, adapter.num_heads)
-    log.info("%s: ablating %s (%s, mode %s) on %d pairs, %d random controls", corner,
-             " ".join(map(head_name, chosen)), args.heads, args.mode, len(pairs), args.random_controls)
+    log.info("%s: ablating %s (%s, mode %s, %s positions) on %d pairs, %d random controls", corner,
+             " ".join(map(head_name, chosen)), args.heads, args.mode, args.positions, len(pairs), args.random_controls)
 
     identity = {**run.identity(), **settings}
     share.main_checks(lambda: check_identity(results.path, identity, "--out-dir"))  # before run.json changes
@@ -479,7 +503,7 @@ def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path
     answer_ids = yes_no_ids(adapter.tokenizer)
     layers = sorted({layer for heads in head_sets for layer, _ in heads})
     means = head_means(adapter, pairs, prompt, layers, run.batch_size) if args.mode == "mean" else None
-    hooks = [HeadAblation(adapter, heads, means) for heads in head_sets]
+    hooks = [HeadAblation(adapter, heads, means, answer_only=args.positions == "answer") for heads in head_sets]
 
     def ablate(chunk: list[Pair]) -> list[dict]:
         base, ablated = measure(adapter, chunk, prompt, hooks, answer_ids)
@@ -492,8 +516,8 @@ def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path
         return False
     base = np.array([r["log_odds"] for r in records])  # [N, 2]
     ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
-    metrics = write_outputs(out, adapter, pairs, corner, prompt, args.heads, args.mode, options.seed, head_sets,
-                            base, ablated, answer_ids)
+    metrics = write_outputs(out, adapter, pairs, corner, prompt, args.heads, args.mode, args.positions, options.seed,
+                            head_sets, base, ablated, answer_ids)
     finish_run(out / "run.json", record)
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
@@ -577,7 +601,7 @@ def ablation_prompt(prompt: str | None, run: CornerRun, corner: str) -> str:
 
 
 def write_outputs(out: Path, adapter, pairs: list[Pair], corner: str, prompt: str, heads_spec: str, mode: str,
-                  seed: int, head_sets: list[list[Head]], base: np.ndarray, ablated: np.ndarray,
+                  positions: str, seed: int, head_sets: list[list[Head]], base: np.ndarray, ablated: np.ndarray,
                   answer_ids: tuple[list[int], list[int]]) -> dict:
     """ablation.csv, summary.json and the figure; returns the per-metric summary."""
     chosen = head_sets[0]
@@ -585,6 +609,7 @@ def write_outputs(out: Path, adapter, pairs: list[Pair], corner: str, prompt: st
     write_atomic(out / "ablation.csv", ablation_csv(pairs, head_sets, base, ablated))
     write_json(out / "summary.json", {
         "corner": corner, "prompt": prompt, "heads_spec": heads_spec, "heads": heads_json(chosen), "mode": mode,
+        "positions": positions,
         "n_pairs": len(pairs), "metrics": metrics,
         "primary": {"metric": PRIMARY, "effect": metrics[PRIMARY]["effect"], "p_value": metrics[PRIMARY]["p_drop"],
                     "test": "one-sided: (1 + random sets whose mean change is <= the chosen heads') / (1 + R)"},
@@ -598,6 +623,6 @@ def write_outputs(out: Path, adapter, pairs: list[Pair], corner: str, prompt: st
                         "mean_mode": "per (layer, head) and position: mean output at that position over every "
                                      "image (full and control), unablated model"}})
     plot_effects(out / FIGURE, metrics,
-                 f"{corner}: ablating {' '.join(map(head_name, chosen))} ({mode}) vs "
+                 f"{corner}: ablating {' '.join(map(head_name, chosen))} ({mode}, {positions} positions) vs "
                  f"{len(head_sets) - 1} random sets from the same layers")
     return metrics

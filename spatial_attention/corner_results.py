@@ -22,7 +22,7 @@ log = logging.getLogger("spatial_attention")
 SAME_SETTING_KEYS = ("model", "model_path", "patch_size", "topk")
 # likewise scores of another image size, answer length, question or precision; older out-dirs lack some
 # of these keys, so they are compared only where both folders record them
-SAME_IF_RECORDED_KEYS = ("feed_size", "max_new_tokens", "prompt_template", "dtype")
+SAME_IF_RECORDED_KEYS = ("feed_size", "max_new_tokens", "prompt_template", "dtype", "score")
 BLANK_FILE = "scores_blank_LHM.npy"  # blank image, mass on the corner block
 BLANK_IMAGE_FILE = "scores_blank_image_LHM.npy"  # blank image, mass on all image tokens
 

@@ -1,12 +1,16 @@
-"""Experiment 3, step 1: per-head attention scores on the fixed-position
-counterfactual pairs (metrics.md, "Head specialisation").
+"""Experiment 3, step 1: per-head scores on the fixed-position counterfactual
+pairs (metrics.md, "Head specialisation").
 
 For each pair (full image with a subject in the corner, control image without
-it) and every (layer, head), the score is the attention mass from the answer
-position to the image tokens (or to the ``--patch-size`` block of the corner).
-With ``--max-new-tokens 1`` the answer position is the prompt's last position
-and one forward pass per image suffices; with more, the model generates greedily
-and the score is the mean over the generated steps.
+it) and every (layer, head), the score (``--score attention``, the paper's) is
+the attention mass from the answer position to the image tokens (or to the
+``--patch-size`` block of the corner). With ``--max-new-tokens 1`` the answer
+position is the prompt's last position and one forward pass per image suffices;
+with more, the model generates greedily and the score is the mean over the
+generated steps. ``--score patching`` scores instead what each head's output at
+the answer position does to the yes/no log-odds when swapped between the pair's
+two images (``spatial_attention.patching``): the causal score, one forward of
+the pair per head.
 
 The position-only control: a blank image of the data set's background colour is
 scored on the corner block (the ``--patch-size`` block, else the corner quarter
@@ -42,7 +46,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from spatial_attention import controls
+from spatial_attention import controls, patching
+from spatial_attention.ablation import yes_no_ids
 from spatial_attention.capture import CaptureRequest, capture, capture_generate
 from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
 from spatial_attention.counterfactual import (CORNER_PROMPT, CORNERS, CornerDataset, Pair, fill_corner_prompt,
@@ -63,6 +68,8 @@ OUTPUT_FILES = ("scores_full_LHN.npy", "scores_control_LHN.npy", "scores_blank_L
                 "meta.json")
 PAIR_KEYS = ("id", "full", "control", "full_answer", "control_answer")
 DEFAULT_LAYERS = "all"  # every layer's heads are scored
+SCORES = ("attention", "patching")
+HEADS_PER_FORWARD = 16  # --score patching: heads swapped per forward (2 images each)
 
 Columns = Callable[[object], np.ndarray]  # a sample's token layout -> the key positions its score covers
 
@@ -70,6 +77,7 @@ Columns = Callable[[object], np.ndarray]  # a sample's token layout -> the key p
 @dataclass(frozen=True)
 class Scoring:
     """How the pairs are scored (the experiment's own options)."""
+    score: str  # one of SCORES
     prompt: str  # the template, '{corner}' not yet filled in
     patch_size: int | None  # score a K x K corner block of image tokens (None: every image token)
     patch_corner: str | None  # the block's corner (None: the data set's)
@@ -82,7 +90,8 @@ class Scoring:
 
     def identity(self, corner: str) -> dict:
         """What changes the scores of one corner's pairs (--topk only changes the count cubes built from them)."""
-        return {"--prompt": fill_corner_prompt(self.prompt, corner), "--patch-size": self.patch_size,
+        return {"--score": self.score, "--prompt": fill_corner_prompt(self.prompt, corner),
+                "--patch-size": self.patch_size,
                 "--corner": self.corner_of_block(corner), "--max-new-tokens": self.max_new_tokens}
 
 
@@ -90,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="head_attention_stats.py", formatter_class=HelpFormatter,
         description="Experiment 3: score every (layer, head) by the attention mass the answer position puts on the "
-                    "image (or on a corner block) for the full and control image of each counterfactual pair, and "
-                    "count which heads change most. Writes scores_full_LHN.npy, scores_control_LHN.npy, "
+                    "image (or on a corner block) for the full and control image of each counterfactual pair, or "
+                    "(--score patching) by what its answer-position output does to the yes/no log-odds when swapped "
+                    "between the two, and count which heads change most. Writes scores_full_LHN.npy, scores_control_LHN.npy, "
                     "scores_blank_LHM.npy (blank image, corner block), scores_blank_image_LHM.npy (blank image, all "
                     "image tokens), count_LHN.npy, count_LH.npy, answers.csv, count_bars.png, meta.json and "
                     "run.json into the out-dir; pairs_scores.jsonl keeps every scored pair, so that rerunning "
@@ -103,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "once and each gets OUT/head_diff_stats_{corner}")
     parser.add_argument("--prompt", default=CORNER_PROMPT,
                         help="question asked with every image; '{corner}' becomes 'top left' etc.")
+    parser.add_argument("--score", choices=SCORES, default="attention",
+                        help="attention: the paper's score, the answer position's attention mass on the image (or "
+                             "corner block); patching: the yes/no log-odds change when the head's answer-position "
+                             "output is swapped between the pair's full and control image (full minus control = "
+                             "the part of the answer gap the head carries; exact, one forward of the pair per "
+                             "scored head: restrict with --layers on a 7B model). The attention score misses the "
+                             "heads the toy models' answers depend on (README, Controls)")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs per data set")
     parser.add_argument("--max-new-tokens", type=int, default=1,
                         help="1: score the prompt's last position (one forward pass per image); more: generate "
@@ -176,11 +193,18 @@ def check_scoring(args) -> Scoring:
     """The scoring options, checked before anything is loaded."""
     check_at_least(1, max_new_tokens=args.max_new_tokens, max_pairs=args.max_pairs, patch_size=args.patch_size,
                    topk=args.topk)
+    if args.score == "patching":
+        given = [option for option, value in (("--patch-size", args.patch_size), ("--corner", args.corner),
+                                               ("--max-new-tokens", args.max_new_tokens != 1)) if value]
+        if given:
+            raise OptionError(f"{given[0]} does not apply to --score patching, which swaps each head's output at "
+                              "the answer position (the prompt's last) whatever it attends to; leave it out or "
+                              "use --score attention")
     if args.corner and not args.patch_size:
         raise OptionError(f"--corner {args.corner} only applies with --patch-size (without it the score covers "
                           "every image token)")
     fill_corner_prompt(args.prompt, CORNERS[0])  # its form; every corner fills the same placeholder
-    return Scoring(args.prompt, args.patch_size, args.corner, args.max_new_tokens, args.topk)
+    return Scoring(args.score, args.prompt, args.patch_size, args.corner, args.max_new_tokens, args.topk)
 
 
 def identity(model: dict, scoring: Scoring, dataset: CornerDataset) -> dict:
@@ -290,6 +314,7 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
     prompt = fill_corner_prompt(scoring.prompt, corner)
     columns = partial(_scored_positions, corner=scoring.corner_of_block(corner), patch_size=scoring.patch_size)
     skipped = []  # the pairs whose images cannot be used, with why
+    answer_ids = yes_no_ids(run.adapter.tokenizer) if scoring.score == "patching" else None
 
     def score_pairs(chunk: list[Pair]) -> list[dict]:
         loaded = []
@@ -301,6 +326,8 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
                 skipped.append({"id": pair.id, "reason": "unusable_images", "detail": str(err)})
         if not loaded:
             return []
+        if scoring.score == "patching":
+            return [patched_pair(run, pair, images, prompt, answer_ids) for pair, images in loaded]
         images = [image for _, full_control in loaded for image in full_control]  # full, control, full, ...
         scores, said = score_images(run.adapter, images, prompt, list(run.layers), [columns] * len(images),
                                     scoring.max_new_tokens)
@@ -339,7 +366,7 @@ def write_outputs(run: Run, scoring: Scoring, dataset: CornerDataset, out: Path,
     plot_count_bars(out / "count_bars.png", count.sum(-1), run.layer_numbers, corner, scoring.topk)
     meta = {"model": adapter.family, "model_path": adapter.model_path, "feed_size": adapter.feed_size,
             "dtype": dtype_name(adapter.dtype), "layers": run.layer_numbers, "L": len(run.layers),
-            "H": adapter.num_heads, "N": len(records), "topk": scoring.topk, "prompt": prompt,
+            "H": adapter.num_heads, "N": len(records), "topk": scoring.topk, "score": scoring.score, "prompt": prompt,
             "prompt_template": scoring.prompt, "corner": corner, "patch_corner": scoring.corner_of_block(corner),
             "patch_size": scoring.patch_size, "blank_block": block, "max_new_tokens": scoring.max_new_tokens,
             "pair_ids": [r["id"] for r in records],
@@ -409,6 +436,15 @@ def score_images(adapter, images: list[Image.Image], prompt: str, layers: list[i
         scores.append(recording["last_mass"])
         said.append(answer)
     return scores, said
+
+
+def patched_pair(run: Run, pair: Pair, images: tuple[Image.Image, Image.Image], prompt: str,
+                 answer_ids: tuple[list[int], list[int]]) -> dict:
+    """One pair's record under --score patching: every scored head's swap effects (``patching.pair_scores``)."""
+    heads = [(layer, h) for layer in run.layers for h in range(run.adapter.num_heads)]
+    scores, _, said = patching.pair_scores(run.adapter, *images, prompt, heads, answer_ids, HEADS_PER_FORWARD)
+    full, control = patching.score_cubes(scores, list(run.layers), run.adapter.num_heads)
+    return {"id": pair.id, "full": full, "control": control, "full_answer": said[0], "control_answer": said[1]}
 
 
 def _scored_positions(layout, corner: str, patch_size: int | None) -> np.ndarray:

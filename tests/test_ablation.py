@@ -94,6 +94,24 @@ def test_one_head_changes_only_its_slice(adapter):
     assert torch.equal(untouched, before)  # a later layer's ablation leaves this layer alone
 
 
+def test_answer_only_changes_the_answer_position_alone(adapter):
+    """--positions answer: the head's slice at each sample's answer position is zero / that position's mean;
+    every other position and head is the plain model's."""
+    batch, head = encode_alike(adapter), 2
+    recorder = HeadMeans(adapter, [LAYER])
+    _, before = o_proj_input(adapter, lambda: recorder.record(batch))
+    means = recorder.means()
+    last = [layout.last_position for layout in batch.layouts]
+    for fill in (None, means):
+        hook = HeadAblation(adapter, [(LAYER, head)], fill, answer_only=True).for_batch(batch)
+        _, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
+        for b, t in enumerate(last):
+            want = torch.zeros_like(after[b, t, head]) if fill is None else means[LAYER][t, head]
+            assert torch.equal(after[b, t, head], want.to(after.dtype))
+            changed = (after[b] != before[b]).any(-1)  # (T, heads)
+            assert changed.nonzero().tolist() == [[t, head]]
+
+
 def test_mean_is_the_per_position_data_set_mean(adapter):
     """The mean at each position over every input of the data set; at the answer position that is the mean of
     the answer position's outputs, not the all-position mean (mostly image tokens) the old mode used."""

@@ -156,6 +156,8 @@ def test_failing_step_stops_the_sweep(tmp_path):
     (["--prompt", "Is it in the {corner"], "'{corner}' is the only placeholder"),
     (["--prompt", "{0} corner?"], "'{corner}' is the only placeholder"),
     (["--prompt", ""], "--prompt '': empty"),
+    (["--score", "patching", "--patch-size", "2"], "--patch-size does not apply to --score patching"),
+    (["--score", "patching", "--max-new-tokens", "3"], "--max-new-tokens does not apply to --score patching"),
 ])
 def test_bad_options_fail_before_loading(options, message, topleft, capsys, no_model_load):
     with pytest.raises(SystemExit) as exit_info:  # a later --model wins

@@ -68,13 +68,16 @@ def script_list(name: str) -> list[str]:
 
 
 def test_script_choices_are_the_python_choices():
-    """The script's lists of families, --mode and --dtype values are copies: they must stay the parser's."""
+    """The script's lists of families, --score, --mode and --dtype values are copies: they must stay the
+    parsers'."""
     from models import FAMILIES
     from spatial_attention.ablation import build_parser
+    from spatial_attention.corner_stats import SCORES
 
     choices = {action.dest: list(action.choices) for action in build_parser()._actions if action.choices}
     assert sorted(script_list("MODELS")) == sorted(FAMILIES)
     assert script_list("ABLATE_MODES") == choices["mode"]
+    assert script_list("SCORES") == list(SCORES)
     assert script_list("DTYPES") == choices["dtype"]
 
 
@@ -83,8 +86,8 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "sweep_settings.txt").write_text("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\n"
-                                           "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nDTYPE=auto\nABLATE_MODE=zero\n"
-                                           "RANDOM_CONTROLS=20\n")
+                                           "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nSCORE=attention\nDTYPE=auto\n"
+                                           "ABLATE_MODE=zero\nABLATE_POSITIONS=all\nRANDOM_CONTROLS=20\n")
     (tmp_path / "data").mkdir()
     for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # no data to generate: the first step scores
         (tmp_path / "data" / f"dataset_{corner}").mkdir()
