@@ -84,7 +84,8 @@ check_choice ABLATE_MODE "$ABLATE_MODE" "${ABLATE_MODES[@]}"
 check_choice SCORE "$SCORE" "${SCORES[@]}"
 check_choice ABLATE_POSITIONS "$ABLATE_POSITIONS" all answer
 read -r -a ablate_heads <<< "$ABLATE_HEADS"
-[ "$ABLATE" = 0 ] || [ ${#ablate_heads[@]} -gt 0 ] || fail "ABLATE_HEADS is empty: name the heads to ablate (e.g. \"unique shared\")"
+[ "$ABLATE" = 0 ] || [ ${#ablate_heads[@]} -gt 0 ] ||
+  fail "ABLATE_HEADS is empty: name the heads to ablate (e.g. \"unique shared\")"
 check_choice DTYPE "$DTYPE" "${DTYPES[@]}"
 check_positive COUNT "$COUNT"
 check_positive TOPK "$TOPK"
@@ -107,7 +108,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 args=(--model "$MODEL" --dataset "${datasets[@]}" --max-pairs "$COUNT" --layers "$LAYERS"
-      --max-new-tokens "$MAX_NEW_TOKENS" --topk "$TOPK" --score "$SCORE" --out-dir "$OUT_DIR" --device "$DEVICE" --dtype "$DTYPE")
+      --max-new-tokens "$MAX_NEW_TOKENS" --topk "$TOPK" --score "$SCORE" --out-dir "$OUT_DIR" --device "$DEVICE"
+      --dtype "$DTYPE")
 [ -n "$MODEL_PATH" ] && args+=(--model-path "$MODEL_PATH")
 [ -n "$PATCH_SIZE" ] && args+=(--patch-size "$PATCH_SIZE")
 [ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
@@ -117,8 +119,8 @@ control_args=()
 # The sweep's settings, one per line, kept in OUT_DIR: a rerun with other values would rescore some steps and be
 # refused at others (an ablation made with another COUNT), leaving a folder of mixed settings; refused here.
 settings=$(printf '%s\n' "MODEL=$MODEL" "MODEL_PATH=$MODEL_PATH" "COUNT=$COUNT" "LAYERS=$LAYERS" \
-  "MAX_NEW_TOKENS=$MAX_NEW_TOKENS" "TOPK=$TOPK" "PATCH_SIZE=$PATCH_SIZE" "SCORE=$SCORE" "DTYPE=$DTYPE" "ABLATE_MODE=$ABLATE_MODE" \
-  "ABLATE_POSITIONS=$ABLATE_POSITIONS" "RANDOM_CONTROLS=$RANDOM_CONTROLS")
+  "MAX_NEW_TOKENS=$MAX_NEW_TOKENS" "TOPK=$TOPK" "PATCH_SIZE=$PATCH_SIZE" "SCORE=$SCORE" "DTYPE=$DTYPE" \
+  "ABLATE_MODE=$ABLATE_MODE" "ABLATE_POSITIONS=$ABLATE_POSITIONS" "RANDOM_CONTROLS=$RANDOM_CONTROLS")
 record="$OUT_DIR/sweep_settings.txt"
 if [ -f "$record" ]; then
   while IFS= read -r line; do
@@ -143,7 +145,8 @@ for root in "${roots[@]}"; do
 done
 if [ "$ABLATE" = 1 ]; then
   ablate_args=(--model "$MODEL" --mode "$ABLATE_MODE" --positions "$ABLATE_POSITIONS"
-               --random-controls "$RANDOM_CONTROLS" --max-pairs "$COUNT" --analysis-dir "$OUT_DIR/count_shared_unique" --device "$DEVICE" --dtype "$DTYPE")
+               --random-controls "$RANDOM_CONTROLS" --max-pairs "$COUNT" --analysis-dir "$OUT_DIR/count_shared_unique"
+               --device "$DEVICE" --dtype "$DTYPE")
   [ -n "$MODEL_PATH" ] && ablate_args+=(--model-path "$MODEL_PATH")
   [ -n "$BATCH_SIZE" ] && ablate_args+=(--batch-size "$BATCH_SIZE")
   for corner in "${CORNERS[@]}"; do

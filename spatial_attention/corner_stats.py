@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Experiment 3: score every (layer, head) by the attention mass the answer position puts on the "
                     "image (or on a corner block) for the full and control image of each counterfactual pair, or "
                     "(--score patching) by what its answer-position output does to the yes/no log-odds when swapped "
-                    "between the two, and count which heads change most. Writes scores_full_LHN.npy, scores_control_LHN.npy, "
-                    "scores_blank_LHM.npy (blank image, corner block), scores_blank_image_LHM.npy (blank image, all "
+                    "between the two, and count which heads change most. Writes scores_full_LHN.npy, "
+                    "scores_control_LHN.npy, scores_blank_LHM.npy (blank image, corner block), scores_blank_image_LHM.npy (blank image, all "
                     "image tokens), count_LHN.npy, count_LH.npy, answers.csv, count_bars.png, meta.json and "
                     "run.json into the out-dir; pairs_scores.jsonl keeps every scored pair, so that rerunning "
                     "the same command resumes.")
