@@ -62,6 +62,7 @@ CORNERS=(topleft topright bottomleft bottomright)
 # tests/test_sweep_checks.py keeps these lists equal to those.
 MODELS=(qwen2 llava)
 SCORES=(attention patching)
+ABLATE_POSITIONS_CHOICES=(all answer)
 ABLATE_MODES=(zero mean)
 DTYPES=(auto bf16 fp16 fp32)
 
@@ -82,7 +83,11 @@ check_choice MODEL "$MODEL" "${MODELS[@]}"
 check_choice ABLATE "$ABLATE" 0 1
 check_choice ABLATE_MODE "$ABLATE_MODE" "${ABLATE_MODES[@]}"
 check_choice SCORE "$SCORE" "${SCORES[@]}"
-check_choice ABLATE_POSITIONS "$ABLATE_POSITIONS" all answer
+check_choice ABLATE_POSITIONS "$ABLATE_POSITIONS" "${ABLATE_POSITIONS_CHOICES[@]}"
+[ "$SCORE" = attention ] || [ -z "$PATCH_SIZE" ] || fail "PATCH_SIZE=$PATCH_SIZE does not apply to SCORE=$SCORE (each \
+head's output at the answer position is swapped, whatever it attends to); leave PATCH_SIZE empty"
+[ "$SCORE" = attention ] || [ "$MAX_NEW_TOKENS" = 1 ] || fail "MAX_NEW_TOKENS=$MAX_NEW_TOKENS does not apply to \
+SCORE=$SCORE (it scores the prompt's last position); leave it at 1"
 read -r -a ablate_heads <<< "$ABLATE_HEADS"
 [ "$ABLATE" = 0 ] || [ ${#ablate_heads[@]} -gt 0 ] ||
   fail "ABLATE_HEADS is empty: name the heads to ablate (e.g. \"unique shared\")"
@@ -119,14 +124,21 @@ control_args=()
 # The sweep's settings, one per line, kept in OUT_DIR: a rerun with other values would rescore some steps and be
 # refused at others (an ablation made with another COUNT), leaving a folder of mixed settings; refused here.
 settings=$(printf '%s\n' "MODEL=$MODEL" "MODEL_PATH=$MODEL_PATH" "COUNT=$COUNT" "LAYERS=$LAYERS" \
-  "MAX_NEW_TOKENS=$MAX_NEW_TOKENS" "TOPK=$TOPK" "PATCH_SIZE=$PATCH_SIZE" "SCORE=$SCORE" "DTYPE=$DTYPE" \
-  "ABLATE_MODE=$ABLATE_MODE" "ABLATE_POSITIONS=$ABLATE_POSITIONS" "RANDOM_CONTROLS=$RANDOM_CONTROLS")
+  "MAX_NEW_TOKENS=$MAX_NEW_TOKENS" "TOPK=$TOPK" "PATCH_SIZE=$PATCH_SIZE" "DTYPE=$DTYPE" "ABLATE_MODE=$ABLATE_MODE" \
+  "RANDOM_CONTROLS=$RANDOM_CONTROLS")
+# settings added later: recorded where not the default, so that a folder swept before them still resumes
+[ "$SCORE" = attention ] || settings+=$'\n'"SCORE=$SCORE"
+[ "$ABLATE_POSITIONS" = all ] || settings+=$'\n'"ABLATE_POSITIONS=$ABLATE_POSITIONS"
 record="$OUT_DIR/sweep_settings.txt"
 if [ -f "$record" ]; then
   while IFS= read -r line; do
     grep -qxF -- "$line" "$record" || fail "$line: $OUT_DIR was swept with $(grep "^${line%%=*}=" "$record" || \
       echo "no ${line%%=*}") (sweep_settings.txt there); use those settings, or another OUT_DIR"
   done <<< "$settings"
+  while IFS= read -r line; do  # a later setting recorded there but at its default now
+    grep -qxF -- "$line" <<< "$settings" || fail "${line%%=*} unset: $OUT_DIR was swept with $line \
+(sweep_settings.txt there); use those settings, or another OUT_DIR"
+  done < "$record"
 fi
 mkdir -p "$OUT_DIR"
 printf '%s\n' "$settings" > "$record"

@@ -84,6 +84,7 @@ Head = tuple[int, int]  # (layer, head), both 0-based
 KINDS = ("full", "control")
 METRICS = ("log_odds_full", "log_odds_control", "gap", "accuracy_full", "accuracy_control", "accuracy")
 PRIMARY = "log_odds_full"
+POSITIONS = ("all", "answer")  # --positions
 FIGURE = "figures/effect_vs_random.png"
 PAIRS_FILE = "ablation_pairs.jsonl"  # per pair, as it finishes: its log-odds unablated and with each head set ablated
 HEADS_HELP = ("shared: the analysis's shared head at its peak layer; unique: the stats dir corner's unique head "
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=["zero", "mean"], default="zero",
                         help="replace an ablated head's output with zeros, or at each position with its mean "
                              "output at that position over the data set's images")
-    parser.add_argument("--positions", choices=["all", "answer"], default="all",
+    parser.add_argument("--positions", choices=POSITIONS, default="all",
                         help="ablate the heads at every position (the paper's), or only at the answer position "
                              "(where head_attention_stats.py --score patching measures them)")
     parser.add_argument("--random-controls", type=int, default=20,
@@ -475,7 +476,8 @@ def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path
     head_sets = [chosen] + random_head_sets(chosen, int(stats.meta["H"]), args.random_controls, options.seed)
     # the pairs used too: the summary covers them, and in mean mode the means are taken over them
     settings = {**dataset.identity, "--max-pairs (pairs used)": len(pairs), "--prompt": prompt,
-                "--heads": list(map(head_name, chosen)), "--mode": args.mode, "--positions": args.positions,
+                "--heads": list(map(head_name, chosen)), "--mode": args.mode,
+                **({} if args.positions == "all" else {"--positions": args.positions}),  # older folders: all
                 "--random-controls": args.random_controls,
                 "--random-controls (head sets)": [list(map(head_name, heads)) for heads in head_sets[1:]],
                 "--seed": options.seed}

@@ -22,7 +22,9 @@ log = logging.getLogger("spatial_attention")
 SAME_SETTING_KEYS = ("model", "model_path", "patch_size", "topk")
 # likewise scores of another image size, answer length, question or precision; older out-dirs lack some
 # of these keys, so they are compared only where both folders record them
-SAME_IF_RECORDED_KEYS = ("feed_size", "max_new_tokens", "prompt_template", "dtype", "score")
+SAME_IF_RECORDED_KEYS = ("feed_size", "max_new_tokens", "prompt_template", "dtype")
+# and these, where a folder that does not record one was made before it existed, with its default
+SAME_WITH_DEFAULT_KEYS = {"score": "attention"}
 BLANK_FILE = "scores_blank_LHM.npy"  # blank image, mass on the corner block
 BLANK_IMAGE_FILE = "scores_blank_image_LHM.npy"  # blank image, mass on all image tokens
 
@@ -157,7 +159,9 @@ def _setting(meta: dict, keys: list[str]) -> str:
 def _differing_keys(a: dict, b: dict) -> list[str]:
     """The setting keys in which two meta.json differ."""
     differing = [key for key in SAME_SETTING_KEYS if a.get(key) != b.get(key)]
-    return differing + [key for key in SAME_IF_RECORDED_KEYS if key in a and key in b and a[key] != b[key]]
+    differing += [key for key in SAME_IF_RECORDED_KEYS if key in a and key in b and a[key] != b[key]]
+    return differing + [key for key, default in SAME_WITH_DEFAULT_KEYS.items()
+                        if a.get(key, default) != b.get(key, default)]
 
 
 def _check_same_setting(first: CornerRun, runs) -> None:

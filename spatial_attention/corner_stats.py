@@ -89,9 +89,10 @@ class Scoring:
         return (self.patch_corner or corner) if self.patch_size else None
 
     def identity(self, corner: str) -> dict:
-        """What changes the scores of one corner's pairs (--topk only changes the count cubes built from them)."""
-        return {"--score": self.score, "--prompt": fill_corner_prompt(self.prompt, corner),
-                "--patch-size": self.patch_size,
+        """What changes the scores of one corner's pairs (--topk only changes the count cubes built from them).
+        --score only where it is not the attention score, so that folders made before it existed still resume."""
+        score = {} if self.score == "attention" else {"--score": self.score}
+        return {**score, "--prompt": fill_corner_prompt(self.prompt, corner), "--patch-size": self.patch_size,
                 "--corner": self.corner_of_block(corner), "--max-new-tokens": self.max_new_tokens}
 
 

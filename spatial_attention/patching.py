@@ -22,7 +22,7 @@ heads by it as they rank attention differences.
 Exact, not a gradient estimate: attribution patching (the first-order estimate) was tried on the LLaVA toy
 and ranked its heads wrongly (correlation 0.08 with the exact swap; one of its two causal heads got the wrong
 sign). The price: one forward of the pair's two images per scored head, batched ``heads_per_forward`` heads
-at a time; ``--layers`` restricts the heads scored.
+at a time with one unpatched copy of the pair; ``--layers`` restricts the heads scored.
 """
 from __future__ import annotations
 
@@ -99,12 +99,15 @@ def pair_scores(adapter, full: Image.Image, control: Image.Image, prompt: str, h
         # the full image's row gets the control image's output of that head, and the other way round
         fills = torch.stack([recorder.outputs[layer][1 - kind, head].float().cpu()  # layers may lie on several GPUs
                              for layer, head in chunk for kind in range(2)])
-        swapped = adapter.repeat_batch(batch, len(chunk))
+        # one more, unpatched copy of the pair: each swap is compared with a forward of the same batch shape,
+        # since a GPU's kernels (bf16 above all) round differently at another batch size
+        swapped = adapter.repeat_batch(batch, len(chunk) + 1)
         swapped_last = torch.tensor([layout.last_position for layout in swapped.layouts])
         with active(AnswerSwap(adapter, swapped_last, rows, fills)):
-            patched = log_odds(last_position_logits(adapter, swapped), *answer_ids).reshape(len(chunk), 2)
-        for head, after in zip(chunk, patched):
-            scores[head] = (float(base[0] - after[0]), float(base[1] - after[1]))
+            patched = log_odds(last_position_logits(adapter, swapped), *answer_ids).reshape(len(chunk) + 1, 2)
+        unpatched = patched[-1]
+        for head, after in zip(chunk, patched[:-1]):
+            scores[head] = (float(unpatched[0] - after[0]), float(unpatched[1] - after[1]))
     return scores, (float(base[0]), float(base[1])), said
 
 

@@ -95,17 +95,20 @@ def test_one_head_changes_only_its_slice(adapter):
 
 
 def test_answer_only_changes_the_answer_position_alone(adapter):
-    """--positions answer: the head's slice at each sample's answer position is zero / that position's mean;
-    every other position and head is the plain model's."""
-    batch, head = encode_alike(adapter), 2
+    """--positions answer: the head's slice at each sample's answer position is zero / that position's mean
+    (also in a right-padded batch whose answer positions differ); every other position and head is the plain
+    model's."""
+    alike, padded, head = encode_alike(adapter), encode(adapter), 2
     recorder = HeadMeans(adapter, [LAYER])
-    _, before = o_proj_input(adapter, lambda: recorder.record(batch))
+    recorder.record(alike)
     means = recorder.means()
-    last = [layout.last_position for layout in batch.layouts]
-    for fill in (None, means):
+    assert len({layout.last_position for layout in padded.layouts}) > 1
+    for batch, fill in ((alike, None), (alike, means), (padded, None)):
+        _, before = o_proj_input(adapter, lambda: plain_logits(adapter, batch))
         hook = HeadAblation(adapter, [(LAYER, head)], fill, answer_only=True).for_batch(batch)
         _, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
-        for b, t in enumerate(last):
+        for b, layout in enumerate(batch.layouts):
+            t = layout.last_position
             want = torch.zeros_like(after[b, t, head]) if fill is None else means[LAYER][t, head]
             assert torch.equal(after[b, t, head], want.to(after.dtype))
             changed = (after[b] != before[b]).any(-1)  # (T, heads)

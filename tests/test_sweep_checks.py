@@ -41,6 +41,12 @@ def sweep_with_stand_in(tmp_path: Path, **settings: str) -> tuple[subprocess.Com
     ({"BATCH_SIZE": "eight"}, "BATCH_SIZE=eight: must be a whole number of 1 or more"),
     ({"MODEL": "gpt4"}, "MODEL=gpt4: must be one of qwen2 llava"),
     ({"DTYPE": "int8"}, "DTYPE=int8: must be one of auto bf16 fp16 fp32"),
+    ({"SCORE": "gradient"}, "SCORE=gradient: must be one of attention patching"),
+    ({"ABLATE_POSITIONS": "last"}, "ABLATE_POSITIONS=last: must be one of all answer"),
+    ({"SCORE": "patching", "PATCH_SIZE": "2"}, "PATCH_SIZE=2 does not apply to SCORE=patching (each head's output "
+                                               "at the answer position is swapped, whatever it attends to); leave "
+                                               "PATCH_SIZE empty"),
+    ({"ABLATE": "1", "ABLATE_HEADS": " "}, 'ABLATE_HEADS is empty: name the heads to ablate (e.g. "unique shared")'),
 ])
 def test_bad_setting_stops_the_sweep_before_any_step(tmp_path, settings, error):
     done, calls = sweep_with_stand_in(tmp_path, **settings)
@@ -78,6 +84,7 @@ def test_script_choices_are_the_python_choices():
     assert sorted(script_list("MODELS")) == sorted(FAMILIES)
     assert script_list("ABLATE_MODES") == choices["mode"]
     assert script_list("SCORES") == list(SCORES)
+    assert script_list("ABLATE_POSITIONS_CHOICES") == choices["positions"]
     assert script_list("DTYPES") == choices["dtype"]
 
 
@@ -86,8 +93,8 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "sweep_settings.txt").write_text("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\n"
-                                           "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nSCORE=attention\nDTYPE=auto\n"
-                                           "ABLATE_MODE=zero\nABLATE_POSITIONS=all\nRANDOM_CONTROLS=20\n")
+                                           "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nDTYPE=auto\nABLATE_MODE=zero\n"
+                                           "RANDOM_CONTROLS=20\n")
     (tmp_path / "data").mkdir()
     for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # no data to generate: the first step scores
         (tmp_path / "data" / f"dataset_{corner}").mkdir()
@@ -97,4 +104,11 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     assert done.stderr.splitlines()[-1] == (f"error: COUNT=3: {out} was swept with COUNT=4 (sweep_settings.txt there); "
                                             "use those settings, or another OUT_DIR")
     done, calls = sweep_with_stand_in(tmp_path, COUNT="4", DEVICE="cpu", BATCH_SIZE="2")  # not settings of the sweep
-    assert done.returncode == 1 and "head_attention_stats.py" in calls.read_text()
+    assert done.returncode == 1 and "head_attention_stats.py" in calls.read_text()  # a file from before SCORE
+    done, _ = sweep_with_stand_in(tmp_path, COUNT="4", SCORE="patching")
+    assert done.stderr.splitlines()[-1] == (f"error: SCORE=patching: {out} was swept with no SCORE "
+                                            "(sweep_settings.txt there); use those settings, or another OUT_DIR")
+    (out / "sweep_settings.txt").write_text((out / "sweep_settings.txt").read_text() + "SCORE=patching\n")
+    done, _ = sweep_with_stand_in(tmp_path, COUNT="4")  # the default again, on a patching sweep
+    assert done.stderr.splitlines()[-1] == (f"error: SCORE unset: {out} was swept with SCORE=patching "
+                                            "(sweep_settings.txt there); use those settings, or another OUT_DIR")
