@@ -272,6 +272,11 @@ def plain_logits(adapter, batch) -> torch.Tensor:
     return last_position_logits(adapter, batch)
 
 
+def greedy_answers(adapter, logits: torch.Tensor) -> list[str]:
+    """Each sample's greedy next token of ``logits`` (B, V), decoded and stripped: the answer's first word."""
+    return [adapter.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in logits.argmax(-1)]
+
+
 def last_position_logits(adapter, batch) -> torch.Tensor:
     """One forward; the logits at each sample's last real position, (B, V) fp32 on CPU.
 

@@ -48,7 +48,7 @@ from PIL import Image
 
 from spatial_attention import controls, patching
 from spatial_attention.ablation import yes_no_ids
-from spatial_attention.capture import CaptureRequest, capture, capture_generate
+from spatial_attention.capture import CaptureRequest, capture, capture_generate, greedy_answers
 from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
 from spatial_attention.counterfactual import (CORNER_PROMPT, CORNERS, CornerDataset, Pair, fill_corner_prompt,
                                              read_dataset)
@@ -427,7 +427,7 @@ def score_images(adapter, images: list[Image.Image], prompt: str, layers: list[i
         request = CaptureRequest(layers=layers,
                                  last_mass=[pick(layout) for pick, layout in zip(columns, batch.layouts)])
         recordings, logits = capture(adapter, batch, request)
-        said = [adapter.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in logits.argmax(-1)]
+        said = greedy_answers(adapter, logits)
         return [r["last_mass"] for r in recordings], said
     scores, said = [], []
     for image, pick in zip(images, columns):

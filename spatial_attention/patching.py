@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from spatial_attention.ablation import log_odds
-from spatial_attention.capture import AttentionHook, active, last_position_logits
+from spatial_attention.capture import AttentionHook, active, greedy_answers, last_position_logits
 
 Head = tuple[int, int]  # (layer, head), both 0-based
 
@@ -91,7 +91,7 @@ def pair_scores(adapter, full: Image.Image, control: Image.Image, prompt: str, h
     with active(recorder):
         logits = last_position_logits(adapter, batch)
     base = log_odds(logits, *answer_ids)
-    said = tuple(adapter.tokenizer.decode([int(t)], skip_special_tokens=True).strip() for t in logits.argmax(-1))
+    said = tuple(greedy_answers(adapter, logits))
     scores = {}
     for start in range(0, len(heads), heads_per_forward):
         chunk = heads[start:start + heads_per_forward]

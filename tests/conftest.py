@@ -51,3 +51,19 @@ def no_model_load(monkeypatch):
 def random_images(n: int, seed: int = 0, size: int = 100) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")) for _ in range(n)]
+
+
+def require_toy(family: str) -> None:
+    """Skip, saying why, where the committed toy model of ``family`` is absent."""
+    from models import toy_folder
+
+    if not (toy_folder(family) / "model.safetensors").is_file():
+        pytest.skip(f"no committed toy for {family} in {toy_folder(family)} (train_toy_vlm.py --model {family})")
+
+
+def committed_toy(family: str):
+    """The committed toy of ``family``, loaded as --model-path toy (fp32, CPU); skips where it is absent."""
+    from models import TOY, load_adapter
+
+    require_toy(family)
+    return load_adapter(family, TOY, device="cpu", dtype="fp32")

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import require_toy
 from spatial_attention import controls
 from spatial_attention.errors import OptionError
 from spatial_attention.stats import bootstrap_ci, hierarchical_bootstrap_ci
@@ -177,12 +178,10 @@ def test_random_weights_binding_specificity_stays_near_zero(tmp_path):
     """The negative control's outcome held in place: experiment 1 on two random initialisations of the LLaVA
     toy's architecture, where each binding specificity's interval covers 0, or its size is under a tenth of
     the same run's real-minus-shuffled difference (README, Controls; bench/toy_controls.sh gives the table)."""
-    from models import toy_folder
     from spatial_attention.generate import generate_shapeworld
     from spatial_attention.vlm_analysis import main
 
-    if not (toy_folder("llava") / "model.safetensors").is_file():
-        pytest.skip(f"no committed toy in {toy_folder('llava')}")
+    require_toy("llava")
 
     data = generate_shapeworld(tmp_path / "sw", shards=1, worlds_per_shard=60, seed=5)
     out = tmp_path / "out"
@@ -204,13 +203,11 @@ def test_patching_finds_the_toy_s_causal_corner_heads_and_not_random_weights(tmp
     (p_drop <= 0.05) and abolishes the yes/no gap; the paper's attention score picks heads whose ablation
     barely moves the gap; on a random initialisation the found heads carry nothing (the gap is ~0 to begin
     with and ablating them leaves it there)."""
-    from models import toy_folder
     from spatial_attention import ablation, corner_analysis, corner_stats
     from spatial_attention.counterfactual import CORNERS
     from spatial_attention.generate import generate_counterfactual
 
-    if not (toy_folder("llava") / "model.safetensors").is_file():
-        pytest.skip(f"no committed toy in {toy_folder('llava')}")
+    require_toy("llava")
     folders = dict(zip(CORNERS, generate_counterfactual(tmp_path / "data", count=12, seed=31)))
     model = ["--model", "llava", "--model-path", "toy", "--device", "cpu", "--dtype", "fp32", "--batch-size", "12"]
     control = ["--control", "random-weights", "--control-seeds", "1"]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import TOY, load_adapter, toy_folder
+from conftest import committed_toy
+from models import load_adapter
 from spatial_attention import patching
 from spatial_attention.ablation import log_odds, yes_no_ids
 from spatial_attention.capture import AttentionHook, active, last_position_logits
@@ -15,12 +16,6 @@ from spatial_attention.generate import generate_counterfactual
 from spatial_attention.counterfactual import read_dataset
 
 FAMILIES = ["llava", "qwen2"]
-
-
-def _toy(family: str):
-    if not (toy_folder(family) / "model.safetensors").is_file():
-        pytest.skip(f"no committed toy for {family} in {toy_folder(family)} (train_toy_vlm.py --model {family})")
-    return load_adapter(family, TOY, device="cpu", dtype="fp32")
 
 
 class _SetHead(AttentionHook):
@@ -55,7 +50,7 @@ class _Keep(AttentionHook):
 def test_batched_swaps_equal_one_forward_per_head_and_image(family, tmp_path):
     """pair_scores (two images per head, several heads per forward, the batch repeated) against the slow path:
     each image alone, its head output read in one forward and written into the other image's in another."""
-    adapter = _toy(family)
+    adapter = committed_toy(family)
     folder, = generate_counterfactual(tmp_path, count=1, seed=4, corners=["topright"])
     full, control = read_dataset(folder, None).pairs[0].load_images()
     prompt = fill_corner_prompt(CORNER_PROMPT, "topright")

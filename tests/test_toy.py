@@ -7,17 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from models import TOY, load_adapter, toy_folder
+from conftest import committed_toy, require_toy
+from models import TOY, load_adapter
 from spatial_attention import toy
 from spatial_attention.generate import generate_counterfactual
 
 FAMILIES = ["llava", "qwen2"]
-
-
-def _committed(family: str):
-    if not (toy_folder(family) / "model.safetensors").is_file():
-        pytest.skip(f"no committed toy for {family} in {toy_folder(family)} (train_toy_vlm.py --model {family})")
-    return load_adapter(family, TOY, device="cpu", dtype="fp32")
 
 
 def test_training_a_few_steps_is_a_function_of_the_seed(tmp_path):
@@ -80,7 +75,7 @@ CORNER_FLOOR = {"llava": 0.9, "qwen2": 0.65}
 def test_committed_toy_answers_the_corner_question(family, tmp_path, capsys):
     """The positive control: on fresh corner pairs the toy says yes to the full image and no to the control
     (a regression in the data, the prompt or the loading shows here)."""
-    _committed(family)
+    committed_toy(family)
     folder, = generate_counterfactual(tmp_path, count=20, seed=123, corners=["bottomleft"])
     toy.main(["--model", family, "--evaluate", str(folder)])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -92,7 +87,7 @@ def test_committed_toy_answers_the_corner_question(family, tmp_path, capsys):
 def test_committed_toy_is_evaluated_on_real_shapeworld(family, said_yes, real_sample, capsys):
     """The model card's figure on the real sample (16 true captions): LLaVA's toy says yes to 13, Qwen2-VL's
     to none (neither learned agreement); one answer either way is allowed for numerical noise."""
-    _committed(family)
+    committed_toy(family)
     toy.main(["--model", family, "--evaluate", str(real_sample)])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["task"] == "agreement" and line["n"] == 16
@@ -104,7 +99,7 @@ def test_qwen2_toy_is_fed_at_its_own_size():
     224 (8 x 8 tokens), known before the load too."""
     from models import family_adapter
 
-    adapter = _committed("qwen2")
+    adapter = committed_toy("qwen2")
     assert adapter.feed_size == (224, 224)
     cls = family_adapter("qwen2")
     assert cls.checkpoint_feed_size(cls.resolve_model_path(TOY)) == 224
@@ -131,7 +126,7 @@ def test_rerun_on_the_qwen2_toy_resumes(tmp_path):
     from spatial_attention.generate import generate_shapeworld
     from spatial_attention.vlm_analysis import main
 
-    _committed("qwen2")
+    require_toy("qwen2")
     data = generate_shapeworld(tmp_path / "sw", shards=1, worlds_per_shard=2, seed=4)
     argv = ["--model-path", "toy", "--data", str(data), "--out", str(tmp_path / "out"), "--plot-samples", "0"]
     main("qwen2", argv)
