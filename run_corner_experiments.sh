@@ -161,13 +161,11 @@ if [ "$ABLATE" = 1 ]; then
                --device "$DEVICE" --dtype "$DTYPE")
   [ -n "$MODEL_PATH" ] && ablate_args+=(--model-path "$MODEL_PATH")
   [ -n "$BATCH_SIZE" ] && ablate_args+=(--batch-size "$BATCH_SIZE")
-  for corner in "${CORNERS[@]}"; do
-    for heads in "${ablate_heads[@]}"; do
-      folder="$OUT_DIR/ablation_${corner}_${heads//[^0-9A-Za-z]/-}"
-      echo "== ablating --heads $heads on $corner -> $folder" >&2
-      "$PYTHON" "$HERE/head_ablation.py" "${ablate_args[@]}" "${control_args[@]}" --heads "$heads" \
-        --stats-dir "$OUT_DIR/head_diff_stats_$corner" --dataset "$DATA_DIR/dataset_$corner" --out-dir "$folder"
-    done
-  done
+  stats_dirs=()
+  for corner in "${CORNERS[@]}"; do stats_dirs+=("$OUT_DIR/head_diff_stats_$corner"); done
+  # one call, one model load: each corner with each head spec into $OUT_DIR/ablation_{corner}_{heads}
+  echo "== ablating --heads ${ablate_heads[*]} on ${CORNERS[*]} -> $OUT_DIR/ablation_*" >&2
+  "$PYTHON" "$HERE/head_ablation.py" "${ablate_args[@]}" "${control_args[@]}" --heads "${ablate_heads[@]}" \
+    --stats-dir "${stats_dirs[@]}" --dataset "${datasets[@]}" --out-parent "$OUT_DIR"
 fi
 echo "== done: $OUT_DIR" >&2

@@ -12,13 +12,15 @@ with real captions):
 - ``paper``:  eager attention + ``output_attentions=True``, every layer's tensor
               ``.float().cpu()`` and averaged on the CPU, batch size 1, as the
               paper's scripts did;
-- ``engine``: this project's capture of experiment 1's reductions (caption x
-              image block, image x image block, vision-encoder map), at --batch-size.
+- ``engine``: this project's capture of what experiment 1 reads (the caption
+              words' rows onto the image; the seed cells' rows of the image
+              block and of the vision encoder), at --batch-size.
 
 Reported per mode: seconds per sample (median over --repeats after a warm-up)
 and peak memory (GPU: max_memory_allocated; CPU: the process's peak RSS during
-the timed passes); for ``engine``, the largest absolute difference from
-``paper`` on every reduction. One JSON object is printed and written to
+the timed passes); the attention rows computed per recorded layer (``rows``);
+for ``engine``, the largest absolute difference from ``paper`` on every
+reduction, and of its next-token logits from ``plain``'s. One JSON object is printed and written to
 bench/results/{model}-{size}-{device}[-L{layers}].json.
 """
 from __future__ import annotations
@@ -85,33 +87,35 @@ def scenes(n: int):
 
     root = Path(tempfile.mkdtemp(prefix="bench_scenes_"))
     generate_shapeworld(root, shards=1, worlds_per_shard=n, seed=0)
-    worlds = [w for w in iter_worlds(root) if isinstance(w, World)][:n]
-    return [w.caption.text for w in worlds], [w.load_image() for w in worlds]
+    return [w for w in iter_worlds(root) if isinstance(w, World)][:n]
 
 
-def request_for(batch, layers):
-    from spatial_attention.capture import CaptureRequest
+def request_for(adapter, batch, worlds, layers):
+    """Experiment 1's request (vlm_analysis.world_request): caption words x image, seed cells' rows."""
+    from spatial_attention import vlm_analysis as VA
 
-    return CaptureRequest(layers=layers, vision=True,
-                          blocks={"cross": [(l.text_positions(), l.image_positions) for l in batch.layouts],
-                                  "image_self": [(l.image_positions, l.image_positions) for l in batch.layouts]})
+    cells = [VA.seed_cells_of(VA.world_seeds(w, VA.world_regions(w, lay.grid), seed=0))
+             for w, lay in zip(worlds, batch.layouts)]
+    word_rows = [VA.word_rows_of(lay, w) for lay, w in zip(batch.layouts, worlds)]
+    return VA.world_request(layers, batch.layouts, word_rows, cells)
 
 
-def paper_reductions(adapter, batch) -> dict:
-    """The paper's path for one sample: eager, every layer to the CPU in fp32, mean there."""
+def paper_reductions(adapter, batch, request) -> dict:
+    """The paper's path for one sample: eager, every layer's full map to the CPU in fp32, mean there; the
+    request's rows read off the full maps."""
     from spatial_attention.reference import eager_model
 
-    layout = batch.layouts[0]
     with eager_model(adapter) as kept, torch.inference_mode():
         out = adapter.model(**batch.inputs, output_attentions=True, use_cache=False)
         per_layer = [a.float().cpu()[0].mean(0) for a in out.attentions]  # (T, T) per layer, on the CPU
         vision_layers = [torch.cat([c.float().cpu() for c in kept[id(m)]]) for m in adapter.vision_attention_modules()]
     mean = torch.stack(per_layer).mean(0)
-    text, image = torch.as_tensor(layout.text_positions()), torch.as_tensor(layout.image_positions)
-    vision = torch.stack([adapter.vision_to_grid(vision_layers[i][0].mean(0), 0, batch.inputs)
+    blocks = {name: mean[torch.as_tensor(pairs[0][0])][:, torch.as_tensor(pairs[0][1])].numpy()
+              for name, pairs in request.blocks.items()}
+    rows = torch.as_tensor(adapter.vision_query_rows(request.vision_cells[0]))
+    vision = torch.stack([adapter.vision_to_grid(vision_layers[i][0].mean(0)[rows])
                           for i in adapter.vision_map_layers()]).mean(0)
-    return {"cross": mean[text][:, image].numpy(), "image_self": mean[image][:, image].numpy(),
-            "vision": vision.numpy()}
+    return {**blocks, "vision": vision.numpy()}
 
 
 def run_mode(args) -> dict:
@@ -119,40 +123,56 @@ def run_mode(args) -> dict:
     from spatial_attention.capture import capture, plain_logits
 
     adapter = build_adapter(args)
-    texts, images = scenes(args.samples)
+    worlds = scenes(args.samples)
     layers = list(range(adapter.num_layers))
     batch_size = 1 if args.mode == "paper" else args.batch_size
-    batches = [adapter.encode(texts[i:i + batch_size], images[i:i + batch_size])
-               for i in range(0, len(texts), batch_size)]
-    requests = [request_for(b, layers) for b in batches]
+    chunks = [worlds[i:i + batch_size] for i in range(0, len(worlds), batch_size)]
+    batches = [adapter.encode([w.caption.text for w in chunk], [w.load_image() for w in chunk]) for chunk in chunks]
+    requests = [request_for(adapter, b, chunk, layers) for b, chunk in zip(batches, chunks)]
 
     def one_pass(keep: bool):
-        results = []
+        results, logits = [], []
         for batch, request in zip(batches, requests):
             if args.mode == "plain":
-                plain_logits(adapter, batch)
+                logits.append(plain_logits(adapter, batch))
             elif args.mode == "paper":
-                results.append(paper_reductions(adapter, batch))
+                results.append(paper_reductions(adapter, batch, request))
             else:
-                results += capture(adapter, batch, request)[0]
+                recorded, captured = capture(adapter, batch, request)
+                results += recorded
+                logits.append(captured)
         if args.device == "cuda":
             torch.cuda.synchronize()
-        return results if keep else None
+        return (results, logits) if keep else None
 
-    reductions = one_pass(keep=True)  # warm-up, and the numbers to compare
+    reductions, logits = one_pass(keep=True)  # warm-up, and the numbers to compare
     _reset_peak(args.device)
     seconds = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         one_pass(keep=False)
         seconds.append((time.perf_counter() - start) / args.samples)
-    if args.dump and reductions:
-        np.savez(args.dump, **{f"{i}_{k}": v for i, r in enumerate(reductions) for k, v in r.items()})
+    if args.dump:
+        arrays = {f"{i}_{k}": v for i, r in enumerate(reductions) for k, v in r.items()}
+        if logits:
+            arrays["logits"] = torch.cat(logits).numpy()
+        np.savez(args.dump, **arrays)
     return {"mode": args.mode, "seconds_per_sample": statistics.median(seconds), "runs": seconds,
             "peak_memory_mb": _peak_mb(args.device), "batch_size": batch_size,
             "num_layers": adapter.num_layers, "num_heads": adapter.num_heads,
             "image_tokens": int(len(batches[0].layouts[0].image_positions)),
-            "sequence_length": int(batches[0].layouts[0].length), "threads": torch.get_num_threads()}
+            "sequence_length": int(batches[0].layouts[0].length), "threads": torch.get_num_threads(),
+            "rows": _rows_per_layer(adapter, requests)}
+
+
+def _rows_per_layer(adapter, requests) -> dict:
+    """The attention rows the engine computes per sample in each recorded layer (mean over the samples)."""
+    lm, vision = [], []
+    for request in requests:
+        for b, cells in enumerate(request.vision_cells):
+            lm.append(len(np.unique(np.concatenate([pairs[b][0] for pairs in request.blocks.values()]))))
+            vision.append(len(adapter.vision_query_rows(cells)))
+    return {"language_model": float(np.mean(lm)), "vision": float(np.mean(vision))}
 
 
 def _reset_peak(device: str) -> None:
@@ -204,6 +224,7 @@ def main() -> None:
         print(f"{mode}: {modes[mode]['seconds_per_sample']:.4f} s/sample, peak {modes[mode]['peak_memory_mb']:.0f} MB",
               file=sys.stderr)
     paper, engine = np.load(tmp / "paper.npz"), np.load(tmp / "engine.npz")
+    logits_diff = float(np.abs(engine["logits"] - np.load(tmp / "plain.npz")["logits"]).max())
     max_abs_diff = {}
     for key in paper.files:
         name = key.split("_", 1)[1]
@@ -220,6 +241,7 @@ def main() -> None:
         "extra_peak_mb": {"paper": extra_paper, "engine": extra_engine},
         "memory_saving_vs_paper": extra_paper / extra_engine if extra_engine > 0 else None,
         "max_abs_diff": max_abs_diff,
+        "logits_max_abs_diff_vs_plain": logits_diff,
     }
     out = args.out or REPO / "bench" / "results" / (
         f"{args.model}-{args.size}-{args.device}" + (f"-L{args.text_layers}" if args.text_layers else "") + ".json")

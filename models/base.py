@@ -287,8 +287,16 @@ class VLMAdapter:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    def lm_layers(self) -> torch.nn.ModuleList:
+        """The language model's decoder layers, in order."""
+        return self.model.model.language_model.layers
+
     def lm_attention_modules(self) -> list[torch.nn.Module]:
-        return [layer.self_attn for layer in self.model.model.language_model.layers]
+        return [layer.self_attn for layer in self.lm_layers()]
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the last decoder layer's output ``hidden`` (..., D): final norm, then the LM head."""
+        return self.model.lm_head(self.model.model.language_model.norm(hidden))
 
     def vision_attention_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError
@@ -383,16 +391,15 @@ class VLMAdapter:
         return prompt.replace(token, token * n_image_tokens, 1)
 
     # -- vision encoder maps -----------------------------------------------
-    def vision_to_grid(self, attn: torch.Tensor, image_index: int, inputs: dict) -> torch.Tensor:
-        """Map one image's head-mean vision self-attention (N, N) to the image-token grid.
-
-        Returns (gh*gw, gh*gw) in raster order with rows renormalised: CLS dropped
-        (LLaVA) or merge-window order undone and pooled to merged cells (Qwen2-VL).
-        """
+    def vision_query_rows(self, cells: np.ndarray) -> np.ndarray:
+        """The vision-encoder token rows (within one image's call) of image-token grid ``cells`` (raster), in the
+        order ``vision_to_grid`` reads them."""
         raise NotImplementedError
 
-    def vision_chunk_sizes(self, inputs: dict) -> list[int]:
-        """How many vision tokens each image of the batch has, in call order."""
+    def vision_to_grid(self, rows: torch.Tensor) -> torch.Tensor:
+        """One image's head-mean vision self-attention rows ``vision_query_rows(cells)`` (R, N) -> (len(cells),
+        gh*gw) on the image-token grid, raster order, rows renormalised: CLS dropped (LLaVA) or a merged cell's
+        patches pooled (Qwen2-VL)."""
         raise NotImplementedError
 
     # -- bookkeeping ---------------------------------------------------------

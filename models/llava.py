@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -80,10 +81,9 @@ class LlavaAdapter(VLMAdapter):
     def vision_attention_modules(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]
 
-    def vision_chunk_sizes(self, inputs: dict) -> list[int]:
-        # CLIP runs the whole batch in one call per layer: one chunk per image.
-        return [self._patch_grid ** 2 + 1] * int(inputs["pixel_values"].shape[0])
+    def vision_query_rows(self, cells: np.ndarray) -> np.ndarray:
+        return np.asarray(cells) + 1  # after CLS
 
-    def vision_to_grid(self, attn: torch.Tensor, image_index: int, inputs: dict) -> torch.Tensor:
-        patches = attn[1:, 1:]  # drop CLS row and column
+    def vision_to_grid(self, rows: torch.Tensor) -> torch.Tensor:
+        patches = rows[:, 1:]  # drop the CLS column
         return patches / patches.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -39,9 +40,9 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|image_pad|>", "<|video_pad|>"]
 
 
-def pool_merge_windows(attn: torch.Tensor, merge: int) -> torch.Tensor:
-    """One image's ViT attention (N, N), patches in merge-window order -> (N/m^2, N/m^2)
-    on the merged grid, raster order.
+def pool_merge_windows(rows: torch.Tensor, merge: int) -> torch.Tensor:
+    """ViT attention rows of whole merged cells (m*m consecutive query patches per cell, keys in merge-window
+    order) -> (cells, N/m^2) on the merged grid, raster order.
 
     In merge-window order the m*m patches of a merged cell are consecutive and the
     cells follow each other in raster order of the merged grid (the order of the
@@ -49,8 +50,7 @@ def pool_merge_windows(attn: torch.Tensor, merge: int) -> torch.Tensor:
     over a cell's query patches, sum over its key patches (rows still sum to 1).
     """
     k = merge * merge
-    n = attn.shape[0] // k
-    return attn.view(n, k, n, k).mean(1).sum(-1)
+    return rows.view(rows.shape[0] // k, k, rows.shape[1] // k, k).mean(1).sum(-1)
 
 
 class Qwen2VLAdapter(VLMAdapter):
@@ -175,8 +175,9 @@ class Qwen2VLAdapter(VLMAdapter):
     def vision_attention_modules(self) -> list[torch.nn.Module]:
         return [block.attn for block in self.model.model.visual.blocks]
 
-    def vision_chunk_sizes(self, inputs: dict) -> list[int]:
-        return [int(t * h * w) for t, h, w in inputs["image_grid_thw"].tolist()]
+    def vision_query_rows(self, cells: np.ndarray) -> np.ndarray:
+        k = self.merge * self.merge  # a merged cell's patches, consecutive in merge-window order
+        return (np.asarray(cells)[:, None] * k + np.arange(k)).reshape(-1)
 
-    def vision_to_grid(self, attn: torch.Tensor, image_index: int, inputs: dict) -> torch.Tensor:
-        return pool_merge_windows(attn, self.merge)
+    def vision_to_grid(self, rows: torch.Tensor) -> torch.Tensor:
+        return pool_merge_windows(rows, self.merge)

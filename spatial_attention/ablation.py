@@ -54,7 +54,7 @@ import logging
 import math
 import re
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from spatial_attention import controls
-from spatial_attention.capture import AttentionHook, active, last_position_logits, plain_logits
+from spatial_attention.capture import AttentionHook, active, last_position_logits
 from spatial_attention.cli import HelpFormatter, add_model_args, user_errors_exit
 from spatial_attention.corner_results import CornerRun, load_corner_run
 from spatial_attention.counterfactual import CORNER_PROMPT, CornerDataset, Pair, fill_corner_prompt, read_dataset
@@ -71,9 +71,10 @@ from spatial_attention.errors import DataError, OptionError
 from spatial_attention.figures import save_figure
 from spatial_attention.heads import top_cells
 from spatial_attention.options import INIT_SEED_KEY, ModelOptions, check_at_least, checkpoint_name
+from spatial_attention.prefix import run_prefix, upper_logits
 from spatial_attention.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run, write_atomic,
                                      write_json)
-from spatial_attention.runloop import (Results, check_identity, join_processes, load_run, open_results,
+from spatial_attention.runloop import (Results, Run, check_identity, join_processes, load_run, open_results,
                                        recorded_identity, resumable_map)
 from spatial_attention.shapeworld import load_rgb
 from spatial_attention.stats import bootstrap_ci
@@ -201,41 +202,46 @@ def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) 
 class HeadAblation(AttentionHook):
     """Replace chosen heads' outputs (before o_proj) with zeros, or with the per-position means
     ``means[layer][:, head]`` (see ``HeadMeans``): at every position, or with ``answer_only`` at each sample's
-    answer position (``for_batch`` says where that is)."""
+    answer position (``for_batch`` says where that is).
 
-    explicit_mask = False  # outputs only: keep sdpa's mask, as the plain model
+    Several head sets at once: the batch holds its inputs once per set, set after set (``Adapter.repeat_batch``
+    order), and the rows of set s get set s's heads replaced (a per-row head mask)."""
 
-    def __init__(self, adapter, heads: list[Head], means: dict[int, torch.Tensor] | None = None,
+    def __init__(self, adapter, head_sets: list[list[Head]], means: dict[int, torch.Tensor] | None = None,
                  answer_only: bool = False):
+        self.sets = len(head_sets)
         self.answer_only = answer_only
-        self.last: torch.Tensor | None = None  # (B,) answer positions of the batch (answer_only)
+        self.last: torch.Tensor | None = None  # (inputs,) answer positions of one copy of the batch (answer_only)
         modules = adapter.lm_attention_modules()
-        self.edits = {}  # module id -> (head indices, replacement vectors (T, k, head_dim) or None)
-        for layer in sorted({layer for layer, _ in heads}):
+        self.edits = {}  # module id -> ((sets, heads) bool: which heads each set replaces, (T, heads, head_dim) or None)
+        for layer in sorted({layer for heads in head_sets for layer, _ in heads}):
             device = next(modules[layer].parameters()).device  # its own GPU under --device-map
-            index = torch.tensor([h for l, h in heads if l == layer], device=device)
-            self.edits[id(modules[layer])] = (index, None if means is None else means[layer][:, index])
+            chosen = torch.zeros(self.sets, adapter.num_heads, dtype=torch.bool)
+            for s, heads in enumerate(head_sets):
+                chosen[s, [h for l, h in heads if l == layer]] = True
+            self.edits[id(modules[layer])] = (chosen.to(device), None if means is None else means[layer].to(device))
 
     def for_batch(self, batch) -> HeadAblation:
-        """This hook, set to edit ``batch``'s answer positions (with answer_only)."""
+        """This hook, set to edit ``batch``'s answer positions (with answer_only); ``batch``: one copy of the
+        inputs."""
         self.last = torch.tensor([layout.last_position for layout in batch.layouts])
         return self
 
     def edit_output(self, module, output):
         if id(module) not in self.edits:
             return output
-        index, fill = self.edits[id(module)]
+        chosen, fill = self.edits[id(module)]
+        rows = output.shape[0]
+        if rows % self.sets:
+            raise RuntimeError(f"HeadAblation of {self.sets} head sets on a batch of {rows} rows")
+        where = chosen.repeat_interleave(rows // self.sets, 0)[:, None, :, None]  # (rows, 1, heads, 1)
         if self.answer_only:
-            if self.last is None or len(self.last) != output.shape[0]:
+            if self.last is None or rows != self.sets * len(self.last):
                 raise RuntimeError("HeadAblation(answer_only=True) needs for_batch(batch) before each forward")
-            rows = torch.arange(output.shape[0], device=output.device)[:, None]
-            last = self.last.to(output.device)
-            edited = output.clone()
-            edited[rows, last[:, None], index[None, :]] = 0.0 if fill is None else fill[last].to(output.dtype)
-            return edited
-        if fill is None:
-            return output.index_fill(2, index, 0.0)
-        return output.index_copy(2, index, fill.to(output.dtype).expand(output.shape[0], *fill.shape))
+            at_answer = torch.zeros(rows, output.shape[1], dtype=torch.bool, device=output.device)
+            at_answer[torch.arange(rows, device=output.device), self.last.repeat(self.sets).to(output.device)] = True
+            where = where & at_answer[:, :, None, None]
+        return torch.where(where, output.new_zeros(()) if fill is None else fill.to(output.dtype), output)
 
 
 class HeadMeans(AttentionHook):
@@ -244,8 +250,6 @@ class HeadMeans(AttentionHook):
     The inputs must all have the same length (checked per batch), so that a position means the same token in
     each and no batch is padded.
     """
-
-    explicit_mask = False
 
     def __init__(self, adapter, layers: list[int]):
         self.adapter = adapter
@@ -316,15 +320,25 @@ def head_means(adapter, pairs: list[Pair], prompt: str, layers: list[int], batch
     return recorder.means()
 
 
-def measure(adapter, pairs: list[Pair], prompt: str, hooks: list[HeadAblation],
-            answer_ids: tuple[list[int], list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each hook's head set
-    ablated, for one batch of pairs: one forward unablated, then one per hook."""
+def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]],
+            answer_ids: tuple[list[int], list[int]], means: dict[int, torch.Tensor] | None = None,
+            answer_only: bool = False, sets_per_forward: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each head set ablated, for
+    one batch of pairs.
+
+    One plain forward gives the unablated log-odds and keeps the input of the lowest layer any set ablates
+    (``prefix.run_prefix``); only the layers from there up run again, for ``sets_per_forward`` head sets per
+    forward (the batch repeated once per set, ``HeadAblation``'s per-row head mask)."""
     batch = _encode(adapter, pairs, prompt)
-    base = log_odds(plain_logits(adapter, batch), *answer_ids)
-    ablated = np.stack([log_odds(hooked_logits(adapter, batch, hook.for_batch(batch)), *answer_ids)
-                        for hook in hooks])
-    return base.reshape(len(pairs), 2), ablated.reshape(len(hooks), len(pairs), 2)
+    first = min(layer for heads in head_sets for layer, _ in heads)
+    start, base_logits = run_prefix(adapter, batch, first)
+    ablated = []
+    for i in range(0, len(head_sets), sets_per_forward):
+        sets = head_sets[i:i + sets_per_forward]
+        hook = HeadAblation(adapter, sets, means, answer_only).for_batch(batch)
+        ablated.append(log_odds(upper_logits(adapter, start, len(sets), hook), *answer_ids).reshape(len(sets), -1))
+    base = log_odds(base_logits, *answer_ids)
+    return base.reshape(len(pairs), 2), np.concatenate(ablated).reshape(len(head_sets), len(pairs), 2)
 
 
 def _encode(adapter, pairs: list[Pair], prompt: str):
@@ -408,16 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
         "summary.json, figures/effect_vs_random.png and run.json into the out-dir.")
     add_model_args(parser, None, feed_size="the stats dir's, else the family's")
     controls.add_control_args(parser)
-    parser.add_argument("--stats-dir", type=Path, required=True,
-                        help="the out-dir of head_attention_stats.py for this corner (head_diff_stats_{corner})")
+    parser.add_argument("--dataset", type=Path, nargs="+", required=True,
+                        help="the corner data set folder(s) data/dataset_{corner}; several: each is ablated with its "
+                             "--stats-dir, one model load for all")
+    parser.add_argument("--stats-dir", type=Path, nargs="+", required=True,
+                        help="the out-dir of head_attention_stats.py for each --dataset's corner "
+                             "(head_diff_stats_{corner}), in the same order")
     parser.add_argument("--analysis-dir", type=Path, default=None,
                         help="the out-dir of analyze_corner_heads.py (for --heads shared / unique; default: "
                              "count_shared_unique beside the stats dir)")
-    parser.add_argument("--dataset", type=Path, required=True, help="the corner data set folder data/dataset_{corner}")
     parser.add_argument("--prompt", default=None,
                         help="question asked with every image; '{corner}' becomes 'top left' etc. (default: the "
                              "stats dir's prompt)")
-    parser.add_argument("--heads", default="unique", help=HEADS_HELP)
+    parser.add_argument("--heads", nargs="+", default=["unique"],
+                        help=HEADS_HELP + "; several values: each is ablated on every --dataset")
     parser.add_argument("--mode", choices=["zero", "mean"], default="zero",
                         help="replace an ablated head's output with zeros, or at each position with its mean "
                              "output at that position over the data set's images")
@@ -427,10 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-controls", type=int, default=20,
                         help="random head sets from the same layers, the null distribution of the effect")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
+    parser.add_argument("--sets-per-forward", type=int, default=8,
+                        help="head sets (the chosen one and the random controls) ablated in one forward pass, the "
+                             "batch repeated once per set; lower it if memory runs out")
     parser.add_argument("--out-dir", type=Path, default=None,
-                        help="output folder (default: ablation_{corner}_{heads}); one that holds an ablation made "
-                             "with other settings is refused, an unfinished one with the same settings resumes, a "
-                             "finished one is left as it is")
+                        help="output folder of one ablation (one --dataset, one --heads; default: "
+                             "ablation_{corner}_{heads} in --out-parent); one that holds an ablation made with other "
+                             "settings is refused, an unfinished one with the same settings resumes, a finished one "
+                             "is left as it is")
+    parser.add_argument("--out-parent", type=Path, default=Path("."),
+                        help="where each ablation's folder ablation_{corner}_{heads} goes, without --out-dir")
     return parser
 
 
@@ -442,40 +466,98 @@ def main(argv=None) -> None:
     if args.layers:
         raise OptionError("--layers does not apply here: --heads names the layers")
     options = ModelOptions.from_args(args.model, args)
-    check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs)
-    dataset = read_dataset(args.dataset, args.max_pairs)
-    check_images(dataset.pairs)
-    out = args.out_dir or Path(f"ablation_{dataset.corner}_{re.sub(r'[^0-9A-Za-z]+', '-', args.heads)}")
+    check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs,
+                   sets_per_forward=args.sets_per_forward)
+    if len(args.stats_dir) != len(args.dataset):
+        raise OptionError(f"--stats-dir: {len(args.stats_dir)} given for {len(args.dataset)} --dataset; give each "
+                          "data set's stats dir, in the same order")
+    datasets = [read_dataset(path, args.max_pairs) for path in args.dataset]
+    for dataset in datasets:
+        check_images(dataset.pairs)
+    jobs = [Job(dataset, stats_dir, args.analysis_dir, heads, args.out_dir or args.out_parent / default_out(
+                dataset.corner, heads)) for dataset, stats_dir in zip(datasets, args.stats_dir) for heads in args.heads]
+    if args.out_dir and len(jobs) > 1:
+        raise OptionError(f"--out-dir {args.out_dir}: names one ablation's folder, but {len(datasets)} --dataset x "
+                          f"{len(args.heads)} --heads make {len(jobs)}; give --out-parent instead")
     seeds = controls.init_seeds(args)
-    if seeds is None:
-        jobs = [(options, args.stats_dir, args.analysis_dir, out)]
-    else:  # each initialisation ablates the heads its own stats and analysis found
-        jobs = [(replace(options, random_init_seed=seed), controls.counterpart(args.stats_dir, seed, "--stats-dir"),
-                 controls.counterpart(args.analysis_dir, seed, "--analysis-dir")
-                 if args.analysis_dir and args.heads in ("shared", "unique") else None,
-                 controls.seed_folder(out, seed)) for seed in seeds]
-    is_main = [_ablate(args, dataset, *job) for job in jobs][-1]
+    models = [(options, jobs)] if seeds is None else [  # each initialisation ablates the heads its own analysis found
+        (replace(options, random_init_seed=seed), [job.for_control(seed) for job in jobs]) for seed in seeds]
+    is_main = [_ablate(args, model_options, model_jobs) for model_options, model_jobs in models][-1]
     if is_main:
-        controls.write_comparison(out, ITEM_METRICS, seed=options.seed)
+        for job in jobs:
+            controls.write_comparison(job.out, ITEM_METRICS, seed=options.seed)
 
 
-def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path, analysis_dir: Path | None,
-            out: Path) -> bool:
-    """The ablation with one model (the checkpoint, or one initialisation of the control) into ``out``;
-    returns whether this is the main process."""
-    stats = load_corner_run(stats_dir)
+def default_out(corner: str, heads: str) -> str:
+    """An ablation's folder name: ablation_{corner}_{heads}, every character of heads other than a letter or a
+    digit a '-' (top:4 -> top-4), as run_corner_experiments.sh names it."""
+    return f"ablation_{corner}_{re.sub(r'[^0-9A-Za-z]', '-', heads)}"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One ablation: the heads ``heads`` names, on one corner's data set, into ``out``."""
+
+    dataset: CornerDataset
+    stats_dir: Path
+    analysis_dir: Path | None
+    heads: str
+    out: Path
+
+    def for_control(self, seed: int) -> Job:
+        """The same ablation on initialisation ``seed`` of the random-weights control: its own stats and
+        analysis, into its seed folder."""
+        analysis = (controls.counterpart(self.analysis_dir, seed, "--analysis-dir")
+                    if self.analysis_dir and self.heads in ("shared", "unique") else None)
+        return replace(self, stats_dir=controls.counterpart(self.stats_dir, seed, "--stats-dir"),
+                       analysis_dir=analysis, out=controls.seed_folder(self.out, seed))
+
+
+def _ablate(args, options: ModelOptions, jobs: list[Job]) -> bool:
+    """The ablations ``jobs`` with one model (the checkpoint, or one initialisation of the control), loaded once
+    for all of them; returns whether this is the main process."""
+    options, share = join_processes(options)
+    ready = [prepared for job in jobs if (prepared := _prepare(args, options, share, job)) is not None]
+    if not ready:
+        return share.is_main
+    first = ready[0]
+    run = load_run(replace(options, feed_size=first.feed_size), share, vars(args), out=first.out,
+                   data=first.job.dataset.folder)
+    for prepared in ready:
+        _ablate_one(args, run, prepared)
+    return share.is_main
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An ablation checked and its results folder opened, before the model loads."""
+
+    job: Job
+    stats: CornerRun
+    chosen: list[Head]
+    prompt: str
+    out: Path
+    feed_size: int | None
+    head_sets: list[list[Head]]
+    settings: dict
+    results: Results
+
+
+def _prepare(args, options: ModelOptions, share, job: Job) -> Prepared | None:
+    """``job`` checked against its stats dir and its out-dir opened; None where it is already finished."""
+    stats = load_corner_run(job.stats_dir)
     check_stats_model(stats, options)
-    chosen = parse_heads(args.heads, stats, analysis_dir or stats_dir.parent / "count_shared_unique")
-    check_heads_in_stats_model(chosen, args.heads, stats)
-    pairs, corner = dataset.pairs, dataset.corner
+    chosen = parse_heads(job.heads, stats, job.analysis_dir or job.stats_dir.parent / "count_shared_unique")
+    check_heads_in_stats_model(chosen, job.heads, stats)
+    pairs, corner = job.dataset.pairs, job.dataset.corner
     if corner != stats.corner:
         log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, stats.corner)
     prompt = ablation_prompt(args.prompt, stats, corner)
-    out = check_output_dir(out, "--out-dir")
-    options = replace(options, feed_size=options.feed_size or stats_feed_size(stats))
+    out = check_output_dir(job.out, "--out-dir")
+    feed_size = options.feed_size or stats_feed_size(stats)
     head_sets = [chosen] + random_head_sets(chosen, int(stats.meta["H"]), args.random_controls, options.seed)
     # the pairs used too: the summary covers them, and in mean mode the means are taken over them
-    settings = {**dataset.identity, "--max-pairs (pairs used)": len(pairs), "--prompt": prompt,
+    settings = {**job.dataset.identity, "--max-pairs (pairs used)": len(pairs), "--prompt": prompt,
                 "--heads": list(map(head_name, chosen)), "--mode": args.mode,
                 **({} if args.positions == "all" else {"--positions": args.positions}),  # older folders: all
                 "--random-controls": args.random_controls,
@@ -483,49 +565,61 @@ def _ablate(args, dataset: CornerDataset, options: ModelOptions, stats_dir: Path
                 "--seed": options.seed}
     results = Results(out / PAIRS_FILE, item_key=lambda pair: pair.id, record_key=lambda record: record["id"],
                       check=lacks_keys("id", "log_odds", "ablated_log_odds"), option="--out-dir")
-    options, share = join_processes(options)
-    share.main_checks(lambda: open_results(results, {**options.identity(), **settings}))
+    job_options = replace(options, feed_size=feed_size)
+    share.main_checks(lambda: open_results(results, {**job_options.identity(), **settings}))
     if finished(out, results, pairs):
         log.info("%s already holds this ablation, finished with the same settings; delete it to redo it", out)
-        return share.is_main
-    run = load_run(options, share, vars(args), out=out, data=args.dataset)
-    adapter = run.adapter
-    if stats.full.shape[1] != adapter.num_heads:
-        raise DataError(f"{stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
-                        f"{adapter.num_heads}; the stats dir comes from another model")
-    check_heads(chosen, args.heads, adapter.num_layers, adapter.num_heads)
-    log.info("%s: ablating %s (%s, mode %s, %s positions) on %d pairs, %d random controls", corner,
-             " ".join(map(head_name, chosen)), args.heads, args.mode, args.positions, len(pairs), args.random_controls)
+        return None
+    return Prepared(job, stats, chosen, prompt, out, feed_size, head_sets, settings, results)
 
-    identity = {**run.identity(), **settings}
-    share.main_checks(lambda: check_identity(results.path, identity, "--out-dir"))  # before run.json changes
-    record = run.record(dataset=str(args.dataset))
+
+def _ablate_one(args, run: Run, prepared: Prepared) -> None:
+    """One prepared ablation with the loaded model of ``run``."""
+    job, stats, chosen, head_sets, prompt = prepared.job, prepared.stats, prepared.chosen, prepared.head_sets, \
+        prepared.prompt
+    pairs, corner, out, share = job.dataset.pairs, job.dataset.corner, prepared.out, run.share
+    adapter = run.adapter
+    if prepared.feed_size:
+        adapter.set_feed_size(prepared.feed_size)
+    settings = {**run.settings, "dataset": str(job.dataset.folder), "stats_dir": str(job.stats_dir),
+                "analysis_dir": job.analysis_dir and str(job.analysis_dir), "heads": job.heads, "out_dir": str(out)}
+    run = replace(run, options=replace(run.options, feed_size=prepared.feed_size), out=out, data=job.dataset.folder,
+                  settings=settings)  # run.json: this ablation's own inputs
+    if stats.full.shape[1] != adapter.num_heads:
+        raise DataError(f"{job.stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
+                        f"{adapter.num_heads}; the stats dir comes from another model")
+    check_heads(chosen, job.heads, adapter.num_layers, adapter.num_heads)
+    log.info("%s: ablating %s (%s, mode %s, %s positions) on %d pairs, %d random controls", corner,
+             " ".join(map(head_name, chosen)), job.heads, args.mode, args.positions, len(pairs), args.random_controls)
+
+    identity = {**run.identity(), **prepared.settings}
+    share.main_checks(lambda: check_identity(prepared.results.path, identity, "--out-dir"))  # before run.json changes
+    record = run.record(dataset=str(job.dataset.folder))
     if share.is_main:
         start_run(out / "run.json", record)
     answer_ids = yes_no_ids(adapter.tokenizer)
     layers = sorted({layer for heads in head_sets for layer, _ in heads})
     means = head_means(adapter, pairs, prompt, layers, run.batch_size) if args.mode == "mean" else None
-    hooks = [HeadAblation(adapter, heads, means, answer_only=args.positions == "answer") for heads in head_sets]
 
     def ablate(chunk: list[Pair]) -> list[dict]:
-        base, ablated = measure(adapter, chunk, prompt, hooks, answer_ids)
+        base, ablated = measure(adapter, chunk, prompt, head_sets, answer_ids, means,
+                                answer_only=args.positions == "answer", sets_per_forward=args.sets_per_forward)
         return [{"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
                 for i, pair in enumerate(chunk)]
 
-    records = resumable_map(share, results, pairs, ablate, identity, batch_size=run.batch_size,
-                            desc=f"ablation ({len(hooks)} head sets)", unit="pair")
+    records = resumable_map(share, prepared.results, pairs, ablate, identity, batch_size=run.batch_size,
+                            desc=f"ablation {corner} {job.heads} ({len(head_sets)} head sets)", unit="pair")
     if not share.is_main:
-        return False
+        return
     base = np.array([r["log_odds"] for r in records])  # [N, 2]
     ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
-    metrics = write_outputs(out, adapter, pairs, corner, prompt, args.heads, args.mode, args.positions, options.seed,
+    metrics = write_outputs(out, adapter, pairs, corner, prompt, job.heads, args.mode, args.positions, run.options.seed,
                             head_sets, base, ablated, answer_ids)
     finish_run(out / "run.json", record)
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "
              "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
-    return True
 
 
 def _pair_effects(record: dict) -> dict[str, float]:

@@ -4,30 +4,33 @@ device while the model runs, never the full per-layer tensors.
 How it works. transformers 5 looks a model's attention function up by name. We
 register one name, ``spatial_attention``, for every attention module of both
 families (the Llama / Qwen2 language models, CLIP, the Qwen2-VL ViT) and load
-the models with it. While no capture is active the function is plain sdpa (and
-the mask function is sdpa's), so the model is exactly what a user would run.
-During a capture, the layers that are recorded compute their attention once in
-fp32 -- softmax(q k^T * scaling + mask) -- use those probabilities both for the
-layer's output and for the requested reductions, then drop them; other layers
-stay on sdpa. The eager mask function is used during a capture, because a
-recomputation without an explicit mask would silently be non-causal.
+the models with it, with sdpa's mask function. Every layer's output comes from
+the same sdpa call the plain model makes, so a captured forward is the plain
+forward, kernel for kernel. For a recorded layer the engine also computes, in
+fp32, the attention rows of just the query positions the request reads:
+softmax(q_rows k^T * scaling + mask rows) over the full key range, with each
+query head against its KV head (grouped-query attention) and the mask rows
+taken from the layer's own mask (or sdpa's causal rule where it has none). That
+is O(rows x T) work and memory per layer instead of O(T^2). The rows are reduced
+on the device and dropped.
 
 Recorded points (all per sample, on the device, fp32):
 
 - ``blocks[name]``: the attention of chosen query rows onto chosen key columns
-  of the language model (e.g. caption tokens x image tokens, image x image),
-  averaged over heads and the selected layers (``keep="mean"``), or kept per
-  layer (``"layer"``) or per layer and head (``"layer_head"``);
+  of the language model (e.g. caption tokens x image tokens, seed cells x
+  image), averaged over heads and the selected layers (``keep="mean"``), or
+  kept per layer (``"layer"``) or per layer and head (``"layer_head"``);
 - ``last_mass``: per (selected layer, head), the attention mass of the last
   real position onto chosen key columns (the corner experiments' head score);
-- ``vision``: the vision encoder's self-attention on the image-token grid,
-  per layer: head mean, adapter-specific mapping (CLS dropped / merge windows
-  undone and pooled), rows renormalised; then averaged over the layers the
-  language model sees (metrics.md).
+- ``vision``: the vision encoder's self-attention rows of chosen image-token
+  grid cells (``vision_cells``), per layer: head mean, mapped to the grid by the
+  adapter (CLS dropped / a merged cell's patches pooled), rows renormalised;
+  then averaged over the layers the language model sees (metrics.md).
 
-Padding: batches are right-padded (``VLMAdapter.encode``), so every real token
-sees exactly what it would see alone and the last real position is
-``layout.last_position``.
+All the rows one sample needs in one layer are computed together (the union of
+every block's rows and the answer row). Padding: batches are right-padded
+(``VLMAdapter.encode``), so every real token sees exactly what it would see
+alone and the last real position is ``layout.last_position``.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "spatial_attention"
 KEEP_MODES = ("mean", "layer", "layer_head")
@@ -47,17 +50,13 @@ KEEP_MODES = ("mean", "layer", "layer_head")
 class AttentionHook:
     """What an active capture (or ablation) does inside the attention function."""
 
-    # The eager (explicit) mask while this hook is active, which ``wants_probabilities`` needs.
-    # A hook that only edits outputs sets False and keeps sdpa's mask, so that with nothing
-    # edited the forward is the plain model's, kernel for kernel.
-    explicit_mask = True
-
-    def wants_probabilities(self, module: torch.nn.Module) -> bool:
-        """Whether this module's attention must be computed explicitly (fp32) this pass."""
-        return False
+    def query_rows(self, module: torch.nn.Module, query_shape: torch.Size) -> torch.Tensor | None:
+        """(batch, rows) query positions of this call (query: (batch, heads, q, head_dim)) whose attention rows
+        ``observe`` wants; None: none."""
+        return None
 
     def observe(self, module: torch.nn.Module, probs: torch.Tensor) -> None:
-        """Called with (batch, heads, q, k) fp32 probabilities of a module that wanted them."""
+        """Called with the (batch, heads, rows, keys) fp32 probabilities of the rows ``query_rows`` asked for."""
 
     def edit_output(self, module: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
         """Called with the per-head output (batch, q, heads, head_dim) before the output projection."""
@@ -81,45 +80,66 @@ def active(hook: AttentionHook):
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                       **kwargs)
     hook = _active_hook
-    if hook is None or not hook.wants_probabilities(module):
-        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                           scaling=scaling, **kwargs)
-    else:
-        groups = getattr(module, "num_key_value_groups", 1)
-        scores = torch.matmul(query.float(), repeat_kv(key, groups).float().transpose(2, 3))
-        scores.mul_(scaling if scaling is not None else query.shape[-1] ** -0.5)
-        if attention_mask is not None:
-            scores.add_(attention_mask[:, :, :, : key.shape[-2]].float())
-        probs = softmax_in_place(scores)
-        del scores
-        output = torch.matmul(probs, repeat_kv(value, groups).float()).to(query.dtype).transpose(1, 2)
-        hook.observe(module, probs)
-        del probs
     if hook is not None:
+        rows = hook.query_rows(module, query.shape)
+        if rows is not None:
+            hook.observe(module, row_probabilities(module, query, key, attention_mask, scaling, rows,
+                                                   kwargs.get("is_causal")))
         output = hook.edit_output(module, output)
     return output.contiguous(), None
 
 
+def row_probabilities(module, query, key, attention_mask, scaling, rows, is_causal=None) -> torch.Tensor:
+    """fp32 attention probabilities (B, H, R, K) of the query positions ``rows`` (B, R) of one attention call.
+
+    Exactly the rows of the full softmax(q k^T * scaling + mask): each row is taken over every key, query head h
+    meets KV head h // groups (grouped-query attention, as repeat_kv pairs them), and the mask rows are the call's
+    own mask's, or sdpa's causal rule (query i sees keys <= i) where the call has no mask.
+    """
+    batch, heads, _, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    n_rows = rows.shape[1]
+    picked = query.gather(2, rows[:, None, :, None].expand(batch, heads, n_rows, dim)).float()
+    # (B, H, R, d) -> (B, KV, groups * R, d): a KV head's query heads are consecutive
+    scores = torch.matmul(picked.view(batch, kv_heads, -1, dim), key.float().transpose(2, 3))
+    scores = scores.view(batch, heads, n_rows, keys).mul_(scaling if scaling is not None else dim ** -0.5)
+    bias = _row_bias(module, attention_mask, rows, query.shape[2], keys, is_causal)
+    if bias is not None:
+        scores.add_(bias)
+    return softmax_in_place(scores)
+
+
+def _row_bias(module, attention_mask, rows, q_len, keys, is_causal) -> torch.Tensor | None:
+    """The additive mask (B, 1 or H, R, K) of the query positions ``rows``; None where every key is seen."""
+    blocked = torch.finfo(torch.float32).min
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if not (causal and q_len > 1):  # sdpa's rule: one query (decoding) sees every key
+            return None
+        allowed = torch.arange(keys, device=rows.device) <= rows[:, :, None]
+        return torch.zeros(allowed.shape, device=rows.device).masked_fill_(~allowed, blocked)[:, None]
+    mask = attention_mask[..., :keys]
+    mask = mask.expand(rows.shape[0], *mask.shape[1:])
+    picked = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, keys))
+    if picked.dtype == torch.bool:
+        return torch.zeros(picked.shape, device=picked.device).masked_fill_(~picked, blocked)
+    return picked.float()
+
+
 def softmax_in_place(scores: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last dimension, overwriting ``scores``: at a ViT's 2304 patches a
-    second (B, H, T, T) fp32 buffer would be another 170 MB."""
+    """Softmax over the last dimension, overwriting ``scores``."""
     probs = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
     return probs.div_(probs.sum(dim=-1, keepdim=True))
 
 
-def _mask(*args, **kwargs):
-    # sdpa's mask (None for plain causal) unless a hook needs explicit probabilities.
-    if _active_hook is None or not _active_hook.explicit_mask:
-        return sdpa_mask(*args, **kwargs)
-    return eager_mask(*args, **kwargs)
-
-
 def register() -> None:
-    """Register the engine's attention and mask functions (idempotent)."""
+    """Register the engine's attention function, with sdpa's mask function (idempotent)."""
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, _attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, _mask)
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 register()
@@ -133,7 +153,7 @@ class CaptureRequest:
     blocks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)  # name -> per sample (rows, cols)
     keep: str = "mean"
     last_mass: list[np.ndarray] | None = None  # per sample: key positions
-    vision: bool = False
+    vision_cells: list[np.ndarray] | None = None  # per sample: image-token grid cells (raster) whose ViT rows to record
 
     def __post_init__(self):
         if self.keep not in KEEP_MODES:
@@ -143,8 +163,7 @@ class CaptureRequest:
 def _indexer(positions, device) -> slice | torch.Tensor:
     """A slice where the positions are one contiguous run (image tokens are), else an index tensor.
 
-    Slicing takes a view; index_select copies, which on the CPU cost about a sixth
-    of a recorded forward pass.
+    Slicing takes a view; index_select copies.
     """
     positions = np.asarray(positions, dtype=np.int64)
     if positions.size and np.array_equal(positions, np.arange(positions[0], positions[0] + positions.size)):
@@ -158,37 +177,70 @@ def _select(tensor: torch.Tensor, dim: int, index: slice | torch.Tensor) -> torc
     return tensor.index_select(dim, index)
 
 
+def _padded_rows(row_lists: list[np.ndarray], device) -> torch.Tensor:
+    """(B, R) row positions, each sample's list padded with its first row to the longest (a repeated row is
+    computed and ignored)."""
+    width = max(len(r) for r in row_lists)
+    return torch.as_tensor(np.stack([np.pad(r, (0, width - len(r)), mode="edge") if len(r) else np.zeros(width)
+                                     for r in row_lists]).astype(np.int64), device=device)
+
+
 class _Recorder(AttentionHook):
-    def __init__(self, adapter, batch, request: CaptureRequest):
+    def __init__(self, adapter, batch, request: CaptureRequest, answer_rows: list[int] | None = None):
+        """``answer_rows``: the row whose mass ``last_mass`` sums, per sample (default: the last real position;
+        -1: the last query of each call, for generation)."""
         self.adapter, self.batch, self.request = adapter, batch, request
         device = adapter.device
         self.lm_index = {id(m): i for i, m in enumerate(adapter.lm_attention_modules())}
         self.slot = {layer: s for s, layer in enumerate(request.layers)}  # layer -> position among selected
-        self.vision_index = {}
-        if request.vision:
-            wanted = set(adapter.vision_map_layers())
-            self.vision_index = {id(m): i for i, m in enumerate(adapter.vision_attention_modules()) if i in wanted}
-            self.vision_layers = len(wanted)
-            self.vision_calls = {}  # module id -> images seen so far (Qwen2-VL calls once per image)
-            self.vision_sum = [None] * len(batch)
-        self.blocks = {name: [(_indexer(r, device), _indexer(c, device)) for r, c in pairs]
-                       for name, pairs in request.blocks.items()}
+        answer_rows = answer_rows or [lay.last_position for lay in batch.layouts]
+        # each sample's rows: the union of every block's rows and the answer row
+        row_lists = []
+        for b in range(len(batch)):
+            parts = [np.asarray(pairs[b][0], dtype=np.int64) for pairs in request.blocks.values()]
+            if request.last_mass is not None:
+                parts.append(np.array([answer_rows[b]]))
+            row_lists.append(np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64))
+        self.lm_rows = _padded_rows(row_lists, device) if any(len(r) for r in row_lists) else None
+        self.relative_rows = any(r < 0 for r in answer_rows)  # counted from each call's last query
+        self.blocks = {name: [(_indexer(np.searchsorted(row_lists[b], r), device), _indexer(c, device))
+                              for b, (r, c) in enumerate(pairs)] for name, pairs in request.blocks.items()}
         self.block_sum = {name: [None] * len(batch) for name in request.blocks}
         self.last_cols = None
         if request.last_mass is not None:
             self.last_cols = [_indexer(c, device) for c in request.last_mass]
-            self.last_rows = [lay.last_position for lay in batch.layouts]
+            self.answer_slot = [int(np.searchsorted(row_lists[b], answer_rows[b])) for b in range(len(batch))]
             self.mass = torch.zeros(len(batch), len(request.layers), adapter.num_heads, device=device)
             self.mass_passes = [0] * len(request.layers)  # > 1 when generating: averaged over steps
+        self.vision_index = {}
+        if request.vision_cells is not None:
+            wanted = set(adapter.vision_map_layers())
+            self.vision_index = {id(m): i for i, m in enumerate(adapter.vision_attention_modules()) if i in wanted}
+            self.vision_layers = len(wanted)
+            vision_rows = [np.asarray(adapter.vision_query_rows(np.asarray(c, np.int64)), np.int64)
+                           for c in request.vision_cells]
+            self.vision_row_counts = [len(r) for r in vision_rows]
+            self.vision_rows = _padded_rows(vision_rows, device) if any(self.vision_row_counts) else None
+            self.vision_calls = {}  # module id -> images seen so far (Qwen2-VL calls once per image)
+            self.vision_images = range(0)  # the images of the current call
+            self.vision_sum = [None] * len(batch)
 
-    def wants_probabilities(self, module):
+    def query_rows(self, module, query_shape):
         key = id(module)
-        return (key in self.lm_index and self.lm_index[key] in self.slot) or key in self.vision_index
+        if key in self.vision_index:  # CLIP runs the batch's images in one call, Qwen2-VL's ViT one image per call
+            first = self.vision_calls.get(key, 0)
+            self.vision_images = range(first, first + query_shape[0])
+            self.vision_calls[key] = self.vision_images.stop
+            return None if self.vision_rows is None else self.vision_rows[first:self.vision_images.stop]
+        layer = self.lm_index.get(key)
+        if layer is None or layer not in self.slot or self.lm_rows is None:
+            return None
+        return self.lm_rows + query_shape[2] * (self.lm_rows < 0) if self.relative_rows else self.lm_rows
 
     def observe(self, module, probs):
         key = id(module)
         if key in self.vision_index:
-            self._observe_vision(key, probs)
+            self._observe_vision(probs)
             return
         slot = self.slot[self.lm_index[key]]
         n_layers = len(self.request.layers)
@@ -198,7 +250,7 @@ class _Recorder(AttentionHook):
                 self._accumulate(name, b, slot, block, n_layers)
         if self.last_cols is not None:
             for b, cols in enumerate(self.last_cols):
-                self.mass[b, slot] += _select(probs[b, :, self.last_rows[b]], 1, cols).sum(-1)
+                self.mass[b, slot] += _select(probs[b, :, self.answer_slot[b]], 1, cols).sum(-1)
             self.mass_passes[slot] += 1
 
     def _accumulate(self, name, b, slot, block, n_layers):
@@ -213,15 +265,13 @@ class _Recorder(AttentionHook):
             self.block_sum[name][b] = block.new_zeros(shape)
         self.block_sum[name][b][slot] = block if keep == "layer_head" else block.mean(0)
 
-    def _observe_vision(self, key, probs):
-        mean_heads = probs.mean(1)  # (images in this call, N, N)
-        first = self.vision_calls.get(key, 0)
-        self.vision_calls[key] = first + mean_heads.shape[0]
-        for j in range(mean_heads.shape[0]):
-            image = first + j
-            grid_map = self.adapter.vision_to_grid(mean_heads[j], image, self.batch.inputs) / self.vision_layers
+    def _observe_vision(self, probs):
+        mean_heads = probs.mean(1)  # (images in this call, rows, N)
+        for j, image in enumerate(self.vision_images):
+            rows = mean_heads[j, :self.vision_row_counts[image]]
+            grid_rows = self.adapter.vision_to_grid(rows) / self.vision_layers
             acc = self.vision_sum[image]
-            self.vision_sum[image] = grid_map if acc is None else acc.add_(grid_map)
+            self.vision_sum[image] = grid_rows if acc is None else acc.add_(grid_rows)
 
     def results(self) -> list[dict[str, np.ndarray]]:
         out = []
@@ -230,8 +280,10 @@ class _Recorder(AttentionHook):
             if self.last_cols is not None:
                 passes = torch.tensor(self.mass_passes, device=self.mass.device).clamp_min(1).view(-1, 1)
                 sample["last_mass"] = (self.mass[b] / passes).cpu().numpy()
-            if self.request.vision:
-                sample["vision"] = self.vision_sum[b].float().cpu().numpy()
+            if self.request.vision_cells is not None:
+                total = self.vision_sum[b]
+                sample["vision"] = (np.zeros((0, 0), np.float32) if total is None
+                                    else total.float().cpu().numpy())
             out.append(sample)
         return out
 
@@ -253,10 +305,9 @@ def capture_generate(adapter, batch, request: CaptureRequest, max_new_tokens: in
     row (the prompt's last position first, then each new token), so the score
     is the mean over the ``max_new_tokens`` predictions. Returns (recording, answer).
     """
-    if len(batch) != 1 or request.blocks or request.vision:
+    if len(batch) != 1 or request.blocks or request.vision_cells is not None:
         raise ValueError("capture_generate takes one sample and records last_mass only")
-    recorder = _Recorder(adapter, batch, request)
-    recorder.last_rows = [-1]
+    recorder = _Recorder(adapter, batch, request, answer_rows=[-1])
     with active(recorder):
         ids = adapter.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=adapter.tokenizer.pad_token_id)

@@ -295,13 +295,13 @@ def relation_wasserstein(a: np.ndarray, g: np.ndarray, axis: str) -> float:
 
 # --------------------------------------------------------------------------- seed maps
 
-def seed_map(S: np.ndarray, s: int) -> np.ndarray | None:
-    """Row s of the self-attention matrix S (n, n) with S[s, s] = 0, renormalised: shape (n,).
+def seed_map(row: np.ndarray, s: int) -> np.ndarray | None:
+    """Seed cell s's self-attention row (n,) with its own entry (the diagonal, row[s]) set to 0, renormalised.
 
     None when nothing is left after removing the diagonal (e.g. the first patch under a
     causal mask attends only to itself): there is no map to score.
     """
-    row = np.array(S[s], dtype=np.float64)
+    row = np.array(row, dtype=np.float64)
     row[s] = 0.0
     total = row.sum()
     return None if total <= 0 else row / total

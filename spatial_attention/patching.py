@@ -39,8 +39,6 @@ Head = tuple[int, int]  # (layer, head), both 0-based
 class AnswerOutputs(AttentionHook):
     """Edits nothing; keeps every language-model layer's per-head output at each sample's answer position."""
 
-    explicit_mask = False  # outputs only: the forward stays the plain model's
-
     def __init__(self, adapter, last: torch.Tensor):
         self.layer_of = {id(m): i for i, m in enumerate(adapter.lm_attention_modules())}
         self.last = last  # (B,) each sample's answer position
@@ -56,8 +54,6 @@ class AnswerOutputs(AttentionHook):
 
 class AnswerSwap(AttentionHook):
     """Replaces, per sample (row), one head's output at the answer position with a given vector."""
-
-    explicit_mask = False
 
     def __init__(self, adapter, last: torch.Tensor, heads: list[Head], fills: torch.Tensor):
         """Row i gets head ``heads[i]``'s answer-position output replaced by ``fills[i]`` (head_dim,)."""

@@ -77,19 +77,21 @@ def reference_capture(adapter, batch, request: CaptureRequest) -> tuple[list[dic
             cols = torch.as_tensor(request.last_mass[b])
             sample["last_mass"] = torch.stack(
                 [lm[l][b][:, last[b]][:, cols].sum(-1) for l in request.layers]).numpy()
-        if request.vision:
-            sample["vision"] = _vision_reference(adapter, batch, vision_calls, b)
+        if request.vision_cells is not None:
+            sample["vision"] = _vision_reference(adapter, vision_calls, b, request.vision_cells[b])
         results.append(sample)
     return results, logits
 
 
-def _vision_reference(adapter, batch, vision_calls, image: int) -> np.ndarray:
-    """Layer average of the adapter's grid mapping of each layer's head-mean attention of one image."""
+def _vision_reference(adapter, vision_calls, image: int, cells) -> np.ndarray:
+    """Layer average of the adapter's grid mapping of the chosen cells' rows of each layer's head-mean
+    attention of one image."""
     maps = []
+    rows = torch.as_tensor(adapter.vision_query_rows(np.asarray(cells, np.int64)))
     for layer in adapter.vision_map_layers():
         per_image = torch.cat([c.reshape(-1, *c.shape[-3:]) for c in vision_calls[layer]])  # (images, H, N, N)
         head_mean = per_image[image].double().mean(0)
-        maps.append(adapter.vision_to_grid(head_mean, image, batch.inputs))
+        maps.append(adapter.vision_to_grid(head_mean[rows]))
     return torch.stack(maps).mean(0).numpy()
 
 
@@ -119,9 +121,9 @@ TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 5e-2), torch.f
 
 
 def verification_request(batch, layers: list[int]) -> CaptureRequest:
-    """Every kind of recording the experiments use, for the given layers."""
+    """Every kind of recording the experiments use, for the given layers, over every image cell."""
     lays = batch.layouts
-    return CaptureRequest(layers=layers, vision=True,
+    return CaptureRequest(layers=layers, vision_cells=[np.arange(len(l.image_positions)) for l in lays],
                           blocks={"cross": [(l.text_positions(), l.image_positions) for l in lays],
                                   "image_self": [(l.image_positions, l.image_positions) for l in lays]},
                           last_mass=[l.image_positions for l in lays])

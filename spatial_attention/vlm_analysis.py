@@ -206,42 +206,59 @@ def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int
                    for image, grid, world in zip(fed, grids, worlds)]
     texts = [w.caption.text for w in worlds] * len(kinds)
     batch = adapter.encode(texts, images)
-    word_rows = [_word_rows(layout, w) for layout, w in zip(batch.layouts, worlds * len(kinds))]
-    request = CaptureRequest(
-        layers=layers, vision=True,
-        blocks={"cross": [(np.concatenate(list(rows.values())), lay.image_positions)
-                          for rows, lay in zip(word_rows, batch.layouts)],
-                "image_self": [(lay.image_positions, lay.image_positions) for lay in batch.layouts]})
-    recordings, _ = capture(adapter, batch, request)
+    regions = [world_regions(world, grid) for world, grid in zip(worlds, grids)]
+    seeds = [world_seeds(world, r, seed) for world, r in zip(worlds, regions)]
+    seed_cells = [seed_cells_of(s) for s in seeds] * len(kinds)
+    word_rows = [word_rows_of(layout, w) for layout, w in zip(batch.layouts, worlds * len(kinds))]
+    recordings, _ = capture(adapter, batch, world_request(layers, batch.layouts, word_rows, seed_cells))
 
     outputs = []
     n = len(worlds)
     for i, (world, grid) in enumerate(zip(worlds, grids)):
-        regions = _regions(world, grid)
-        seeds = {"subject": M.entity_seed(regions["subject"]), "object": M.entity_seed(regions["object"]),
-                 "background": M.background_seed(regions["background"],
-                                                 world_rng(seed, world, "background_seed"))}
-        record = _record_head(world, grid, regions)
+        record = _record_head(world, grid, regions[i])
         maps = {}
         for k, kind in enumerate(kinds):
             j = k * n + i
-            kind_maps = _maps(recordings[j], word_rows[j], grid, seeds)
-            record["metrics"][kind] = _metrics(kind_maps, regions, world)
+            kind_maps = _maps(recordings[j], word_rows[j], grid, seeds[i], seed_cells[j])
+            record["metrics"][kind] = _metrics(kind_maps, regions[i], world)
             maps[kind] = kind_maps
-        maps["masks"] = regions
+        maps["masks"] = regions[i]
         maps["images"] = {kind: images[k * n + i] for k, kind in enumerate(kinds)}
         outputs.append((record, maps))
     return outputs
 
 
-def _word_rows(layout, world: World) -> dict[str, np.ndarray]:
+def world_seeds(world: World, regions: dict, seed: int) -> dict[str, int | None]:
+    """The seed cell of each seed map (metrics.md): the subject's and the object's centroid cells and a
+    background cell drawn from the world's own stream (None where there is no background)."""
+    return {"subject": M.entity_seed(regions["subject"]), "object": M.entity_seed(regions["object"]),
+            "background": M.background_seed(regions["background"], world_rng(seed, world, "background_seed"))}
+
+
+def seed_cells_of(seeds: dict[str, int | None]) -> np.ndarray:
+    """The distinct seed cells, sorted: the only rows of the image blocks the seed maps read."""
+    return np.unique(np.array([s for s in seeds.values() if s is not None], dtype=np.int64))
+
+
+def world_request(layers: list[int], layouts, word_rows: list[dict], seed_cells: list[np.ndarray]) -> CaptureRequest:
+    """What experiment 1 records per input: the caption words' rows onto the image (``cross``), and the seed cells'
+    rows of the language model's image block (``image_self``) and of the vision encoder (``vision``)."""
+    return CaptureRequest(
+        layers=layers, vision_cells=seed_cells,
+        blocks={"cross": [(np.concatenate(list(rows.values())), lay.image_positions)
+                          for rows, lay in zip(word_rows, layouts)],
+                "image_self": [(lay.image_positions[cells], lay.image_positions)
+                               for cells, lay in zip(seed_cells, layouts)]})
+
+
+def word_rows_of(layout, world: World) -> dict[str, np.ndarray]:
     """Token positions of the subject's shape word, the object's shape word and the relation word."""
     spans = world.caption.spans()
     return {name: layout.span_positions(*spans[key])
             for name, key in (("subject", "shape1"), ("object", "shape2"), ("relation", "relation"))}
 
 
-def _regions(world: World, grid) -> dict[str, np.ndarray]:
+def world_regions(world: World, grid) -> dict[str, np.ndarray]:
     subject = M.entity_mask(world.subject.bbox, grid)
     obj = M.entity_mask(world.object.bbox, grid)
     subject_only, object_only, background = M.region_masks(subject, obj)
@@ -249,8 +266,10 @@ def _regions(world: World, grid) -> dict[str, np.ndarray]:
             "background": background, "entities": subject | obj}
 
 
-def _maps(recording: dict, rows: dict[str, np.ndarray], grid, seeds: dict) -> dict[str, np.ndarray | None]:
-    """Word maps (rows renormalised over the image, sub-token rows averaged) and seed maps."""
+def _maps(recording: dict, rows: dict[str, np.ndarray], grid, seeds: dict, seed_cells: np.ndarray
+          ) -> dict[str, np.ndarray | None]:
+    """Word maps (rows renormalised over the image, sub-token rows averaged) and seed maps (the image blocks'
+    rows are those of ``seed_cells``)."""
     cross = recording["cross"].astype(np.float64)
     cross = cross / cross.sum(1, keepdims=True)
     maps, start = {}, 0
@@ -258,11 +277,10 @@ def _maps(recording: dict, rows: dict[str, np.ndarray], grid, seeds: dict) -> di
         maps[f"{name}_cross"] = cross[start:start + len(positions)].mean(0).reshape(grid)
         start += len(positions)
     lm = recording["image_self"].astype(np.float64)
-    lm = lm / lm.sum(1, keepdims=True)
     vit = recording["vision"].astype(np.float64)
-    for source, matrix in (("lm", lm), ("vit", vit)):
+    for source, seed_rows in (("lm", lm), ("vit", vit)):
         for name, seed in seeds.items():
-            seed_map = None if seed is None else M.seed_map(matrix, seed)
+            seed_map = None if seed is None else M.seed_map(seed_rows[np.searchsorted(seed_cells, seed)], seed)
             maps[f"{name}_self_{source}"] = None if seed_map is None else seed_map.reshape(grid)
     return maps
 

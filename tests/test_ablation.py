@@ -58,7 +58,7 @@ def test_no_ablation_is_the_plain_model(adapter):
     batch = encode(adapter)
     assert batch.inputs["attention_mask"].min() == 0  # padded
     plain = plain_logits(adapter, batch)
-    assert torch.equal(hooked_logits(adapter, batch, HeadAblation(adapter, [])), plain)
+    assert torch.equal(hooked_logits(adapter, batch, HeadAblation(adapter, [[]])), plain)
     alike = encode_alike(adapter)
     assert torch.equal(HeadMeans(adapter, [0, LAYER]).record(alike), plain_logits(adapter, alike))
 
@@ -72,7 +72,7 @@ def test_whole_layer_zero_equals_zeroing_o_proj_input(adapter):
     finally:
         handle.remove()
     heads = [(LAYER, h) for h in range(adapter.num_heads)]
-    assert torch.equal(hooked_logits(adapter, batch, HeadAblation(adapter, heads)), want)
+    assert torch.equal(hooked_logits(adapter, batch, HeadAblation(adapter, [heads])), want)
 
 
 def test_one_head_changes_only_its_slice(adapter):
@@ -83,13 +83,13 @@ def test_one_head_changes_only_its_slice(adapter):
     means = recorder.means()
     others = [h for h in range(adapter.num_heads) if h != head]
     for fill in (None, means[LAYER][:, head]):
-        hook = HeadAblation(adapter, [(LAYER, head)], None if fill is None else means)
+        hook = HeadAblation(adapter, [[(LAYER, head)]], None if fill is None else means)
         ablated, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
         want = torch.zeros_like(after[:, :, head]) if fill is None else fill.expand_as(after[:, :, head])
         assert torch.equal(after[:, :, others], before[:, :, others])
         assert torch.equal(after[:, :, head], want)
         assert not torch.equal(before[:, :, head], want) and not torch.equal(ablated, plain)
-    later = HeadAblation(adapter, [(LAYER + 1, head)])
+    later = HeadAblation(adapter, [[(LAYER + 1, head)]])
     _, untouched = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, later))
     assert torch.equal(untouched, before)  # a later layer's ablation leaves this layer alone
 
@@ -105,7 +105,7 @@ def test_answer_only_changes_the_answer_position_alone(adapter):
     assert len({layout.last_position for layout in padded.layouts}) > 1
     for batch, fill in ((alike, None), (alike, means), (padded, None)):
         _, before = o_proj_input(adapter, lambda: plain_logits(adapter, batch))
-        hook = HeadAblation(adapter, [(LAYER, head)], fill, answer_only=True).for_batch(batch)
+        hook = HeadAblation(adapter, [[(LAYER, head)]], fill, answer_only=True).for_batch(batch)
         _, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
         for b, layout in enumerate(batch.layouts):
             t = layout.last_position
@@ -130,7 +130,7 @@ def test_mean_is_the_per_position_data_set_mean(adapter):
     torch.testing.assert_close(means[LAYER].double(), outputs.mean(0), rtol=1e-5, atol=1e-6)
 
     head, answer = 1, batch.layouts[0].last_position
-    hook = HeadAblation(adapter, [(LAYER, head)], means)
+    hook = HeadAblation(adapter, [[(LAYER, head)]], means)
     _, after = o_proj_input(adapter, lambda: hooked_logits(adapter, batch, hook))
     for b in range(len(batch)):
         torch.testing.assert_close(after[b, answer, head].double(), outputs[:, answer, head].mean(0),
@@ -152,7 +152,7 @@ def test_measure_equals_hand_made_o_proj_edits(adapter, corner_data, mode):
     pairs, head, prompt = read_pairs(corner_data), 1, CAPTIONS[0]
     answer_ids = yes_no_ids(adapter.tokenizer)
     means = head_means(adapter, pairs, prompt, [LAYER], 3) if mode == "mean" else None  # 3: two batches
-    base, ablated = measure(adapter, pairs, prompt, [HeadAblation(adapter, [(LAYER, head)], means)], answer_ids)
+    base, ablated = measure(adapter, pairs, prompt, [[(LAYER, head)]], answer_ids, means)
 
     images = [image for pair in pairs for image in pair.load_images()]  # full, control, full, ...
     singles = [adapter.encode([prompt], [image]) for image in images]
@@ -485,8 +485,8 @@ def test_interrupted_ablation_resumes_with_the_missing_pairs(ablated, tmp_path, 
     (copy / PAIRS_FILE).write_text("".join(lines[:2]))
     (copy / "summary.json").unlink()
     measured, real = [], ablation.measure
-    monkeypatch.setattr(ablation, "measure", lambda adapter, pairs, *rest: measured.append([p.id for p in pairs])
-                        or real(adapter, pairs, *rest))
+    monkeypatch.setattr(ablation, "measure", lambda adapter, pairs, *rest, **options:
+                        measured.append([p.id for p in pairs]) or real(adapter, pairs, *rest, **options))
     main(argv)
     assert measured == [[2], [3]]  # batch size 1 on the CPU
     for name in ("ablation.csv", "summary.json"):
@@ -555,6 +555,49 @@ def test_finished_ablation_missing_an_output_is_rebuilt(ablated, tmp_path, monke
 
     argv, copy = into_a_copy(ablated, tmp_path)
     (copy / "ablation.csv").unlink()
-    monkeypatch.setattr(ablation, "measure", lambda *args: pytest.fail("a pair was measured again"))
+    monkeypatch.setattr(ablation, "measure", lambda *args, **options: pytest.fail("a pair was measured again"))
     main(argv)
     assert (copy / "ablation.csv").read_text() == (ablated[1] / "ablation.csv").read_text()
+
+
+def test_every_corner_and_head_spec_with_one_model_load(ablated, tmp_path, corner_data, monkeypatch):
+    """Two data sets x two --heads values: one model load, four ablation folders named as the sweep names them,
+    each the same as the ablation run on its own (``ablated``: top:1 on corner_data)."""
+    import models
+
+    loads = []
+    real_load = models.load_adapter
+    monkeypatch.setattr(models, "load_adapter", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    other = generate_counterfactual(tmp_path / "pairs", count=2, corners=("bottomright",))[0]
+    stats = [fake_stats(tmp_path / "stats_a"), fake_stats(tmp_path / "stats_b")]
+    argv = ["--model", "llava", "--model-path", "tiny-random", "--device", "cpu", "--random-controls", "2",
+            "--dataset", str(corner_data), str(other), "--stats-dir", *map(str, stats), "--heads", "top:1", "top:2",
+            "--out-parent", str(tmp_path / "sweep")]
+    main(argv)
+    assert len(loads) == 1
+    folders = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert folders == ["ablation_bottomright_top-1", "ablation_bottomright_top-2", "ablation_topleft_top-1",
+                       "ablation_topleft_top-2"]
+    for name in folders:
+        run = json.loads((tmp_path / "sweep" / name / "run.json").read_text())
+        assert run["status"] == "finished" and run["settings"]["heads"] == name.split("_")[-1].replace("-", ":")
+    alone = (ablated[1] / "ablation.csv").read_text()
+    assert (tmp_path / "sweep" / "ablation_topleft_top-1" / "ablation.csv").read_text() == alone
+    main(argv)  # finished: nothing loaded again
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stats-dir", "a", "b"], "--stats-dir: 2 given for 1 --dataset"),
+    (["--heads", "top:1", "top:2", "--out-dir", "x"], "--out-dir x: names one ablation's folder"),
+    (["--sets-per-forward", "0"], "--sets-per-forward"),
+])
+def test_job_options_fail_before_loading(tmp_path, corner_data, capsys, no_model_load, extra, message):
+    argv = ["--model", "llava", "--model-path", "tiny-random", "--dataset", str(corner_data),
+            "--stats-dir", str(fake_stats(tmp_path / "stats"))]
+    if "--stats-dir" in extra:
+        argv = argv[:-2]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, *extra])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and "\n" not in err

@@ -19,12 +19,19 @@ CAPTIONS = [
 LAYER_MODES = ["all", "first_third", "mid_third", "last_third", "last_2", "1,3"]
 
 
+def _cells(layout) -> np.ndarray:
+    """A few image cells, out of order and not contiguous (experiment 1 reads its seed cells' rows)."""
+    n = len(layout.image_positions)
+    return np.array([n - 1, 0, n // 2, 1])
+
+
 def _request(batch, layers, keep="mean", vision=True):
     lays = batch.layouts
     return CaptureRequest(
-        layers=layers, keep=keep, vision=vision,
+        layers=layers, keep=keep, vision_cells=[_cells(l) for l in lays] if vision else None,
         blocks={"cross": [(l.text_positions(), l.image_positions) for l in lays],
-                "image_self": [(l.image_positions, l.image_positions) for l in lays]},
+                "image_self": [(l.image_positions, l.image_positions) for l in lays],
+                "seed_self": [(l.image_positions[_cells(l)], l.image_positions) for l in lays]},
         last_mass=[l.image_positions[: len(l.image_positions) // 3] for l in lays])
 
 

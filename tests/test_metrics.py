@@ -287,11 +287,11 @@ def test_seed_map_removes_the_diagonal():
                   [0.2, 0.3, 0.5],
                   [0.1, 0.1, 0.8]])
     # row 1 without S[1,1]: [0.2, 0, 0.5] / 0.7
-    np.testing.assert_allclose(M.seed_map(S, 1), [2 / 7, 0, 5 / 7])
+    np.testing.assert_allclose(M.seed_map(S[1], 1), [2 / 7, 0, 5 / 7])
     # row 2: [0.1, 0.1, 0] / 0.2
-    np.testing.assert_allclose(M.seed_map(S, 2), [0.5, 0.5, 0])
+    np.testing.assert_allclose(M.seed_map(S[2], 2), [0.5, 0.5, 0])
     # causal: the first patch sees only itself -> nothing left
-    assert M.seed_map(S, 0) is None
+    assert M.seed_map(S[0], 0) is None
     assert S[1, 1] == 0.3   # the input is not modified
 
 

@@ -100,13 +100,14 @@ def test_merge_window_order_of_the_real_image_processor(tiny_models):
 
 
 def test_qwen2_vision_map_is_raster_order(tiny_models):
-    """vision_to_grid against a naive loop over raster patch coordinates."""
+    """vision_to_grid of vision_query_rows against a naive loop over raster patch coordinates, for every cell and
+    for a few cells out of order."""
     ad = tiny_models["qwen2"]
     h, w, m = 4, 6, 2
     attn = torch.rand(h * w, h * w, dtype=torch.float64)
     attn /= attn.sum(-1, keepdim=True)
-    inputs = {"image_grid_thw": torch.tensor([[1, h, w]])}
-    got = ad.vision_to_grid(attn, 0, inputs)
+    every = np.arange(h * w // (m * m))
+    got = ad.vision_to_grid(attn[ad.vision_query_rows(every)])
 
     def window_index(r, c):
         return ((r // m) * (w // m) + c // m) * m * m + (r % m) * m + c % m
@@ -129,6 +130,8 @@ def test_qwen2_vision_map_is_raster_order(tiny_models):
     as_raster = attn.view(gh, m, gw, m, gh, m, gw, m).mean(dim=(1, 3)).sum(dim=(3, 5)).reshape(gh * gw, gh * gw)
     assert not torch.allclose(as_raster, want)
     torch.testing.assert_close(got.sum(-1), torch.ones(gh * gw, dtype=torch.float64))
+    some = np.array([5, 0, 3])
+    torch.testing.assert_close(ad.vision_to_grid(attn[ad.vision_query_rows(some)]), want[some])
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2"])

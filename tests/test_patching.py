@@ -21,8 +21,6 @@ FAMILIES = ["llava", "qwen2"]
 class _SetHead(AttentionHook):
     """The obvious edit: one head of one layer gets ``vector`` at the last position (batch of one)."""
 
-    explicit_mask = False
-
     def __init__(self, module, head, vector, last):
         self.module, self.head, self.vector, self.last = module, head, vector, last
 
@@ -35,8 +33,6 @@ class _SetHead(AttentionHook):
 
 
 class _Keep(AttentionHook):
-    explicit_mask = False
-
     def __init__(self, module, last):
         self.module, self.last, self.kept = module, last, None
 

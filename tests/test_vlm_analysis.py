@@ -165,28 +165,29 @@ def test_injected_attention_gives_the_hand_made_metrics_and_specificity(adapter,
     root = tmp_path / "sw"
     generate_shapeworld(root, shards=1, worlds_per_shard=6, seed=11)
     worlds = [w for w in iter_worlds(root) if isinstance(w, World)]
-    real_softmax = capture_module.softmax_in_place
+    real_rows = capture_module.row_probabilities
     plans = []  # per world: (sequence length, subject rows, object rows, subject keys, both keys, regions)
     for world in worlds:
         image = world.load_image()
         layout = adapter.encode([world.caption.text], [image]).layouts[0]
-        regions = VA._regions(world, adapter.token_grid(adapter.prepare_image(image)))
-        rows = VA._word_rows(layout, world)
+        regions = VA.world_regions(world, adapter.token_grid(adapter.prepare_image(image)))
+        rows = VA.word_rows_of(layout, world)
         plans.append((layout.length, rows["subject"], rows["object"],
                       layout.image_positions[regions["subject"].ravel()],
                       layout.image_positions[(regions["subject"] | regions["object"]).ravel()], regions))
     current = []
 
-    def injected(scores):
+    def injected(module, query, key, attention_mask, scaling, rows, is_causal=None):
         length, subject_rows, object_rows, subject_keys, both_keys, _ = current[0]
-        probs = real_softmax(scores)
-        if scores.shape[-1] == scores.shape[-2] == length:  # the language model's prefill (not the vision encoder)
-            for rows, keys in ((subject_rows, subject_keys), (object_rows, both_keys)):
-                probs[..., rows, :] = 0.0
-                probs[..., rows[:, None], keys] = 1.0 / len(keys)
+        probs = real_rows(module, query, key, attention_mask, scaling, rows, is_causal)
+        if key.shape[2] == length:  # the language model (not the vision encoder); one sample
+            for positions, keys in ((subject_rows, subject_keys), (object_rows, both_keys)):
+                for r in np.flatnonzero(np.isin(rows[0].cpu().numpy(), positions)):
+                    probs[..., r, :] = 0.0
+                    probs[..., r, keys] = 1.0 / len(keys)
         return probs
 
-    monkeypatch.setattr(capture_module, "softmax_in_place", injected)
+    monkeypatch.setattr(capture_module, "row_probabilities", injected)
     records = []
     for world, plan in zip(worlds, plans):
         current[:] = [plan]
@@ -242,26 +243,25 @@ def test_injected_image_self_attention_gives_the_seed_maps(adapter, tmp_path, mo
     root = tmp_path / "sw"
     generate_shapeworld(root, shards=1, worlds_per_shard=6, seed=12)
     worlds = [w for w in iter_worlds(root) if isinstance(w, World)]
-    real_softmax = capture_module.softmax_in_place
+    real_rows = capture_module.row_probabilities
     current = []
 
-    def injected(scores):
+    def injected(module, query, key, attention_mask, scaling, rows, is_causal=None):
         length, image_positions, subject, both = current[0]
-        probs = real_softmax(scores)
-        if scores.shape[-1] == scores.shape[-2] == length:  # the language model's prefill
-            cells = np.arange(len(image_positions))
-            for rows, keys in ((cells[~subject], both), (cells[subject], subject)):
-                probs[..., image_positions[rows], :] = 0.0
-                probs[..., image_positions[rows][:, None], image_positions[np.flatnonzero(keys)]] = \
-                    1.0 / keys.sum()
+        probs = real_rows(module, query, key, attention_mask, scaling, rows, is_causal)
+        if key.shape[2] == length:  # the language model (not the vision encoder); one sample
+            for cells, keys in ((~subject, both), (subject, subject)):
+                for r in np.flatnonzero(np.isin(rows[0].cpu().numpy(), image_positions[cells])):
+                    probs[..., r, :] = 0.0
+                    probs[..., r, image_positions[np.flatnonzero(keys)]] = 1.0 / keys.sum()
         return probs
 
-    monkeypatch.setattr(capture_module, "softmax_in_place", injected)
+    monkeypatch.setattr(capture_module, "row_probabilities", injected)
     checked = 0
     for world in worlds:
         image = world.load_image()
         layout = adapter.encode([world.caption.text], [image]).layouts[0]
-        regions = VA._regions(world, adapter.token_grid(adapter.prepare_image(image)))
+        regions = VA.world_regions(world, adapter.token_grid(adapter.prepare_image(image)))
         subject, obj = regions["subject"].ravel(), regions["object"].ravel()
         seeds = M.entity_seed(regions["subject"]), M.entity_seed(regions["object"])
         if not subject[seeds[0]] or subject[seeds[1]] or (subject & obj).any():
