@@ -4,9 +4,8 @@
     python bench/bench_capture.py --model qwen2 --size 7b --device cuda --batch-size 8
 
 Random-weight models are built from configs (no download), so any size runs
-anywhere it fits; ``7b`` has the full 7B shapes and is meant for a GPU. Each
-mode runs in a fresh process on the same inputs (generated ShapeWorld scenes
-with real captions):
+anywhere it fits; ``7b`` has the full 7B shapes and is meant for a GPU. The
+modes run on the same inputs (generated ShapeWorld scenes with real captions):
 
 - ``plain``:  the model's ordinary forward (sdpa), nothing recorded: the floor;
 - ``paper``:  eager attention + ``output_attentions=True``, every layer's tensor
@@ -16,12 +15,14 @@ with real captions):
               words' rows onto the image; the seed cells' rows of the image
               block and of the vision encoder), at --batch-size.
 
-Reported per mode: seconds per sample (median over --repeats after a warm-up)
-and peak memory (GPU: max_memory_allocated; CPU: the process's peak RSS during
-the timed passes); the attention rows computed per recorded layer (``rows``);
+Reported per mode: seconds per sample (median over --repeats after a warm-up,
+the three modes' passes interleaved in one process, so that they share the
+machine's state) and peak memory (each mode in a fresh process; GPU:
+max_memory_allocated; CPU: the process's peak RSS during one pass after a
+warm-up); the attention rows the engine computes per recorded layer (``rows``);
 for ``engine``, the largest absolute difference from ``paper`` on every
-reduction, and of its next-token logits from ``plain``'s. One JSON object is printed and written to
-bench/results/{model}-{size}-{device}[-L{layers}].json.
+reduction, and of its next-token logits from ``plain``'s. One JSON object is
+printed and written to bench/results/{model}-{size}-{device}[-L{layers}].json.
 """
 from __future__ import annotations
 
@@ -118,24 +119,22 @@ def paper_reductions(adapter, batch, request) -> dict:
     return {**blocks, "vision": vision.numpy()}
 
 
-def run_mode(args) -> dict:
-    """Worker: time one mode in this (fresh) process; reductions go to --dump."""
+def mode_pass(args, mode: str, adapter, worlds):
+    """(one pass of ``mode`` over the worlds -> (reductions, logits), the requests, the batches)."""
     from spatial_attention.capture import capture, plain_logits
 
-    adapter = build_adapter(args)
-    worlds = scenes(args.samples)
     layers = list(range(adapter.num_layers))
-    batch_size = 1 if args.mode == "paper" else args.batch_size
+    batch_size = 1 if mode == "paper" else args.batch_size
     chunks = [worlds[i:i + batch_size] for i in range(0, len(worlds), batch_size)]
     batches = [adapter.encode([w.caption.text for w in chunk], [w.load_image() for w in chunk]) for chunk in chunks]
     requests = [request_for(adapter, b, chunk, layers) for b, chunk in zip(batches, chunks)]
 
-    def one_pass(keep: bool):
+    def one_pass():
         results, logits = [], []
         for batch, request in zip(batches, requests):
-            if args.mode == "plain":
+            if mode == "plain":
                 logits.append(plain_logits(adapter, batch))
-            elif args.mode == "paper":
+            elif mode == "paper":
                 results.append(paper_reductions(adapter, batch, request))
             else:
                 recorded, captured = capture(adapter, batch, request)
@@ -143,22 +142,41 @@ def run_mode(args) -> dict:
                 logits.append(captured)
         if args.device == "cuda":
             torch.cuda.synchronize()
-        return (results, logits) if keep else None
+        return results, logits
 
-    reductions, logits = one_pass(keep=True)  # warm-up, and the numbers to compare
-    _reset_peak(args.device)
-    seconds = []
+    return one_pass, requests, batches
+
+
+def run_timing(args) -> dict:
+    """Worker: every mode's seconds per sample, the modes' passes interleaved in this one process, so that they
+    share its memory layout and the machine's state (separate processes differ by 10-20% on this CPU)."""
+    adapter = build_adapter(args)
+    worlds = scenes(args.samples)
+    passes = {mode: mode_pass(args, mode, adapter, worlds)[0] for mode in MODES}
+    for one_pass in passes.values():
+        one_pass()  # warm-up
+    runs = {mode: [] for mode in MODES}
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        one_pass(keep=False)
-        seconds.append((time.perf_counter() - start) / args.samples)
+        for mode, one_pass in passes.items():
+            start = time.perf_counter()
+            one_pass()
+            runs[mode].append((time.perf_counter() - start) / args.samples)
+    return {mode: {"seconds_per_sample": statistics.median(r), "runs": r} for mode, r in runs.items()}
+
+
+def run_mode(args) -> dict:
+    """Worker: the peak memory of one mode's pass in this (fresh) process; reductions and logits go to --dump."""
+    adapter = build_adapter(args)
+    one_pass, requests, batches = mode_pass(args, args.mode, adapter, scenes(args.samples))
+    reductions, logits = one_pass()  # warm-up, and the numbers to compare
+    _reset_peak(args.device)
+    one_pass()
     if args.dump:
         arrays = {f"{i}_{k}": v for i, r in enumerate(reductions) for k, v in r.items()}
         if logits:
             arrays["logits"] = torch.cat(logits).numpy()
         np.savez(args.dump, **arrays)
-    return {"mode": args.mode, "seconds_per_sample": statistics.median(seconds), "runs": seconds,
-            "peak_memory_mb": _peak_mb(args.device), "batch_size": batch_size,
+    return {"mode": args.mode, "peak_memory_mb": _peak_mb(args.device), "batch_size": len(batches[0]),
             "num_layers": adapter.num_layers, "num_heads": adapter.num_heads,
             "image_tokens": int(len(batches[0].layouts[0].image_positions)),
             "sequence_length": int(batches[0].layouts[0].length), "threads": torch.get_num_threads(),
@@ -204,24 +222,26 @@ def main() -> None:
                         help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--text-layers", type=int, default=None, help="override the language model's depth")
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/{model}-{size}-{device}.json")
-    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # worker process
+    parser.add_argument("--mode", choices=[*MODES, "timing"], help=argparse.SUPPRESS)  # worker process
     parser.add_argument("--dump", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.batch_size = args.batch_size or (8 if args.device == "cuda" else 1)
     if args.mode:
-        print(json.dumps(run_mode(args)))
+        print(json.dumps(run_timing(args) if args.mode == "timing" else run_mode(args)))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_"))
     modes = {}
-    for mode in MODES:
+    for mode in (*MODES, "timing"):
         cmd = [sys.executable, __file__, *_forwarded(args), "--mode", mode, "--dump", str(tmp / f"{mode}.npz")]
         done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if done.returncode != 0:
             sys.exit(f"{mode} run failed:\n{done.stderr[-3000:]}")
         modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{mode}: {modes[mode]['seconds_per_sample']:.4f} s/sample, peak {modes[mode]['peak_memory_mb']:.0f} MB",
+    for mode, timing in modes.pop("timing").items():
+        modes[mode].update(timing)
+        print(f"{mode}: {timing['seconds_per_sample']:.4f} s/sample, peak {modes[mode]['peak_memory_mb']:.0f} MB",
               file=sys.stderr)
     paper, engine = np.load(tmp / "paper.npz"), np.load(tmp / "engine.npz")
     logits_diff = float(np.abs(engine["logits"] - np.load(tmp / "plain.npz")["logits"]).max())

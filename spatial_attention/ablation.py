@@ -21,7 +21,9 @@ it found are tested where it found them), before the output projection (o_proj):
 
 It goes through the capture engine's attention function (``HeadAblation`` is an
 ``AttentionHook`` whose ``edit_output`` replaces the chosen slices), so the model
-code is never copied; with no head chosen the forward is the plain model's.
+code is never copied; with no head chosen the forward is the plain model's. Each
+batch runs once up to the lowest ablated layer; the layers above run again for
+several head sets per forward (``measure``, ``prefix.py``).
 
 Measured for every pair, image kind (full: subject in the corner, should be
 "yes"; control: subject removed, should be "no") and head set, at the answer
@@ -326,18 +328,24 @@ def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]]
     """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each head set ablated, for
     one batch of pairs.
 
-    One plain forward gives the unablated log-odds and keeps the input of the lowest layer any set ablates
-    (``prefix.run_prefix``); only the layers from there up run again, for ``sets_per_forward`` head sets per
-    forward (the batch repeated once per set, ``HeadAblation``'s per-row head mask)."""
+    One plain forward runs the batch up to the lowest layer any set ablates (``prefix.run_prefix``); only the
+    layers from there up run again, ``sets_per_forward`` copies of the batch per forward with a per-copy head set
+    (``HeadAblation``). Every forward has that many copies (the last is filled with unablated ones), and the
+    unablated log-odds are those of an unablated copy in the first: on a GPU, kernels round differently at
+    another batch size, which would otherwise be part of every effect."""
+    if sets_per_forward < 2:
+        raise ValueError("measure: sets_per_forward must be >= 2 (one unablated copy and one head set)")
     batch = _encode(adapter, pairs, prompt)
-    first = min(layer for heads in head_sets for layer, _ in heads)
-    start, base_logits = run_prefix(adapter, batch, first)
-    ablated = []
-    for i in range(0, len(head_sets), sets_per_forward):
-        sets = head_sets[i:i + sets_per_forward]
-        hook = HeadAblation(adapter, sets, means, answer_only).for_batch(batch)
-        ablated.append(log_odds(upper_logits(adapter, start, len(sets), hook), *answer_ids).reshape(len(sets), -1))
-    base = log_odds(base_logits, *answer_ids)
+    start, _ = run_prefix(adapter, batch, min(layer for heads in head_sets for layer, _ in heads))
+    per_forward = sets_per_forward - 1
+    base, ablated = None, []
+    for i in range(0, len(head_sets), per_forward):
+        sets = head_sets[i:i + per_forward]
+        copies = [[]] + sets + [[]] * (per_forward - len(sets))  # copy 0: unablated
+        hook = HeadAblation(adapter, copies, means, answer_only).for_batch(batch)
+        lo = log_odds(upper_logits(adapter, start, len(copies), hook), *answer_ids).reshape(len(copies), -1)
+        base = lo[0] if base is None else base
+        ablated.append(lo[1:1 + len(sets)])
     return base.reshape(len(pairs), 2), np.concatenate(ablated).reshape(len(head_sets), len(pairs), 2)
 
 
@@ -446,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random head sets from the same layers, the null distribution of the effect")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
     parser.add_argument("--sets-per-forward", type=int, default=8,
-                        help="head sets (the chosen one and the random controls) ablated in one forward pass, the "
-                             "batch repeated once per set; lower it if memory runs out")
+                        help="copies of each batch in one forward pass of the layers from the lowest ablated one "
+                             "up: an unablated copy and this minus one head sets (the chosen one and the random "
+                             "controls); at least 2; lower it if memory runs out")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="output folder of one ablation (one --dataset, one --heads; default: "
                              "ablation_{corner}_{heads} in --out-parent); one that holds an ablation made with other "
@@ -466,8 +475,8 @@ def main(argv=None) -> None:
     if args.layers:
         raise OptionError("--layers does not apply here: --heads names the layers")
     options = ModelOptions.from_args(args.model, args)
-    check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs,
-                   sets_per_forward=args.sets_per_forward)
+    check_at_least(1, random_controls=args.random_controls, max_pairs=args.max_pairs)
+    check_at_least(2, sets_per_forward=args.sets_per_forward)
     if len(args.stats_dir) != len(args.dataset):
         raise OptionError(f"--stats-dir: {len(args.stats_dir)} given for {len(args.dataset)} --dataset; give each "
                           "data set's stats dir, in the same order")
@@ -479,6 +488,11 @@ def main(argv=None) -> None:
     if args.out_dir and len(jobs) > 1:
         raise OptionError(f"--out-dir {args.out_dir}: names one ablation's folder, but {len(datasets)} --dataset x "
                           f"{len(args.heads)} --heads make {len(jobs)}; give --out-parent instead")
+    folders = Counter(job.out.resolve() for job in jobs)
+    if max(folders.values()) > 1:
+        twice = next(folder for folder, n in folders.items() if n > 1)
+        raise OptionError(f"--dataset / --heads: two ablations would write {twice} (a corner's data set given twice, "
+                          "or a --heads value repeated); give each once")
     seeds = controls.init_seeds(args)
     models = [(options, jobs)] if seeds is None else [  # each initialisation ablates the heads its own analysis found
         (replace(options, random_init_seed=seed), [job.for_control(seed) for job in jobs]) for seed in seeds]
@@ -523,8 +537,9 @@ def _ablate(args, options: ModelOptions, jobs: list[Job]) -> bool:
     first = ready[0]
     run = load_run(replace(options, feed_size=first.feed_size), share, vars(args), out=first.out,
                    data=first.job.dataset.folder)
+    loaded_feed = run.adapter.feed_size  # what a job whose stats dir records none gets, as when run alone
     for prepared in ready:
-        _ablate_one(args, run, prepared)
+        _ablate_one(args, run, prepared, loaded_feed)
     return share.is_main
 
 
@@ -573,14 +588,14 @@ def _prepare(args, options: ModelOptions, share, job: Job) -> Prepared | None:
     return Prepared(job, stats, chosen, prompt, out, feed_size, head_sets, settings, results)
 
 
-def _ablate_one(args, run: Run, prepared: Prepared) -> None:
-    """One prepared ablation with the loaded model of ``run``."""
+def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int] | None) -> None:
+    """One prepared ablation with the loaded model of ``run`` (``loaded_feed``: its feed size as loaded)."""
     job, stats, chosen, head_sets, prompt = prepared.job, prepared.stats, prepared.chosen, prepared.head_sets, \
         prepared.prompt
     pairs, corner, out, share = job.dataset.pairs, job.dataset.corner, prepared.out, run.share
     adapter = run.adapter
-    if prepared.feed_size:
-        adapter.set_feed_size(prepared.feed_size)
+    if prepared.feed_size or loaded_feed:
+        adapter.set_feed_size(prepared.feed_size or loaded_feed)
     settings = {**run.settings, "dataset": str(job.dataset.folder), "stats_dir": str(job.stats_dir),
                 "analysis_dir": job.analysis_dir and str(job.analysis_dir), "heads": job.heads, "out_dir": str(out)}
     run = replace(run, options=replace(run.options, feed_size=prepared.feed_size), out=out, data=job.dataset.folder,

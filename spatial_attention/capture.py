@@ -85,9 +85,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     hook = _active_hook
     if hook is not None:
         rows = hook.query_rows(module, query.shape)
-        if rows is not None:
-            hook.observe(module, row_probabilities(module, query, key, attention_mask, scaling, rows,
-                                                   kwargs.get("is_causal")))
+        if rows is not None:  # (on the layer's own device under --device-map)
+            hook.observe(module, row_probabilities(module, query, key, attention_mask, scaling,
+                                                   rows.to(query.device), kwargs.get("is_causal")))
         output = hook.edit_output(module, output)
     return output.contiguous(), None
 
@@ -178,7 +178,7 @@ def _select(tensor: torch.Tensor, dim: int, index: slice | torch.Tensor) -> torc
 
 
 def _padded_rows(row_lists: list[np.ndarray], device) -> torch.Tensor:
-    """(B, R) row positions, each sample's list padded with its first row to the longest (a repeated row is
+    """(B, R) row positions, each sample's list padded with its last row to the longest (a repeated row is
     computed and ignored)."""
     width = max(len(r) for r in row_lists)
     return torch.as_tensor(np.stack([np.pad(r, (0, width - len(r)), mode="edge") if len(r) else np.zeros(width)

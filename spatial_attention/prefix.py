@@ -33,11 +33,14 @@ def run_prefix(adapter, batch, first: int) -> tuple[Prefix, torch.Tensor]:
     """One plain forward of ``batch``: (the input of layer ``first`` and every later layer's arguments, the
     last-position logits (B, V) fp32 on the CPU)."""
     layers = adapter.lm_layers()
-    seen: dict[int, tuple[tuple, dict]] = {}
+    hidden: list[torch.Tensor] = []
+    layer_kwargs: dict[int, dict] = {}
 
     def keep(index):
         def hook(module, args, kwargs):
-            seen[index] = (args, kwargs)
+            if index == first:  # only the first layer's hidden states: the others' would cost a copy per layer
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            layer_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         return hook
 
     handles = [layers[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in range(first, len(layers))]
@@ -46,10 +49,8 @@ def run_prefix(adapter, batch, first: int) -> tuple[Prefix, torch.Tensor]:
     finally:
         for handle in handles:
             handle.remove()
-    args, kwargs = seen[first]
-    hidden = args[0] if args else kwargs["hidden_states"]
-    layer_kwargs = [{k: v for k, v in seen[i][1].items() if k != "hidden_states"} for i in range(first, len(layers))]
-    return Prefix(first, hidden, layer_kwargs, [lay.last_position for lay in batch.layouts]), logits
+    return Prefix(first, hidden[0], [layer_kwargs[i] for i in range(first, len(layers))],
+                  [lay.last_position for lay in batch.layouts]), logits
 
 
 @torch.inference_mode()
@@ -57,23 +58,29 @@ def upper_logits(adapter, prefix: Prefix, times: int, hook: AttentionHook | None
     """Last-position logits (times * B, V) fp32 on the CPU of layers ``prefix.first`` .. end on the prefix's input
     repeated ``times`` over, with ``hook`` active."""
     batch = prefix.hidden.shape[0]
-    hidden = _repeat(prefix.hidden, times, batch)
+    repeated: dict[int, torch.Tensor] = {}  # the layers share their mask and position embeddings: repeat each once
+    hidden = _repeat(prefix.hidden, times, batch, repeated)
     layers = adapter.lm_layers()[prefix.first:]
     with active(hook or AttentionHook()):
         for layer, kwargs in zip(layers, prefix.layer_kwargs):
-            hidden = layer(hidden, **_repeat(kwargs, times, batch))
+            hidden = layer(hidden, **_repeat(kwargs, times, batch, repeated))
     last = torch.tensor(prefix.last * times, device=hidden.device)
     at_last = hidden[torch.arange(len(last), device=hidden.device), last][:, None]  # (times * B, 1, D)
     return adapter.lm_logits(at_last)[:, 0].float().cpu()
 
 
-def _repeat(value, times: int, batch: int):
+def _repeat(value, times: int, batch: int, repeated: dict[int, torch.Tensor]):
     """``value`` with every tensor whose first dimension is the batch repeated ``times`` over along it (a tensor
-    broadcast over the batch, first dimension 1, is left as it is); in tuples, lists and dicts alike."""
+    broadcast over the batch, first dimension 1, is left as it is); in tuples, lists and dicts alike. ``repeated``
+    keeps each tensor's repetition (by id), so that a tensor passed to every layer is repeated once."""
     if isinstance(value, torch.Tensor):
-        return value.repeat(times, *[1] * (value.dim() - 1)) if value.dim() and value.shape[0] == batch else value
+        if not (value.dim() and value.shape[0] == batch):
+            return value
+        if id(value) not in repeated:
+            repeated[id(value)] = value.repeat(times, *[1] * (value.dim() - 1))
+        return repeated[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_repeat(v, times, batch) for v in value)
+        return type(value)(_repeat(v, times, batch, repeated) for v in value)
     if isinstance(value, dict):
-        return {k: _repeat(v, times, batch) for k, v in value.items()}
+        return {k: _repeat(v, times, batch, repeated) for k, v in value.items()}
     return value

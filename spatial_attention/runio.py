@@ -100,6 +100,12 @@ def read_jsonl(path: Path, check: RecordCheck | None = None, repair: bool = True
     with a warning, so that it is redone (``repair=False``: only skipped, for a reader that does
     not own the file, which another run may be appending to). A line that is JSON but that
     ``check`` finds is no result record is a DataError naming the line."""
+    for _, record in read_jsonl_at(path, check, repair):
+        yield record
+
+
+def read_jsonl_at(path: Path, check: RecordCheck | None = None, repair: bool = True) -> Iterator[tuple[int, dict]]:
+    """``read_jsonl`` with each record's byte offset in the file."""
     path = Path(path)
     if not path.exists():
         return
@@ -121,7 +127,7 @@ def read_jsonl(path: Path, check: RecordCheck | None = None, repair: bool = True
                 if problem:
                     raise DataError(f"{path}, line {number}: not a result record here ({problem}); delete that "
                                     f"line to redo its item, or use another output folder")
-                yield record
+                yield offset, record
             offset += len(line)
     if pending is not None and repair:
         log.warning("%s: dropping an incomplete last line (interrupted run); it will be redone", path)

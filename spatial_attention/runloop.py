@@ -24,7 +24,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, BinaryIO, Callable, Hashable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
@@ -33,7 +33,7 @@ from spatial_attention.generate import shapeworld_folder
 from spatial_attention.options import (ModelOptions, check_at_least, checkpoint_name, dtype_name, layer_indices,
                                        parse_shards)
 from spatial_attention.runio import (RecordCheck, append_jsonl, check_output_dir, claim_output, read_jsonl,
-                                     run_record, start_run, write_atomic, write_json)
+                                     read_jsonl_at, run_record, start_run, write_atomic, write_json)
 from spatial_attention.stats import json_safe
 
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ def check_results(results: Results, identity: dict, items: Sequence, records: li
 
 
 def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Callable[[list], Iterable[dict]],
-                  identity: dict, batch_size: int = 1, desc: str = "", unit: str = "item") -> list[dict]:
+                  identity: dict, batch_size: int = 1, desc: str = "", unit: str = "item") -> StoredRecords | list:
     """Run ``fn`` over the ``items`` whose key has no record yet, ``batch_size`` at a time, appending
     each record it returns as its batch finishes; the processes of an ``accelerate launch`` take turns
     (round-robin) and the main process merges their part files.
@@ -252,7 +252,8 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
     Refuses (OptionError) when the folder's records were made with another ``identity``, and when
     another run holds the folder. Each key is written once: items repeating a key are done once, and
     the merge keeps one record per key. Returns, in the main process, the records of exactly
-    ``items`` (in their order; an item ``fn`` gave no record for is absent); [] in the others.
+    ``items`` (in their order; an item ``fn`` gave no record for is absent) as ``StoredRecords``; [] in the
+    others.
     """
     path = results.path
     records = results.read()  # every process: what earlier runs finished (read once)
@@ -284,8 +285,39 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
         return []
     if share.size > 1 or len(record_files(path)) > 1:
         _merge(results, list(unique))
-    by_key = {results.record_key(record): record for record in results.read()}
-    return [by_key[key] for key in unique if key in by_key]
+    return StoredRecords(results, list(unique))
+
+
+class StoredRecords:
+    """The records of ``keys`` (those that have one), in that order, read from the results file each time they
+    are iterated: held in memory, a 5,000-world run's records would be tens of MB (bench/long_run_memory.py)."""
+
+    def __init__(self, results: Results, keys: list):
+        self.record_key = results.record_key
+        self.where: dict = {}  # key -> (file, byte offset) of its first record
+        for source in record_files(results.path):
+            for offset, record in read_jsonl_at(source, results.check):
+                self.where.setdefault(results.record_key(record), (source, offset))
+        self.keys = [key for key in keys if key in self.where]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[dict]:
+        files: dict[Path, BinaryIO] = {}
+        try:
+            for key in self.keys:
+                source, offset = self.where[key]
+                f = files.get(source) or files.setdefault(source, open(source, "rb"))
+                f.seek(offset)
+                record = json.loads(f.readline().decode("utf-8"))
+                if self.record_key(record) != key:
+                    raise DataError(f"{source}: changed while this run was reading it (the record at byte {offset} "
+                                    "is another item's); run the command again")
+                yield record
+        finally:
+            for f in files.values():
+                f.close()
 
 
 def _merge(results: Results, order: list) -> None:

@@ -10,8 +10,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
-# Random draws (matrix elements) per chunk, so that memory stays bounded for large samples.
-_CHUNK_ELEMENTS = 1 << 22
+# Random draws (matrix elements) per chunk, so that memory stays bounded for large samples: a few 4 MB
+# arrays at a time, so that the end-of-run summary of 5,000 worlds peaks no higher than that of 1,000
+# (bench/long_run_memory.py).
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def _finite(x: Iterable[float | None] | np.ndarray) -> np.ndarray:

@@ -601,3 +601,25 @@ def test_job_options_fail_before_loading(tmp_path, corner_data, capsys, no_model
         main([*argv, *extra])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("mode, answer_only", [("zero", False), ("mean", True)])
+def test_measure_in_chunks_equals_one_whole_forward_per_head_set(adapter, corner_data, mode, answer_only):
+    """More head sets than fit in one forward (the last one filled with unablated copies): each set's log-odds
+    equal a whole forward with that set alone, and the unablated ones a plain forward."""
+    from spatial_attention.ablation import _encode
+
+    pairs, prompt = read_pairs(corner_data)[:2], CAPTIONS[0]
+    answer_ids = yes_no_ids(adapter.tokenizer)
+    head_sets = [[(LAYER, h)] for h in range(adapter.num_heads)] + [[(LAYER, 0), (LAYER + 1, 1)]]
+    means = head_means(adapter, pairs, prompt, [LAYER, LAYER + 1], 2) if mode == "mean" else None
+    base, ablated = measure(adapter, pairs, prompt, head_sets, answer_ids, means, answer_only=answer_only,
+                            sets_per_forward=3)  # 2 sets per forward: an odd count leaves the last one half filled
+    assert len(head_sets) % 2 == 1
+    batch = _encode(adapter, pairs, prompt)
+    np.testing.assert_allclose(base.ravel(), log_odds(plain_logits(adapter, batch), *answer_ids), atol=1e-4)
+    for s, heads in enumerate(head_sets):
+        hook = HeadAblation(adapter, [heads], means, answer_only=answer_only).for_batch(batch)
+        np.testing.assert_allclose(ablated[s].ravel(), log_odds(hooked_logits(adapter, batch, hook), *answer_ids),
+                                   atol=1e-4)
+    assert not np.allclose(ablated, base[None], atol=1e-3)

@@ -119,3 +119,34 @@ def test_retained_capture_state_does_not_grow_with_depth():
             ad.model(**batch.inputs)
         sizes[depth] = max(held)
     assert sizes[2] > 0 and sizes[2] == sizes[8]
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "not_causal"])
+def test_row_probabilities_are_rows_of_the_full_softmax(mask_kind):
+    """Chosen query rows (per sample, out of order, one repeated) against the full softmax(q k^T * scale + mask)
+    with repeat_kv, for 8 query heads over 2 KV heads, each kind of mask an attention call can get."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from spatial_attention.capture import row_probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 8, 2, 7, 4
+    query = torch.randn(batch, heads, length, dim, generator=gen)
+    key = torch.randn(batch, kv_heads, length, dim, generator=gen)
+    module = torch.nn.Module()
+    module.is_causal = mask_kind != "not_causal"
+    allowed = torch.ones(length, length).tril().bool().expand(batch, 1, length, length).clone()
+    allowed[1, :, :, 5:] = False  # sample 1 right-padded after 5 tokens
+    allowed[1, :, 5:, 0] = True  # (padded rows see something)
+    mask = {"none": None, "not_causal": None, "bool": allowed,
+            "float": torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)}[mask_kind]
+    full = torch.matmul(query, repeat_kv(key, heads // kv_heads).transpose(2, 3)) * 0.3
+    if mask_kind == "none":
+        full = full.masked_fill(~torch.ones(length, length).tril().bool(), float("-inf"))
+    elif mask is not None:
+        full = full.masked_fill(~allowed, float("-inf"))
+    full = full.softmax(-1)
+    rows = torch.tensor([[6, 0, 3, 3], [4, 1, 2, 0]])
+    got = row_probabilities(module, query, key, mask, 0.3, rows)
+    want = torch.stack([full[b][:, rows[b]] for b in range(batch)])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -63,6 +63,9 @@ def test_each_key_is_written_once_and_the_result_is_what_was_asked(share, tmp_pa
     done.clear()  # a wider one does only the new items
     got = resumable_map(share, results_at(path), [0, 1, 2, 3, 4], fn, {"--x": 1})
     assert done == [0, 4] and [r["key"] for r in got] == [0, 1, 2, 3, 4] and len(lines(path)) == 5
+    # read from the file as they are iterated (in the items' order, not the file's), not held in memory
+    assert len(got) == 5 and list(got) == [lines(path)[i] for i in (3, 1, 2, 0, 4)]
+    assert not any(isinstance(value, list) and value and isinstance(value[0], dict) for value in vars(got).values())
 
 
 def test_other_identity_is_refused_naming_the_setting(share, tmp_path):
