@@ -41,9 +41,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from models import FAMILIES  # noqa: E402  (after the path)
+from models import ADAPTERS, FAMILIES  # noqa: E402  (after the path)
 
-# Language-model / vision-encoder shapes per size (``7b``: the configs' defaults).
+# Language-model / vision-encoder shapes per size (``7b``: the checkpoints' own, as random-7b builds them).
 SIZES = {
     "tiny": {"llava": ({}, {}), "qwen2": ({}, {})},
     "small": {  # >= 8 layers, 8 heads, 576 image tokens: depth-dependent costs show
@@ -55,21 +55,11 @@ SIZES = {
                   dict(depth=4, embed_dim=256, mlp_ratio=4, num_heads=8)),
     },
 }
-SEVEN_B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=32)
-SIZES["7b"] = {
-    "llava": (SEVEN_B_TEXT, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                 num_attention_heads=16, projection_dim=768)),
-    "qwen2": (dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                   num_key_value_heads=4),
-              dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16)),
-}
+SIZES["7b"] = {name: (cls.SEVEN_B_TEXT, cls.SEVEN_B_VISION) for name, cls in ADAPTERS.items()}  # models.md
 MODES = ("plain", "paper", "engine")
 
 
 def build_adapter(args):
-    from models import ADAPTERS
-
     cls = ADAPTERS[args.model]
     text, vision = (dict(d) for d in SIZES[args.size][args.model])
     if args.text_layers:

@@ -20,6 +20,29 @@ from spatial_attention.errors import OptionError, quote
 log = logging.getLogger(__name__)
 
 TINY_RANDOM = "tiny-random"
+# --model-path random-7b[:N]: the family's 7B checkpoint's config (SEVEN_B_TEXT / SEVEN_B_VISION) with random weights,
+# built offline; with :N only the first N language-model layers and N vision layers
+RANDOM_7B = "random-7b"
+
+
+def random_7b_depth(model_path: str) -> int | None:
+    """N of ``random-7b:N`` (0 for the full depth of ``random-7b``); None for any other --model-path; OptionError
+    for a malformed N."""
+    name, colon, depth = str(model_path).partition(":")
+    if name != RANDOM_7B:
+        return None
+    if not colon:
+        return 0
+    if not depth.isdigit() or int(depth) < 1:
+        raise OptionError(f"--model-path {model_path}: random-7b:N needs a whole number of layers N >= 1 "
+                          "(e.g. random-7b:2), or random-7b for the full depth")
+    return int(depth)
+
+
+def is_random(model_path: str) -> bool:
+    """Whether ``model_path`` names a random-weight model built offline (tiny-random, random-7b[:N]): its
+    weights are drawn with --seed."""
+    return model_path == TINY_RANDOM or random_7b_depth(model_path) is not None
 TOY = "toy"  # --model-path toy: the family's committed toy (models/toy/{family}, train_toy_vlm.py)
 TOY_ROOT = Path(__file__).parent / "toy"
 
@@ -229,15 +252,17 @@ class VLMAdapter:
     def load(cls, model_path: str | None = None, device: str | None = None, dtype: str | None = None,
              device_map: str | None = None, revision: str | None = None, seed: int = 0,
              random_init_seed: int | None = None) -> "VLMAdapter":
-        """Load from a hub id or local folder, or build ``tiny-random`` offline.
+        """Load from a hub id or local folder, or build ``tiny-random`` or ``random-7b[:N]`` offline.
 
         ``random_init_seed``: the random-weights control: the checkpoint's architecture (its config), processor
         and tokenizer, but weights initialised with this seed instead of loaded (no weight file is read)."""
         model_path = cls.resolve_model_path(model_path)
         dev, torch_dtype = pick_device_and_dtype(device, dtype)
-        if model_path == TINY_RANDOM:
+        if is_random(model_path):
             torch.manual_seed(seed if random_init_seed is None else random_init_seed)
-            model, processor = cls.build_random()
+            depth = random_7b_depth(model_path)
+            with torch.device(dev):  # drawn where it runs: a 7B model is not built on the CPU first
+                model, processor = cls.build_random() if depth is None else cls.build_random(**cls.seven_b(depth))
             model = model.to(device=dev, dtype=torch_dtype)
             return cls(model, processor, model_path)
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -267,6 +292,21 @@ class VLMAdapter:
         except (OSError, ValueError) as exc:
             raise model_load_error(model_path, cls.family, exc) from None
         return cls(model, processor, model_path, revision)
+
+    # The 7B checkpoint's language-model and vision-encoder configs (models.md), for random-7b and the benchmark.
+    SEVEN_B_TEXT: dict = {}
+    SEVEN_B_VISION: dict = {}
+    VISION_DEPTH_KEY = "num_hidden_layers"  # the vision config's name for its number of layers
+
+    @classmethod
+    def seven_b(cls, depth: int = 0) -> dict:
+        """``build_random``'s arguments for the 7B checkpoint's geometry, its first ``depth`` language-model and
+        vision layers (0: all)."""
+        text, vision = dict(cls.SEVEN_B_TEXT), dict(cls.SEVEN_B_VISION)
+        if depth:
+            text["num_hidden_layers"] = min(depth, text["num_hidden_layers"])
+            vision[cls.VISION_DEPTH_KEY] = min(depth, vision[cls.VISION_DEPTH_KEY])
+        return {"text": text, "vision": vision}
 
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):

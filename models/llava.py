@@ -33,6 +33,12 @@ class LlavaAdapter(VLMAdapter):
     TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                        projection_dim=32)
 
+    SEVEN_B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, rms_norm_eps=1e-5, vocab_size=32064,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    SEVEN_B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                          projection_dim=768, hidden_act="quick_gelu")
+
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
         from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
@@ -41,9 +47,9 @@ class LlavaAdapter(VLMAdapter):
         tokenizer = llama_style_tokenizer(["<image>", "<pad>"])
         side = image_side or 336
         vision = CLIPVisionConfig(**{**cls.TINY_VISION, **(vision or {})}, image_size=side, patch_size=14)
-        text = LlamaConfig(**{**cls.TINY_TEXT, **(text or {})}, vocab_size=len(tokenizer), max_position_embeddings=4096,
-                           pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id)
+        text = LlamaConfig(**{**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})},
+                           max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
         config = LlavaConfig(vision_config=vision, text_config=text,
                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                              vision_feature_layer=-2, vision_feature_select_strategy="default")

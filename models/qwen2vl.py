@@ -120,6 +120,11 @@ class Qwen2VLAdapter(VLMAdapter):
                      num_key_value_heads=2)
     TINY_VISION = dict(depth=2, embed_dim=32, mlp_ratio=2, num_heads=4)
 
+    SEVEN_B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                        num_key_value_heads=4, rms_norm_eps=1e-6, vocab_size=152064, tie_word_embeddings=False)
+    SEVEN_B_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16)
+    VISION_DEPTH_KEY = "depth"
+
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, \
@@ -128,10 +133,10 @@ class Qwen2VLAdapter(VLMAdapter):
         tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                          chat_template=CHAT_TEMPLATE)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        text = {**cls.TINY_TEXT, **(text or {})}
+        text = {**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})}
         head_dim = text["hidden_size"] // text["num_attention_heads"]
         spatial = 3 * head_dim // 16  # mrope sections (t, h, w) share head_dim / 2 like 16/24/24 at 7B
-        text.update(vocab_size=len(tokenizer), max_position_embeddings=32768,
+        text.update(max_position_embeddings=32768,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                      "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)

@@ -39,7 +39,9 @@ def add_model_args(parser: argparse.ArgumentParser, family: str | None, feed_siz
     default = ADAPTERS[family].default_model_path if family else None
     group.add_argument("--model-path", default=default,
                        help="hub id or local checkpoint folder; 'tiny-random' builds a random-weight model of the "
-                            "same architecture offline (smoke runs: its numbers mean nothing); 'toy' loads the "
+                            "same architecture offline (smoke runs: its numbers mean nothing); 'random-7b' the "
+                            "paper's 7B checkpoint's exact geometry with random weights ('random-7b:N': its first N "
+                            "language-model and vision layers; random-7b:2 runs on a CPU); 'toy' loads the "
                             "family's committed toy model (models/toy/, small and trained: a positive control whose "
                             "numbers mean something, on any laptop)"
                             + ("" if default else "; default: the paper's checkpoint of --model ("

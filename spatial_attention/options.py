@@ -132,6 +132,7 @@ class ModelOptions:
         """Check every model option of ``args`` that can be judged before a model loads (``--layers`` for its
         form; its range once the model's depth is known)."""
         from models import family_adapter
+        from models.base import random_7b_depth
 
         adapter = family_adapter(family)
         check_at_least(0, seed=args.seed)  # numpy's generators take no negative seeds
@@ -144,9 +145,10 @@ class ModelOptions:
             adapter.check_feed_size(feed_size)  # the family's own rule first: it says what would work
             check_at_least(1, feed_size=feed_size)
         model_path = adapter.resolve_model_path(args.model_path)
+        random_7b_depth(model_path)  # a malformed random-7b:N is refused here
         if model_path.startswith(("/", "./", "../")) and not Path(model_path).exists():
             raise OptionError(f"--model-path {model_path}: no such folder (a hub id has the form owner/name); "
-                              "give a downloaded checkpoint folder, a hub id, or tiny-random")
+                              "give a downloaded checkpoint folder, a hub id, tiny-random or random-7b[:N]")
         return cls(family=family, model_path=model_path, revision=args.revision,
                    device=args.device, dtype=args.dtype, device_map=args.device_map, batch_size=args.batch_size,
                    seed=args.seed, layers=args.layers, feed_size=feed_size)
@@ -154,8 +156,8 @@ class ModelOptions:
     def identity(self, default_layers: str | None = None) -> dict:
         """The model's part of a results folder's identity, as far as it is known before the model loads:
         the layers only when --layers lists numbers (a mode such as 'all' needs the model's depth)."""
-        from models import TINY_RANDOM, family_adapter
-        from models.base import pick_device_and_dtype
+        from models import family_adapter
+        from models.base import is_random, pick_device_and_dtype
 
         adapter = family_adapter(self.family)
         default_feed = adapter.checkpoint_feed_size(self.model_path)
@@ -167,7 +169,7 @@ class ModelOptions:
         listed = layer_indices(self.layers or default_layers or adapter.paper_layers, None)
         if listed:
             identity["--layers"] = [layer + 1 for layer in listed]
-        if self.model_path == TINY_RANDOM:  # its weights are drawn with the seed
+        if is_random(self.model_path):  # its weights are drawn with the seed
             identity["--seed"] = self.seed
         if self.random_init_seed is not None:
             identity["--control"] = "random-weights"
