@@ -309,12 +309,15 @@ class VLMAdapter:
         return {"text": text, "vision": vision}
 
     @classmethod
-    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
+                     tokenizer=None):
         """A random-weight model of the real architecture and its processor, built offline.
 
         With no arguments: the ``tiny-random`` shapes. ``text`` / ``vision``
         override entries of the language-model / vision-encoder configs;
-        ``image_side``: the largest square side images are fed at (the family's own by default).
+        ``image_side``: the largest square side images are fed at (the family's own by default);
+        ``tokenizer``: the one to use (the checkpoint's, with its special tokens) instead of the tiny one
+        trained here.
         """
         raise NotImplementedError
 

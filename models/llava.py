@@ -40,11 +40,12 @@ class LlavaAdapter(VLMAdapter):
                           projection_dim=768, hidden_act="quick_gelu")
 
     @classmethod
-    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
+                     tokenizer=None):
         from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
             LlavaForConditionalGeneration, LlavaProcessor
 
-        tokenizer = llama_style_tokenizer(["<image>", "<pad>"])
+        tokenizer = tokenizer or llama_style_tokenizer(["<image>", "<pad>"])
         side = image_side or 336
         vision = CLIPVisionConfig(**{**cls.TINY_VISION, **(vision or {})}, image_size=side, patch_size=14)
         text = LlamaConfig(**{**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})},

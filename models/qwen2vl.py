@@ -126,12 +126,13 @@ class Qwen2VLAdapter(VLMAdapter):
     VISION_DEPTH_KEY = "depth"
 
     @classmethod
-    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None):
+    def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
+                     tokenizer=None):
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, \
             Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-        tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                         chat_template=CHAT_TEMPLATE)
+        tokenizer = tokenizer or byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                                      chat_template=CHAT_TEMPLATE)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         text = {**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})}
         head_dim = text["hidden_size"] // text["num_attention_heads"]
