@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ShapeWorld folder to take the scenes from (default: a few generated ones)")
     parser.add_argument("--samples", type=int, default=3, help="how many scenes (all in one batch)")
     parser.add_argument("--attention-tolerance", type=float, default=None,
-                        help="largest allowed |engine - eager| on any recording (default by dtype: fp32 1e-4, "
-                             "bf16 1e-2, fp16 5e-3)")
+                        help="largest allowed difference on any recording: in fp32 |engine - eager| (default "
+                             "1e-4); in bf16 / fp16, of the maps renormalised over the image tokens, relative to the "
+                             "block's largest value (default 5e-2 / 1e-2)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
     return parser
 

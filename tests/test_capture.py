@@ -150,3 +150,32 @@ def test_row_probabilities_are_rows_of_the_full_softmax(mask_kind):
     got = row_probabilities(module, query, key, mask, 0.3, rows)
     want = torch.stack([full[b][:, rows[b]] for b in range(batch)])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_bf16_check_is_relative_to_the_block():
+    """A map spread evenly over 200 of 576 image cells against no map at all (1/576 everywhere): the old absolute
+    bf16 tolerance of 1e-2 passed it; relative to the block it fails, while the same map rounded to bf16 passes."""
+    from spatial_attention.reference import TOLERANCES, recording_difference
+
+    want = np.zeros((3, 576))
+    want[:, :200] = 1 / 200
+    uniform = np.full((3, 576), 1 / 576)
+    tolerance, relative, _ = TOLERANCES[torch.bfloat16]
+    assert relative and recording_difference("cross", uniform, want, False) < 1e-2
+    assert recording_difference("cross", uniform, want, True) > tolerance
+    rounded = torch.tensor(want).to(torch.bfloat16).double().numpy()
+    assert recording_difference("cross", rounded, want, True) <= tolerance
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2"])
+def test_the_self_check_passes_in_bf16(family):
+    from models import ADAPTERS
+    from spatial_attention.reference import check, verification_request
+
+    cls = ADAPTERS[family]
+    model, processor = cls.build_random()
+    adapter = cls(model.to(torch.bfloat16), processor, "tiny-random")
+    batch = adapter.encode(CAPTIONS, random_images(3, seed=5))
+    report, passed = check(adapter, batch, verification_request(batch, list(range(adapter.num_layers))))
+    assert passed and report["attention_compared"].startswith("relative")
+    assert max(report["max_rel_diff"].values()) < 0.01  # measured: at most 0.003
