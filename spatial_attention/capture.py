@@ -174,7 +174,37 @@ def _indexer(positions, device) -> slice | torch.Tensor:
 def _select(tensor: torch.Tensor, dim: int, index: slice | torch.Tensor) -> torch.Tensor:
     if isinstance(index, slice):
         return tensor.narrow(dim, index.start, index.stop - index.start)
-    return tensor.index_select(dim, index)
+    return tensor.index_select(dim, index.to(tensor.device))  # (a no-op but on another layer's device)
+
+
+def _device_key(tensor: torch.Tensor):
+    """Which of ``_Sums``'s per-device sums a tensor joins: its device (a test splits one device in two)."""
+    return tensor.device
+
+
+class _Sums:
+    """A sum kept on each device its terms arrive on (under --device-map a model's layers live on several GPUs,
+    and each layer's probabilities on its own), added up on one device only at the end."""
+
+    def __init__(self):
+        self.parts: dict = {}
+
+    def add(self, value: torch.Tensor) -> None:
+        key = _device_key(value)
+        part = self.parts.get(key)
+        self.parts[key] = value.clone() if part is None else part.add_(value)
+
+    def add_at(self, shape: tuple, index, value: torch.Tensor) -> None:
+        """Add ``value`` at ``index`` of a sum of ``shape`` (zeros where nothing was added)."""
+        key = _device_key(value)
+        if key not in self.parts:
+            self.parts[key] = value.new_zeros(shape)
+        self.parts[key][index] += value
+
+    def total(self, device) -> torch.Tensor | None:
+        """The sum over every device, on ``device``; None when nothing was added."""
+        parts = [part.to(device) for part in self.parts.values()]
+        return None if not parts else torch.stack(parts).sum(0)
 
 
 def _padded_rows(row_lists: list[np.ndarray], device) -> torch.Tensor:
@@ -205,12 +235,12 @@ class _Recorder(AttentionHook):
         self.relative_rows = any(r < 0 for r in answer_rows)  # counted from each call's last query
         self.blocks = {name: [(_indexer(np.searchsorted(row_lists[b], r), device), _indexer(c, device))
                               for b, (r, c) in enumerate(pairs)] for name, pairs in request.blocks.items()}
-        self.block_sum = {name: [None] * len(batch) for name in request.blocks}
+        self.block_sum = {name: [_Sums() for _ in range(len(batch))] for name in request.blocks}
         self.last_cols = None
         if request.last_mass is not None:
             self.last_cols = [_indexer(c, device) for c in request.last_mass]
             self.answer_slot = [int(np.searchsorted(row_lists[b], answer_rows[b])) for b in range(len(batch))]
-            self.mass = torch.zeros(len(batch), len(request.layers), adapter.num_heads, device=device)
+            self.mass = _Sums()  # (B, selected layers, heads)
             self.mass_passes = [0] * len(request.layers)  # > 1 when generating: averaged over steps
         self.vision_index = {}
         if request.vision_cells is not None:
@@ -223,7 +253,7 @@ class _Recorder(AttentionHook):
             self.vision_rows = _padded_rows(vision_rows, device) if any(self.vision_row_counts) else None
             self.vision_calls = {}  # module id -> images seen so far (Qwen2-VL calls once per image)
             self.vision_images = range(0)  # the images of the current call
-            self.vision_sum = [None] * len(batch)
+            self.vision_sum = [_Sums() for _ in range(len(batch))]
 
     def query_rows(self, module, query_shape):
         key = id(module)
@@ -249,41 +279,41 @@ class _Recorder(AttentionHook):
                 block = _select(_select(probs[b], 1, rows), 2, cols)  # (H, R, C)
                 self._accumulate(name, b, slot, block, n_layers)
         if self.last_cols is not None:
+            shape = (len(self.batch), len(self.request.layers), probs.shape[1])
             for b, cols in enumerate(self.last_cols):
-                self.mass[b, slot] += _select(probs[b, :, self.answer_slot[b]], 1, cols).sum(-1)
+                self.mass.add_at(shape, (b, slot), _select(probs[b, :, self.answer_slot[b]], 1, cols).sum(-1))
             self.mass_passes[slot] += 1
 
     def _accumulate(self, name, b, slot, block, n_layers):
         keep = self.request.keep
         if keep == "mean":
-            part = block.mean(0) / n_layers
-            acc = self.block_sum[name][b]
-            self.block_sum[name][b] = part if acc is None else acc.add_(part)
+            self.block_sum[name][b].add(block.mean(0) / n_layers)
             return
-        if self.block_sum[name][b] is None:
-            shape = (n_layers, *block.shape) if keep == "layer_head" else (n_layers, *block.shape[1:])
-            self.block_sum[name][b] = block.new_zeros(shape)
-        self.block_sum[name][b][slot] = block if keep == "layer_head" else block.mean(0)
+        part = block if keep == "layer_head" else block.mean(0)
+        self.block_sum[name][b].add_at((n_layers, *part.shape), slot, part)
 
     def _observe_vision(self, probs):
         mean_heads = probs.mean(1)  # (images in this call, rows, N)
         for j, image in enumerate(self.vision_images):
             rows = mean_heads[j, :self.vision_row_counts[image]]
-            grid_rows = self.adapter.vision_to_grid(rows) / self.vision_layers
-            acc = self.vision_sum[image]
-            self.vision_sum[image] = grid_rows if acc is None else acc.add_(grid_rows)
+            self.vision_sum[image].add(self.adapter.vision_to_grid(rows) / self.vision_layers)
 
     def results(self) -> list[dict[str, np.ndarray]]:
         out = []
+        cpu = torch.device("cpu")
+        mass = None
+        if self.last_cols is not None:
+            mass = self.mass.total(cpu)
+            if mass is None:  # no layer recorded
+                mass = torch.zeros(len(self.batch), len(self.request.layers), self.adapter.num_heads)
         for b in range(len(self.batch)):
-            sample = {name: sums[b].float().cpu().numpy() for name, sums in self.block_sum.items()}
-            if self.last_cols is not None:
-                passes = torch.tensor(self.mass_passes, device=self.mass.device).clamp_min(1).view(-1, 1)
-                sample["last_mass"] = (self.mass[b] / passes).cpu().numpy()
+            sample = {name: sums[b].total(cpu).float().numpy() for name, sums in self.block_sum.items()}
+            if mass is not None:
+                passes = torch.tensor(self.mass_passes).clamp_min(1).view(-1, 1)
+                sample["last_mass"] = (mass[b] / passes).numpy()
             if self.request.vision_cells is not None:
-                total = self.vision_sum[b]
-                sample["vision"] = (np.zeros((0, 0), np.float32) if total is None
-                                    else total.float().cpu().numpy())
+                total = self.vision_sum[b].total(cpu)
+                sample["vision"] = np.zeros((0, 0), np.float32) if total is None else total.float().numpy()
             out.append(sample)
         return out
 

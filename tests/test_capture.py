@@ -109,8 +109,9 @@ def test_retained_capture_state_does_not_grow_with_depth():
 
         def observing(module, probs):
             observe(module, probs)
-            tensors = [t for sums in recorder.block_sum.values() for t in sums if t is not None]
-            tensors += [t for t in recorder.vision_sum if t is not None]  # (last_mass is the L x H result itself)
+            sums = [per_sample for per_name in recorder.block_sum.values() for per_sample in per_name]
+            sums += recorder.vision_sum  # (last_mass is the L x H result itself)
+            tensors = [part for one in sums for part in one.parts.values()]
             held.append(sum(t.numel() * t.element_size() for t in tensors))
 
         recorder.observe = observing
@@ -179,3 +180,28 @@ def test_the_self_check_passes_in_bf16(family):
     report, passed = check(adapter, batch, verification_request(batch, list(range(adapter.num_layers))))
     assert passed and report["attention_compared"].startswith("relative")
     assert max(report["max_rel_diff"].values()) < 0.01  # measured: at most 0.003
+
+
+@pytest.mark.parametrize("keep", ["mean", "layer_head"])
+def test_sums_kept_per_device_add_up_to_the_one_device_result(adapter, keep, monkeypatch):
+    """--device-map: a sharded model's layers live on several devices, and the recorder keeps one sum per device,
+    added up on one device at the end. Two fake devices (alternate language-model layers; the vision encoder on
+    the second) through the same code path give the one-device recordings."""
+    from spatial_attention import capture as capture_module
+
+    batch = adapter.encode(CAPTIONS, random_images(3, seed=6))
+    request = _request(batch, list(range(adapter.num_layers)), keep=keep)
+    want, _ = capture(adapter, batch, request)
+    layer_of = {id(m): i for i, m in enumerate(adapter.lm_attention_modules())}
+    current, keys = {}, []
+    real_observe = capture_module._Recorder.observe
+
+    def observe(self, module, probs):
+        current["device"] = f"fake{layer_of.get(id(module), -1) % 2}"
+        real_observe(self, module, probs)
+
+    monkeypatch.setattr(capture_module._Recorder, "observe", observe)
+    monkeypatch.setattr(capture_module, "_device_key", lambda tensor: keys.append(current["device"]) or keys[-1])
+    got, _ = capture(adapter, batch, request)
+    assert set(keys) == {"fake0", "fake1"}
+    _assert_close(got, want, tol=1e-6)
