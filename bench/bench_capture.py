@@ -67,8 +67,8 @@ def build_adapter(args):
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    with device:
-        model, processor = cls.build_random(text=text, vision=vision)
+    with device:  # in its dtype: a 7B model is not built in fp32 first
+        model, processor = cls.build_random(text=text, vision=vision, dtype=dtype)
     return cls(model.to(device=device, dtype=dtype), processor, f"random-{args.size}")  # at the family's feed size
 
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,13 +63,20 @@ def step(name: str, command: list[str], timeout: int, env: dict | None = None, m
     python = command[0].endswith(".py")
     full = [sys.executable, *([__file__, "--measure"] if measure else []), *command] if python else command
     start = time.perf_counter()
+    if timeout <= 0:
+        print(f"[gpu_check] {name}: skipped (--deadline reached)", file=sys.stderr)
+        return {"step": name, "command": " ".join(command), "seconds": 0.0, "peak_mb": None, "ok": False,
+                "status": "skipped: --deadline reached"}
+    # its own process group: on a timeout every process it started stops too (the sweep's, the benchmark's)
+    child = subprocess.Popen(full, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        done = subprocess.run(full, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-        status, out, err = done.returncode, done.stdout, done.stderr
-    except subprocess.TimeoutExpired as expired:
-        status, out, err = "timeout", expired.stdout or "", f"stopped after {timeout} s"
-        out = out.decode() if isinstance(out, bytes) else out
+        out, err = child.communicate(timeout=timeout)
+        status = child.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        out, _ = child.communicate()
+        status, err = "timeout", f"stopped after {timeout:.0f} s"
     peaks = [float(m) for m in re.findall(r"^PEAK_MB (\S+)$", out, re.M)]
     result = {"step": name, "command": " ".join(command), "seconds": round(time.perf_counter() - start, 1),
               "peak_mb": peaks[-1] if peaks else None, "ok": status == 0}
@@ -92,7 +101,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="the same steps on the CPU at tiny-random size, small counts (a test that it runs)")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model families")
-    parser.add_argument("--out", type=Path, default=None, help="default bench/results/gpu_check-{gpu}.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default bench/results/gpu_check-{gpu}.json; rewritten after every step")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for the whole check (default: 480 on a GPU, none with --smoke); a step is "
+                             "stopped at it, later ones are recorded as skipped")
     parser.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # worker
     args = parser.parse_args()
     if args.measure:
@@ -108,48 +121,65 @@ def main() -> None:
     model_path = "tiny-random" if smoke else "random-7b"
     device = "cpu" if smoke else "cuda"
     worlds, pairs = (4, 2) if smoke else (100, 20)
-    timeout = 300 if smoke else 600
+    deadline = time.perf_counter() + (args.deadline or (math.inf if smoke else 480))
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    steps = [step("generate worlds", [str(REPO / "generate_data.py"), "shapeworld", "--out", str(work / "worlds"),
-                                      "--shards", "1", "--worlds-per-shard", str(worlds)], timeout),
-             step("generate corner pairs", [str(REPO / "generate_data.py"), "counterfactual", "--out",
-                                            str(work / "pairs"), "--count", str(pairs)], timeout)]
-    for family in args.families.split(","):
-        for dtype in ("bf16", "fp32"):
-            steps.append(step(f"{family} verify_attention {dtype}", [
-                str(REPO / "verify_attention.py"), "--model", family, "--model-path", model_path, "--device", device,
-                "--dtype", dtype, "--samples", "2", "--out", str(work / f"verify-{family}-{dtype}.json")], timeout))
-        for batch in (1, 8):
-            steps.append(step(f"{family} bench_capture batch {batch}", [
-                str(REPO / "bench" / "bench_capture.py"), "--model", family, "--size", "tiny" if smoke else "7b",
-                "--device", device, "--batch-size", str(batch), "--samples", "2" if smoke else "8",
-                "--repeats", "1" if smoke else "2",
-                "--out", str(work / f"bench-{family}-b{batch}.json")], timeout, measure=False))
-        steps.append(step(f"{family} experiment 1, {worlds} worlds", [
-            str(REPO / f"vlm_atten_analysis_{family}.py"), "--model-path", model_path, "--device", device,
-            "--data", str(work / "worlds"), "--limit", str(worlds), "--out", str(work / f"exp1-{family}")], timeout))
-        steps.append(step(f"{family} corner sweep, {pairs} pairs per corner", ["bash", str(REPO / "run_corner_experiments.sh")],
-                          timeout, env={"MODEL": family, "MODEL_PATH": model_path, "COUNT": str(pairs),
-                                        "DATA_DIR": str(work / "pairs"), "OUT_DIR": str(work / f"corners-{family}"),
-                                        "DEVICE": device, "PYTHON": sys.executable}))
-    details = {}
-    for name in sorted(work.glob("verify-*.json")) + sorted(work.glob("bench-*.json")):
-        report = json.loads(name.read_text())
-        details[name.stem] = (
-            {k: report.get(k) for k in ("passed", "dtype", "max_abs_diff", "max_rel_diff", "attention_compared",
-                                        "logits_max_abs_diff")} if name.stem.startswith("verify")
-            else {k: report.get(k) for k in ("overhead_vs_plain", "speedup_vs_paper", "extra_peak_mb", "max_abs_diff",
-                                             "logits_max_abs_diff_vs_plain")}
-            | {"seconds_per_sample": {m: v["seconds_per_sample"] for m, v in report["modes"].items()}})
-    summary = {"smoke": smoke, "model_path": model_path, "device": device, **build,
-               "total_seconds": round(sum(s["seconds"] for s in steps), 1), "all_ok": all(s["ok"] for s in steps),
-               "steps": steps, "reports": details}
     gpu = re.sub(r"[^0-9A-Za-z]+", "-", build["gpu"] or "cpu").strip("-").lower()
     out = args.out or REPO / "bench" / "results" / f"gpu_check-{gpu}{'-smoke' if smoke else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    steps, summary = [], {}
+    for name, command, options in plan(args.families.split(","), model_path, device, worlds, pairs, smoke, work):
+        left = min(600.0, deadline - time.perf_counter())  # 600 s: the most one command may take on a lent GPU
+        steps.append(step(name, command, left, **options))
+        summary = {"smoke": smoke, "model_path": model_path, "device": device, **build,
+                   "total_seconds": round(sum(s["seconds"] for s in steps), 1), "all_ok": all(s["ok"] for s in steps),
+                   "steps": steps, "reports": reports(work)}
+        out.write_text(json.dumps(summary, indent=2) + "\n")  # after every step: a stopped check keeps what it did
     print(json.dumps(summary))
     sys.exit(0 if summary["all_ok"] else 1)
+
+
+def plan(families: list[str], model_path: str, device: str, worlds: int, pairs: int, smoke: bool,
+         work: Path) -> list[tuple[str, list[str], dict]]:
+    """The check's steps in order: (name, command, options of ``step``)."""
+    steps = [("generate worlds", [str(REPO / "generate_data.py"), "shapeworld", "--out", str(work / "worlds"),
+                                  "--shards", "1", "--worlds-per-shard", str(worlds)], {}),
+             ("generate corner pairs", [str(REPO / "generate_data.py"), "counterfactual", "--out", str(work / "pairs"),
+                                        "--count", str(pairs)], {})]
+    for family in families:
+        for dtype in ("bf16", "fp32"):
+            steps.append((f"{family} verify_attention {dtype}", [
+                str(REPO / "verify_attention.py"), "--model", family, "--model-path", model_path, "--device", device,
+                "--dtype", dtype, "--samples", "2", "--out", str(work / f"verify-{family}-{dtype}.json")], {}))
+        for batch in (1, 8):
+            steps.append((f"{family} bench_capture batch {batch}", [
+                str(REPO / "bench" / "bench_capture.py"), "--model", family, "--size", "tiny" if smoke else "7b",
+                "--device", device, "--batch-size", str(batch), "--samples", "2" if smoke else "8",
+                "--repeats", "1" if smoke else "2", "--out", str(work / f"bench-{family}-b{batch}.json")],
+                {"measure": False}))
+        steps.append((f"{family} experiment 1, {worlds} worlds", [
+            str(REPO / f"vlm_atten_analysis_{family}.py"), "--model-path", model_path, "--device", device,
+            "--data", str(work / "worlds"), "--limit", str(worlds), "--out", str(work / f"exp1-{family}")], {}))
+        sweep = {"MODEL": family, "MODEL_PATH": model_path, "COUNT": str(pairs), "DATA_DIR": str(work / "pairs"),
+                 "OUT_DIR": str(work / f"corners-{family}"), "DEVICE": device, "PYTHON": sys.executable}
+        steps.append((f"{family} corner sweep, {pairs} pairs per corner",
+                      ["bash", str(REPO / "run_corner_experiments.sh")], {"env": sweep}))
+    return steps
+
+
+def reports(work: Path) -> dict:
+    """The verification and benchmark reports written so far, in short."""
+    details = {}
+    for name in sorted(work.glob("verify-*.json")):
+        report = json.loads(name.read_text())
+        details[name.stem] = {k: report.get(k) for k in ("passed", "dtype", "max_abs_diff", "max_rel_diff",
+                                                          "attention_compared", "logits_max_abs_diff")}
+    for name in sorted(work.glob("bench-*.json")):
+        report = json.loads(name.read_text())
+        details[name.stem] = {**{k: report.get(k) for k in ("overhead_vs_plain", "speedup_vs_paper", "extra_peak_mb",
+                                                            "max_abs_diff", "logits_max_abs_diff_vs_plain")},
+                              "seconds_per_sample": {m: v["seconds_per_sample"] for m, v in report["modes"].items()},
+                              "peak_memory_mb": {m: v["peak_memory_mb"] for m, v in report["modes"].items()}}
+    return details
 
 
 if __name__ == "__main__":

@@ -261,8 +261,11 @@ class VLMAdapter:
         if is_random(model_path):
             torch.manual_seed(seed if random_init_seed is None else random_init_seed)
             depth = random_7b_depth(model_path)
-            with torch.device(dev):  # drawn where it runs: a 7B model is not built on the CPU first
-                model, processor = cls.build_random() if depth is None else cls.build_random(**cls.seven_b(depth))
+            if depth is None:  # tiny-random: drawn on the CPU, the same weights on every device
+                model, processor = cls.build_random()
+            else:  # drawn where it runs and in its dtype: a 7B model is not built on the CPU, nor in fp32, first
+                with torch.device(dev):
+                    model, processor = cls.build_random(**cls.seven_b(depth), dtype=torch_dtype)
             model = model.to(device=dev, dtype=torch_dtype)
             return cls(model, processor, model_path)
         from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -310,8 +313,9 @@ class VLMAdapter:
 
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
-                     tokenizer=None):
-        """A random-weight model of the real architecture and its processor, built offline.
+                     tokenizer=None, dtype: torch.dtype | None = None):
+        """A random-weight model of the real architecture and its processor, built offline (in ``dtype``; default
+        fp32).
 
         With no arguments: the ``tiny-random`` shapes. ``text`` / ``vision``
         override entries of the language-model / vision-encoder configs;

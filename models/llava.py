@@ -41,7 +41,7 @@ class LlavaAdapter(VLMAdapter):
 
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
-                     tokenizer=None):
+                     tokenizer=None, dtype: torch.dtype | None = None):
         from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
             LlavaForConditionalGeneration, LlavaProcessor
 
@@ -54,8 +54,8 @@ class LlavaAdapter(VLMAdapter):
         config = LlavaConfig(vision_config=vision, text_config=text,
                              image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                              vision_feature_layer=-2, vision_feature_select_strategy="default")
-        model = LlavaForConditionalGeneration._from_config(copy.deepcopy(config),
-                                                           attn_implementation=_registered_attention())
+        model = LlavaForConditionalGeneration._from_config(
+            copy.deepcopy(config), attn_implementation=_registered_attention(), dtype=dtype or torch.float32)
         image_processor = CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
                                              image_mean=[0.481, 0.458, 0.408], image_std=[0.269, 0.261, 0.276])
         processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,

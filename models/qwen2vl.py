@@ -127,7 +127,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
-                     tokenizer=None):
+                     tokenizer=None, dtype: torch.dtype | None = None):
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, \
             Qwen2VLProcessor, Qwen2VLVideoProcessor
 
@@ -146,8 +146,8 @@ class Qwen2VLAdapter(VLMAdapter):
         config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                                video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                                vision_end_token_id=ids["<|vision_end|>"])
-        model = Qwen2VLForConditionalGeneration._from_config(copy.deepcopy(config),
-                                                             attn_implementation=_registered_attention())
+        model = Qwen2VLForConditionalGeneration._from_config(
+            copy.deepcopy(config), attn_implementation=_registered_attention(), dtype=dtype or torch.float32)
         # image_side caps the pixels the processor takes, so that it is also the default feed size
         cap = {"size": {"shortest_edge": 56 * 56, "longest_edge": image_side ** 2}} if image_side else {}
         processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**cap), tokenizer=tokenizer,

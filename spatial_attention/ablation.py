@@ -215,7 +215,8 @@ class HeadAblation(AttentionHook):
         self.answer_only = answer_only
         self.last: torch.Tensor | None = None  # (inputs,) answer positions of one copy of the batch (answer_only)
         modules = adapter.lm_attention_modules()
-        self.edits = {}  # module id -> ((sets, heads) bool: which heads each set replaces, (T, heads, head_dim) or None)
+        # module id -> ((sets, heads) bool: which heads each set replaces, (T, heads, head_dim) means or None)
+        self.edits = {}
         for layer in sorted({layer for heads in head_sets for layer, _ in heads}):
             device = next(modules[layer].parameters()).device  # its own GPU under --device-map
             chosen = torch.zeros(self.sets, adapter.num_heads, dtype=torch.bool)

@@ -366,8 +366,7 @@ def last_position_logits(adapter, batch) -> torch.Tensor:
     """
     last = [lay.last_position for lay in batch.layouts]
     keep = sorted(set(last))
-    device = adapter.device
-    logits = adapter.model(**batch.inputs, use_cache=False,
-                           logits_to_keep=torch.tensor(keep, device=device)).logits
+    # on the CPU: under --device-map the last hidden states sit on the last GPU, and a CPU index serves any device
+    logits = adapter.model(**batch.inputs, use_cache=False, logits_to_keep=torch.tensor(keep)).logits
     column = torch.tensor([keep.index(p) for p in last], device=logits.device)
     return logits[torch.arange(len(last), device=logits.device), column].float().cpu()

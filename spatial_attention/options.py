@@ -157,7 +157,7 @@ class ModelOptions:
         """The model's part of a results folder's identity, as far as it is known before the model loads:
         the layers only when --layers lists numbers (a mode such as 'all' needs the model's depth)."""
         from models import family_adapter
-        from models.base import is_random, pick_device_and_dtype
+        from models.base import is_random, pick_device_and_dtype, random_7b_depth
 
         adapter = family_adapter(self.family)
         default_feed = adapter.checkpoint_feed_size(self.model_path)
@@ -171,6 +171,8 @@ class ModelOptions:
             identity["--layers"] = [layer + 1 for layer in listed]
         if is_random(self.model_path):  # its weights are drawn with the seed
             identity["--seed"] = self.seed
+            if random_7b_depth(self.model_path) is not None:  # drawn on its device: other numbers on a GPU
+                identity["initialisation device"] = pick_device_and_dtype(self.device, self.dtype)[0].type
         if self.random_init_seed is not None:
             identity["--control"] = "random-weights"
             identity[INIT_SEED_KEY] = self.random_init_seed

@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=3, help="how many scenes (all in one batch)")
     parser.add_argument("--attention-tolerance", type=float, default=None,
                         help="largest allowed difference on any recording: in fp32 |engine - eager| (default "
-                             "1e-4); in bf16 / fp16, of the maps renormalised over the image tokens, relative to the "
-                             "block's largest value (default 5e-2 / 1e-2)")
+                             "1e-4); in bf16 / fp16, of the maps renormalised over the image tokens, each row's relative "
+                             "to that row's largest value (default 5e-2 / 1e-2)")
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
     return parser
 

@@ -153,14 +153,18 @@ def test_row_probabilities_are_rows_of_the_full_softmax(mask_kind):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
-def test_bf16_check_is_relative_to_the_block():
+def test_bf16_check_is_relative_to_each_row():
     """A map spread evenly over 200 of 576 image cells against no map at all (1/576 everywhere): the old absolute
-    bf16 tolerance of 1e-2 passed it; relative to the block it fails, while the same map rounded to bf16 passes."""
+    bf16 tolerance of 1e-2 passed it; relative to each row it fails, also beside a causal first row [1, 0, ...]
+    that would set a block-wide scale of 1; the same map rounded to bf16 passes."""
     from spatial_attention.reference import TOLERANCES, recording_difference
 
     want = np.zeros((3, 576))
     want[:, :200] = 1 / 200
+    want[0] = 0.0
+    want[0, 0] = 1.0  # the first image token, which under the causal mask sees only itself
     uniform = np.full((3, 576), 1 / 576)
+    uniform[0] = want[0]
     tolerance, relative, _ = TOLERANCES[torch.bfloat16]
     assert relative and recording_difference("cross", uniform, want, False) < 1e-2
     assert recording_difference("cross", uniform, want, True) > tolerance
