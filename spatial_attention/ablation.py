@@ -337,7 +337,8 @@ def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]]
     if sets_per_forward < 2:
         raise ValueError("measure: sets_per_forward must be >= 2 (one unablated copy and one head set)")
     batch = _encode(adapter, pairs, prompt)
-    start, _ = run_prefix(adapter, batch, min(layer for heads in head_sets for layer, _ in heads))
+    first = min(layer for heads in head_sets for layer, _ in heads)
+    start = run_prefix(adapter, batch, [first])[0][first]
     per_forward = sets_per_forward - 1
     base, ablated = None, []
     for i in range(0, len(head_sets), per_forward):

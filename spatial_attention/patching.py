@@ -22,7 +22,8 @@ heads by it as they rank attention differences.
 Exact, not a gradient estimate: attribution patching (the first-order estimate) was tried on the LLaVA toy
 and ranked its heads wrongly (correlation 0.08 with the exact swap; one of its two causal heads got the wrong
 sign). The price: one forward of the pair's two images per scored head, batched ``heads_per_forward`` heads
-at a time with one unpatched copy of the pair; ``--layers`` restricts the heads scored.
+at a time with one unpatched copy of the pair, and each from the lowest layer of its batch of heads up (the
+layers below, and the vision encoder, run once per pair: ``prefix.py``); ``--layers`` restricts the heads scored.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import torch
 from PIL import Image
 
 from spatial_attention.ablation import log_odds
-from spatial_attention.capture import AttentionHook, active, greedy_answers, last_position_logits
+from spatial_attention.capture import AttentionHook, greedy_answers
+from spatial_attention.prefix import run_prefix, upper_logits
 
 Head = tuple[int, int]  # (layer, head), both 0-based
 
@@ -83,24 +85,26 @@ def pair_scores(adapter, full: Image.Image, control: Image.Image, prompt: str, h
     unpatched log-odds (full, control) and answers (the greedy first token of each)."""
     batch = adapter.encode([prompt] * 2, [full, control])
     last = torch.tensor([layout.last_position for layout in batch.layouts])
+    chunks = [heads[start:start + heads_per_forward] for start in range(0, len(heads), heads_per_forward)]
     recorder = AnswerOutputs(adapter, last)
-    with active(recorder):
-        logits = last_position_logits(adapter, batch)
+    # one forward of the pair: its logits, every head's answer-position output, and the input of each chunk's
+    # lowest layer, from which only the layers above run again (prefix.py)
+    prefixes, logits = run_prefix(adapter, batch, sorted({min(layer for layer, _ in chunk) for chunk in chunks}),
+                                  recorder)
     base = log_odds(logits, *answer_ids)
     said = tuple(greedy_answers(adapter, logits))
     scores = {}
-    for start in range(0, len(heads), heads_per_forward):
-        chunk = heads[start:start + heads_per_forward]
+    for chunk in chunks:
         rows = [head for head in chunk for _ in range(2)]  # per head: the full image, then the control image
         # the full image's row gets the control image's output of that head, and the other way round
         fills = torch.stack([recorder.outputs[layer][1 - kind, head].float().cpu()  # layers may lie on several GPUs
                              for layer, head in chunk for kind in range(2)])
         # one more, unpatched copy of the pair: each swap is compared with a forward of the same batch shape,
         # since a GPU's kernels (bf16 above all) round differently at another batch size
-        swapped = adapter.repeat_batch(batch, len(chunk) + 1)
-        swapped_last = torch.tensor([layout.last_position for layout in swapped.layouts])
-        with active(AnswerSwap(adapter, swapped_last, rows, fills)):
-            patched = log_odds(last_position_logits(adapter, swapped), *answer_ids).reshape(len(chunk) + 1, 2)
+        copies = len(chunk) + 1
+        swap = AnswerSwap(adapter, last.repeat(copies), rows, fills)
+        prefix = prefixes[min(layer for layer, _ in chunk)]
+        patched = log_odds(upper_logits(adapter, prefix, copies, swap), *answer_ids).reshape(copies, 2)
         unpatched = patched[-1]
         for head, after in zip(chunk, patched[:-1]):
             scores[head] = (float(unpatched[0] - after[0]), float(unpatched[1] - after[1]))

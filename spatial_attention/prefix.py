@@ -2,9 +2,9 @@
 
 An edit that starts at layer L (a head ablation, a head swap) leaves everything
 below it as it was: the vision encoder, the embeddings and layers 0 .. L-1. So
-``run_prefix`` makes one plain forward of the batch and keeps, at a named point,
-the input of layer L (its hidden states and the keyword arguments the model
-passed it: mask, position embeddings); ``upper_logits`` then runs only layers
+``run_prefix`` makes one forward of the batch and keeps, at a named point, the
+input of layer L, for each L asked for (its hidden states and the keyword
+arguments the model passed it: mask, position embeddings); ``upper_logits`` then runs only layers
 L .. end and the LM head on that input, repeated ``times`` over (samples in
 ``Adapter.repeat_batch`` order), while a hook edits the attention outputs. The
 layers are the model's own modules, called as the model calls them.
@@ -29,28 +29,32 @@ class Prefix:
 
 
 @torch.inference_mode()
-def run_prefix(adapter, batch, first: int) -> tuple[Prefix, torch.Tensor]:
-    """One plain forward of ``batch``: (the input of layer ``first`` and every later layer's arguments, the
-    last-position logits (B, V) fp32 on the CPU)."""
+def run_prefix(adapter, batch, starts: list[int], hook: AttentionHook | None = None
+               ) -> tuple[dict[int, Prefix], torch.Tensor]:
+    """One forward of ``batch`` (with ``hook`` active, if any): (per layer of ``starts``, its input and every later
+    layer's arguments; the last-position logits (B, V) fp32 on the CPU)."""
     layers = adapter.lm_layers()
-    hidden: list[torch.Tensor] = []
+    lowest = min(starts)
+    hidden: dict[int, torch.Tensor] = {}
     layer_kwargs: dict[int, dict] = {}
 
     def keep(index):
-        def hook(module, args, kwargs):
-            if index == first:  # only the first layer's hidden states: the others' would cost a copy per layer
-                hidden.append(args[0] if args else kwargs["hidden_states"])
+        def pre_hook(module, args, kwargs):
+            if index in starts:  # only these layers' hidden states: the others' would cost a copy per layer
+                hidden[index] = args[0] if args else kwargs["hidden_states"]
             layer_kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        return hook
+        return pre_hook
 
-    handles = [layers[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in range(first, len(layers))]
+    handles = [layers[i].register_forward_pre_hook(keep(i), with_kwargs=True) for i in range(lowest, len(layers))]
     try:
-        logits = last_position_logits(adapter, batch)
+        with active(hook or AttentionHook()):
+            logits = last_position_logits(adapter, batch)
     finally:
         for handle in handles:
             handle.remove()
-    return Prefix(first, hidden[0], [layer_kwargs[i] for i in range(first, len(layers))],
-                  [lay.last_position for lay in batch.layouts]), logits
+    last = [lay.last_position for lay in batch.layouts]
+    return {start: Prefix(start, hidden[start], [layer_kwargs[i] for i in range(start, len(layers))], last)
+            for start in starts}, logits
 
 
 @torch.inference_mode()

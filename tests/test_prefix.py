@@ -16,7 +16,8 @@ def test_upper_layers_alone_equal_the_whole_forward(adapter):
     batch = adapter.encode(CAPTIONS, random_images(3, seed=4))
     assert batch.inputs["attention_mask"].min() == 0  # padded
     first = 1
-    prefix, logits = run_prefix(adapter, batch, first)
+    prefixes, logits = run_prefix(adapter, batch, [first])
+    prefix = prefixes[first]
     plain = plain_logits(adapter, batch)
     assert torch.equal(logits, plain)
     torch.testing.assert_close(upper_logits(adapter, prefix, 1), plain, rtol=0, atol=1e-5)
