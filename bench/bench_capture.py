@@ -170,15 +170,17 @@ def run_mode(args) -> dict:
             "num_layers": adapter.num_layers, "num_heads": adapter.num_heads,
             "image_tokens": int(len(batches[0].layouts[0].image_positions)),
             "sequence_length": int(batches[0].layouts[0].length), "threads": torch.get_num_threads(),
-            "rows": _rows_per_layer(adapter, requests)}
+            "rows": _rows_per_layer(adapter, requests, batches)}
 
 
-def _rows_per_layer(adapter, requests) -> dict:
+def _rows_per_layer(adapter, requests, batches) -> dict:
     """The attention rows the engine computes per sample in each recorded layer (mean over the samples)."""
+    from spatial_attention.capture import sample_rows
+
     lm, vision = [], []
-    for request in requests:
-        for b, cells in enumerate(request.vision_cells):
-            lm.append(len(np.unique(np.concatenate([pairs[b][0] for pairs in request.blocks.values()]))))
+    for request, batch in zip(requests, batches):
+        for b, (cells, layout) in enumerate(zip(request.vision_cells, batch.layouts)):
+            lm.append(len(sample_rows(request, b, layout.last_position)))
             vision.append(len(adapter.vision_query_rows(cells)))
     return {"language_model": float(np.mean(lm)), "vision": float(np.mean(vision))}
 

@@ -422,14 +422,6 @@ class VLMAdapter:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return Batch(inputs, layouts)
 
-    def repeat_batch(self, batch: Batch, times: int) -> Batch:
-        """``batch`` ``times`` over, samples in order (a, b, a, b, ...), as ``encode`` of the repeated inputs
-        would give it without processing the images again. Every input tensor's first dimension runs over the
-        samples, or over their images' patches in sample order (Qwen2-VL's pixel_values); a family whose
-        inputs differ overrides this."""
-        inputs = {k: torch.cat([v] * times) if isinstance(v, torch.Tensor) else v for k, v in batch.inputs.items()}
-        return Batch(inputs, batch.layouts * times)
-
     def _expanded_prompt(self, prompt: str, n_image_tokens: int) -> str:
         """The prompt with its image placeholder repeated as the processor expands it."""
         token = getattr(self.processor, "image_token", None)

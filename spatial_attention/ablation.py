@@ -206,8 +206,8 @@ class HeadAblation(AttentionHook):
     ``means[layer][:, head]`` (see ``HeadMeans``): at every position, or with ``answer_only`` at each sample's
     answer position (``for_batch`` says where that is).
 
-    Several head sets at once: the batch holds its inputs once per set, set after set (``Adapter.repeat_batch``
-    order), and the rows of set s get set s's heads replaced (a per-row head mask)."""
+    Several head sets at once: the batch holds its inputs once per set, set after set (samples a, b, a, b, ...),
+    and the rows of set s get set s's heads replaced (a per-row head mask)."""
 
     def __init__(self, adapter, head_sets: list[list[Head]], means: dict[int, torch.Tensor] | None = None,
                  answer_only: bool = False):

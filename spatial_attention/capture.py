@@ -215,6 +215,15 @@ def _padded_rows(row_lists: list[np.ndarray], device) -> torch.Tensor:
                                      for r in row_lists]).astype(np.int64), device=device)
 
 
+def sample_rows(request: CaptureRequest, b: int, answer_row: int) -> np.ndarray:
+    """The language-model rows the engine computes for sample ``b`` in each recorded layer, sorted: the union of
+    every block's rows and, with ``last_mass``, the answer row."""
+    parts = [np.asarray(pairs[b][0], dtype=np.int64) for pairs in request.blocks.values()]
+    if request.last_mass is not None:
+        parts.append(np.array([answer_row]))
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+
+
 class _Recorder(AttentionHook):
     def __init__(self, adapter, batch, request: CaptureRequest, answer_rows: list[int] | None = None):
         """``answer_rows``: the row whose mass ``last_mass`` sums, per sample (default: the last real position;
@@ -224,13 +233,7 @@ class _Recorder(AttentionHook):
         self.lm_index = {id(m): i for i, m in enumerate(adapter.lm_attention_modules())}
         self.slot = {layer: s for s, layer in enumerate(request.layers)}  # layer -> position among selected
         answer_rows = answer_rows or [lay.last_position for lay in batch.layouts]
-        # each sample's rows: the union of every block's rows and the answer row
-        row_lists = []
-        for b in range(len(batch)):
-            parts = [np.asarray(pairs[b][0], dtype=np.int64) for pairs in request.blocks.values()]
-            if request.last_mass is not None:
-                parts.append(np.array([answer_rows[b]]))
-            row_lists.append(np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64))
+        row_lists = [sample_rows(request, b, answer_rows[b]) for b in range(len(batch))]
         self.lm_rows = _padded_rows(row_lists, device) if any(len(r) for r in row_lists) else None
         self.relative_rows = any(r < 0 for r in answer_rows)  # counted from each call's last query
         self.blocks = {name: [(_indexer(np.searchsorted(row_lists[b], r), device), _indexer(c, device))

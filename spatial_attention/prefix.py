@@ -4,9 +4,9 @@ An edit that starts at layer L (a head ablation, a head swap) leaves everything
 below it as it was: the vision encoder, the embeddings and layers 0 .. L-1. So
 ``run_prefix`` makes one forward of the batch and keeps, at a named point, the
 input of layer L, for each L asked for (its hidden states and the keyword
-arguments the model passed it: mask, position embeddings); ``upper_logits`` then runs only layers
-L .. end and the LM head on that input, repeated ``times`` over (samples in
-``Adapter.repeat_batch`` order), while a hook edits the attention outputs. The
+arguments the model passed it: mask, position embeddings); ``upper_logits`` then
+runs only layers L .. end and the LM head on that input, repeated ``times`` over
+(samples a, b, a, b, ...), while a hook edits the attention outputs. The
 layers are the model's own modules, called as the model calls them.
 """
 from __future__ import annotations

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import committed_toy
-from models import load_adapter
 from spatial_attention import patching
 from spatial_attention.ablation import log_odds, yes_no_ids
 from spatial_attention.capture import AttentionHook, active, last_position_logits
@@ -73,21 +72,6 @@ def test_batched_swaps_equal_one_forward_per_head_and_image(family, tmp_path):
                     after = float(log_odds(last_position_logits(adapter, b), *answer_ids)[0])
                 assert scores[(layer, head)][kind] == pytest.approx(plain[kind] - after, abs=1e-3), (layer, head, kind)
     assert said[0].lower() in ("yes", "no") and said[1].lower() in ("yes", "no")
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_repeated_batch_is_the_encoded_repetition(family, tmp_path):
-    """repeat_batch gives the tensors and layouts that encoding the images again would."""
-    adapter = load_adapter(family, "tiny-random", device="cpu", dtype="fp32")
-    folder, = generate_counterfactual(tmp_path, count=1, seed=4, corners=["topright"])
-    images = list(read_dataset(folder, None).pairs[0].load_images())
-    once = adapter.encode(["a question?"] * 2, images)
-    again = adapter.encode(["a question?"] * 6, images * 3)
-    repeated = adapter.repeat_batch(once, 3)
-    assert set(repeated.inputs) == set(again.inputs)
-    for key, value in again.inputs.items():
-        assert torch.equal(repeated.inputs[key], value), key
-    assert [layout.last_position for layout in repeated.layouts] == [layout.last_position for layout in again.layouts]
 
 
 def test_score_cubes_follow_the_layers_given():
