@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole study in one command: experiments 1 and 2, the corner sweep and its ablation, for every model, each
+# beside its random-weights control, into one folder tree; then one report (OUT_DIR/report/index.html, REPORT.md).
+#
+# Settings (environment variables, defaults in brackets):
+#   MODELS ["llava qwen2"]      the model families, space-separated
+#   MODEL_PATH_LLAVA, MODEL_PATH_QWEN2 [the paper's checkpoints]   a hub id, a local folder, toy, tiny-random,
+#                               random-7b[:N] (as --model-path; MODEL_PATH_<FAMILY> for every family)
+#   WORLDS [all]                ShapeWorld worlds for experiments 1 and 2 (all, or a number: --limit)
+#   COUNT [100]                 pairs per corner (experiment 3 and the ablation)
+#   CONTROLS [1]                1: also each step's random-weights control (CONTROL_SEEDS [3] initialisations)
+#   ABLATE [1]                  1: ablate each corner's heads after experiment 3 (head_ablation.py)
+#   DATA_DIR [data]             ShapeWorld data in DATA_DIR/spatial_twoshapes/agreement/relational, corner pairs in
+#                               DATA_DIR/dataset_{corner}; what is missing is generated first (a step of its own)
+#   OUT_DIR [results/study]     the study's folder
+#   DEVICE [auto]  DTYPE [auto]  BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]
+#   PYTHON [the checkout's .venv/bin/python when it exists, else python3]: runs every step
+# The corner sweep's own settings (SCORE, ABLATE_HEADS, ABLATE_MODE, RANDOM_CONTROLS, LAYERS, ...; see
+# run_corner_experiments.sh) pass through to it.
+#
+# Each step runs in its own process, its output in OUT_DIR/logs/{step}.log; one line is printed as it starts and
+# one as it ends. A step that fails is recorded (OUT_DIR/steps/{step}.json, with the end of its log) and the next
+# one starts; the report shows it. Rerunning resumes: a finished step is skipped, one cut off or failed is run
+# again and picks up where its script stopped. A rerun with another model path, WORLDS, COUNT, CONTROL_SEEDS,
+# DTYPE or DATA_DIR is refused before any step (OUT_DIR/study.json keeps them). Exit status: 0 when every step
+# finished, 1 when one failed, 2 for a bad setting, 130 when interrupted.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
+fi
+export PYTHON
+PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m spatial_attention.study

@@ -1,0 +1,335 @@
+"""run_study.sh and make_report.py: the whole study at toy scale (tiny-random, both families, a few worlds, COUNT=4,
+one control initialisation), a step forced to fail, the report parsed, and a rerun that resumes.
+
+One study is run for the module (about 3 minutes on 2 CPU cores); the report's reading rules are also tested on
+hand-made summaries with planted numbers, without a model."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from spatial_attention import report  # noqa: E402  (after the path)
+from spatial_attention.errors import OptionError  # noqa: E402
+from spatial_attention.study import StudySettings, plan  # noqa: E402
+
+SECTIONS = ("rules", "experiment-1", "experiment-2", "experiment-3", "ablation", "manifest", "steps")
+FAILING = "qwen2/exp2-control"
+
+
+def _stand_in_python(root: Path) -> tuple[Path, Path]:
+    """A PYTHON that fails the qwen2 experiment 2 control while ``marker`` exists, and runs the real one
+    otherwise."""
+    marker = root / "fail_qwen2_exp2_control"
+    marker.touch()
+    stand_in = root / "python"
+    stand_in.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ -e "{marker}" ] && [[ "$*" == *text_only_llm_analysis_qwen2.py*--control* ]]; then\n'
+        '  echo "forced failure: the test stands in for a checkpoint that will not load" >&2; exit 3\nfi\n'
+        f'exec "{sys.executable}" "$@"\n')
+    stand_in.chmod(0o755)
+    return stand_in, marker
+
+
+def _run(env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "run_study.sh")], env={**os.environ, **env}, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    stand_in, marker = _stand_in_python(root)
+    env = {"MODEL_PATH_LLAVA": "tiny-random", "MODEL_PATH_QWEN2": "tiny-random", "WORLDS": "6", "COUNT": "4",
+           "CONTROL_SEEDS": "1", "DATA_DIR": str(root / "data"), "OUT_DIR": str(root / "out"),
+           "PYTHON": str(stand_in), "DEVICE": "cpu"}
+    first = _run(env)
+    return {"root": root, "out": root / "out", "env": env, "marker": marker, "first": first,
+            "html": (root / "out" / "report" / "index.html").read_text()}
+
+
+class _Page(HTMLParser):
+    """Every tag's attributes, the ids, the number spans with their text, and the <pre> texts."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags, self.ids, self.numbers, self.pres = [], set(), [], []
+        self._num, self._pre = None, None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "span" and attrs.get("class") == "num":
+            self._num = [attrs, ""]
+        if tag == "pre":
+            self._pre = ""
+
+    def handle_data(self, data):
+        if self._num is not None:
+            self._num[1] += data
+        if self._pre is not None:
+            self._pre += data
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._num is not None:
+            self.numbers.append(tuple(self._num))
+            self._num = None
+        if tag == "pre":
+            self.pres.append(self._pre)
+            self._pre = None
+
+
+def _page(text: str) -> _Page:
+    page = _Page()
+    page.feed(text)
+    return page
+
+
+def test_a_failed_step_does_not_stop_the_others(study):
+    first, out = study["first"], study["out"]
+    assert first.returncode == 1, first.stderr[-3000:]
+    steps = plan(StudySettings.from_env({**os.environ, **study["env"]}))
+    records = {s.name: json.loads((out / "steps" / f"{s.key}.json").read_text()) for s in steps}
+    assert records[FAILING]["status"] == "failed" and records[FAILING]["returncode"] == 3
+    assert any("forced failure" in line for line in records[FAILING]["tail"])
+    assert all(r["status"] == "ok" for name, r in records.items() if name != FAILING)
+    # after the failed step, the next one (qwen2's corner sweep) still ran
+    names = [s.name for s in steps]
+    assert names.index("qwen2/corners") > names.index(FAILING)
+    # one line as each step starts and one as it ends, with its time
+    for i, step in enumerate(steps, 1):
+        assert re.search(rf"\[{i}/{len(steps)}\] {re.escape(step.name)}: .* \.\.\. \(log: ", first.stderr)
+        assert re.search(rf"\[{i}/{len(steps)}\] {re.escape(step.name)}: (done in|FAILED \(exit 3\) after) "
+                         rf"\d+m\d\ds", first.stderr)
+    assert f"report: {out / 'report' / 'index.html'}" in first.stderr
+    assert json.loads((out / "study.json").read_text())["failed"] == [FAILING]
+
+
+def test_report_is_one_self_contained_file_with_every_section(study):
+    page = _page(study["html"])
+    assert set(SECTIONS) <= page.ids
+    assert not any(tag in ("script", "link", "iframe", "object", "embed") for tag, _ in page.tags)
+    images = [attrs for tag, attrs in page.tags if tag == "img"]
+    for tag, attrs in page.tags:
+        for name in ("src", "href"):
+            value = attrs.get(name)
+            if value is not None:  # only embedded data and links within the page
+                assert value.startswith(("data:image/png;base64,", "#")), (tag, value[:80])
+    assert "http://" not in study["html"] and "https://" not in study["html"]
+    for attrs in images:
+        assert base64.b64decode(attrs["src"].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    # every summary figure of both models, and a few per-world panels
+    out = study["out"]
+    expected = set()
+    for model in ("llava", "qwen2"):
+        figures = out / model / "exp1" / "figures"
+        expected |= {f"{model}/exp1/figures/{name}.png" for name in ("real_vs_shuffled", "specificity",
+                                                                      "metric_by_relation")}
+        expected |= {str(p.relative_to(out)) for p in sorted(figures.glob("world_*.png"))[:report.WORLD_PANELS]}
+        expected |= {str(p.relative_to(out)) for p in (out / model / "exp2" / "figures").glob("*.png")}
+        corners = out / model / "corners"
+        expected |= {str(p.relative_to(out)) for p in corners.glob("head_diff_stats_*/count_bars.png")}
+        expected |= {str(p.relative_to(out)) for p in corners.glob("count_shared_unique/*.png")}
+        expected |= {str(p.relative_to(out)) for p in corners.glob("ablation_*/figures/*.png")}
+    assert len(expected) > 40
+    assert {attrs["alt"] for attrs in images} == expected
+    assert all((out / name).is_file() for name in expected)
+    # LLaVA and Qwen2-VL side by side in each experiment's table
+    for header in ("llava: random weights", "qwen2: random weights", "llava: p_drop", "qwen2: p_drop"):
+        assert f"<th>{header}</th>" in study["html"]
+    markdown = (out / "report" / "REPORT.md").read_text()
+    for title in ("## Experiment 1", "## Experiment 2", "## Experiment 3", "## The causal test", "## What was run",
+                  "## Steps"):
+        assert title in markdown
+
+
+def _follow(doc, path):
+    for key in path:
+        doc = doc[key]
+    return doc
+
+
+def test_every_number_is_its_summary_field(study):
+    out, page = study["out"], _page(study["html"])
+    assert len(page.numbers) > 300
+    files = set()
+    for attrs, text in page.numbers:
+        files.add(attrs["data-file"])
+        value = json.loads(attrs["data-value"])
+        if value is None:
+            assert text == "n/a"
+            continue
+        held = _follow(json.loads((out / attrs["data-file"]).read_text()), json.loads(attrs["data-path"]))
+        if attrs["data-op"] == "len":
+            held = len(held)
+        assert held == value, attrs
+    for model in ("llava", "qwen2"):
+        for rel in ("exp1/summary.json", "exp1/control_comparison.json", "exp2/summary.json",
+                    "corners/count_shared_unique/summary.json", "corners/ablation_topleft_unique/summary.json",
+                    "corners/ablation_topleft_unique/control_comparison.json", "exp1/run.json"):
+            assert f"{model}/{rel}" in files, rel
+    assert "llava/exp2/control_comparison.json" in files  # the failed control is qwen2's
+    # a headline number checked by hand: the paper's test on LLaVA, subject word, as the summary holds it
+    summary = json.loads((out / "llava" / "exp1" / "summary.json").read_text())
+    row = next(r for r in summary["by_metric"] if (r["map"], r["metric"]) == ("subject_cross", "iou"))
+    fmt = report.ci_format(row["ci_lo"], row["ci_hi"])
+    shown = f"{row['mean_diff']:{fmt}} [{row['ci_lo']:{fmt}}, {row['ci_hi']:{fmt}}]"
+    assert f"| subject_cross iou, real minus shuffled | {shown}" in (out / "report" / "REPORT.md").read_text()
+
+
+def test_the_failed_step_shows_in_the_report_with_the_end_of_its_log(study):
+    page = _page(study["html"])
+    assert f"{FAILING}: failed (exit 3)" in study["html"]
+    assert any("forced failure" in text for text in page.pres)
+    assert f"not finished: {FAILING}" in study["html"]
+    assert "No results" not in study["html"].split('id="experiment-2"')[1].split('id="experiment-3"')[0]
+
+
+def test_a_rerun_resumes_only_the_unfinished_step_and_other_settings_are_refused(study):
+    out, env = study["out"], study["env"]
+    refused = _run({**env, "COUNT": "5"}, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"error: COUNT=5: {out} was run with COUNT=4")
+    study["marker"].unlink()
+    before = {p.name: json.loads(p.read_text()) for p in (out / "steps").glob("*.json")}
+    again = _run(env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = {p.name: json.loads(p.read_text()) for p in (out / "steps").glob("*.json")}
+    key = FAILING.replace("/", "-") + ".json"
+    assert after[key]["status"] == "ok" and after[key]["tries"] == 2
+    assert {k: v for k, v in after.items() if k != key} == {k: v for k, v in before.items() if k != key}
+    assert again.stderr.count("finished earlier") == len(before) - 1
+    log = (out / "logs" / key.replace(".json", ".log")).read_text()
+    assert "forced failure" in log and "try 2" in log  # the failed try's output is kept
+    html = (out / "report" / "index.html").read_text()
+    assert "not finished" not in html and f"{FAILING}: failed" not in html
+
+
+def test_an_interrupted_study_records_the_step_and_exits_130(tmp_path):
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/usr/bin/env bash\n[[ "$*" == *generate_data.py* ]] && exec sleep 60\n'
+                        f'exec "{sys.executable}" "$@"\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "MODELS": "llava", "MODEL_PATH_LLAVA": "tiny-random", "DATA_DIR": str(tmp_path / "data"),
+           "OUT_DIR": str(tmp_path / "out"), "PYTHON": str(stand_in), "DEVICE": "cpu"}
+    proc = subprocess.Popen(["bash", str(REPO / "run_study.sh")], env=env, stderr=subprocess.PIPE, text=True)
+    record = tmp_path / "out" / "steps" / "data.json"
+    deadline = time.monotonic() + 60
+    while not record.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert json.loads(record.read_text())["status"] == "interrupted"
+    assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "interrupted"
+    assert "rerun the same command to resume" in err
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"MODELS": "llava gpt4"}, "MODELS: 'gpt4' is not one of"),
+    ({"MODELS": " "}, "MODELS is empty"),
+    ({"MODELS": "llava llava"}, "a model is named twice"),
+    ({"WORLDS": "0"}, "WORLDS=0: must be a whole number of 1 or more or 'all'"),
+    ({"COUNT": "many"}, "COUNT=many: must be a whole number of 1 or more"),
+    ({"CONTROLS": "yes"}, "CONTROLS=yes: must be 0 or 1"),
+    ({"ABLATE": "2"}, "ABLATE=2: must be 0 or 1"),
+    ({"DTYPE": "fp8"}, "DTYPE=fp8: must be one of"),
+    ({"DEVICE": "tpu"}, "DEVICE=tpu:"),
+    ({"MODEL_PATH_QWEN2": "./no/such/folder"}, "MODEL_PATH_QWEN2=./no/such/folder: no such folder"),
+])
+def test_bad_settings_are_refused_in_one_line(settings, error):
+    with pytest.raises(OptionError, match=re.escape(error)):
+        StudySettings.from_env({"DEVICE": "cpu", **settings})
+
+
+def test_a_folder_of_other_files_is_not_taken_for_a_study(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    done = _run({"OUT_DIR": str(tmp_path), "DEVICE": "cpu"}, timeout=120)
+    assert done.returncode == 2 and "holds files but no study.json" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------------- the reading rules, planted numbers
+
+def _write(path: Path, doc) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def _exp1_row(map_name, metric, **values):
+    return {"map": map_name, "metric": metric, **values}
+
+
+def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
+    """Planted summaries: a finding beyond its control, a finding the control shares, an interval covering 0,
+    an opposite sign; an ablation that passes, one whose interval covers 0, one no better than random heads."""
+    m = tmp_path / "llava"
+    rows = [_exp1_row("subject_cross", "iou", mean_diff=0.12, ci_lo=0.08, ci_hi=0.16, q_value=1e-4),
+            _exp1_row("object_cross", "iou", mean_diff=0.05, ci_lo=0.01, ci_hi=0.09, q_value=0.01),
+            _exp1_row("subject_cross", "specificity_iou", real_mean=0.01, real_ci_lo=-0.02, real_ci_hi=0.04),
+            _exp1_row("object_cross", "specificity_iou", real_mean=-0.06, real_ci_lo=-0.09, real_ci_hi=-0.03)]
+    _write(m / "exp1" / "summary.json", {"by_metric": rows})
+    comparison = [{"metric": "subject_cross/iou real-shuffled", "control_mean": 0.01, "control_ci_lo": -0.01,
+                   "control_ci_hi": 0.03, "diff_mean": 0.11, "diff_ci_lo": 0.06, "diff_ci_hi": 0.15},
+                  {"metric": "object_cross/iou real-shuffled", "control_mean": 0.05, "control_ci_lo": 0.02,
+                   "control_ci_hi": 0.08, "diff_mean": 0.0, "diff_ci_lo": -0.04, "diff_ci_hi": 0.04}]
+    _write(m / "exp1" / "control_comparison.json", {"rows": comparison})
+    _write(m / "exp2" / "summary.json", {"all": {"symmetry_score": {"mean": -0.002, "ci_lo": -0.003,
+                                                                    "ci_hi": -0.001}}})
+    for name, effect, lo, hi, p_drop in (("ablation_topleft_unique", -9.8, -12.0, -7.5, 0.03),
+                                         ("ablation_topright_unique", -0.5, -1.5, 0.4, 0.01),
+                                         ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4)):
+        _write(m / "corners" / name / "summary.json",
+               {"heads": [{"layer": 1, "head": 2}], "metrics": {"log_odds_full": {
+                   "effect": effect, "ci_lo": lo, "ci_hi": hi, "random_mean": -1.0, "p_drop": p_drop}}})
+    markdown = report.render_markdown(*report.build(tmp_path))
+    assert ("llava, subject_cross iou, real minus shuffled: the subject word's attention overlaps its shape more "
+            "than on a patch-shuffled image (the paper's test): yes (iou +0.120 [+0.080, +0.160]); beyond random "
+            "weights: yes (model minus control +0.110 [+0.060, +0.150]).") in markdown
+    assert ("(the paper's test): yes (iou +0.050 [+0.010, +0.090]); beyond random weights: inconclusive (model "
+            "minus control +0.000 [-0.040, +0.040])") in markdown
+    assert ("the subject word attends to its own shape more than to the other: inconclusive (specificity_iou "
+            "+0.010 [-0.020, +0.040]); no random-weights control to compare with.") in markdown
+    assert "to the other: no (the opposite) (specificity_iou -0.060 [-0.090, -0.030])" in markdown
+    assert "(symmetry score differs from 0): yes (symmetry_score -0.0020 [-0.0030, -0.0010])" in markdown
+    assert "llava, topleft: ablating the unique heads (L1.H2) lowers" in markdown
+    assert "of their layers: yes (effect -9.8 [-12.0, -7.5], random sets -1, p_drop 0.03)" in markdown
+    assert "of their layers: inconclusive (effect -0.5 [-1.5, +0.4]" in markdown
+    assert "of their layers: no (effect -2.0 [-3.0, -1.0], random sets -1, p_drop 0.4)" in markdown
+    assert "No results" in markdown.split("## Experiment 3")[1].split("## The causal")[0]
+
+
+@pytest.mark.parametrize("lo, hi, sided, said", [
+    (0.01, 0.2, 1, "yes"), (-0.2, -0.01, 1, "no (the opposite)"), (-0.01, 0.2, 1, "inconclusive"),
+    (0.0, 0.2, 1, "inconclusive"), (-0.2, -0.01, 0, "yes"), (-0.1, 0.1, 0, "inconclusive"), (None, 0.1, 1, "n/a")])
+def test_verdict(lo, hi, sided, said):
+    assert report.verdict(lo, hi, sided) == said
+
+
+def test_intervals_show_their_width_to_two_digits():
+    assert report.ci_format(0.08, 0.16) == "+.3f"
+    assert report.ci_format(-0.00014, 0.00004) == "+.5f"
+    assert report.ci_format(-12.0, -7.5) == "+.1f"
+    assert report.ci_format(1.0, 1.0) == "+.3f"
+
+
+def test_make_report_refuses_a_missing_folder(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "make_report.py"), str(tmp_path / "nope")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {tmp_path / 'nope'}: not a folder; give " \
+                                                           "run_study.sh's OUT_DIR"
