@@ -13,9 +13,12 @@ from pathlib import Path
 from models.base import TINY_RANDOM, TOY, TOY_ROOT, Batch, TokenLayout, VLMAdapter
 from models.llava import LlavaAdapter
 from models.qwen2vl import Qwen2VLAdapter
+from models.qwen2_5vl import Qwen2_5VLAdapter
+from models.llava_onevision import LlavaOnevisionAdapter
 from spatial_attention.errors import OptionError
 
-ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter}
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter,
+                                          "qwen2_5vl": Qwen2_5VLAdapter, "llava_onevision": LlavaOnevisionAdapter}
 FAMILIES = tuple(ADAPTERS)  # the --model choices
 
 
@@ -36,4 +39,5 @@ def load_adapter(family: str, model_path: str | None = None, **kwargs) -> VLMAda
     return family_adapter(family).load(model_path, **kwargs)
 
 
-__all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "TOY", "toy_folder", "Batch", "TokenLayout", "VLMAdapter", "load_adapter"]
+__all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "TOY", "toy_folder", "Batch", "TokenLayout", "VLMAdapter",
+           "load_adapter", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5VLAdapter", "LlavaOnevisionAdapter"]

@@ -410,10 +410,11 @@ class VLMAdapter:
             ids = inputs["input_ids"][b, :length].numpy()
             if int(inputs["attention_mask"][b, :length].min()) != 1:
                 raise RuntimeError("encode expects right padding")
-            image_positions = np.flatnonzero(ids == image_token_id)
-            expanded = self._expanded_prompt(prompt, len(image_positions))
+            image_tokens = np.flatnonzero(ids == image_token_id)
+            expanded = self._expanded_prompt(prompt, len(image_tokens))
             text_start = expanded.rindex(text)
             grid = self.image_grid(inputs, b) if images is not None else None
+            image_positions = self.grid_positions(image_tokens, grid) if grid is not None else image_tokens
             if grid is not None and grid[0] * grid[1] != len(image_positions):
                 raise RuntimeError(f"image grid {grid} does not match {len(image_positions)} image tokens")
             layouts.append(TokenLayout(ids, offsets[b, :length], expanded, text_start, text, image_positions, grid))
@@ -429,7 +430,18 @@ class VLMAdapter:
             return prompt
         return prompt.replace(token, token * n_image_tokens, 1)
 
+    def grid_positions(self, image_positions: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """The positions of the analysed image-token grid (raster order) among an input's image tokens: all of
+        them, unless the family writes other image tokens too (LLaVA-OneVision's crops and newlines)."""
+        return image_positions
+
     # -- vision encoder maps -----------------------------------------------
+    def vision_views(self, inputs: dict) -> list[int]:
+        """For each image the vision encoder runs on a batch (in the order it runs them, across its calls), the
+        sample whose analysed view it is, or -1 for another view (LLaVA-OneVision's crops): one view per
+        sample unless a family feeds more."""
+        return list(range(len(inputs["input_ids"])))
+
     def vision_query_rows(self, cells: np.ndarray) -> np.ndarray:
         """The vision-encoder token rows (within one image's call) of image-token grid ``cells`` (raster), in the
         order ``vision_to_grid`` reads them."""

@@ -126,11 +126,25 @@ class Qwen2VLAdapter(VLMAdapter):
     VISION_DEPTH_KEY = "depth"
 
     @classmethod
+    def _classes(cls):
+        """(config, model, processor) classes of the family."""
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+        return Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    @classmethod
+    def _vision_config(cls, vision: dict | None, text_hidden: int) -> dict:
+        """The vision config of ``build_random`` (the ViT's width is ``embed_dim``; ``hidden_size`` is the
+        merger's output, the language model's width)."""
+        return {**cls.TINY_VISION, **(vision or {}), "hidden_size": text_hidden, "patch_size": 14,
+                "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+
+    @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
                      tokenizer=None, dtype: torch.dtype | None = None):
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, \
-            Qwen2VLProcessor, Qwen2VLVideoProcessor
+        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
+        config_class, model_class, processor_class = cls._classes()
         tokenizer = tokenizer or byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                                       chat_template=CHAT_TEMPLATE)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -141,17 +155,15 @@ class Qwen2VLAdapter(VLMAdapter):
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                      "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
-        vision = {**cls.TINY_VISION, **(vision or {}), "hidden_size": text["hidden_size"], "patch_size": 14,
-                  "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                               vision_end_token_id=ids["<|vision_end|>"])
-        model = Qwen2VLForConditionalGeneration._from_config(
+        config = config_class(text_config=text, vision_config=cls._vision_config(vision, text["hidden_size"]),
+                              image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        model = model_class._from_config(
             copy.deepcopy(config), attn_implementation=_registered_attention(), dtype=dtype or torch.float32)
         # image_side caps the pixels the processor takes, so that it is also the default feed size
         cap = {"size": {"shortest_edge": 56 * 56, "longest_edge": image_side ** 2}} if image_side else {}
-        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**cap), tokenizer=tokenizer,
-                                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+        processor = processor_class(image_processor=Qwen2VLImageProcessor(**cap), tokenizer=tokenizer,
+                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
         return model, processor
 
     def image_prompt(self, text: str) -> str:

@@ -254,8 +254,9 @@ class _Recorder(AttentionHook):
                            for c in request.vision_cells]
             self.vision_row_counts = [len(r) for r in vision_rows]
             self.vision_rows = _padded_rows(vision_rows, device) if any(self.vision_row_counts) else None
-            self.vision_calls = {}  # module id -> images seen so far (Qwen2-VL calls once per image)
-            self.vision_images = range(0)  # the images of the current call
+            self.vision_calls = {}  # module id -> views seen so far (Qwen2-VL calls once per image)
+            self.vision_images = range(0)  # the views of the current call
+            self.view_sample = adapter.vision_views(batch.inputs)  # view -> its sample, -1: not analysed
             self.vision_sum = [_Sums() for _ in range(len(batch))]
 
     def query_rows(self, module, query_shape):
@@ -264,7 +265,10 @@ class _Recorder(AttentionHook):
             first = self.vision_calls.get(key, 0)
             self.vision_images = range(first, first + query_shape[0])
             self.vision_calls[key] = self.vision_images.stop
-            return None if self.vision_rows is None else self.vision_rows[first:self.vision_images.stop]
+            if self.vision_rows is None:
+                return None
+            samples = [max(self.view_sample[v], 0) for v in self.vision_images]  # other views: any rows, unread
+            return self.vision_rows[torch.as_tensor(samples, device=self.vision_rows.device)]
         layer = self.lm_index.get(key)
         if layer is None or layer not in self.slot or self.lm_rows is None:
             return None
@@ -296,10 +300,13 @@ class _Recorder(AttentionHook):
         self.block_sum[name][b].add_at((n_layers, *part.shape), slot, part)
 
     def _observe_vision(self, probs):
-        mean_heads = probs.mean(1)  # (images in this call, rows, N)
-        for j, image in enumerate(self.vision_images):
-            rows = mean_heads[j, :self.vision_row_counts[image]]
-            self.vision_sum[image].add(self.adapter.vision_to_grid(rows) / self.vision_layers)
+        mean_heads = probs.mean(1)  # (views in this call, rows, N)
+        for j, view in enumerate(self.vision_images):
+            sample = self.view_sample[view]
+            if sample < 0:
+                continue
+            rows = mean_heads[j, :self.vision_row_counts[sample]]
+            self.vision_sum[sample].add(self.adapter.vision_to_grid(rows) / self.vision_layers)
 
     def results(self) -> list[dict[str, np.ndarray]]:
         out = []

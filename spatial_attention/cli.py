@@ -17,6 +17,7 @@ from spatial_attention.errors import DataError, OptionError
 from spatial_attention.shapeworld import DEFAULT_SHAPEWORLD
 
 log = logging.getLogger("spatial_attention")
+DTYPES = ("auto", "bf16", "fp16", "fp32")  # the --dtype choices
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -49,7 +50,7 @@ def add_model_args(parser: argparse.ArgumentParser, family: str | None, feed_siz
                                + ")"))
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) to load")
     group.add_argument("--device", default="auto", help="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'")
-    group.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="'auto': bf16 on a GPU, fp32 on the CPU")
     group.add_argument("--device-map", default=None,
                        help="passed to from_pretrained (e.g. 'auto' shards the model over several GPUs)")

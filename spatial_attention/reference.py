@@ -78,14 +78,15 @@ def reference_capture(adapter, batch, request: CaptureRequest) -> tuple[list[dic
             sample["last_mass"] = torch.stack(
                 [lm[l][b][:, last[b]][:, cols].sum(-1) for l in request.layers]).numpy()
         if request.vision_cells is not None:
-            sample["vision"] = _vision_reference(adapter, vision_calls, b, request.vision_cells[b])
+            view = adapter.vision_views(batch.inputs).index(b)
+            sample["vision"] = _vision_reference(adapter, vision_calls, view, request.vision_cells[b])
         results.append(sample)
     return results, logits
 
 
 def _vision_reference(adapter, vision_calls, image: int, cells) -> np.ndarray:
     """Layer average of the adapter's grid mapping of the chosen cells' rows of each layer's head-mean
-    attention of one image."""
+    attention of one image (``image``: its view's place among the encoder's views)."""
     maps = []
     rows = torch.as_tensor(adapter.vision_query_rows(np.asarray(cells, np.int64)))
     for layer in adapter.vision_map_layers():

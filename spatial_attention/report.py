@@ -23,6 +23,7 @@ from spatial_attention.controls import COMPARISON_FILE, control_seed_folders
 from spatial_attention.counterfactual import CORNERS
 
 REPORT_DIR = "report"
+ALPHA = 0.05  # the significance level of every test the summaries carry
 WORLD_PANELS = 2  # per-world panels of experiment 1 shown per model
 
 RULES = [
@@ -30,14 +31,18 @@ RULES = [
     "states, **no (the opposite)** when it lies wholly on the other side, and **inconclusive** when it covers 0.",
     "A claim that a number differs from 0 (either sign) reads **yes** when its 95% interval excludes 0, else "
     "**inconclusive**.",
+    "Experiment 1's patch-shuffle test (real minus shuffled) reads **yes** only when, in addition, its "
+    "Benjamini-Hochberg q (over the summary's map x metric rows) is below 0.05, as the summary marks it.",
     "**Beyond random weights** applies the same rule to the model-minus-control difference (per item, the model's "
     "value minus each random initialisation's; the interval resamples the initialisations, then the items). "
     "A finding that random weights also produce is not a finding.",
     "Experiment 3's significant heads (paired sign-flip test, Benjamini-Hochberg FDR 5% over all heads) have no "
-    "interval: the reading is **yes** when the model has more of them than every random initialisation, else **no**.",
+    "interval: the reading is **yes** when the model has more of them than every random initialisation, else **no**; "
+    "**untestable** when the test's smallest possible p (with few pairs) lies above 0.05 / heads, so that no head "
+    "can pass whatever the model does.",
     "An ablation reads **yes** when its effect's 95% interval lies below 0 and p_drop <= 0.05 (the chosen heads "
     "lower the answer more than random heads of the same layers), **inconclusive** when the interval covers 0, "
-    "**no** otherwise.",
+    "**no** otherwise; beyond random weights: the model's effect minus the control's, below 0.",
 ]
 
 # experiment 1's headline rows: (map, metric, what is compared, the claim its sign states)
@@ -60,8 +65,8 @@ EXP2_ROWS = [
     ("asym_s1", 1, "in the caption, the relation word attends to the first-mentioned shape more than to the second"),
     ("asym_s2", 1, "in the swapped caption, the relation word attends to the first-mentioned shape more than to "
                    "the second"),
-    ("symmetry_score", 0, "the relation word's preference follows word order, not the shapes' roles "
-                          "(symmetry score differs from 0)"),
+    ("symmetry_score", 0, "the relation word's attention is not role-consistent (symmetry score differs from 0; "
+                          "it is 0 when the preference flips with the roles)"),
     ("abs_symmetry_score", None, ""),
 ]
 
@@ -148,14 +153,25 @@ def _bounds(parts: list) -> tuple[float | None, float | None]:
 
 
 def verdict(lo: float | None, hi: float | None, sided: int = 1) -> str:
-    """The rule of ``RULES``: a directed claim (``sided`` 1: above 0) or a two-sided one (0)."""
+    """The rule of ``RULES``: a directed claim (``sided`` 1: above 0; -1: below 0) or a two-sided one (0)."""
     if lo is None or hi is None:
         return "n/a"
     if sided == 0:
         return "yes" if lo > 0 or hi < 0 else "inconclusive"
+    if sided < 0:
+        lo, hi = -hi, -lo
     if lo > 0:
         return "yes"
     return "no (the opposite)" if hi < 0 else "inconclusive"
+
+
+def shuffle_verdict(lo: float | None, hi: float | None, q: float | None) -> str:
+    """The paper's test: the interval above 0 and the Benjamini-Hochberg q below ``ALPHA`` (as the summary
+    marks a difference)."""
+    said = verdict(lo, hi, 1)
+    if said == "yes" and (q is None or q >= ALPHA):
+        return "inconclusive (q >= 0.05)"
+    return said
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -236,13 +252,25 @@ def _control_cells(o: Outputs, folder: str, metric: str) -> tuple[list, list]:
             _ci(o, rel, prefix, "diff_mean", "diff_ci_lo", "diff_ci_hi"))
 
 
-def _reading(label: str, claim: str, value: list, diff: list, sided: int, stat: str) -> list:
-    parts = [f"{label}: {claim}: {verdict(*_bounds(value), sided)} ({stat} ", *value, ")"]
+def _reading(label: str, claim: str, value: list, diff: list, sided: int, stat: str, no_control: str,
+             said: str | None = None) -> list:
+    """One sentence: the claim, its verdict (``said``, else by ``verdict``) with the number, and the verdict of
+    the model-minus-control difference (``no_control`` where there is none)."""
+    said = said or verdict(*_bounds(value), sided)
+    parts = [f"{label}: {claim}: {said} ({stat} ", *value, ")"]
     if diff != ["n/a"]:
         parts += ["; beyond random weights: ", verdict(*_bounds(diff), sided), " (model minus control ", *diff, ")"]
     else:
-        parts += ["; no random-weights control to compare with"]
+        parts += [f"; {no_control}"]
     return parts + ["."]
+
+
+def _no_control(o: Outputs, step: str) -> str:
+    """Why a number has no control beside it: the control step did not finish, or was not run."""
+    record = o.json(f"steps/{step.replace('/', '-')}.json")
+    if record and record.get("status") != "ok":
+        return f"its random-weights control did not finish ({step}: {record.get('status')}, see Steps)"
+    return "no random-weights control was run"
 
 
 def _figures(o: Outputs, folder: Path, patterns: list[str], limit: dict | None = None) -> list:
@@ -273,6 +301,7 @@ def experiment_1(o: Outputs, models: list[str]) -> list:
         for m in present:
             rel = f"{m}/exp1/summary.json"
             prefix = ("by_metric", _index((o.json(rel) or {}).get("by_metric"), map=map_name, metric=metric))
+            q = None
             if kind == "shuffle":
                 value = _ci(o, rel, prefix, "mean_diff", "ci_lo", "ci_hi")
                 q = o.num(rel, *prefix, "q_value", fmt=".2g") if None not in prefix else None
@@ -283,7 +312,10 @@ def experiment_1(o: Outputs, models: list[str]) -> list:
                 shown, key = value, f"{map_name}/{metric}"
             control, diff = _control_cells(o, f"{m}/exp1", key)
             row += [shown, control, diff]
-            readings.append(_reading(f"{m}, {label}", claim, value, diff, 1, metric))
+            said = shuffle_verdict(*_bounds(value), q.value if q is not None else None) if kind == "shuffle" else None
+            readings.append(_reading(f"{m}, {label}", claim, value, diff, 1,
+                                     "real minus shuffled" if kind == "shuffle" else metric,
+                                     _no_control(o, f"{m}/exp1-control"), said))
         rows.append(row)
     blocks += [Table(header, rows), Heading(3, "Readings"), Bullets(readings), Heading(3, "Figures")]
     for m in present:
@@ -314,7 +346,8 @@ def experiment_2(o: Outputs, models: list[str]) -> list:
             control, diff = _control_cells(o, f"{m}/exp2", metric)
             row += [value, control, diff]
             if sided is not None:
-                readings.append(_reading(f"{m}, {metric}", claim, value, diff, sided, metric))
+                readings.append(_reading(f"{m}, {metric}", claim, value, diff, sided, metric,
+                                         _no_control(o, f"{m}/exp2-control")))
         rows.append(row)
     blocks += [Table(header, rows), Heading(3, "Readings"), Bullets(readings), Heading(3, "Figures")]
     for m in present:
@@ -339,7 +372,8 @@ def experiment_3(o: Outputs, models: list[str]) -> list:
         return blocks + [Para(["No results (the step did not finish; see Steps)."])]
     header = ["corner"]
     for m in present:
-        header += [f"{m}: answers yes, full / control", f"{m}: random weights: yes, full / control",
+        header += [f"{m}: answers yes, full image / without the shape",
+                   f"{m}: random weights: yes, full image / without the shape",
                    f"{m}: significant heads", f"{m}: random weights: significant heads", f"{m}: unique head"]
     rows, readings = [], []
     for corner in CORNERS:
@@ -361,11 +395,16 @@ def experiment_3(o: Outputs, models: list[str]) -> list:
                     _join(seeds) if seeds else ["n/a"],
                     _head(o, rel, ("unique_head_layers", corner), ("unique_heads", corner))]
             if heads.value is not None:
-                said = ("no random-weights control to compare with" if not seeds else
+                floor = o.num(rel, "fdr", "p_floor", corner, fmt=".2g")
+                alpha = (o.json(rel) or {}).get("fdr", {}).get("alpha", ALPHA)
+                testable = None in (floor.value, total[0].value, total[1].value) or \
+                    floor.value <= alpha / (total[0].value * total[1].value)
+                said = ("untestable at this number of pairs" if not testable else
+                        _no_control(o, f"{m}/corners-control") if not seeds else
                         "yes" if heads.value > max(s.value for s in seeds) else "no")
                 readings.append([f"{m}, {corner}: more heads change their score significantly than in every random "
                                  f"initialisation: {said} (", heads, " heads; random weights: ",
-                                 *(_join(seeds) if seeds else ["none run"]), ")."])
+                                 *(_join(seeds) if seeds else ["none"]), "; smallest possible p ", floor, ")."])
         rows.append(row)
     blocks += [Table(header, rows)]
     shared = [[f"{m}: the shared head (counted in all corners) is ",
@@ -417,17 +456,19 @@ def ablation(o: Outputs, models: list[str]) -> list:
             metric = ("metrics", "log_odds_full")
             effect = _ci(o, rel, metric, "effect", "ci_lo", "ci_hi")
             p_drop = o.num(rel, *metric, "p_drop", fmt=".2g")
-            control, _ = _control_cells(o, f"{m}/corners/{name}", "effect_log_odds_full")
+            control, diff = _control_cells(o, f"{m}/corners/{name}", "effect_log_odds_full")
             row += [effect, [o.num(rel, *metric, "random_mean")], [p_drop], control]
             if effect != ["n/a"]:
                 lo, hi = _bounds(effect)
-                said = ("n/a" if hi is None else "inconclusive" if lo <= 0 <= hi else
-                        "yes" if hi < 0 and p_drop.value is not None and p_drop.value <= 0.05 else "no")
+                said = ("n/a" if hi is None or p_drop.value is None else "inconclusive" if lo <= 0 <= hi else
+                        "yes" if hi < 0 and p_drop.value <= ALPHA else "no")
                 heads = (o.json(rel) or {}).get("heads") or []
                 named = " ".join(f"L{h['layer']}.H{h['head']}" for h in heads)
                 readings.append([f"{m}, {corner}: ablating the {spec} heads ({named}) lowers the full images' yes "
                                  f"log-odds more than random heads of their layers: {said} (effect ", *effect,
-                                 ", random sets ", o.num(rel, *metric, "random_mean"), ", p_drop ", p_drop, ")."])
+                                 ", random sets ", o.num(rel, *metric, "random_mean"), ", p_drop ", p_drop, ")"]
+                                + (["; beyond random weights: ", verdict(*_bounds(diff), -1), " (model minus control ",
+                                    *diff, ")."] if diff != ["n/a"] else [f"; {_no_control(o, f'{m}/corners-control')}."]))
         rows.append(row)
     blocks += [Table(header, rows), Heading(3, "Readings"), Bullets(readings), Heading(3, "Figures")]
     for m in shown:

@@ -16,27 +16,37 @@ Layout of OUT_DIR:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
+from spatial_attention.cli import DTYPES
+from spatial_attention.controls import COMPARISON_FILE, RANDOM_WEIGHTS, init_seeds, seed_folder
 from spatial_attention.errors import OptionError
+from spatial_attention.shapeworld import DEFAULT_SHAPEWORLD
 
 log = logging.getLogger("spatial_attention.study")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = "llava qwen2"  # the paper's two models
-SHAPEWORLD_SUBDIR = Path("spatial_twoshapes/agreement/relational")
-CORNERS = ("topleft", "topright", "bottomleft", "bottomright")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
+SHAPEWORLD_SUBDIR = DEFAULT_SHAPEWORLD.relative_to("data")  # where the experiment scripts look by default
 # the settings that change numbers: a rerun into the same OUT_DIR with other values is refused
 RECORDED = ("model_paths", "worlds", "count", "control_seeds", "dtype", "data_dir")
+# run_corner_experiments.sh's own settings, passed through to the sweep steps and part of what they did
+SWEEP_SETTINGS = ("SCORE", "LAYERS", "MAX_NEW_TOKENS", "TOPK", "PATCH_SIZE", "ABLATE_HEADS", "ABLATE_MODE",
+                  "ABLATE_POSITIONS", "RANDOM_CONTROLS")
+# what may change between runs without redoing a finished step: where and how fast it runs, not what it computes
+NOT_COMPARED = {"--device": 1, "--batch-size": 1}
+NOT_COMPARED_ENV = ("DEVICE", "BATCH_SIZE", "PYTHON")
 LOG_TAIL_LINES = 15
 STEPS_DIR, LOGS_DIR, STUDY_FILE = "steps", "logs", "study.json"
 
@@ -112,12 +122,15 @@ class StudySettings:
         data_dir = Path(environ.get("DATA_DIR", "data"))
         if data_dir.exists() and not data_dir.is_dir():
             raise OptionError(f"DATA_DIR={data_dir}: is a file; choose the data folder")
+        python = environ.get("PYTHON", "").strip() or sys.executable
+        if shutil.which(python) is None:
+            raise OptionError(f"PYTHON={python}: not an executable; point it at the interpreter of the environment "
+                              "(README, Environments), or leave it unset")
         return cls(models=models, model_paths=paths, worlds=_env_int(environ, "WORLDS", None, allow_all=True),
                    count=_env_int(environ, "COUNT", 100), controls=_env_flag(environ, "CONTROLS", "1"),
                    control_seeds=_env_int(environ, "CONTROL_SEEDS", 3), ablate=_env_flag(environ, "ABLATE", "1"),
                    out_dir=out_dir, data_dir=data_dir, device=device, dtype=dtype,
-                   batch_size=_env_int(environ, "BATCH_SIZE", None),
-                   python=environ.get("PYTHON", "").strip() or sys.executable)
+                   batch_size=_env_int(environ, "BATCH_SIZE", None), python=python)
 
     def recorded(self) -> dict:
         """The settings kept in study.json that a rerun must repeat."""
@@ -133,32 +146,53 @@ class StudySettings:
 @dataclass(frozen=True)
 class Step:
     """One step: its name (``llava/exp1-control``; files use ``llava-exp1-control``), what it is, and the
-    commands it runs in order (with extra environment variables). ``creates``: per command, a path it makes, or
-    ""; a command whose path exists is not run, and the step counts as finished only while every such path
-    exists."""
+    commands it runs in order (with extra environment variables).
+
+    ``creates``: per command, a path it makes, or ""; a command whose path exists is not run. ``outputs``: the
+    files a finished step leaves; a step recorded as finished runs again when one is missing (deleted, or never
+    written)."""
     name: str
     title: str
     commands: tuple[tuple[str, ...], ...]
     env: tuple[tuple[str, str], ...] = ()
     results: str = ""  # its results folder, relative to OUT_DIR
     creates: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    python: str = ""  # the interpreter the commands name (not part of the signature)
 
     @property
     def key(self) -> str:
         return self.name.replace("/", "-")
 
+    def signature(self) -> dict:
+        """What the step computes: its commands and settings without the interpreter, the device and the batch
+        size, which change where and how fast it runs, not its numbers (the scripts' identities refuse what
+        would)."""
+        commands = []
+        for command in self.commands:
+            kept, skip = [], 0
+            for i, arg in enumerate(command):
+                if skip:
+                    skip -= 1
+                elif i == 0 and self.python and arg == self.python:
+                    kept.append("PYTHON")
+                elif arg in NOT_COMPARED:
+                    skip = NOT_COMPARED[arg]
+                else:
+                    kept.append(arg)
+            commands.append(kept)
+        return {"commands": commands, "env": {k: v for k, v in self.env if k not in NOT_COMPARED_ENV}}
+
 
 def _data_step(s: StudySettings) -> Step:
-    """Generate what data is missing: the ShapeWorld-format folder (5 x 100 worlds, as the experiment scripts
-    do for their default folder) and each corner's pairs (COUNT, as the sweep does)."""
-    generate = (s.python, str(REPO / "generate_data.py"))
-    commands = [(*generate, "shapeworld", "--out", str(s.shapeworld))]
-    creates = [str(s.shapeworld)]
-    for corner in CORNERS:
-        commands.append((*generate, "counterfactual", "--out", str(s.data_dir), "--count", str(s.count),
-                         "--corners", corner))
-        creates.append(str(s.data_dir / f"dataset_{corner}" / "metadata.jsonl"))
-    return Step("data", "the data: generate what is missing", tuple(commands), creates=tuple(creates))
+    """Generate the ShapeWorld-format folder (5 x 100 worlds, as the experiment scripts do for their default
+    folder) when it is missing, into a temporary folder first, so that a cut-off generation leaves no partial
+    folder behind. (The corner pairs are generated by the sweep, COUNT per corner, where they are missing.)"""
+    target, partial = str(s.shapeworld), str(s.shapeworld) + ".partial"
+    commands = (("rm", "-rf", partial), (s.python, str(REPO / "generate_data.py"), "shapeworld", "--out", partial),
+                ("mv", partial, target))
+    return Step("data", "the ShapeWorld data, generated where missing", commands, creates=(target,) * 3,
+                python=s.python)
 
 
 def plan(s: StudySettings) -> list[Step]:
@@ -166,6 +200,7 @@ def plan(s: StudySettings) -> list[Step]:
     (with the ablation when ABLATE=1), each followed by its random-weights control when CONTROLS=1."""
     steps = [_data_step(s)]
     control = ("--control", "random-weights", "--control-seeds", str(s.control_seeds))
+    comparison = f"{COMPARISON_FILE}.json"
     for model in s.models:
         options = ("--model-path", s.model_paths[model], "--device", s.device, "--dtype", s.dtype)
         if s.batch_size:
@@ -175,23 +210,30 @@ def plan(s: StudySettings) -> list[Step]:
         for exp, script, what in (("exp1", "vlm_atten_analysis", "experiment 1: localisation"),
                                   ("exp2", "text_only_llm_analysis", "experiment 2: text-only binding")):
             out = s.out_dir / model / exp
-            base = (s.python, str(REPO / f"{script}_{model}.py"), *options, "--data", str(s.shapeworld),
+            base = (s.python, str(REPO / f"{script}.py"), "--model", model, *options, "--data", str(s.shapeworld),
                     "--out", str(out))
-            steps.append(Step(f"{model}/{exp}", what, (base,), results=f"{model}/{exp}"))
+            steps.append(Step(f"{model}/{exp}", what, (base,), results=f"{model}/{exp}",
+                              outputs=(str(out / "summary.json"),), python=s.python))
             if s.controls:
                 steps.append(Step(f"{model}/{exp}-control", f"{what}, random-weights control", (base + control,),
-                                  results=f"{model}/{exp}"))
+                                  results=f"{model}/{exp}", outputs=(str(out / comparison),), python=s.python))
+        corners = s.out_dir / model / "corners"
         sweep_env = {"MODEL": model, "MODEL_PATH": s.model_paths[model], "COUNT": str(s.count),
-                     "DATA_DIR": str(s.data_dir), "OUT_DIR": str(s.out_dir / model / "corners"),
-                     "DEVICE": s.device, "DTYPE": s.dtype, "BATCH_SIZE": str(s.batch_size or ""),
-                     "ABLATE": "1" if s.ablate else "0", "PYTHON": s.python}
+                     "DATA_DIR": str(s.data_dir), "OUT_DIR": str(corners), "DEVICE": s.device, "DTYPE": s.dtype,
+                     "BATCH_SIZE": str(s.batch_size or ""), "ABLATE": "1" if s.ablate else "0", "PYTHON": s.python,
+                     **{k: os.environ[k] for k in SWEEP_SETTINGS if k in os.environ}}
         sweep = (("bash", str(REPO / "run_corner_experiments.sh")),)
         what = "experiment 3: corner heads" + (" and their ablation" if s.ablate else "")
-        steps.append(Step(f"{model}/corners", what, sweep, tuple(sorted(sweep_env.items())), f"{model}/corners"))
+        analysis = str(corners / "count_shared_unique" / "summary.json")
+        steps.append(Step(f"{model}/corners", what, sweep, tuple(sorted(sweep_env.items())), f"{model}/corners",
+                          outputs=(analysis,)))
         if s.controls:
             control_env = {**sweep_env, "CONTROL": "random-weights", "CONTROL_SEEDS": str(s.control_seeds)}
+            seeds = [seed_folder(corners, seed) / "count_shared_unique" / "summary.json"
+                     for seed in init_seeds(SimpleNamespace(control=RANDOM_WEIGHTS, control_seeds=s.control_seeds))]
             steps.append(Step(f"{model}/corners-control", f"{what}, random-weights control", sweep,
-                              tuple(sorted(control_env.items())), f"{model}/corners"))
+                              tuple(sorted(control_env.items())), f"{model}/corners",
+                              outputs=tuple(map(str, seeds))))
     return steps
 
 
@@ -199,15 +241,13 @@ def check_study_folder(s: StudySettings) -> dict | None:
     """The study.json of an earlier run into OUT_DIR; OptionError when it was run with other settings."""
     from spatial_attention.runio import check_output_dir
 
-    check_output_dir(s.out_dir, "OUT_DIR=")
+    check_output_dir(s.out_dir, "OUT_DIR")
     path = s.out_dir / STUDY_FILE
     if not path.is_file():
         if s.out_dir.is_dir() and any(s.out_dir.iterdir()):
             raise OptionError(f"OUT_DIR={s.out_dir}: holds files but no {STUDY_FILE} (not a study folder); "
                               "choose an empty or new folder")
         return None
-    import json
-
     try:
         earlier = json.loads(path.read_text())
         before = earlier["settings"]
@@ -223,9 +263,9 @@ def check_study_folder(s: StudySettings) -> dict | None:
                                       f"{old[model]} ({path}); use that, or another OUT_DIR")
         elif old != new:
             name = key.upper()
-            shown = {None: "all"}.get(old, old) if key == "worlds" else old
-            raise OptionError(f"{name}={({None: 'all'}.get(new, new) if key == 'worlds' else new)}: {s.out_dir} "
-                              f"was run with {name}={shown} ({path}); use that, or another OUT_DIR")
+            shown = (lambda v: "all" if v is None else v) if key == "worlds" else (lambda v: v)
+            raise OptionError(f"{name}={shown(new)}: {s.out_dir} was run with {name}={shown(old)} ({path}); use "
+                              "that, or another OUT_DIR")
     return earlier
 
 
@@ -251,48 +291,74 @@ class Interrupted(Exception):
     pass
 
 
+def _record(path: Path) -> dict | None:
+    """A step's record; None where there is none or it cannot be read (the step then runs)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a step's whole process group (the sweep's bash and its Python steps): SIGINT first, so that each
+    script records where it stopped, then SIGKILL after a minute."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
-    """Run ``step`` unless it finished earlier with the same commands; its record (also in steps/)."""
+    """Run ``step`` unless it finished earlier with the same signature and left its outputs; its record (also
+    in steps/)."""
     from spatial_attention.runio import write_json
-    import json
 
     record_path = out_dir / STEPS_DIR / f"{step.key}.json"
     log_path = out_dir / LOGS_DIR / f"{step.key}.log"
-    commands = [list(c) for c in step.commands]
-    env = dict(step.env)
-    earlier = json.loads(record_path.read_text()) if record_path.is_file() else None
+    earlier = _record(record_path)
     where = f"[{index}/{total}] {step.name}"
-    made = all(Path(path).exists() for path in step.creates if path)
-    if (earlier and earlier.get("status") == "ok" and earlier.get("commands") == commands
-            and earlier.get("env") == env and made):
+    done = all(Path(p).exists() for p in step.creates + step.outputs if p)
+    if earlier and earlier.get("status") == "ok" and earlier.get("signature") == step.signature() and done:
         log.info("%s: finished earlier (%s), skipped", where, _seconds(earlier.get("seconds", 0)))
         return earlier
-    record = {"name": step.name, "title": step.title, "results": step.results, "commands": commands, "env": env,
-              "log": str(log_path.relative_to(out_dir)), "status": "running",
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tries": (earlier or {}).get("tries", 0) + 1}
+    env = dict(step.env)
+    record = {"name": step.name, "title": step.title, "results": step.results, "signature": step.signature(),
+              "commands": [list(c) for c in step.commands], "env": env, "log": str(log_path.relative_to(out_dir)),
+              "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "tries": (earlier or {}).get("tries", 0) + 1}
     write_json(record_path, record)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log.info("%s: %s ... (log: %s)", where, step.title, log_path)
     start, rc = time.monotonic(), 0
     with open(log_path, "ab") as log_file:
         log_file.write(f"\n=== {record['started']} try {record['tries']}\n".encode())
-        for command, creates in zip(commands, step.creates or [""] * len(commands)):
+        for command, creates in zip(record["commands"], step.creates or [""] * len(step.commands)):
             if creates and Path(creates).exists():
                 log_file.write(f"{creates} exists\n".encode())
                 continue
             shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " * bool(env) + shlex.join(command)
             log_file.write(f"$ {shown}\n".encode())
             log_file.flush()
-            proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **env})
+            try:  # its own process group: a stop reaches every process of the step, and only through _stop
+                proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **env}, start_new_session=True)
+            except OSError as err:
+                log_file.write(f"cannot start {command[0]}: {err}\n".encode())
+                rc = 127
+                break
             try:
                 rc = proc.wait()
             except KeyboardInterrupt:
-                proc.send_signal(signal.SIGINT)  # the script records where it stopped, then ends
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                record.update(status="interrupted", seconds=time.monotonic() - start, tail=log_tail(log_path))
+                _stop(proc)
+                record.update(status="interrupted", seconds=round(time.monotonic() - start, 1),
+                              tail=log_tail(log_path))
                 write_json(record_path, record)
                 raise Interrupted(step.name) from None
             if rc:
@@ -311,17 +377,33 @@ def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
 def run_study(s: StudySettings) -> int:
     """Every step, then the report; the exit status: 0 when every step finished, 1 otherwise."""
     from spatial_attention import report
-    from spatial_attention.runio import package_versions, write_json
+    from spatial_attention.runio import claim_output, package_versions, release_outputs, write_json
 
-    check_study_folder(s)
-    steps = plan(s)
-    s.out_dir.mkdir(parents=True, exist_ok=True)
-    study = {"settings": {**s.recorded(), "models": list(s.models), "controls": s.controls, "ablate": s.ablate,
-                          "device": s.device, "batch_size": s.batch_size, "out_dir": str(s.out_dir),
-                          "python": s.python},
-             "command": "run_study.sh", "steps": [asdict(step) | {"key": step.key} for step in steps],
-             "versions": package_versions(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
-    write_json(s.out_dir / STUDY_FILE, study)
+    earlier = check_study_folder(s) or {}
+    claim_output(s.out_dir, "OUT_DIR")  # one study at a time in a folder: two would run each step twice
+    try:
+        steps = plan(s)
+        before = earlier.get("settings") or {}
+        # a model run earlier and not named now stays in the study (and in its report), with its checkpoint
+        models = list(dict.fromkeys([*(before.get("models") or []), *s.models]))
+        recorded = s.recorded()
+        recorded["model_paths"] = {**(before.get("model_paths") or {}), **recorded["model_paths"]}
+        listed = {step.key: asdict(step) | {"key": step.key} for step in steps}
+        kept = [old for old in earlier.get("steps") or [] if old.get("key") not in listed]
+        study = {"settings": {**recorded, "models": models, "controls": s.controls, "ablate": s.ablate,
+                              "device": s.device, "batch_size": s.batch_size, "out_dir": str(s.out_dir),
+                              "python": s.python},
+                 "command": "run_study.sh", "steps": kept + list(listed.values()), "versions": package_versions(),
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
+        write_json(s.out_dir / STUDY_FILE, study)
+        return _run_steps(s, steps, study, report)
+    finally:
+        release_outputs()
+
+
+def _run_steps(s: StudySettings, steps: list[Step], study: dict, report) -> int:
+    from spatial_attention.runio import write_json
+
     start = time.monotonic()
     # SIGTERM (kill, a cluster's time limit) ends the study like Ctrl-C: the running step is stopped and recorded
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -43,23 +43,28 @@ CSV_COLUMNS = ["shard", "index", "sent1", "sent2", "e1", "e2", "relation", "r_to
                "r_to_e1_s2", "r_to_e2_s2", "asym_s2", "symmetry_score"]
 
 
-def build_parser(family: str) -> argparse.ArgumentParser:
+def build_parser(family: str | None) -> argparse.ArgumentParser:
+    """The options; ``family`` None: the generic script's, which takes --model."""
     parser = argparse.ArgumentParser(
-        prog=f"text_only_llm_analysis_{family}.py", formatter_class=HelpFormatter,
-        description=f"Experiment 2 for {family}: without any image, does the relation word attend to the two "
+        prog=f"text_only_llm_analysis_{family}.py" if family else "text_only_llm_analysis.py", formatter_class=HelpFormatter,
+        description=f"Experiment 2 for {family or 'the --model family'}: without any image, does the relation word attend to the two "
                     "shapes by role or by position? Each ShapeWorld caption is paired with its entity-swapped, "
                     "relation-flipped counterfactual. Writes OUT/pairs.jsonl (as pairs finish), OUT/pairs.csv, "
                     "OUT/summary.json, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
     add_model_args(parser, family)
     add_shapeworld_args(parser)
-    parser.add_argument("--out", type=Path, default=Path(f"results/text_only/{family}"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path(f"results/text_only/{family}") if family else None,
+                        help="output folder (default: results/text_only/MODEL)")
     controls.add_control_args(parser)
     return parser
 
 
 @user_errors_exit
-def main(family: str, argv=None) -> None:
+def main(family: str | None = None, argv=None) -> None:
+    """``family`` None: the generic script (--model)."""
     args = build_parser(family).parse_args(argv)
+    family = family or args.model
+    args.out = args.out or Path(f"results/text_only/{family}")
     setup_logging(args.verbose)
     started = time.time()
     controls.init_seeds(args)  # checked before prepare_run generates any data

@@ -35,17 +35,18 @@ log = logging.getLogger("spatial_attention")
 RECORD_KEYS = ("shard", "index", "relation", "metrics")  # what the resume and the summary read of a record
 
 
-def build_parser(family: str) -> argparse.ArgumentParser:
+def build_parser(family: str | None) -> argparse.ArgumentParser:
+    """The options; ``family`` None: the generic script's, which takes --model."""
     parser = argparse.ArgumentParser(
-        prog=f"vlm_atten_analysis_{family}.py", formatter_class=HelpFormatter,
-        description=f"Experiment 1 for {family}: text-to-image cross-attention and image self-attention on "
+        prog=f"vlm_atten_analysis_{family}.py" if family else "vlm_atten_analysis.py", formatter_class=HelpFormatter,
+        description=f"Experiment 1 for {family or 'the --model family'}: text-to-image cross-attention and image self-attention on "
                     "ShapeWorld two-shape scenes, scored against the entity boxes and against a patch-shuffle "
                     "baseline. Writes OUT/samples.jsonl (one line per world, as it finishes), OUT/summary.json, "
                     "OUT/summary.csv, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
     add_model_args(parser, family, feed_size="the family's")
     add_shapeworld_args(parser)
-    parser.add_argument("--out", type=Path, default=Path(f"results/vlm_atten_analysis/{family}"),
-                        help="output folder")
+    parser.add_argument("--out", type=Path, default=Path(f"results/vlm_atten_analysis/{family}") if family else None,
+                        help="output folder (default: results/vlm_atten_analysis/MODEL)")
     controls.add_control_args(parser)
     parser.add_argument("--relations", default=",".join(RELATIONS),
                         help="comma-separated relations to analyse (left, right, above, below)")
@@ -61,8 +62,11 @@ def build_parser(family: str) -> argparse.ArgumentParser:
 
 
 @user_errors_exit
-def main(family: str, argv=None) -> None:
+def main(family: str | None = None, argv=None) -> None:
+    """``family`` None: the generic script (--model)."""
     args = build_parser(family).parse_args(argv)
+    family = family or args.model
+    args.out = args.out or Path(f"results/vlm_atten_analysis/{family}")
     setup_logging(args.verbose)
     started = time.time()
     relations = parse_relations(args.relations)

@@ -36,7 +36,7 @@ def _stand_in_python(root: Path) -> tuple[Path, Path]:
     stand_in = root / "python"
     stand_in.write_text(
         "#!/usr/bin/env bash\n"
-        f'if [ -e "{marker}" ] && [[ "$*" == *text_only_llm_analysis_qwen2.py*--control* ]]; then\n'
+        f'if [ -e "{marker}" ] && [[ "$*" == *text_only_llm_analysis.py*"--model qwen2 "*--control* ]]; then\n'
         '  echo "forced failure: the test stands in for a checkpoint that will not load" >&2; exit 3\nfi\n'
         f'exec "{sys.executable}" "$@"\n')
     stand_in.chmod(0o755)
@@ -186,9 +186,18 @@ def test_every_number_is_its_summary_field(study):
     # a headline number checked by hand: the paper's test on LLaVA, subject word, as the summary holds it
     summary = json.loads((out / "llava" / "exp1" / "summary.json").read_text())
     row = next(r for r in summary["by_metric"] if (r["map"], r["metric"]) == ("subject_cross", "iou"))
-    fmt = report.ci_format(row["ci_lo"], row["ci_hi"])
-    shown = f"{row['mean_diff']:{fmt}} [{row['ci_lo']:{fmt}}, {row['ci_hi']:{fmt}}]"
-    assert f"| subject_cross iou, real minus shuffled | {shown}" in (out / "report" / "REPORT.md").read_text()
+    comparison = json.loads((out / "llava" / "exp1" / "control_comparison.json").read_text())
+    control = next(r for r in comparison["rows"] if r["metric"] == "subject_cross/iou real-shuffled")
+
+    def shown(mean, lo, hi):
+        fmt = report.ci_format(lo, hi)
+        return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+
+    cells = (f"| subject_cross iou, real minus shuffled | {shown(row['mean_diff'], row['ci_lo'], row['ci_hi'])}, "
+             f"q={row['q_value']:.2g} | "
+             f"{shown(control['control_mean'], control['control_ci_lo'], control['control_ci_hi'])} | "
+             f"{shown(control['diff_mean'], control['diff_ci_lo'], control['diff_ci_hi'])} |")
+    assert cells in (out / "report" / "REPORT.md").read_text()
 
 
 def test_the_failed_step_shows_in_the_report_with_the_end_of_its_log(study):
@@ -205,14 +214,18 @@ def test_a_rerun_resumes_only_the_unfinished_step_and_other_settings_are_refused
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith(f"error: COUNT=5: {out} was run with COUNT=4")
     study["marker"].unlink()
+    (out / "llava" / "exp2" / "summary.json").unlink()  # an output gone: its step runs again
     before = {p.name: json.loads(p.read_text()) for p in (out / "steps").glob("*.json")}
-    again = _run(env)
+    again = _run({**env, "BATCH_SIZE": "2"})  # how fast a step runs is not what it computes: nothing redone for it
     assert again.returncode == 0, again.stderr[-3000:]
     after = {p.name: json.loads(p.read_text()) for p in (out / "steps").glob("*.json")}
-    key = FAILING.replace("/", "-") + ".json"
+    key, redone = FAILING.replace("/", "-") + ".json", "llava-exp2.json"
     assert after[key]["status"] == "ok" and after[key]["tries"] == 2
-    assert {k: v for k, v in after.items() if k != key} == {k: v for k, v in before.items() if k != key}
-    assert again.stderr.count("finished earlier") == len(before) - 1
+    assert after[redone]["status"] == "ok" and after[redone]["tries"] == 2
+    assert (out / "llava" / "exp2" / "summary.json").is_file()
+    assert {k: v for k, v in after.items() if k not in (key, redone)} == \
+        {k: v for k, v in before.items() if k not in (key, redone)}
+    assert again.stderr.count("finished earlier") == len(before) - 2
     log = (out / "logs" / key.replace(".json", ".log")).read_text()
     assert "forced failure" in log and "try 2" in log  # the failed try's output is kept
     html = (out / "report" / "index.html").read_text()
@@ -221,7 +234,8 @@ def test_a_rerun_resumes_only_the_unfinished_step_and_other_settings_are_refused
 
 def test_an_interrupted_study_records_the_step_and_exits_130(tmp_path):
     stand_in = tmp_path / "python"
-    stand_in.write_text('#!/usr/bin/env bash\n[[ "$*" == *generate_data.py* ]] && exec sleep 60\n'
+    # the data step's command runs a child of its own, as the sweep's bash runs Python: both must stop
+    stand_in.write_text('#!/usr/bin/env bash\nif [[ "$*" == *generate_data.py* ]]; then sleep 301; exit 1; fi\n'
                         f'exec "{sys.executable}" "$@"\n')
     stand_in.chmod(0o755)
     env = {**os.environ, "MODELS": "llava", "MODEL_PATH_LLAVA": "tiny-random", "DATA_DIR": str(tmp_path / "data"),
@@ -238,6 +252,8 @@ def test_an_interrupted_study_records_the_step_and_exits_130(tmp_path):
     assert json.loads(record.read_text())["status"] == "interrupted"
     assert json.loads((tmp_path / "out" / "study.json").read_text())["status"] == "interrupted"
     assert "rerun the same command to resume" in err
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", "sleep 301"], capture_output=True).returncode == 1  # none left
 
 
 @pytest.mark.parametrize("settings, error", [
@@ -281,6 +297,7 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     m = tmp_path / "llava"
     rows = [_exp1_row("subject_cross", "iou", mean_diff=0.12, ci_lo=0.08, ci_hi=0.16, q_value=1e-4),
             _exp1_row("object_cross", "iou", mean_diff=0.05, ci_lo=0.01, ci_hi=0.09, q_value=0.01),
+            _exp1_row("relation_cross", "iou", mean_diff=0.03, ci_lo=0.005, ci_hi=0.055, q_value=0.2),
             _exp1_row("subject_cross", "specificity_iou", real_mean=0.01, real_ci_lo=-0.02, real_ci_hi=0.04),
             _exp1_row("object_cross", "specificity_iou", real_mean=-0.06, real_ci_lo=-0.09, real_ci_hi=-0.03)]
     _write(m / "exp1" / "summary.json", {"by_metric": rows})
@@ -291,27 +308,52 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     _write(m / "exp1" / "control_comparison.json", {"rows": comparison})
     _write(m / "exp2" / "summary.json", {"all": {"symmetry_score": {"mean": -0.002, "ci_lo": -0.003,
                                                                     "ci_hi": -0.001}}})
-    for name, effect, lo, hi, p_drop in (("ablation_topleft_unique", -9.8, -12.0, -7.5, 0.03),
-                                         ("ablation_topright_unique", -0.5, -1.5, 0.4, 0.01),
-                                         ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4)):
+    for name, effect, lo, hi, p_drop, diff in (("ablation_topleft_unique", -9.8, -12.0, -7.5, 0.03, (-9.7, -12, -7.4)),
+                                               ("ablation_topright_unique", -0.5, -1.5, 0.4, 0.01, None),
+                                               ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4, (1.0, 0.5, 1.5))):
         _write(m / "corners" / name / "summary.json",
                {"heads": [{"layer": 1, "head": 2}], "metrics": {"log_odds_full": {
                    "effect": effect, "ci_lo": lo, "ci_hi": hi, "random_mean": -1.0, "p_drop": p_drop}}})
+        if diff:
+            _write(m / "corners" / name / "control_comparison.json", {"rows": [
+                {"metric": "effect_log_odds_full", "control_mean": -0.1, "control_ci_lo": -0.2, "control_ci_hi": 0.0,
+                 "diff_mean": diff[0], "diff_ci_lo": diff[1], "diff_ci_hi": diff[2]}]})
+    corners = m / "corners"
+    significant = {"topleft": [{}] * 3, "topright": [{}] * 2, "bottomleft": [], "bottomright": []}
+    floors = {"topleft": 1e-5, "topright": 1e-5, "bottomleft": 0.125, "bottomright": 1e-5}
+    _write(corners / "count_shared_unique" / "summary.json",
+           {"significant_heads": significant, "fdr": {"alpha": 0.05, "p_floor": floors}})
+    for corner in significant:
+        _write(corners / f"head_diff_stats_{corner}" / "meta.json", {"L": 4, "H": 4})
+    for seed, counts in ((1000, (1, 1, 0, 0)), (1001, (2, 2, 0, 0))):
+        _write(corners / "control_random_weights" / f"init_seed_{seed}" / "count_shared_unique" / "summary.json",
+               {"significant_heads": {c: [{}] * n for c, n in zip(significant, counts)}})
     markdown = report.render_markdown(*report.build(tmp_path))
     assert ("llava, subject_cross iou, real minus shuffled: the subject word's attention overlaps its shape more "
-            "than on a patch-shuffled image (the paper's test): yes (iou +0.120 [+0.080, +0.160]); beyond random "
-            "weights: yes (model minus control +0.110 [+0.060, +0.150]).") in markdown
-    assert ("(the paper's test): yes (iou +0.050 [+0.010, +0.090]); beyond random weights: inconclusive (model "
-            "minus control +0.000 [-0.040, +0.040])") in markdown
+            "than on a patch-shuffled image (the paper's test): yes (real minus shuffled +0.120 [+0.080, +0.160]); "
+            "beyond random weights: yes (model minus control +0.110 [+0.060, +0.150]).") in markdown
+    assert ("(the paper's test): yes (real minus shuffled +0.050 [+0.010, +0.090]); beyond random weights: "
+            "inconclusive (model minus control +0.000 [-0.040, +0.040])") in markdown
+    # an interval above 0 whose q is not below 0.05: the summary does not mark it, nor does the reading
+    assert "on a patch-shuffled image: inconclusive (q >= 0.05) (real minus shuffled +0.030 [+0.005, +0.055])" \
+        in markdown
     assert ("the subject word attends to its own shape more than to the other: inconclusive (specificity_iou "
-            "+0.010 [-0.020, +0.040]); no random-weights control to compare with.") in markdown
+            "+0.010 [-0.020, +0.040]); no random-weights control was run.") in markdown
     assert "to the other: no (the opposite) (specificity_iou -0.060 [-0.090, -0.030])" in markdown
-    assert "(symmetry score differs from 0): yes (symmetry_score -0.0020 [-0.0030, -0.0010])" in markdown
+    assert "flips with the roles): yes (symmetry_score -0.0020 [-0.0030, -0.0010])" in markdown
     assert "llava, topleft: ablating the unique heads (L1.H2) lowers" in markdown
-    assert "of their layers: yes (effect -9.8 [-12.0, -7.5], random sets -1, p_drop 0.03)" in markdown
+    assert ("of their layers: yes (effect -9.8 [-12.0, -7.5], random sets -1, p_drop 0.03); beyond random weights: "
+            "yes (model minus control -9.7 [-12.0, -7.4]).") in markdown
     assert "of their layers: inconclusive (effect -0.5 [-1.5, +0.4]" in markdown
-    assert "of their layers: no (effect -2.0 [-3.0, -1.0], random sets -1, p_drop 0.4)" in markdown
-    assert "No results" in markdown.split("## Experiment 3")[1].split("## The causal")[0]
+    assert ("of their layers: no (effect -2.0 [-3.0, -1.0], random sets -1, p_drop 0.4); beyond random weights: no "
+            "(the opposite) (model minus control +1.0 [+0.5, +1.5]).") in markdown
+    # experiment 3: more significant heads than every initialisation, no more, and a test no head could pass
+    assert "llava, topleft: more heads change their score significantly than in every random initialisation: yes " \
+           "(3 heads; random weights: 1, 2; smallest possible p 1e-05)." in markdown
+    assert "llava, topright: more heads change their score significantly than in every random initialisation: no " \
+           "(2 heads; random weights: 1, 2;" in markdown
+    assert "llava, bottomleft: more heads change their score significantly than in every random initialisation: " \
+           "untestable at this number of pairs (0 heads; random weights: 0, 0; smallest possible p 0.12)." in markdown
 
 
 @pytest.mark.parametrize("lo, hi, sided, said", [

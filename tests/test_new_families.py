@@ -1,0 +1,166 @@
+"""The two families beyond the paper's, on their tiny-random builds, with the guarantees the paper's two have:
+Qwen2.5-VL (windowed ViT) and LLaVA-OneVision (anyres). The engine equals eager at batch sizes 1 and 3; the
+image-token grid and layout are right; the ViT maps come out in raster order (a test that fails on window
+order); the ablation's no-op is the plain model; the corner sweep runs with COUNT=6."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, random_images
+from test_capture import CAPTIONS, _assert_close, _request
+from spatial_attention.ablation import HeadAblation, hooked_logits
+from spatial_attention.capture import CaptureRequest, capture, plain_logits
+from spatial_attention.reference import reference_capture
+
+NEW_FAMILIES = ["qwen2_5vl", "llava_onevision"]
+
+
+@pytest.fixture(scope="module")
+def new_models():
+    from models import load_adapter
+
+    return {family: load_adapter(family, "tiny-random", device="cpu", dtype="fp32") for family in NEW_FAMILIES}
+
+
+@pytest.fixture(params=NEW_FAMILIES)
+def new_adapter(request, new_models):
+    adapter = new_models[request.param]
+    if request.param == "qwen2_5vl":
+        adapter.set_feed_size(448)  # 16 x 16 tokens: 4 x 4 windows of 4 x 4 cells
+    return adapter
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_engine_equals_eager(new_adapter, batch_size):
+    batch = new_adapter.encode(CAPTIONS[:batch_size], random_images(batch_size))
+    request = _request(batch, list(range(new_adapter.num_layers)))
+    got, logits = capture(new_adapter, batch, request)
+    want, _ = reference_capture(new_adapter, batch, request)
+    _assert_close(got, want)
+    assert torch.equal(logits, plain_logits(new_adapter, batch))
+
+
+def test_ablation_no_op_is_the_plain_model(new_adapter):
+    batch = new_adapter.encode(["Is there anything in the top left corner?", "Is there anything?"], random_images(2))
+    assert batch.inputs["attention_mask"].min() == 0  # padded
+    assert torch.equal(hooked_logits(new_adapter, batch, HeadAblation(new_adapter, [[]])),
+                       plain_logits(new_adapter, batch))
+
+
+def test_qwen2_5vl_grid_is_read_from_image_grid_thw(new_models):
+    adapter = new_models["qwen2_5vl"]
+    adapter.set_feed_size((448, 336))  # not square: rows and columns cannot be swapped unnoticed
+    try:
+        batch = adapter.encode(CAPTIONS[:1], random_images(1))
+    finally:
+        adapter.set_feed_size(448)
+    layout = batch.layouts[0]
+    assert batch.inputs["image_grid_thw"].tolist() == [[1, 32, 24]]
+    assert layout.grid == (16, 12) and len(layout.image_positions) == 16 * 12
+    ids = layout.input_ids
+    assert np.all(ids[layout.image_positions] == adapter.model.config.image_token_id)
+    assert np.array_equal(np.diff(layout.image_positions), np.ones(16 * 12 - 1))  # one contiguous raster block
+
+
+def test_llava_onevision_grid_is_the_base_view_and_never_a_newline(new_models):
+    """The analysed positions hold, in raster order, the base view's projected patches: the first gh x gw
+    features the model packs for the image; the crops and their image_newline tokens come after and are no
+    cell."""
+    adapter = new_models["llava_onevision"]
+    batch = adapter.encode(CAPTIONS[:2], random_images(2))
+    model = adapter.model.model
+    inputs = batch.inputs
+    with torch.no_grad():
+        packed = model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                          vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                          batch_num_images=inputs.get("batch_num_images")).pooler_output
+    newline = model.image_newline
+    for b, layout in enumerate(batch.layouts):
+        gh, gw = layout.grid
+        assert (gh, gw) == (27, 27) and len(layout.image_positions) == 27 * 27
+        all_image = np.flatnonzero(layout.input_ids == adapter.model.config.image_token_id)
+        assert len(all_image) == len(packed[b]) > 27 * 27  # base view, then the crops with their newlines
+        assert np.array_equal(layout.image_positions, all_image[: 27 * 27])
+        with torch.no_grad():
+            base = model.multi_modal_projector(model.vision_tower(
+                inputs["pixel_values"][b, :1], output_hidden_states=True).hidden_states[-1])[0]
+        torch.testing.assert_close(packed[b][: 27 * 27], base)  # the grid is the base view, raster order
+        is_newline = (packed[b] == newline).all(-1)
+        assert int(is_newline.sum()) > 0 and not bool(is_newline[: 27 * 27].any())
+    assert adapter.vision_views(inputs) == [0, -1, 1, -1]  # per image: its base view, then its one crop
+
+
+def _vision_maps(adapter, batch, cells):
+    request = CaptureRequest(layers=[0], vision_cells=[cells] * len(batch))
+    got, _ = capture(adapter, batch, request)
+    return np.stack([sample["vision"] for sample in got])
+
+
+def test_qwen2_5vl_vision_maps_come_out_in_raster_order():
+    """Two builds with the same weights, every block full attention: the checkpoint's 112-px windows (the
+    ViT works in window order) and one window over the whole image (window order = raster order). Both
+    compute the same attention up to the order of the patches, so their raster maps must agree; read in window
+    order, as a Qwen2-VL ViT is, they do not."""
+    from models import Qwen2_5VLAdapter
+    from models.qwen2vl import Qwen2VLAdapter
+
+    full = dict(fullatt_block_indexes=[0, 1, 2, 3])
+    torch.manual_seed(0)
+    windowed = Qwen2_5VLAdapter(*Qwen2_5VLAdapter.build_random(vision=full), "tiny-random")
+    torch.manual_seed(1)
+    whole = Qwen2_5VLAdapter(*Qwen2_5VLAdapter.build_random(vision={**full, "window_size": 448 * 2}), "tiny-random")
+    with torch.no_grad():  # sharp attention: random weights attend almost uniformly, to any order alike
+        for block in windowed.model.model.visual.blocks:
+            block.attn.qkv.weight *= 10
+    whole.model.load_state_dict(windowed.model.state_dict())
+    for adapter in (windowed, whole):
+        adapter.set_feed_size(448)
+    cells = 16 * 16
+    assert not np.array_equal(windowed.window_order(), np.arange(cells))  # the windows reorder the cells
+    assert np.array_equal(whole.window_order(), np.arange(cells))
+    captions, images = CAPTIONS[:2], random_images(2, seed=3)
+    chosen = np.array([0, 5, 17, 100, 255])
+    got = _vision_maps(windowed, windowed.encode(captions, images), chosen)
+    want = _vision_maps(whole, whole.encode(captions, images), chosen)
+    assert got.shape == (2, len(chosen), cells)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(plain_logits(windowed, windowed.encode(captions, images)),
+                               plain_logits(whole, whole.encode(captions, images)), rtol=1e-5, atol=1e-5)
+    # the same rows read in window order (Qwen2-VL's mapping) are other cells' maps
+    windowed.vision_query_rows = lambda c: Qwen2VLAdapter.vision_query_rows(windowed, c)
+    windowed.vision_to_grid = lambda r: Qwen2VLAdapter.vision_to_grid(windowed, r)
+    unmapped = _vision_maps(windowed, windowed.encode(captions, images), chosen)
+    assert np.abs(unmapped - want).max() > 1e-3
+
+
+def test_qwen2_5vl_vision_maps_read_the_full_attention_blocks(new_models):
+    adapter = new_models["qwen2_5vl"]
+    assert adapter.vision_map_layers() == [1, 3]
+    from models import Qwen2_5VLAdapter
+
+    def full_blocks(depth):  # random-7b:N keeps a full-attention block however few blocks it keeps
+        return Qwen2_5VLAdapter.seven_b(depth)["vision"]["fullatt_block_indexes"]
+
+    assert full_blocks(2) == [1] and full_blocks(16) == [7, 15] and full_blocks(0) == [7, 15, 23, 31]
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_corner_sweep_with_count_6(family, tmp_path):
+    env = {**os.environ, "MODEL": family, "MODEL_PATH": "tiny-random", "COUNT": "6", "ABLATE": "1",
+           "RANDOM_CONTROLS": "3", "DATA_DIR": str(tmp_path / "data"), "OUT_DIR": str(tmp_path / "out"),
+           "DEVICE": "cpu"}
+    done = subprocess.run(["bash", str(REPO / "run_corner_experiments.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = Path(tmp_path / "out")
+    for corner in ("topleft", "topright", "bottomleft", "bottomright"):
+        scores = np.load(out / f"head_diff_stats_{corner}" / "scores_full_LHN.npy")
+        assert scores.shape == (4, 4, 6) and np.isfinite(scores).all()
+        assert (out / f"ablation_{corner}_unique" / "summary.json").is_file()
+    assert (out / "count_shared_unique" / "summary.json").is_file()
