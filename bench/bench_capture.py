@@ -45,7 +45,7 @@ from models import ADAPTERS, FAMILIES  # noqa: E402  (after the path)
 
 # Language-model / vision-encoder shapes per size (``7b``: the checkpoints' own, as random-7b builds them).
 SIZES = {
-    "tiny": {"llava": ({}, {}), "qwen2": ({}, {})},
+    "tiny": {name: ({}, {}) for name in ADAPTERS},
     "small": {  # >= 8 layers, 8 heads, 576 image tokens: depth-dependent costs show
         "llava": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                        num_key_value_heads=8),
@@ -53,6 +53,12 @@ SIZES = {
         "qwen2": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                        num_key_value_heads=8),
                   dict(depth=4, embed_dim=256, mlp_ratio=4, num_heads=8)),
+        "qwen2_5vl": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                           num_key_value_heads=8),
+                      dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=8, fullatt_block_indexes=[1, 3])),
+        "llava_onevision": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                                 num_key_value_heads=8),
+                            dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8)),
     },
 }
 SIZES["7b"] = {name: (cls.SEVEN_B_TEXT, cls.SEVEN_B_VISION) for name, cls in ADAPTERS.items()}  # models.md
