@@ -125,6 +125,17 @@ class Batch:
         return len(self.layouts)
 
 
+def centre_square(image: Image.Image, side: int) -> Image.Image:
+    """The shortest edge resized to ``side`` and the centre ``side`` x ``side`` cropped, as CLIP-style processors
+    do, so that what is fed (and patch-shuffled) is exactly this image."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = side / min(w, h)
+    image = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
 def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """Default: the GPU in bf16 when there is one, else the CPU in fp32."""
     if device is None or device == "auto":
@@ -363,16 +374,24 @@ class VLMAdapter:
 
     # -- inputs ------------------------------------------------------------
     def image_prompt(self, text: str) -> str:
-        """The model's prompt for one image followed by ``text`` (one image placeholder)."""
-        raise NotImplementedError
+        """The model's prompt for one image followed by ``text`` (one image placeholder): the processor's chat
+        template, unless the family has a fixed format (LLaVA-1.5)."""
+        return self.chat_prompt(text, image=True)
 
     def text_prompt(self, text: str) -> str:
         """The model's prompt for ``text`` alone, no image."""
-        raise NotImplementedError
+        return self.chat_prompt(text, image=False)
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
         """The image as the model will be fed it (Qwen2-VL resizes to the feed size)."""
         return image.convert("RGB")
+
+    def chat_prompt(self, text: str, image: bool) -> str:
+        """The prompt of the processor's chat template for one user turn: ``text``, after one image if
+        ``image``, and the assistant's turn opened."""
+        content = [{"type": "image"}] * image + [{"type": "text", "text": text}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
 
     @classmethod
     def check_feed_size(cls, size: int) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.base import VLMAdapter, _registered_attention
+from models.base import VLMAdapter, _registered_attention, centre_square
 from models.tiny import llama_style_tokenizer
 
 
@@ -69,15 +69,7 @@ class LlavaAdapter(VLMAdapter):
         return f"USER: {text} ASSISTANT:"
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        """Resize the shortest edge to the tower's input size and centre-crop, as the CLIP
-        processor does, so that what is fed (and patch-shuffled) is exactly this image."""
-        side = self.model.config.vision_config.image_size
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = side / min(w, h)
-        image = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BICUBIC)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        return image.crop((left, top, left + side, top + side))
+        return centre_square(image, self.model.config.vision_config.image_size)
 
     def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
         return (self._patch_grid, self._patch_grid)

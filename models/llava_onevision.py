@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.base import VLMAdapter, _registered_attention
+from models.base import VLMAdapter, _registered_attention, centre_square
 from models.tiny import byte_level_tokenizer
 
 # The checkpoint's chat template (image first in the user turn), used by the tiny model; real checkpoints carry
@@ -85,23 +85,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
                                             chat_template=CHAT_TEMPLATE)
         return model, processor
 
-    def image_prompt(self, text: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def text_prompt(self, text: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        """The shortest edge resized to the base view's side and centre-cropped, so that what is fed (and
-        patch-shuffled) is exactly the base view."""
-        image = image.convert("RGB")
-        w, h = image.size
-        scale = self.side / min(w, h)
-        image = image.resize((max(self.side, round(w * scale)), max(self.side, round(h * scale))), Image.BICUBIC)
-        left, top = (image.width - self.side) // 2, (image.height - self.side) // 2
-        return image.crop((left, top, left + self.side, top + self.side))
+        return centre_square(image, self.side)  # the base view: what is fed is exactly the picture analysed
 
     def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
         return (self._base_grid, self._base_grid)

@@ -166,14 +166,6 @@ class Qwen2VLAdapter(VLMAdapter):
                                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
         return model, processor
 
-    def image_prompt(self, text: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def text_prompt(self, text: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     def prepare_image(self, image: Image.Image) -> Image.Image:
         from qwen_vl_utils import fetch_image
 

@@ -282,18 +282,26 @@ def _figures(o: Outputs, folder: Path, patterns: list[str], limit: dict | None =
     return found
 
 
-def experiment_1(o: Outputs, models: list[str]) -> list:
-    blocks = [Heading(2, "Experiment 1: where the caption's words look in the image", "experiment-1"),
-              Para(["Cross-attention of the caption's words to the image tokens and image self-attention, scored "
-                    "against the entity boxes, beside a patch-shuffle baseline (the paper's test) and the binding "
-                    "specificity (own shape minus the other shape). Per model: the value with its 95% interval, the "
-                    "random-weights control, and the model minus the control."])]
-    present = [m for m in models if o.json(f"{m}/exp1/summary.json")]
+def _opening(o: Outputs, models: list[str], exp: str, heading: Heading, intro: str) -> tuple[list, list, list]:
+    """An experiment's heading and introduction, the models with its summary, and its table's header (per model:
+    the value, the random-weights control, the model minus the control); a "No results" line where none has."""
+    blocks = [heading, Para([intro])]
+    present = [m for m in models if o.json(f"{m}/{exp}/summary.json")]
     if not present:
-        return blocks + [Para(["No results (the step did not finish; see Steps)."])]
-    header = ["quantity"]
-    for m in present:
-        header += [f"{m}", f"{m}: random weights", f"{m}: model minus random"]
+        blocks.append(Para(["No results (the step did not finish; see Steps)."]))
+    header = ["quantity"] + [col for m in present for col in (m, f"{m}: random weights", f"{m}: model minus random")]
+    return blocks, present, header
+
+
+def experiment_1(o: Outputs, models: list[str]) -> list:
+    blocks, present, header = _opening(
+        o, models, "exp1", Heading(2, "Experiment 1: where the caption's words look in the image", "experiment-1"),
+        "Cross-attention of the caption's words to the image tokens and image self-attention, scored against the "
+        "entity boxes, beside a patch-shuffle baseline (the paper's test) and the binding specificity (own shape "
+        "minus the other shape). Per model: the value with its 95% interval, the random-weights control, and the "
+        "model minus the control.")
+    if not present:
+        return blocks
     rows, readings = [], []
     for map_name, metric, kind, claim in EXP1_ROWS:
         label = f"{map_name} {metric}" + (", real minus shuffled" if kind == "shuffle" else "")
@@ -327,17 +335,15 @@ def experiment_1(o: Outputs, models: list[str]) -> list:
 
 
 def experiment_2(o: Outputs, models: list[str]) -> list:
-    blocks = [Heading(2, "Experiment 2: does the relation word bind to the shapes by role?", "experiment-2"),
-              Para(["Text only: attention from the relation word to the two shape words, asym = first-mentioned "
-                    "minus second-mentioned, in the caption (s1) and in its entity-swapped counterfactual (s2); "
-                    "symmetry_score = asym_s1 + asym_s2 is near 0 for role-consistent attention and 2 asym for "
-                    "attention that follows word position."])]
-    present = [m for m in models if o.json(f"{m}/exp2/summary.json")]
+    blocks, present, header = _opening(
+        o, models, "exp2", Heading(2, "Experiment 2: does the relation word bind to the shapes by role?",
+                                   "experiment-2"),
+        "Text only: attention from the relation word to the two shape words, asym = first-mentioned minus "
+        "second-mentioned, in the caption (s1) and in its entity-swapped counterfactual (s2); symmetry_score = "
+        "asym_s1 + asym_s2 is near 0 for role-consistent attention and 2 asym for attention that follows word "
+        "position.")
     if not present:
-        return blocks + [Para(["No results (the step did not finish; see Steps)."])]
-    header = ["quantity"]
-    for m in present:
-        header += [f"{m}", f"{m}: random weights", f"{m}: model minus random"]
+        return blocks
     rows, readings = [], []
     for metric, sided, claim in EXP2_ROWS:
         row = [[metric]]
