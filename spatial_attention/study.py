@@ -239,12 +239,12 @@ def plan(s: StudySettings) -> list[Step]:
 
 def check_study_folder(s: StudySettings) -> dict | None:
     """The study.json of an earlier run into OUT_DIR; OptionError when it was run with other settings."""
-    from spatial_attention.runio import check_output_dir
+    from spatial_attention.runio import LOCK_FILE, check_output_dir
 
     check_output_dir(s.out_dir, "OUT_DIR")
     path = s.out_dir / STUDY_FILE
     if not path.is_file():
-        if s.out_dir.is_dir() and any(s.out_dir.iterdir()):
+        if s.out_dir.is_dir() and any(p.name != LOCK_FILE for p in s.out_dir.iterdir()):
             raise OptionError(f"OUT_DIR={s.out_dir}: holds files but no {STUDY_FILE} (not a study folder); "
                               "choose an empty or new folder")
         return None
@@ -288,7 +288,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 class Interrupted(Exception):
-    pass
+    """The study was stopped (Ctrl-C, SIGTERM) during the step it names."""
 
 
 def _record(path: Path) -> dict | None:
@@ -376,7 +376,6 @@ def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
 
 def run_study(s: StudySettings) -> int:
     """Every step, then the report; the exit status: 0 when every step finished, 1 otherwise."""
-    from spatial_attention import report
     from spatial_attention.runio import claim_output, package_versions, release_outputs, write_json
 
     earlier = check_study_folder(s) or {}
@@ -396,12 +395,14 @@ def run_study(s: StudySettings) -> int:
                  "command": "run_study.sh", "steps": kept + list(listed.values()), "versions": package_versions(),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "status": "running"}
         write_json(s.out_dir / STUDY_FILE, study)
-        return _run_steps(s, steps, study, report)
+        return _run_steps(s, steps, study)
     finally:
         release_outputs()
 
 
-def _run_steps(s: StudySettings, steps: list[Step], study: dict, report) -> int:
+def _run_steps(s: StudySettings, steps: list[Step], study: dict) -> int:
+    """Run the steps in order, recording the study's end in study.json, then write the report."""
+    from spatial_attention import report
     from spatial_attention.runio import write_json
 
     start = time.monotonic()
