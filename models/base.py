@@ -386,6 +386,11 @@ class VLMAdapter:
         """The image as the model will be fed it (Qwen2-VL resizes to the feed size)."""
         return image.convert("RGB")
 
+    def feed_image(self, prepared: Image.Image) -> Image.Image:
+        """What the processor is given for a prepared image: the image itself, unless the family's encoder needs
+        it framed (LLaVA-OneVision)."""
+        return prepared
+
     def chat_prompt(self, text: str, image: bool) -> str:
         """The prompt of the processor's chat template for one user turn: ``text``, after one image if
         ``image``, and the assistant's turn opened."""
@@ -416,7 +421,7 @@ class VLMAdapter:
         prompts = [self.image_prompt(t) if images is not None else self.text_prompt(t) for t in texts]
         kwargs = dict(text=prompts, return_tensors="pt", padding=True, return_offsets_mapping=True)
         if images is not None:
-            kwargs["images"] = [self.prepare_image(im) for im in images]
+            kwargs["images"] = [self.feed_image(self.prepare_image(im)) for im in images]
             inputs = self.processor(**kwargs)
         else:
             inputs = self.tokenizer(**kwargs)

@@ -8,9 +8,11 @@ image tokens, in raster order of the picture, and every map, renormalisation and
 means those (the crops see the same picture again at higher resolution; newlines are never cells). The vision
 tower runs the base view and the crops of each image as one batch; its maps are the base view's.
 
-The study's images are fed at 384 x 384, so the crops are one tile of the same picture. SigLIP's 27 patches of
-14 px cover 378 of the 384 px; the grid's cells are taken as 1/27 of the picture each (a cell's true extent
-differs by at most 6 px, under half a cell, at the far edge).
+SigLIP's 27 patches of 14 px cover the first 378 of its 384 px (a "valid" convolution). So the picture analysed
+(``prepare_image``: the grid's cells, the entity masks, the patch shuffle) is 378 x 378, 14 px per cell, and it
+is fed (``feed_image``) padded with 6 black pixels on the right and at the bottom to 384 x 384, which the
+processor then leaves as it is: every cell is exactly one SigLIP patch, and the padding is seen by no patch. At
+that size the crops are one tile of the same picture.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }} "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}<image>{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}\n{{ content['text'] }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
     "{% endfor %}{% endif %}<|im_end|>{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -46,6 +48,7 @@ class LlavaOnevisionAdapter(VLMAdapter):
         self.vision_select_layer = int(model.config.vision_feature_layer)
         self.side = int(vision.image_size)
         self._base_grid = self.side // int(vision.patch_size)
+        self.picture = self._base_grid * int(vision.patch_size)  # the pixels the patches cover
 
     TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2)
@@ -86,7 +89,12 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return model, processor
 
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        return centre_square(image, self.side)  # the base view: what is fed is exactly the picture analysed
+        return centre_square(image, self.picture)  # the picture the base view's patches cover (module docstring)
+
+    def feed_image(self, prepared: Image.Image) -> Image.Image:
+        framed = Image.new("RGB", (self.side, self.side))
+        framed.paste(prepared, (0, 0))
+        return framed
 
     def image_grid(self, inputs: dict, index: int) -> tuple[int, int]:
         return (self._base_grid, self._base_grid)
@@ -99,12 +107,15 @@ class LlavaOnevisionAdapter(VLMAdapter):
         return image_positions[: grid[0] * grid[1]]
 
     def vision_views(self, inputs: dict) -> list[int]:
-        """The base view of each image comes first among its views (base, then the crops)."""
+        """The base view of each image comes first among its views (base, then the crops); an image of a
+        sample with several images is run as its base view alone (the model's own rule)."""
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
+        counts = inputs.get("batch_num_images")
         views = []
         for b, size in enumerate(inputs["image_sizes"].tolist()):
-            count = image_size_to_num_patches(size, self.model.config.image_grid_pinpoints, self.side)
+            alone = counts is None or int(counts[b]) == 1
+            count = image_size_to_num_patches(size, self.model.config.image_grid_pinpoints, self.side) if alone else 1
             views += [b] + [-1] * (count - 1)
         return views
 

@@ -10,10 +10,20 @@ the encoder looks. Everything else (prompt, processor, feed size) is Qwen2-VL's.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from models.qwen2vl import Qwen2VLAdapter, pool_merge_windows
+
+
+@functools.lru_cache(maxsize=8)
+def _window_order(grid_h: int, grid_w: int, merge: int, window_size: int, patch_size: int) -> np.ndarray:
+    from transformers.vision_utils import get_vision_window_index
+
+    index, _ = get_vision_window_index(torch.tensor([[1, grid_h, grid_w]]), merge, window_size, patch_size)
+    return index.numpy()
 
 
 class Qwen2_5VLAdapter(Qwen2VLAdapter):
@@ -58,14 +68,11 @@ class Qwen2_5VLAdapter(Qwen2VLAdapter):
 
     def window_order(self) -> np.ndarray:
         """For each merged cell in the ViT's window order, its raster cell (the model's own ``window_index``)
-        for an image at the feed size."""
-        from transformers.vision_utils import get_vision_window_index
-
+        for an image at the feed size (``prepare_image`` feeds every image at it; ``image_grid`` reads it
+        back from ``image_grid_thw``)."""
         vision = self.model.config.vision_config
-        height, width = self.feed_size
-        grid_thw = torch.tensor([[1, height // vision.patch_size, width // vision.patch_size]])
-        index, _ = get_vision_window_index(grid_thw, self.merge, vision.window_size, vision.patch_size)
-        return index.numpy()
+        return _window_order(*(side // vision.patch_size for side in self.feed_size), self.merge,
+                             vision.window_size, vision.patch_size)
 
     def vision_query_rows(self, cells: np.ndarray) -> np.ndarray:
         place = np.argsort(self.window_order())  # raster cell -> its place in window order

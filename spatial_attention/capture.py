@@ -309,6 +309,10 @@ class _Recorder(AttentionHook):
             self.vision_sum[sample].add(self.adapter.vision_to_grid(rows) / self.vision_layers)
 
     def results(self) -> list[dict[str, np.ndarray]]:
+        if self.vision_index and set(self.vision_calls.values()) - {len(self.view_sample)}:
+            raise RuntimeError(f"the vision encoder ran {sorted(set(self.vision_calls.values()))} views where the "
+                               f"adapter's vision_views expects {len(self.view_sample)}: its maps would go to the "
+                               "wrong samples")
         out = []
         cpu = torch.device("cpu")
         mass = None

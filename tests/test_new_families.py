@@ -32,7 +32,7 @@ def new_models():
 def new_adapter(request, new_models):
     adapter = new_models[request.param]
     if request.param == "qwen2_5vl":
-        adapter.set_feed_size(448)  # 16 x 16 tokens: 4 x 4 windows of 4 x 4 cells
+        adapter.set_feed_size(336)  # 12 x 12 tokens: 3 x 3 windows of 4 x 4 cells
     return adapter
 
 
@@ -59,7 +59,7 @@ def test_qwen2_5vl_grid_is_read_from_image_grid_thw(new_models):
     try:
         batch = adapter.encode(CAPTIONS[:1], random_images(1))
     finally:
-        adapter.set_feed_size(448)
+        adapter.set_feed_size(336)
     layout = batch.layouts[0]
     assert batch.inputs["image_grid_thw"].tolist() == [[1, 32, 24]]
     assert layout.grid == (16, 12) and len(layout.image_positions) == 16 * 12
@@ -96,6 +96,34 @@ def test_llava_onevision_grid_is_the_base_view_and_never_a_newline(new_models):
     assert adapter.vision_views(inputs) == [0, -1, 1, -1]  # per image: its base view, then its one crop
 
 
+def test_llava_onevision_vision_maps_are_each_sample_s_base_view(new_models, monkeypatch):
+    """Raw pictures of two shapes, unframed: the wide one gets three views (its base view and two crops with other
+    pixels), the square one two. The engine's map of each sample must be its base view's, computed here from the
+    vision tower run on that view alone."""
+    from PIL import Image
+
+    from spatial_attention.reference import eager_model
+
+    adapter = new_models["llava_onevision"]
+    monkeypatch.setattr(adapter, "prepare_image", lambda image: image.convert("RGB"))
+    monkeypatch.setattr(adapter, "feed_image", lambda image: image)
+    rng = np.random.default_rng(7)
+    wide, square = (Image.fromarray((rng.random((384, w, 3)) * 255).astype("uint8")) for w in (768, 384))
+    batch = adapter.encode(CAPTIONS[:2], [wide, square])
+    pixels = batch.inputs["pixel_values"]
+    assert adapter.vision_views(batch.inputs) == [0, -1, -1, 1, -1]
+    assert not torch.equal(pixels[0, 0], pixels[0, 1])  # the crops are not the base view
+    cells = np.array([0, 13, 364, 728])
+    got = _vision_maps(adapter, batch, cells)
+    modules = adapter.vision_attention_modules()
+    for b in range(2):
+        with eager_model(adapter) as kept, torch.no_grad():
+            adapter.model.model.vision_tower(pixels[b, :1])
+            want = np.mean([kept[id(modules[layer])][-1][0].double().mean(0)[cells].numpy()
+                            for layer in adapter.vision_map_layers()], axis=0)
+        np.testing.assert_allclose(got[b], want, rtol=0, atol=1e-6)
+
+
 def _vision_maps(adapter, batch, cells):
     request = CaptureRequest(layers=[0], vision_cells=[cells] * len(batch))
     got, _ = capture(adapter, batch, request)
@@ -114,29 +142,34 @@ def test_qwen2_5vl_vision_maps_come_out_in_raster_order():
     torch.manual_seed(0)
     windowed = Qwen2_5VLAdapter(*Qwen2_5VLAdapter.build_random(vision=full), "tiny-random")
     torch.manual_seed(1)
-    whole = Qwen2_5VLAdapter(*Qwen2_5VLAdapter.build_random(vision={**full, "window_size": 448 * 2}), "tiny-random")
+    whole = Qwen2_5VLAdapter(*Qwen2_5VLAdapter.build_random(vision={**full, "window_size": 336 * 2}), "tiny-random")
     with torch.no_grad():  # sharp attention: random weights attend almost uniformly, to any order alike
         for block in windowed.model.model.visual.blocks:
             block.attn.qkv.weight *= 10
     whole.model.load_state_dict(windowed.model.state_dict())
     for adapter in (windowed, whole):
-        adapter.set_feed_size(448)
-    cells = 16 * 16
-    assert not np.array_equal(windowed.window_order(), np.arange(cells))  # the windows reorder the cells
+        adapter.set_feed_size(336)  # 12 x 12 cells, 3 x 3 windows
+    cells = 12 * 12
+    order = windowed.window_order()
+    assert not np.array_equal(order, np.arange(cells))  # the windows reorder the cells,
+    assert not np.array_equal(np.argsort(order), order)  # and not by a permutation that is its own inverse
     assert np.array_equal(whole.window_order(), np.arange(cells))
     captions, images = CAPTIONS[:2], random_images(2, seed=3)
-    chosen = np.array([0, 5, 17, 100, 255])
+    chosen = np.array([0, 5, 17, 100, 143])
     got = _vision_maps(windowed, windowed.encode(captions, images), chosen)
     want = _vision_maps(whole, whole.encode(captions, images), chosen)
     assert got.shape == (2, len(chosen), cells)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     torch.testing.assert_close(plain_logits(windowed, windowed.encode(captions, images)),
                                plain_logits(whole, whole.encode(captions, images)), rtol=1e-5, atol=1e-5)
-    # the same rows read in window order (Qwen2-VL's mapping) are other cells' maps
-    windowed.vision_query_rows = lambda c: Qwen2VLAdapter.vision_query_rows(windowed, c)
-    windowed.vision_to_grid = lambda r: Qwen2VLAdapter.vision_to_grid(windowed, r)
-    unmapped = _vision_maps(windowed, windowed.encode(captions, images), chosen)
-    assert np.abs(unmapped - want).max() > 1e-3
+    # read in window order (Qwen2-VL's mapping), or through the inverse permutation, they are other cells' maps
+    place = np.argsort(order)
+    for rows, columns in ((lambda c: c, lambda p: p), (lambda c: order[c], lambda p: p[:, torch.as_tensor(order)])):
+        windowed.vision_query_rows = lambda c, rows=rows: Qwen2VLAdapter.vision_query_rows(windowed, rows(c))
+        windowed.vision_to_grid = lambda r, columns=columns: columns(Qwen2VLAdapter.vision_to_grid(windowed, r))
+        wrong = _vision_maps(windowed, windowed.encode(captions, images), chosen)
+        assert np.abs(wrong - want).max() > 1e-3
+    assert not np.array_equal(place, order)
 
 
 def test_qwen2_5vl_vision_maps_read_the_full_attention_blocks(new_models):
