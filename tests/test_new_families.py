@@ -186,7 +186,7 @@ def test_qwen2_5vl_vision_maps_read_the_full_attention_blocks(new_models):
 @pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_corner_sweep_with_count_6(family, tmp_path):
     env = {**os.environ, "MODEL": family, "MODEL_PATH": "tiny-random", "COUNT": "6", "ABLATE": "1",
-           "RANDOM_CONTROLS": "3", "DATA_DIR": str(tmp_path / "data"), "OUT_DIR": str(tmp_path / "out"),
+           "RANDOM_CONTROLS": "3", "ABLATE_HEADS": "unique", "DATA_DIR": str(tmp_path / "data"), "OUT_DIR": str(tmp_path / "out"),
            "DEVICE": "cpu"}
     done = subprocess.run(["bash", str(REPO / "run_corner_experiments.sh")], env=env, capture_output=True, text=True,
                           timeout=900)

@@ -54,7 +54,8 @@ def study(tmp_path_factory):
     stand_in, marker = _stand_in_python(root)
     env = {"MODEL_PATH_LLAVA": "tiny-random", "MODEL_PATH_QWEN2": "tiny-random", "WORLDS": "6", "COUNT": "4",
            "CONTROL_SEEDS": "1", "DATA_DIR": str(root / "data"), "OUT_DIR": str(root / "out"),
-           "PYTHON": str(stand_in), "DEVICE": "cpu"}
+           "PYTHON": str(stand_in), "DEVICE": "cpu",
+           "ABLATE_HEADS": "unique", "RANDOM_CONTROLS": "3"}  # the sweep's own settings pass through (CI time)
     first = _run(env)
     return {"root": root, "out": root / "out", "env": env, "marker": marker, "first": first,
             "html": (root / "out" / "report" / "index.html").read_text()}
