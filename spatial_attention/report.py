@@ -21,6 +21,7 @@ from pathlib import Path
 
 from spatial_attention.controls import COMPARISON_FILE, control_seed_folders
 from spatial_attention.counterfactual import CORNERS
+from spatial_attention.study import STEPS_DIR, STUDY_FILE
 
 REPORT_DIR = "report"
 ALPHA = 0.05  # the significance level of every test the summaries carry
@@ -223,7 +224,7 @@ class Pre:
 
 def _models(o: Outputs) -> list[str]:
     """The models of the study: study.json's, else every folder holding an experiment's results."""
-    study = o.json("study.json") or {}
+    study = o.json(STUDY_FILE) or {}
     models = (study.get("settings") or {}).get("models")
     if models:
         return list(models)
@@ -267,7 +268,7 @@ def _reading(label: str, claim: str, value: list, diff: list, sided: int, stat: 
 
 def _no_control(o: Outputs, step: str) -> str:
     """Why a number has no control beside it: the control step did not finish, or was not run."""
-    record = o.json(f"steps/{step.replace('/', '-')}.json")
+    record = o.json(f"{STEPS_DIR}/{step.replace('/', '-')}.json")
     if record and record.get("status") != "ok":
         return f"its random-weights control did not finish ({step}: {record.get('status')}, see Steps)"
     return "no random-weights control was run"
@@ -486,7 +487,7 @@ def ablation(o: Outputs, models: list[str]) -> list:
 
 def manifest(o: Outputs, models: list[str]) -> list:
     blocks = [Heading(2, "What was run", "manifest")]
-    study = o.json("study.json")
+    study = o.json(STUDY_FILE)
     if study:
         settings = study.get("settings") or {}
         items = [[f"{key}: {json.dumps(value)}"] for key, value in settings.items()]
@@ -531,12 +532,12 @@ def manifest(o: Outputs, models: list[str]) -> list:
 
 def steps(o: Outputs) -> list:
     blocks = [Heading(2, "Steps", "steps")]
-    study = o.json("study.json")
+    study = o.json(STUDY_FILE)
     if not study:
         return blocks + [Para(["No study.json: these results were not made by run_study.sh."])]
     header, rows, failures = ["step", "what", "status", "time", "tries", "log"], [], []
     for step in study.get("steps", []):
-        rel = f"steps/{step['key']}.json"
+        rel = f"{STEPS_DIR}/{step['key']}.json"
         record = o.json(rel)
         if record is None:
             rows.append([[step["name"]], [step["title"]], ["not run"], [""], [""], [""]])
@@ -550,10 +551,10 @@ def steps(o: Outputs) -> list:
 
 
 def _status(o: Outputs) -> str:
-    study = o.json("study.json")
+    study = o.json(STUDY_FILE)
     if not study:
         return "Built from the result folders found (no study.json: not made by run_study.sh)."
-    records = [o.json(f"steps/{step['key']}.json") or {} for step in study.get("steps", [])]
+    records = [o.json(f"{STEPS_DIR}/{step['key']}.json") or {} for step in study.get("steps", [])]
     failed = [step["name"] for step, record in zip(study["steps"], records) if record.get("status") != "ok"]
     done = f"{len(records) - len(failed)} of {len(records)} steps finished"
     return done + (f"; not finished: {', '.join(failed)} (see Steps, with the end of each log)." if failed else ".")
