@@ -301,9 +301,10 @@ def _record(path: Path) -> dict | None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """Stop a step's whole process group (the sweep's bash and its Python steps): SIGINT first, so that each
-    script records where it stopped, then SIGKILL after a minute."""
-    for sig, wait in ((signal.SIGINT, 60), (signal.SIGKILL, 10)):
+    """Stop a step's whole process group (the sweep's bash and its Python steps): SIGTERM first, which the
+    scripts take as Ctrl-C (they record where they stopped), and which, unlike SIGINT, a study started in the
+    background (nohup, &) does not pass on as ignored; then SIGKILL after a minute."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
