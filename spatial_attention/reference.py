@@ -64,6 +64,7 @@ def reference_capture(adapter, batch, request: CaptureRequest) -> tuple[list[dic
         lm = [a.double().cpu() for a in out.attentions]  # per layer (B, H, T, T)
         vision_calls = {i: kept.get(id(m), []) for i, m in enumerate(adapter.vision_attention_modules())}
     last = [lay.last_position for lay in batch.layouts]
+    views = adapter.vision_views(batch.inputs)  # the vision encoder's images -> their samples
     logits = out.logits[torch.arange(len(last)), torch.tensor(last)].float().cpu()
     results = []
     for b in range(len(batch)):
@@ -78,8 +79,7 @@ def reference_capture(adapter, batch, request: CaptureRequest) -> tuple[list[dic
             sample["last_mass"] = torch.stack(
                 [lm[l][b][:, last[b]][:, cols].sum(-1) for l in request.layers]).numpy()
         if request.vision_cells is not None:
-            view = adapter.vision_views(batch.inputs).index(b)
-            sample["vision"] = _vision_reference(adapter, vision_calls, view, request.vision_cells[b])
+            sample["vision"] = _vision_reference(adapter, vision_calls, views.index(b), request.vision_cells[b])
         results.append(sample)
     return results, logits
 

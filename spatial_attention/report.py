@@ -283,27 +283,31 @@ def _figures(o: Outputs, folder: Path, patterns: list[str], limit: dict | None =
     return found
 
 
-def _opening(o: Outputs, models: list[str], exp: str, heading: Heading, intro: str) -> tuple[list, list, list]:
-    """An experiment's heading and introduction, the models with its summary, and its table's header (per model:
-    the value, the random-weights control, the model minus the control); a "No results" line where none has."""
+def _opening(o: Outputs, models: list[str], summary: str, heading: Heading, intro: str) -> tuple[list, list]:
+    """An experiment's heading and introduction, and the models with its ``summary`` (relative to the model's
+    folder); a "No results" line where none has."""
     blocks = [heading, Para([intro])]
-    present = [m for m in models if o.json(f"{m}/{exp}/summary.json")]
+    present = [m for m in models if o.json(f"{m}/{summary}")]
     if not present:
         blocks.append(Para(["No results (the step did not finish; see Steps)."]))
-    header = ["quantity"] + [col for m in present for col in (m, f"{m}: random weights", f"{m}: model minus random")]
-    return blocks, present, header
+    return blocks, present
+
+
+def _value_header(present: list[str]) -> list[str]:
+    """A table's header with, per model, the value, the random-weights control and the model minus the control."""
+    return ["quantity"] + [col for m in present for col in (m, f"{m}: random weights", f"{m}: model minus random")]
 
 
 def experiment_1(o: Outputs, models: list[str]) -> list:
-    blocks, present, header = _opening(
-        o, models, "exp1", Heading(2, "Experiment 1: where the caption's words look in the image", "experiment-1"),
+    blocks, present = _opening(
+        o, models, "exp1/summary.json", Heading(2, "Experiment 1: where the caption's words look in the image", "experiment-1"),
         "Cross-attention of the caption's words to the image tokens and image self-attention, scored against the "
         "entity boxes, beside a patch-shuffle baseline (the paper's test) and the binding specificity (own shape "
         "minus the other shape). Per model: the value with its 95% interval, the random-weights control, and the "
         "model minus the control.")
     if not present:
         return blocks
-    rows, readings = [], []
+    header, rows, readings = _value_header(present), [], []
     for map_name, metric, kind, claim in EXP1_ROWS:
         label = f"{map_name} {metric}" + (", real minus shuffled" if kind == "shuffle" else "")
         row = [[label]]
@@ -336,8 +340,8 @@ def experiment_1(o: Outputs, models: list[str]) -> list:
 
 
 def experiment_2(o: Outputs, models: list[str]) -> list:
-    blocks, present, header = _opening(
-        o, models, "exp2", Heading(2, "Experiment 2: does the relation word bind to the shapes by role?",
+    blocks, present = _opening(
+        o, models, "exp2/summary.json", Heading(2, "Experiment 2: does the relation word bind to the shapes by role?",
                                    "experiment-2"),
         "Text only: attention from the relation word to the two shape words, asym = first-mentioned minus "
         "second-mentioned, in the caption (s1) and in its entity-swapped counterfactual (s2); symmetry_score = "
@@ -345,7 +349,7 @@ def experiment_2(o: Outputs, models: list[str]) -> list:
         "position.")
     if not present:
         return blocks
-    rows, readings = [], []
+    header, rows, readings = _value_header(present), [], []
     for metric, sided, claim in EXP2_ROWS:
         row = [[metric]]
         for m in present:
@@ -369,14 +373,15 @@ def _head(o: Outputs, rel: str, layer_path: tuple, head_path: tuple) -> list:
 
 
 def experiment_3(o: Outputs, models: list[str]) -> list:
-    blocks = [Heading(2, "Experiment 3: which heads notice a shape in a corner", "experiment-3"),
-              Para(["Per corner, pairs of images with and without a shape in that corner, asked \"Is there anything "
-                    "in the {corner} corner?\". The answer's yes-rate, the heads whose score differs between the "
-                    "two images (paired sign-flip test, Benjamini-Hochberg FDR 5% over all heads) in the model and "
-                    "in each random initialisation, and the corner's unique head (layers 1-based, heads 0-based)."])]
-    present = [m for m in models if o.json(f"{m}/corners/count_shared_unique/summary.json")]
+    blocks, present = _opening(
+        o, models, "corners/count_shared_unique/summary.json",
+        Heading(2, "Experiment 3: which heads notice a shape in a corner", "experiment-3"),
+        "Per corner, pairs of images with and without a shape in that corner, asked \"Is there anything in the "
+        "{corner} corner?\". The answer's yes-rate, the heads whose score differs between the two images (paired "
+        "sign-flip test, Benjamini-Hochberg FDR 5% over all heads) in the model and in each random "
+        "initialisation, and the corner's unique head (layers 1-based, heads 0-based).")
     if not present:
-        return blocks + [Para(["No results (the step did not finish; see Steps)."])]
+        return blocks
     header = ["corner"]
     for m in present:
         header += [f"{m}: answers yes, full image / without the shape",
