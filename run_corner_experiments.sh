@@ -15,7 +15,7 @@
 #   ABLATE_MODE [zero]  zero | mean     RANDOM_CONTROLS [20]
 #   ABLATE_POSITIONS [all]  all (the paper's) | answer (only the answer position, where SCORE=patching measures)
 #   CONTROL [empty]  random-weights: run every step on CONTROL_SEEDS [3] random initialisations of the model's
-#                    architecture instead of the model (the negative control; README, Controls), into
+#                    architecture instead of the model (the negative control; docs/controls.md), into
 #                    $OUT_DIR/control_random_weights/init_seed_S/, laid out as $OUT_DIR; run the sweep once
 #                    without and once with it, in either order, for the model-minus-control comparison
 # With ABLATE=1 also: $OUT_DIR/ablation_{corner}_{heads}/ per ABLATE_HEADS value (top:4 -> top-4).

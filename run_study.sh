@@ -30,4 +30,4 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi
 export PYTHON
-PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m spatial_attention.study
+PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m spatial_attention.study.study

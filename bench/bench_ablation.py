@@ -30,18 +30,19 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from models import FAMILIES, load_adapter  # noqa: E402  (after the path)
-from spatial_attention.ablation import (HeadAblation, _encode, hooked_logits, log_odds, measure,  # noqa: E402
-                                        random_head_sets, yes_no_ids)
-from spatial_attention.capture import plain_logits  # noqa: E402
-from spatial_attention.counterfactual import read_pairs  # noqa: E402
-from spatial_attention.generate import generate_counterfactual  # noqa: E402
+from spatial_attention.data.counterfactual import read_pairs  # noqa: E402
+from spatial_attention.data.generate import generate_counterfactual  # noqa: E402
+from spatial_attention.engine.capture import plain_logits  # noqa: E402
+from spatial_attention.experiments.ablation_heads import random_head_sets  # noqa: E402
+from spatial_attention.experiments.ablation_measure import (HeadAblation, encode_pairs, hooked_logits,  # noqa: E402
+                                                            log_odds, measure, yes_no_ids)
 
 PROMPT = "Is there anything in the top left corner?"
 
 
 def whole_forward(adapter, pairs, head_sets, answer_ids) -> tuple[np.ndarray, np.ndarray]:
     """The slow path: per batch, one plain forward and one whole forward per head set."""
-    batch = _encode(adapter, pairs, PROMPT)
+    batch = encode_pairs(adapter, pairs, PROMPT)
     base = log_odds(plain_logits(adapter, batch), *answer_ids)
     ablated = np.stack([log_odds(hooked_logits(adapter, batch, HeadAblation(adapter, [heads]).for_batch(batch)),
                                  *answer_ids) for heads in head_sets])

@@ -79,8 +79,8 @@ def build_adapter(args):
 
 
 def scenes(n: int):
-    from spatial_attention.generate import generate_shapeworld
-    from spatial_attention.shapeworld import World, iter_worlds
+    from spatial_attention.data.generate import generate_shapeworld
+    from spatial_attention.data.shapeworld import World, iter_worlds
 
     root = Path(tempfile.mkdtemp(prefix="bench_scenes_"))
     generate_shapeworld(root, shards=1, worlds_per_shard=n, seed=0)
@@ -89,7 +89,7 @@ def scenes(n: int):
 
 def request_for(adapter, batch, worlds, layers):
     """Experiment 1's request (vlm_analysis.world_request): caption words x image, seed cells' rows."""
-    from spatial_attention import vlm_analysis as VA
+    from spatial_attention.experiments import vlm_analysis as VA
 
     cells = [VA.seed_cells_of(VA.world_seeds(w, VA.world_regions(w, lay.grid), seed=0))
              for w, lay in zip(worlds, batch.layouts)]
@@ -100,7 +100,7 @@ def request_for(adapter, batch, worlds, layers):
 def paper_reductions(adapter, batch, request) -> dict:
     """The paper's path for one sample: eager, every layer's full map to the CPU in fp32, mean there; the
     request's rows read off the full maps."""
-    from spatial_attention.reference import eager_model
+    from spatial_attention.engine.reference import eager_model
 
     with eager_model(adapter) as kept, torch.inference_mode():
         out = adapter.model(**batch.inputs, output_attentions=True, use_cache=False)
@@ -117,7 +117,7 @@ def paper_reductions(adapter, batch, request) -> dict:
 
 def mode_pass(args, mode: str, adapter, worlds):
     """(one pass of ``mode`` over the worlds -> (reductions, logits), the requests, the batches)."""
-    from spatial_attention.capture import capture, plain_logits
+    from spatial_attention.engine.capture import capture, plain_logits
 
     layers = list(range(adapter.num_layers))
     batch_size = 1 if mode == "paper" else args.batch_size
@@ -181,7 +181,7 @@ def run_mode(args) -> dict:
 
 def _rows_per_layer(adapter, requests, batches) -> dict:
     """The attention rows the engine computes per sample in each recorded layer (mean over the samples)."""
-    from spatial_attention.capture import sample_rows
+    from spatial_attention.engine.capture import sample_rows
 
     lm, vision = [], []
     for request, batch in zip(requests, batches):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from spatial_attention.controls import COMPARISON_FILE, control_seed_folders  # noqa: E402  (after the path)
-from spatial_attention.counterfactual import CORNERS  # noqa: E402
+from spatial_attention.data.counterfactual import CORNERS  # noqa: E402
+from spatial_attention.run.controls import COMPARISON_FILE, control_seed_folders  # noqa: E402  (after the path)
 
 
 def _json(path: Path):

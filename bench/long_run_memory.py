@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=["--no-baseline"],
                         help="further options for the experiment script (default: --no-baseline)")
     args = parser.parse_args()
-    from spatial_attention.generate import generate_shapeworld
+    from spatial_attention.data.generate import generate_shapeworld
 
     work = Path(tempfile.mkdtemp(prefix="long_run_"))
     shards = -(-args.worlds // 100)

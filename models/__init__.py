@@ -12,10 +12,10 @@ from pathlib import Path
 
 from models.base import TINY_RANDOM, TOY, TOY_ROOT, Batch, TokenLayout, VLMAdapter
 from models.llava import LlavaAdapter
-from models.qwen2vl import Qwen2VLAdapter
-from models.qwen2_5vl import Qwen2_5VLAdapter
 from models.llava_onevision import LlavaOnevisionAdapter
-from spatial_attention.errors import OptionError
+from models.qwen2_5vl import Qwen2_5VLAdapter
+from models.qwen2vl import Qwen2VLAdapter
+from spatial_attention.common.errors import OptionError
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter,
                                           "qwen2_5vl": Qwen2_5VLAdapter, "llava_onevision": LlavaOnevisionAdapter}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spatial_attention.errors import OptionError, quote
+from spatial_attention.common.errors import OptionError, quote
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +489,7 @@ class VLMAdapter:
 
 def _registered_attention() -> str:
     """The attention implementation name under which the capture engine runs."""
-    from spatial_attention.capture import ATTENTION_NAME, register
+    from spatial_attention.engine.capture import ATTENTION_NAME, register
 
     register()
     return ATTENTION_NAME

@@ -42,8 +42,8 @@ class LlavaAdapter(VLMAdapter):
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
                      tokenizer=None, dtype: torch.dtype | None = None):
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
-            LlavaForConditionalGeneration, LlavaProcessor
+        from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                                  LlavaForConditionalGeneration, LlavaProcessor)
 
         tokenizer = tokenizer or llama_style_tokenizer(["<image>", "<pad>"])
         side = image_side or 336

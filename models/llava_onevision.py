@@ -62,9 +62,9 @@ class LlavaOnevisionAdapter(VLMAdapter):
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
                      tokenizer=None, dtype: torch.dtype | None = None):
-        from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, \
-            LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor, Qwen2Config, \
-            SiglipVisionConfig
+        from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                                  LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
+                                  Qwen2Config, SiglipVisionConfig)
 
         tokenizer = tokenizer or byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                                       chat_template=CHAT_TEMPLATE)

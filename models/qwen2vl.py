@@ -20,7 +20,7 @@ from PIL import Image
 
 from models.base import VLMAdapter, _registered_attention
 from models.tiny import byte_level_tokenizer
-from spatial_attention.errors import OptionError
+from spatial_attention.common.errors import OptionError
 
 # The Qwen2-VL-Instruct chat template (image and text content, default system turn),
 # used by the tiny model; real checkpoints carry their own.

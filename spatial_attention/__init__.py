@@ -1,6 +1,15 @@
-"""Shared code of the spatial-attention study: data readers and generators,
-metrics, the attention-capture engine and the experiment drivers.
+"""Shared code of the spatial-attention study, in layers. A module imports only from its own layer and the layers
+below it (``tests/test_layers.py`` holds the package to that), bottom first:
 
-The top-level scripts (``vlm_atten_analysis_*.py`` and friends) are thin entry
-points over this package; everything model-specific lives in ``models/``.
+- ``stats/``, ``engine/``: numbers (intervals, tests, the metrics of maps) and the attention-capture engine; they
+  import nothing of ours.
+- ``common/``: what every command shares: the one-line errors, output files and records, the command-line frame.
+- ``data/`` and the adapters in ``models/`` (beside this package): the data sets (read, checked, generated) and one
+  adapter per model family.
+- ``run/``: what an experiment runs on: the model and data options, the resumable run loop, the random-weights
+  control, the figures.
+- ``experiments/``: one module per experiment step (and the toy models' training, the engine's self-check).
+- ``study/``: the whole study in one command, and its report.
+
+The top-level scripts (``vlm_atten_analysis_*.py`` and friends) are thin entry points over this package.
 """

@@ -1,8 +1,16 @@
-"""Shared fixtures: the tiny-random models (built once per session) and paths."""
+"""Shared fixtures: the tiny-random models (built once per session) and paths; the order the test files run in
+and the threads each parallel worker may use (pytest.ini runs the files on pytest-xdist workers)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # each worker, and every script a test starts, gets its share of the cores instead of all of them
+    share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, str(share))
 
 import numpy as np
 import pytest
@@ -11,6 +19,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 REAL_SAMPLE = REPO.parent / "shared" / "fixtures" / "shapeworld_real" / "agreement" / "relational"
+# The longest files first, so that the workers start on them and finish together (pytest.ini keeps this order:
+# --no-loadscope-reorder); the rest follow in collection order.
+LONGEST_FIRST = ("test_study.py", "test_gpu_check.py", "test_random_7b.py", "test_controls.py", "test_accelerate.py",
+                 "test_corner_stats.py", "test_new_families.py", "test_vlm_analysis.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
 @pytest.fixture(scope="session")

@@ -12,18 +12,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_images
-from spatial_attention import corner_stats
-from spatial_attention.ablation import (PAIRS_FILE, HeadAblation, HeadMeans, check_heads, head_means, hooked_logits,
-                                        log_odds, main, measure, parse_heads, random_head_sets, summarize, yes_no_ids)
-from spatial_attention.capture import plain_logits
-from spatial_attention.corner_results import load_corner_run
-from spatial_attention.counterfactual import read_pairs
-from spatial_attention.errors import DataError, OptionError
-from spatial_attention.generate import generate_counterfactual
-from spatial_attention.heads import topk_count_cube
-from spatial_attention.runloop import IDENTITY_FILE
+
+from spatial_attention.common.errors import DataError, OptionError
+from spatial_attention.data.counterfactual import read_pairs
+from spatial_attention.data.generate import generate_counterfactual
+from spatial_attention.engine.capture import plain_logits
+from spatial_attention.experiments import corner_stats
+from spatial_attention.experiments.ablation import PAIRS_FILE, main
+from spatial_attention.experiments.ablation_heads import check_heads, parse_heads, random_head_sets
+from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMeans, head_means, hooked_logits,
+                                                            log_odds, measure, summarize, yes_no_ids)
+from spatial_attention.experiments.corner_results import load_corner_run
+from spatial_attention.experiments.heads import topk_count_cube
+from spatial_attention.run.runloop import IDENTITY_FILE
 
 CAPTIONS = ["Is there anything in the top left corner?", "Is there anything?"]
 LAYER = 1  # 0-based layer the hook tests edit
@@ -478,7 +480,7 @@ def test_out_dir_with_the_same_ablation(ablated, tmp_path, monkeypatch, caplog, 
 
 def test_interrupted_ablation_resumes_with_the_missing_pairs(ablated, tmp_path, monkeypatch):
     """Killed after two of the four pairs: the rerun measures the other two, and the results equal an unbroken run's."""
-    from spatial_attention import ablation
+    from spatial_attention.experiments import ablation
 
     argv, copy = into_a_copy(ablated, tmp_path)
     lines = (copy / PAIRS_FILE).read_text().splitlines(keepends=True)
@@ -551,7 +553,7 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
 
 def test_finished_ablation_missing_an_output_is_rebuilt(ablated, tmp_path, monkeypatch):
     """Was: 'already holds this ablation' with ablation.csv gone; now rebuilt from the pairs, none measured again."""
-    from spatial_attention import ablation
+    from spatial_attention.experiments import ablation
 
     argv, copy = into_a_copy(ablated, tmp_path)
     (copy / "ablation.csv").unlink()
@@ -607,7 +609,7 @@ def test_job_options_fail_before_loading(tmp_path, corner_data, capsys, no_model
 def test_measure_in_chunks_equals_one_whole_forward_per_head_set(adapter, corner_data, mode, answer_only):
     """More head sets than fit in one forward (the last one filled with unablated copies): each set's log-odds
     equal a whole forward with that set alone, and the unablated ones a plain forward."""
-    from spatial_attention.ablation import _encode
+    from spatial_attention.experiments.ablation_measure import encode_pairs
 
     pairs, prompt = read_pairs(corner_data)[:2], CAPTIONS[0]
     answer_ids = yes_no_ids(adapter.tokenizer)
@@ -616,7 +618,7 @@ def test_measure_in_chunks_equals_one_whole_forward_per_head_set(adapter, corner
     base, ablated = measure(adapter, pairs, prompt, head_sets, answer_ids, means, answer_only=answer_only,
                             sets_per_forward=3)  # 2 sets per forward: an odd count leaves the last one half filled
     assert len(head_sets) % 2 == 1
-    batch = _encode(adapter, pairs, prompt)
+    batch = encode_pairs(adapter, pairs, prompt)
     np.testing.assert_allclose(base.ravel(), log_odds(plain_logits(adapter, batch), *answer_ids), atol=1e-4)
     for s, heads in enumerate(head_sets):
         hook = HeadAblation(adapter, [heads], means, answer_only=answer_only).for_batch(batch)

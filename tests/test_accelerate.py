@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spatial_attention.generate import generate_shapeworld
+from spatial_attention.data.generate import generate_shapeworld
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).with_name("accelerate")

@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_images
-from spatial_attention.capture import CaptureRequest, _Recorder, capture, plain_logits
-from spatial_attention.options import layer_indices
-from spatial_attention.reference import reference_capture
+
+from spatial_attention.engine.capture import CaptureRequest, _Recorder, capture, plain_logits
+from spatial_attention.engine.reference import reference_capture
+from spatial_attention.run.options import layer_indices
 
 CAPTIONS = [
     "there are two shapes a cyan semicircle and a blue pentagon . what is the spatial relationship from the "
@@ -88,7 +88,7 @@ def test_capture_leaves_logits_unchanged(adapter):
     try:
         sdpa = plain_logits(adapter, batch)
     finally:
-        from spatial_attention.capture import ATTENTION_NAME
+        from spatial_attention.engine.capture import ATTENTION_NAME
         model.set_attn_implementation(ATTENTION_NAME)
     assert torch.equal(sdpa, plain)
 
@@ -115,7 +115,7 @@ def test_retained_capture_state_does_not_grow_with_depth():
             held.append(sum(t.numel() * t.element_size() for t in tensors))
 
         recorder.observe = observing
-        from spatial_attention.capture import active
+        from spatial_attention.engine.capture import active
         with active(recorder), torch.inference_mode():
             ad.model(**batch.inputs)
         sizes[depth] = max(held)
@@ -128,7 +128,7 @@ def test_row_probabilities_are_rows_of_the_full_softmax(mask_kind):
     with repeat_kv, for 8 query heads over 2 KV heads, each kind of mask an attention call can get."""
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from spatial_attention.capture import row_probabilities
+    from spatial_attention.engine.capture import row_probabilities
 
     gen = torch.Generator().manual_seed(0)
     batch, heads, kv_heads, length, dim = 2, 8, 2, 7, 4
@@ -157,7 +157,7 @@ def test_bf16_check_is_relative_to_each_row():
     """A map spread evenly over 200 of 576 image cells against no map at all (1/576 everywhere): the old absolute
     bf16 tolerance of 1e-2 passed it; relative to each row it fails, also beside a causal first row [1, 0, ...]
     that would set a block-wide scale of 1; the same map rounded to bf16 passes."""
-    from spatial_attention.reference import TOLERANCES, recording_difference
+    from spatial_attention.engine.reference import TOLERANCES, recording_difference
 
     want = np.zeros((3, 576))
     want[:, :200] = 1 / 200
@@ -175,7 +175,7 @@ def test_bf16_check_is_relative_to_each_row():
 @pytest.mark.parametrize("family", ["llava", "qwen2"])
 def test_the_self_check_passes_in_bf16(family):
     from models import ADAPTERS
-    from spatial_attention.reference import check, verification_request
+    from spatial_attention.engine.reference import check, verification_request
 
     cls = ADAPTERS[family]
     model, processor = cls.build_random()
@@ -191,7 +191,7 @@ def test_sums_kept_per_device_add_up_to_the_one_device_result(adapter, keep, mon
     """--device-map: a sharded model's layers live on several devices, and the recorder keeps one sum per device,
     added up on one device at the end. Two fake devices (alternate language-model layers; the vision encoder on
     the second) through the same code path give the one-device recordings."""
-    from spatial_attention import capture as capture_module
+    from spatial_attention.engine import capture as capture_module
 
     batch = adapter.encode(CAPTIONS, random_images(3, seed=6))
     request = _request(batch, list(range(adapter.num_layers)), keep=keep)

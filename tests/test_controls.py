@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import require_toy
-from spatial_attention import controls
-from spatial_attention.errors import OptionError
-from spatial_attention.stats import bootstrap_ci, hierarchical_bootstrap_ci
+
+from spatial_attention.common.errors import OptionError
+from spatial_attention.run import controls
+from spatial_attention.stats.inference import bootstrap_ci, hierarchical_bootstrap_ci
 
 
 def test_hierarchical_interval_widens_with_the_spread_between_seeds():
@@ -96,8 +96,8 @@ def test_seed_options_and_counterparts(tmp_path):
 def test_experiment_1_control_runs_each_seed_and_compares(tmp_path):
     """The model, then its control with two initialisations: one folder each, identities that say so,
     and the comparison in the model's summary."""
-    from spatial_attention.generate import generate_shapeworld
-    from spatial_attention.vlm_analysis import main
+    from spatial_attention.data.generate import generate_shapeworld
+    from spatial_attention.experiments.vlm_analysis import main
 
     data = generate_shapeworld(tmp_path / "sw", shards=1, worlds_per_shard=3, seed=2)
     out = tmp_path / "out"
@@ -125,8 +125,8 @@ def test_experiment_1_control_runs_each_seed_and_compares(tmp_path):
 
 
 def test_experiment_2_control_for_qwen2(tmp_path):
-    from spatial_attention.generate import generate_shapeworld
-    from spatial_attention.text_analysis import main
+    from spatial_attention.data.generate import generate_shapeworld
+    from spatial_attention.experiments.text_analysis import main
 
     data = generate_shapeworld(tmp_path / "sw", shards=1, worlds_per_shard=3, seed=3)
     out = tmp_path / "out"
@@ -147,7 +147,7 @@ def test_sweep_control_runs_every_step_per_initialisation(tmp_path):
     import subprocess
     import sys
 
-    from spatial_attention.counterfactual import CORNERS
+    from spatial_attention.data.counterfactual import CORNERS
 
     repo = __import__("pathlib").Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHON": sys.executable, "MODEL_PATH": "tiny-random", "MODEL": "llava", "COUNT": "3",
@@ -177,9 +177,9 @@ def test_sweep_control_runs_every_step_per_initialisation(tmp_path):
 def test_random_weights_binding_specificity_stays_near_zero(tmp_path):
     """The negative control's outcome held in place: experiment 1 on two random initialisations of the LLaVA
     toy's architecture, where each binding specificity's interval covers 0, or its size is under a tenth of
-    the same run's real-minus-shuffled difference (README, Controls; bench/toy_controls.sh gives the table)."""
-    from spatial_attention.generate import generate_shapeworld
-    from spatial_attention.vlm_analysis import main
+    the same run's real-minus-shuffled difference (docs/controls.md; bench/toy_controls.sh gives the table)."""
+    from spatial_attention.data.generate import generate_shapeworld
+    from spatial_attention.experiments.vlm_analysis import main
 
     require_toy("llava")
 
@@ -197,15 +197,15 @@ def test_random_weights_binding_specificity_stays_near_zero(tmp_path):
 
 
 def test_patching_finds_the_toy_s_causal_corner_heads_and_not_random_weights(tmp_path):
-    """The positive and negative control of experiment 3 + the ablation, held in place (README, Controls): on
+    """The positive and negative control of experiment 3 + the ablation, held in place (docs/controls.md): on
     the LLaVA toy, --score patching finds significant heads in every corner, and mean-ablating a corner's top 4
     at the answer position lowers the full images' log-odds more than 100 random sets of the same layers
     (p_drop <= 0.05) and abolishes the yes/no gap; the paper's attention score picks heads whose ablation
     barely moves the gap; on a random initialisation the found heads carry nothing (the gap is ~0 to begin
     with and ablating them leaves it there)."""
-    from spatial_attention import ablation, corner_analysis, corner_stats
-    from spatial_attention.counterfactual import CORNERS
-    from spatial_attention.generate import generate_counterfactual
+    from spatial_attention.data.counterfactual import CORNERS
+    from spatial_attention.data.generate import generate_counterfactual
+    from spatial_attention.experiments import ablation, corner_analysis, corner_stats
 
     require_toy("llava")
     folders = dict(zip(CORNERS, generate_counterfactual(tmp_path / "data", count=12, seed=31)))

@@ -21,17 +21,18 @@ import torch
 from PIL import Image
 
 from models.base import Batch
-from spatial_attention.capture import CaptureRequest
-from spatial_attention import corner_stats
-from spatial_attention.corner_stats import (DEFAULT_LAYERS, PAIRS_FILE, _scored_positions, build_parser, check_scoring,
-                                            identity, main, pair_results, read_dataset, score_dataset)
-from spatial_attention.counterfactual import CORNER_PROMPT, CORNER_WORDS, CORNERS, read_pairs
-from spatial_attention.errors import DataError, OptionError
-from spatial_attention.generate import generate_counterfactual
-from spatial_attention.reference import reference_capture
-from spatial_attention.options import ModelOptions, layer_indices
-from spatial_attention.runio import read_jsonl
-from spatial_attention.runloop import IDENTITY_FILE, ProcessShare, Run
+from spatial_attention.common.errors import DataError, OptionError
+from spatial_attention.common.runio import read_jsonl
+from spatial_attention.data.counterfactual import CORNER_PROMPT, CORNER_WORDS, CORNERS, read_pairs
+from spatial_attention.data.generate import generate_counterfactual
+from spatial_attention.engine.capture import CaptureRequest
+from spatial_attention.engine.reference import reference_capture
+from spatial_attention.experiments import corner_stats
+from spatial_attention.experiments.corner_stats import (DEFAULT_LAYERS, PAIRS_FILE, _scored_positions, build_parser,
+                                                        check_scoring, identity, main, pair_results, read_dataset,
+                                                        score_dataset)
+from spatial_attention.run.options import ModelOptions, layer_indices
+from spatial_attention.run.runloop import IDENTITY_FILE, ProcessShare, Run
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Is there anything in the top left corner?"

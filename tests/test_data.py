@@ -10,18 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from PIL import Image
 
-from spatial_attention.generate import shapeworld_folder
-from spatial_attention.counterfactual import (CORNERS, REQUIRED_FIELDS, corner_prompt, read_pairs,
-                                              validate_pairs)
-from spatial_attention.errors import DataError, OptionError
-from spatial_attention.metrics import entity_mask
-from spatial_attention.generate import generate_counterfactual, generate_shapeworld
-from spatial_attention.shapeworld import (COLORS, RELATIONS, SHAPES, Caption, Entity, ReadStats, Skipped, World,
-                                          bind_mentions, counterfactual_caption, format_caption, iter_worlds,
-                                          parse_caption, relation_holds, validate_shapeworld)
+from spatial_attention.common.errors import DataError, OptionError
+from spatial_attention.data.counterfactual import CORNERS, REQUIRED_FIELDS, corner_prompt, read_pairs, validate_pairs
+from spatial_attention.data.generate import generate_counterfactual, generate_shapeworld, shapeworld_folder
+from spatial_attention.data.shapeworld import (COLORS, RELATIONS, SHAPES, Caption, Entity, ReadStats, Skipped, World,
+                                               bind_mentions, counterfactual_caption, format_caption, iter_worlds,
+                                               parse_caption, relation_holds)
+from spatial_attention.data.validate import validate_shapeworld
+from spatial_attention.stats.metrics import entity_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 100

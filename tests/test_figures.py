@@ -1,4 +1,4 @@
-"""The Figure-API plots of spatial_attention.figures: each writes a valid PNG of the
+"""The Figure-API plots of spatial_attention.run.figures: each writes a valid PNG of the
 original size and dpi, and none touches pyplot's global state."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spatial_attention.figures import plot_asymmetry, plot_count_bars, plot_example_pair
+from spatial_attention.run.figures import plot_asymmetry, plot_count_bars, plot_example_pair
 
 REPO = Path(__file__).resolve().parents[1]
 RELATIONS = ("left", "right", "above", "below")
@@ -113,7 +113,7 @@ def test_figures_never_load_pyplot(tmp_path):
 import sys
 import numpy as np
 from pathlib import Path
-from spatial_attention.figures import plot_asymmetry, plot_count_bars
+from spatial_attention.run.figures import plot_asymmetry, plot_count_bars
 out = Path({str(tmp_path)!r})
 rec = {{"shard": 0, "index": 1, "relation": "left", "e1": "red square", "e2": "blue circle",
        "r_to_e1_s1": 0.02, "r_to_e2_s1": 0.01, "r_to_e1_s2": 0.01, "r_to_e2_s2": 0.015,
@@ -128,7 +128,7 @@ assert "matplotlib.pyplot" not in sys.modules, "pyplot was imported"
 
 
 def test_figures_source_has_no_pyplot():
-    source = (REPO / "spatial_attention" / "figures.py").read_text()
+    source = (REPO / "spatial_attention" / "run" / "figures.py").read_text()
     assert "import matplotlib.pyplot" not in source and "from matplotlib import pyplot" not in source
     assert "matplotlib.use" not in source
 

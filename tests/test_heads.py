@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spatial_attention.corner_analysis import analyze
-from spatial_attention.corner_results import load_corner_runs
-from spatial_attention.errors import DataError, OptionError
-from spatial_attention.heads import (CORNERS, corner_patch_indices, position_only_flags, rank_heads, shared_unique,
-                                     top_cells, topk_count_cube)
+from spatial_attention.common.errors import DataError, OptionError
+from spatial_attention.experiments.corner_analysis import analyze
+from spatial_attention.experiments.corner_results import load_corner_runs
+from spatial_attention.experiments.heads import (CORNERS, corner_patch_indices, position_only_flags, rank_heads,
+                                                 shared_unique, top_cells, topk_count_cube)
 
 REPO = Path(__file__).resolve().parents[1]
 UNIQUE = {"topleft": 1, "topright": 2, "bottomleft": 3, "bottomright": 4}

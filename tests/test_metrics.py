@@ -1,4 +1,4 @@
-"""Every metric of spatial_attention.metrics against values worked out by hand on tiny maps."""
+"""Every metric of spatial_attention.stats.metrics against values worked out by hand on tiny maps."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spatial_attention import metrics as M
-from spatial_attention.options import layer_indices
-from spatial_attention.errors import OptionError
+from spatial_attention.common.errors import OptionError
+from spatial_attention.run.options import layer_indices
+from spatial_attention.stats import metrics as M
 
 
 def cells(shape: tuple[int, int], *where: tuple[int, int]) -> np.ndarray:

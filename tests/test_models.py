@@ -4,11 +4,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import random_images
 from PIL import Image
 
-from conftest import random_images
 from models import load_adapter
-from spatial_attention.errors import OptionError
+from spatial_attention.common.errors import OptionError
 
 CAPTION = ("there are two shapes a cyan semicircle and a blue pentagon . what is the spatial relationship "
            "from the first shape to the second shape ? the spatial relation is left .")

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, random_images
 from test_capture import CAPTIONS, _assert_close, _request
-from spatial_attention.ablation import HeadAblation, hooked_logits
-from spatial_attention.capture import CaptureRequest, capture, plain_logits
-from spatial_attention.reference import reference_capture
+
+from spatial_attention.engine.capture import CaptureRequest, capture, plain_logits
+from spatial_attention.engine.reference import reference_capture
+from spatial_attention.experiments.ablation_measure import HeadAblation, hooked_logits
 
 NEW_FAMILIES = ["qwen2_5vl", "llava_onevision"]
 
@@ -102,7 +102,7 @@ def test_llava_onevision_vision_maps_are_each_sample_s_base_view(new_models, mon
     vision tower run on that view alone."""
     from PIL import Image
 
-    from spatial_attention.reference import eager_model
+    from spatial_attention.engine.reference import eager_model
 
     adapter = new_models["llava_onevision"]
     monkeypatch.setattr(adapter, "prepare_image", lambda image: image.convert("RGB"))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import committed_toy
-from spatial_attention import patching
-from spatial_attention.ablation import log_odds, yes_no_ids
-from spatial_attention.capture import AttentionHook, active, last_position_logits
-from spatial_attention.counterfactual import CORNER_PROMPT, fill_corner_prompt
-from spatial_attention.generate import generate_counterfactual
-from spatial_attention.counterfactual import read_dataset
+
+from spatial_attention.data.counterfactual import CORNER_PROMPT, fill_corner_prompt, read_dataset
+from spatial_attention.data.generate import generate_counterfactual
+from spatial_attention.engine.capture import AttentionHook, active, last_position_logits
+from spatial_attention.experiments import patching
+from spatial_attention.experiments.ablation_measure import log_odds, yes_no_ids
 
 FAMILIES = ["llava", "qwen2"]
 

@@ -3,11 +3,11 @@ right-padded batch, with every copy of the batch editing other heads."""
 from __future__ import annotations
 
 import torch
-
 from conftest import random_images
-from spatial_attention.ablation import HeadAblation, hooked_logits
-from spatial_attention.capture import plain_logits
-from spatial_attention.prefix import run_prefix, upper_logits
+
+from spatial_attention.engine.capture import plain_logits
+from spatial_attention.engine.prefix import run_prefix, upper_logits
+from spatial_attention.experiments.ablation_measure import HeadAblation, hooked_logits
 
 CAPTIONS = ["Is there anything in the top left corner?", "Is there anything?", "a red square"]
 

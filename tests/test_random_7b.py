@@ -12,7 +12,7 @@ import torch
 
 from models import ADAPTERS
 from models.base import random_7b_depth
-from spatial_attention.errors import OptionError
+from spatial_attention.common.errors import OptionError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import random_images
+
 from models import ADAPTERS
-from spatial_attention.ablation import yes_no_ids
-from spatial_attention.counterfactual import CORNER_WORDS, CORNERS, corner_prompt
-from spatial_attention.shapeworld import COLORS, RELATIONS, SHAPES, counterfactual_caption, format_caption, \
-    parse_caption
+from spatial_attention.data.counterfactual import CORNER_WORDS, CORNERS, corner_prompt
+from spatial_attention.data.shapeworld import (COLORS, RELATIONS, SHAPES, counterfactual_caption, format_caption,
+                                               parse_caption)
+from spatial_attention.experiments.ablation_measure import yes_no_ids
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tokenizers"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(),

@@ -17,10 +17,11 @@ import pytest
 
 import models
 import models.base
-from spatial_attention import runloop, text_analysis, vlm_analysis
-from spatial_attention.errors import OptionError
-from spatial_attention.generate import generate_shapeworld
-from spatial_attention.runio import write_json
+from spatial_attention.common.errors import OptionError
+from spatial_attention.common.runio import write_json
+from spatial_attention.data.generate import generate_shapeworld
+from spatial_attention.experiments import text_analysis, vlm_analysis
+from spatial_attention.run import runloop
 
 FAST = ["--model-path", "tiny-random", "--feed-size", "224", "--plot-samples", "0"]
 DRIVERS = {"experiment 1": vlm_analysis.main,  # experiment 2 has no image options
@@ -121,7 +122,7 @@ def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_pat
 
 
 def test_verify_attention_checks_before_the_model_loads(tmp_path, capsys, no_model_load):
-    from spatial_attention import verify
+    from spatial_attention.experiments import verify
 
     a_folder = tmp_path / "report"
     a_folder.mkdir()
@@ -194,7 +195,7 @@ def test_a_run_with_no_usable_world_is_not_finished(driver, tmp_path, capsys):
 def test_sigterm_ends_like_ctrl_c(worlds, tmp_path):
     out = tmp_path / "out"
     script = (f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
-              "from spatial_attention import vlm_analysis\n"
+              "from spatial_attention.experiments import vlm_analysis\n"
               "real = vlm_analysis.analyse_worlds\n"
               "calls = []\n"
               "def once_then_sigterm(*a, **k):\n"
@@ -330,7 +331,7 @@ def test_background_seeds_do_not_depend_on_the_baseline_switch(worlds, tmp_path)
 
 
 def test_a_run_that_keeps_nothing_partial_does_not_promise_a_resume(tmp_path):
-    from spatial_attention.runio import mark_unfinished, start_run
+    from spatial_attention.common.runio import mark_unfinished, start_run
 
     start_run(tmp_path / "run.json", {"command": "head_ablation.py"}, resumable=False)  # writes at the end
     said = mark_unfinished("interrupted", "Ctrl-C")

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from spatial_attention import ablation, corner_stats, text_analysis, verify, vlm_analysis
-from spatial_attention.errors import OptionError
-from spatial_attention.generate import generate_counterfactual, generate_shapeworld
-from spatial_attention.runio import append_jsonl, claim_output, lacks_keys, release_outputs
-from spatial_attention.runloop import (IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, check_free, mark_results,
-                                       resumable_map)
+from spatial_attention.common.errors import OptionError
+from spatial_attention.common.runio import append_jsonl, claim_output, lacks_keys, release_outputs
+from spatial_attention.data.generate import generate_counterfactual, generate_shapeworld
+from spatial_attention.experiments import ablation, corner_stats, text_analysis, verify, vlm_analysis
+from spatial_attention.run.runloop import (IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, check_free, mark_results,
+                                           resumable_map)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model-path", "tiny-random", "--plot-samples", "0"]
@@ -183,7 +183,7 @@ def test_a_second_run_on_one_out_stops_in_one_line(worlds, tmp_path, capsys, no_
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-                               "from spatial_attention.runio import claim_output; "
+                               "from spatial_attention.common.runio import claim_output; "
                                "claim_output(sys.argv[2], '--out'); print('claimed', flush=True); time.sleep(60)",
          str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
     try:

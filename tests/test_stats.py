@@ -1,4 +1,4 @@
-"""spatial_attention.stats against hand-worked examples and planted effects."""
+"""spatial_attention.stats.inference against hand-worked examples and planted effects."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from spatial_attention.stats import (benjamini_hochberg, bootstrap_ci, json_safe, mean_std, paired_permutation_p,
-                                     paired_signflip_test, paired_summary, signflip_is_exact, signflip_method,
-                                     signflip_min_permutations, signflip_p_floor)
+from spatial_attention.stats.inference import (benjamini_hochberg, bootstrap_ci, json_safe, mean_std,
+                                               paired_permutation_p, paired_signflip_test, paired_summary,
+                                               signflip_is_exact, signflip_method, signflip_min_permutations,
+                                               signflip_p_floor)
 
 
 def test_mean_std_ignores_missing():

@@ -20,9 +20,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from spatial_attention import report  # noqa: E402  (after the path)
-from spatial_attention.errors import OptionError  # noqa: E402
-from spatial_attention.study import StudySettings, plan  # noqa: E402
+from spatial_attention.common.errors import OptionError  # noqa: E402
+from spatial_attention.study import (report, report_blocks, report_readings,  # noqa: E402  (after the path)
+                                     report_sections)
+from spatial_attention.study.study import StudySettings, plan  # noqa: E402
 
 SECTIONS = ("rules", "experiment-1", "experiment-2", "experiment-3", "ablation", "manifest", "steps")
 FAILING = "qwen2/exp2-control"
@@ -140,7 +141,7 @@ def test_report_is_one_self_contained_file_with_every_section(study):
         figures = out / model / "exp1" / "figures"
         expected |= {f"{model}/exp1/figures/{name}.png" for name in ("real_vs_shuffled", "specificity",
                                                                       "metric_by_relation")}
-        expected |= {str(p.relative_to(out)) for p in sorted(figures.glob("world_*.png"))[:report.WORLD_PANELS]}
+        expected |= {str(p.relative_to(out)) for p in sorted(figures.glob("world_*.png"))[:report_sections.WORLD_PANELS]}
         expected |= {str(p.relative_to(out)) for p in (out / model / "exp2" / "figures").glob("*.png")}
         corners = out / model / "corners"
         expected |= {str(p.relative_to(out)) for p in corners.glob("head_diff_stats_*/count_bars.png")}
@@ -191,7 +192,7 @@ def test_every_number_is_its_summary_field(study):
     control = next(r for r in comparison["rows"] if r["metric"] == "subject_cross/iou real-shuffled")
 
     def shown(mean, lo, hi):
-        fmt = report.ci_format(lo, hi)
+        fmt = report_readings.ci_format(lo, hi)
         return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
     cells = (f"| subject_cross iou, real minus shuffled | {shown(row['mean_diff'], row['ci_lo'], row['ci_hi'])}, "
@@ -329,7 +330,7 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     for seed, counts in ((1000, (1, 1, 0, 0)), (1001, (2, 2, 0, 0))):
         _write(corners / "control_random_weights" / f"init_seed_{seed}" / "count_shared_unique" / "summary.json",
                {"significant_heads": {c: [{}] * n for c, n in zip(significant, counts)}})
-    markdown = report.render_markdown(*report.build(tmp_path))
+    markdown = report_blocks.render_markdown(*report.build(tmp_path))
     assert ("llava, subject_cross iou, real minus shuffled: the subject word's attention overlaps its shape more "
             "than on a patch-shuffled image (the paper's test): yes (real minus shuffled +0.120 [+0.080, +0.160]); "
             "beyond random weights: yes (model minus control +0.110 [+0.060, +0.150]).") in markdown
@@ -361,14 +362,14 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     (0.01, 0.2, 1, "yes"), (-0.2, -0.01, 1, "no (the opposite)"), (-0.01, 0.2, 1, "inconclusive"),
     (0.0, 0.2, 1, "inconclusive"), (-0.2, -0.01, 0, "yes"), (-0.1, 0.1, 0, "inconclusive"), (None, 0.1, 1, "n/a")])
 def test_verdict(lo, hi, sided, said):
-    assert report.verdict(lo, hi, sided) == said
+    assert report_readings.verdict(lo, hi, sided) == said
 
 
 def test_intervals_show_their_width_to_two_digits():
-    assert report.ci_format(0.08, 0.16) == "+.3f"
-    assert report.ci_format(-0.00014, 0.00004) == "+.5f"
-    assert report.ci_format(-12.0, -7.5) == "+.1f"
-    assert report.ci_format(1.0, 1.0) == "+.3f"
+    assert report_readings.ci_format(0.08, 0.16) == "+.3f"
+    assert report_readings.ci_format(-0.00014, 0.00004) == "+.5f"
+    assert report_readings.ci_format(-12.0, -7.5) == "+.1f"
+    assert report_readings.ci_format(1.0, 1.0) == "+.3f"
 
 
 def test_make_report_refuses_a_missing_folder(tmp_path):

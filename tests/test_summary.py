@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from spatial_attention.figures import mask_outline, plot_world_panel
-from spatial_attention.summary import (add_q_values, plot_summary, significance_star, summarise_samples,
-                                       write_summary)
+from spatial_attention.experiments.summary import (add_q_values, plot_summary, significance_star, summarise_samples,
+                                                   write_summary)
+from spatial_attention.run.figures import mask_outline, plot_world_panel
 
 
 def _world(index, relation, com, iou, rel_w, shuffled=None):

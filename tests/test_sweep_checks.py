@@ -77,8 +77,8 @@ def test_script_choices_are_the_python_choices():
     """The script's lists of families, --score, --mode and --dtype values are copies: they must stay the
     parsers'."""
     from models import FAMILIES
-    from spatial_attention.ablation import build_parser
-    from spatial_attention.corner_stats import SCORES
+    from spatial_attention.experiments.ablation import build_parser
+    from spatial_attention.experiments.corner_stats import SCORES
 
     choices = {action.dest: list(action.choices) for action in build_parser()._actions if action.choices}
     assert sorted(script_list("MODELS")) == sorted(FAMILIES)

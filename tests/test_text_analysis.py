@@ -14,16 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
-from spatial_attention import capture as capture_module
-from spatial_attention import text_analysis as TA
-from spatial_attention.capture import CaptureRequest
-from spatial_attention.generate import generate_shapeworld
-from spatial_attention.reference import reference_capture
-from spatial_attention.shapeworld import RELATIONS, counterfactual_caption, format_caption, parse_caption
-from spatial_attention.text_analysis import analyse_pairs, main, pair_record, sentence_positions
+from spatial_attention.data.generate import generate_shapeworld
+from spatial_attention.data.shapeworld import RELATIONS, counterfactual_caption, format_caption, parse_caption
+from spatial_attention.engine import capture as capture_module
+from spatial_attention.engine.capture import CaptureRequest
+from spatial_attention.engine.reference import reference_capture
+from spatial_attention.experiments import text_analysis as TA
+from spatial_attention.experiments.text_analysis import analyse_pairs, main, pair_record, sentence_positions
 
 FAST = ["--model-path", "tiny-random"]
 COLUMNS = ["shard", "index", "sent1", "sent2", "e1", "e2", "relation", "r_to_e1_s1", "r_to_e2_s1", "asym_s1",
@@ -372,7 +372,7 @@ def test_entry_point_help_and_defaults(family, capsys, monkeypatch):
 
 
 def test_default_data_is_generated_with_a_notice(tmp_path, monkeypatch, caplog, tiny_models):
-    import spatial_attention.generate as generate
+    import spatial_attention.data.generate as generate
 
     small = generate.generate_shapeworld
     monkeypatch.setattr(generate, "generate_shapeworld",

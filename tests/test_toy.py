@@ -6,11 +6,11 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import committed_toy, require_toy
+
 from models import TOY, load_adapter
-from spatial_attention import toy
-from spatial_attention.generate import generate_counterfactual
+from spatial_attention.data.generate import generate_counterfactual
+from spatial_attention.experiments import toy
 
 FAMILIES = ["llava", "qwen2"]
 
@@ -44,7 +44,7 @@ def test_toy_architecture_is_the_family_s_with_an_8x8_grid(family):
 
 def test_samples_are_true_or_false_as_labelled():
     rng = np.random.default_rng(3)
-    from spatial_attention.shapeworld import parse_caption
+    from spatial_attention.data.shapeworld import parse_caption
 
     for _ in range(50):
         caption, image, _ = toy.agreement_sample(rng)
@@ -123,8 +123,8 @@ def test_feed_size_is_read_from_either_processor_file(tmp_path):
 
 def test_rerun_on_the_qwen2_toy_resumes(tmp_path):
     """The feed size known before the load is the loaded one's, so a rerun's identity check passes."""
-    from spatial_attention.generate import generate_shapeworld
-    from spatial_attention.vlm_analysis import main
+    from spatial_attention.data.generate import generate_shapeworld
+    from spatial_attention.experiments.vlm_analysis import main
 
     require_toy("qwen2")
     data = generate_shapeworld(tmp_path / "sw", shards=1, worlds_per_shard=2, seed=4)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spatial_attention import metrics as M
-from spatial_attention.generate import generate_shapeworld
-from spatial_attention.metrics import MAPS
-from spatial_attention.vlm_analysis import main
+from spatial_attention.data.generate import generate_shapeworld
+from spatial_attention.experiments.vlm_analysis import main
+from spatial_attention.stats import metrics as M
+from spatial_attention.stats.metrics import MAPS
 
 FAST = ["--model-path", "tiny-random", "--feed-size", "224", "--plot-samples", "1"]
 
@@ -157,10 +157,10 @@ def test_injected_attention_gives_the_hand_made_metrics_and_specificity(adapter,
     real capture path: the subject's shape word puts all its mass, evenly, on the subject's box; the object's
     shape word spreads it evenly over both boxes (salience without grounding). The maps, every metric, the
     specificity sign and the summary's verdict are then known by hand."""
-    from spatial_attention import capture as capture_module
-    from spatial_attention import vlm_analysis as VA
-    from spatial_attention.shapeworld import World, iter_worlds
-    from spatial_attention.summary import summarise_samples
+    from spatial_attention.data.shapeworld import World, iter_worlds
+    from spatial_attention.engine import capture as capture_module
+    from spatial_attention.experiments import vlm_analysis as VA
+    from spatial_attention.experiments.summary import summarise_samples
 
     root = tmp_path / "sw"
     generate_shapeworld(root, shards=1, worlds_per_shard=6, seed=11)
@@ -236,9 +236,9 @@ def test_injected_image_self_attention_gives_the_seed_maps(adapter, tmp_path, mo
     attends evenly to the subject's box, every other image token evenly to both boxes. The subject seed's map
     is then its box (the seed cell removed, as seed_map defines), the object seed's map both boxes, and
     their binding specificity is positive for the subject only."""
-    from spatial_attention import capture as capture_module
-    from spatial_attention import vlm_analysis as VA
-    from spatial_attention.shapeworld import World, iter_worlds
+    from spatial_attention.data.shapeworld import World, iter_worlds
+    from spatial_attention.engine import capture as capture_module
+    from spatial_attention.experiments import vlm_analysis as VA
 
     root = tmp_path / "sw"
     generate_shapeworld(root, shards=1, worlds_per_shard=6, seed=12)

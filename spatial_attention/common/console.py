@@ -1,0 +1,77 @@
+"""The frame of every command line: the help layout, the check of a count option, and how a script ends
+when it cannot go on (one line on stderr and an exit status)."""
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+import threading
+
+from tqdm import tqdm
+
+from spatial_attention.common.errors import DataError, OptionError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults and keep the description's line breaks. A default of None means "not given": its help
+    says what happens then, so no "(default: None)" is added."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def check_at_least(minimum: int, **options: int | None) -> None:
+    """OptionError for the first option (given as name=value; None = not given) below ``minimum``."""
+    for name, value in options.items():
+        if value is not None and value < minimum:
+            need = "at least 1" if minimum == 1 else f"{minimum} or more"
+            raise OptionError(f"--{name.replace('_', '-')} {value}: must be {need}")
+
+
+def user_errors_exit(main):
+    """Decorator: how a script ends when it cannot go on, always in one line on stderr.
+
+    - OptionError / DataError: the message, exit status 2;
+    - OSError (a disk that is full or turned read-only, a file that vanished):
+      the file and the reason, exit status 1;
+    - Ctrl-C or SIGTERM: what was kept and how to resume, exit status 130.
+
+    A run.json still saying "running" is rewritten "interrupted" or "failed"
+    (``runio.mark_unfinished``); every finished result line stays on disk, and
+    rerunning the same command resumes after them.
+    """
+
+    def say(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)  # on a line of its own, below any progress bar
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        from spatial_attention.common.runio import mark_unfinished, release_outputs
+
+        # SIGTERM (kill, timeout, a cluster's time limit) ends a run like Ctrl-C does
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler) if in_main_thread else None
+        try:
+            return main(*args, **kwargs)
+        except (OptionError, DataError) as err:
+            mark_unfinished("failed", str(err))
+            say(f"error: {err}")
+            raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            say(f"interrupted: {mark_unfinished('interrupted', 'Ctrl-C')}")
+            raise SystemExit(130) from None
+        except OSError as err:
+            where = f"{err.filename}: " if err.filename else ""
+            line = f"{where}{err.strerror or err}"
+            say(f"error: cannot go on: {line} (fix the disk or permissions); {mark_unfinished('failed', line)}")
+            raise SystemExit(1) from None
+        except Exception as err:  # a bug or, say, GPU memory: the traceback stays, run.json says how it ended
+            mark_unfinished("failed", f"{type(err).__name__}: {str(err)[:200]}")
+            raise
+        finally:
+            release_outputs()
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+    return wrapper

@@ -1,0 +1,395 @@
+"""Experiment 1: where each caption word looks in the image, and how the image
+attends to itself, on the ShapeWorld two-shape scenes (metrics.md).
+
+For every world: the caption's mentions are bound to entities by attributes;
+the subject's shape word, the object's shape word and the relation word get
+text-to-image maps; the image self-attention gets seed maps (subject centre,
+object centre, a seeded background patch) from the language model's image
+block and from the vision encoder; every metric is computed against the
+entity masks, then the same on the patch-shuffled image (the baseline).
+
+One implementation for both families: ``vlm_atten_analysis_{llava,qwen2}.py``
+call ``main(family)``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from spatial_attention.common.console import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.common.errors import DataError, OptionError
+from spatial_attention.common.runio import finish_run, lacks_keys, setup_logging
+from spatial_attention.data.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
+from spatial_attention.engine.capture import CaptureRequest, capture
+from spatial_attention.run import controls
+from spatial_attention.run.cli import add_model_args, add_shapeworld_args
+from spatial_attention.run.runloop import Run, open_run, prepare_run, resumable_map, world_results
+from spatial_attention.stats import metrics as M
+
+log = logging.getLogger("spatial_attention")
+
+RECORD_KEYS = ("shard", "index", "relation", "metrics")  # what the resume and the summary read of a record
+
+
+def build_parser(family: str | None) -> argparse.ArgumentParser:
+    """The options; ``family`` None: the generic script's, which takes --model."""
+    parser = argparse.ArgumentParser(
+        prog=f"vlm_atten_analysis_{family}.py" if family else "vlm_atten_analysis.py", formatter_class=HelpFormatter,
+        description=f"Experiment 1 for {family or 'the --model family'}: text-to-image cross-attention and image self-attention on "
+                    "ShapeWorld two-shape scenes, scored against the entity boxes and against a patch-shuffle "
+                    "baseline. Writes OUT/samples.jsonl (one line per world, as it finishes), OUT/summary.json, "
+                    "OUT/summary.csv, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
+    add_model_args(parser, family, feed_size="the family's")
+    add_shapeworld_args(parser)
+    parser.add_argument("--out", type=Path, default=Path(f"results/vlm_atten_analysis/{family}") if family else None,
+                        help="output folder (default: results/vlm_atten_analysis/MODEL)")
+    controls.add_control_args(parser)
+    parser.add_argument("--relations", default=",".join(RELATIONS),
+                        help="comma-separated relations to analyse (left, right, above, below)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the patch-shuffled baseline")
+    parser.add_argument("--plot-samples", type=int, default=8, help="per-world figures for the first N worlds")
+    parser.add_argument("--save-maps", action="store_true",
+                        help="also write OUT/maps/shard{S}_world{I}.npz with every cross-attention map and "
+                             "the masks, to recompute any metric without the model")
+    parser.add_argument("--verify-attention", action="store_true",
+                        help="before the run, check the capture against plain eager attention on the first "
+                             "batch; stop if they disagree")
+    return parser
+
+
+@user_errors_exit
+def main(family: str | None = None, argv=None) -> None:
+    """``family`` None: the generic script (--model)."""
+    args = build_parser(family).parse_args(argv)
+    family = family or args.model
+    args.out = args.out or Path(f"results/vlm_atten_analysis/{family}")
+    setup_logging(args.verbose)
+    started = time.time()
+    relations = parse_relations(args.relations)
+    check_at_least(0, plot_samples=args.plot_samples)
+    controls.init_seeds(args)  # checked before prepare_run generates any data
+    options, share, data, shards = prepare_run(family, args)
+    planned = controls.runs(options, args.out, args)
+    worlds, skipped = _select_worlds(data, shards, relations, args.limit)
+    for run_options, out in planned:
+        _analyse(family, args, run_options, share, data, out, worlds, skipped, started)
+    if share.is_main:
+        controls.write_comparison(args.out, ITEM_METRICS, seed=options.seed)
+
+
+def _analyse(family: str, args, options, share, data: Path, out: Path, worlds: list[World], skipped: Counter,
+             started: float) -> None:
+    """Experiment 1 with one model (the checkpoint, or one initialisation of the control) into ``out``."""
+    results = world_results(out / "samples.jsonl", lacks_keys(*RECORD_KEYS), same_world)
+    run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
+                                                       "--no-baseline": args.no_baseline}, vars(args), worlds, data)
+    plotted = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
+    if share.is_main:
+        done = {results.record_key(record) for record in results.read()}
+        _warn_missing_extras(out, worlds, done, plotted, args.save_maps)
+    analysis = WorldAnalysis(run, seed=options.seed, baseline=not args.no_baseline, plotted=plotted,
+                             save_maps=args.save_maps, verify=args.verify_attention)
+    records = resumable_map(share, results, worlds, analysis, identity, batch_size=run.batch_size,
+                            desc=f"{family} worlds", unit="world")
+    failed = sum(map(Counter, share.gather([dict(analysis.failed)])), Counter())  # every process's skipped images
+    if share.is_main:
+        _finish(run, records, len(worlds), skipped, failed, started)
+
+
+def _world_metrics(record: dict) -> dict[str, float | None]:
+    """A record's real values by "map/metric", and "map/metric real-shuffled" where there is a baseline."""
+    real, shuffled = (record.get("metrics") or {}).get("real") or {}, (record.get("metrics") or {}).get("shuffled")
+    values = {}
+    for map_name, metrics in real.items():
+        for metric, value in metrics.items():
+            values[f"{map_name}/{metric}"] = value
+            other = ((shuffled or {}).get(map_name) or {}).get(metric)
+            if value is not None and other is not None:
+                values[f"{map_name}/{metric} real-shuffled"] = value - other
+    return values
+
+
+ITEM_METRICS = controls.ItemMetrics("samples.jsonl", lambda record: (record["shard"], record["index"]), _world_metrics)
+
+
+def same_world(world: World, record: dict) -> bool:
+    """Whether ``record`` was made from ``world``: its caption and both entities' boxes."""
+    return (record.get("caption") == world.caption.text
+            and all((record.get(role) or {}).get("bbox") == [float(v) for v in entity.clipped_bbox()]
+                    for role, entity in (("subject", world.subject), ("object", world.object))))
+
+
+def parse_relations(text: str) -> list[str]:
+    """The --relations list; OptionError for an unknown relation."""
+    relations = [r.strip() for r in text.split(",") if r.strip()]
+    if not relations or set(relations) - set(RELATIONS):
+        raise OptionError(f"--relations {text!r}: choose from {', '.join(RELATIONS)}")
+    if len(set(relations)) < len(relations):
+        raise OptionError(f"--relations {text!r}: a relation is listed twice")
+    return relations
+
+
+def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], Counter]:
+    worlds, skipped = [], Counter()
+    for item in iter_worlds(data, shards=shards):
+        if isinstance(item, Skipped):
+            skipped[item.kind] += 1
+            log.warning("skipping: %s", item.reason)
+            continue
+        if item.caption.relation not in relations:
+            continue
+        worlds.append(item)
+        if limit is not None and len(worlds) >= limit:
+            break
+    if skipped:
+        log.warning("%d worlds skipped while reading %s (counts by kind in summary.json)", sum(skipped.values()), data)
+    if not worlds:
+        raise DataError(f"--data {data}: no usable worlds (check --shards, --relations and the folder)")
+    return worlds, skipped
+
+
+class WorldAnalysis:
+    """What ``resumable_map`` runs on each batch of worlds: load the images (an unreadable one is
+    skipped and counted in ``failed``), analyse, and on the way draw the first worlds' figures and
+    save the maps when asked."""
+
+    def __init__(self, run: Run, seed: int, baseline: bool, plotted: set, save_maps: bool, verify: bool):
+        self.run, self.out, self.seed, self.baseline = run, run.out, seed, baseline
+        self.plotted, self.save_maps, self.verify = plotted, save_maps, verify
+        self.failed = Counter()
+        (run.out / "figures").mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, chunk: list[World]):
+        loaded = []
+        for world in chunk:
+            try:
+                loaded.append((world, world.load_image()))
+            except DataError as err:
+                self.failed["unreadable_image"] += 1
+                log.warning("skipping world: %s", err)
+        if not loaded:
+            return
+        if self.verify:  # the first batch only
+            _verify(self.run.adapter, loaded, list(self.run.layers))
+            self.verify = False
+        for record, maps in analyse_worlds(self.run.adapter, loaded, list(self.run.layers), self.seed,
+                                           self.baseline):
+            yield record  # appended before its figures are drawn
+            if (record["shard"], record["index"]) in self.plotted:
+                _plot_world(self.out, record, maps)
+            if self.save_maps:
+                _save_maps(self.out, record, maps)
+
+
+# Each random quantity of a world has its own stream, so that switching one off (--no-baseline)
+# leaves the others as they were.
+RANDOM_STREAMS = {"shuffle": 0, "background_seed": 1}
+
+
+def world_rng(seed: int, world: World, stream: str) -> np.random.Generator:
+    """The generator of one random quantity (``RANDOM_STREAMS``) of one world; it does not
+    depend on batch size, process count or any other stream."""
+    return np.random.default_rng([seed, RANDOM_STREAMS[stream], world.shard, world.index])
+
+
+def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], seed: int,
+                   baseline: bool = True) -> list[tuple[dict, dict]]:
+    """One forward pass over the worlds' real (and shuffled) images; a record and the maps per world."""
+    worlds = [w for w, _ in loaded]
+    fed = [adapter.prepare_image(image) for _, image in loaded]
+    grids = [adapter.token_grid(image) for image in fed]
+    kinds = ["real"]
+    images = list(fed)
+    if baseline:
+        kinds.append("shuffled")
+        images += [M.shuffle_patches(image, grid, seed=int(world_rng(seed, world, "shuffle").integers(2**31)))
+                   for image, grid, world in zip(fed, grids, worlds)]
+    texts = [w.caption.text for w in worlds] * len(kinds)
+    batch = adapter.encode(texts, images)
+    regions = [world_regions(world, grid) for world, grid in zip(worlds, grids)]
+    seeds = [world_seeds(world, r, seed) for world, r in zip(worlds, regions)]
+    seed_cells = [seed_cells_of(s) for s in seeds] * len(kinds)
+    word_rows = [word_rows_of(layout, w) for layout, w in zip(batch.layouts, worlds * len(kinds))]
+    recordings, _ = capture(adapter, batch, world_request(layers, batch.layouts, word_rows, seed_cells))
+
+    outputs = []
+    n = len(worlds)
+    for i, (world, grid) in enumerate(zip(worlds, grids)):
+        record = _record_head(world, grid, regions[i])
+        maps = {}
+        for k, kind in enumerate(kinds):
+            j = k * n + i
+            kind_maps = _maps(recordings[j], word_rows[j], grid, seeds[i], seed_cells[j])
+            record["metrics"][kind] = _metrics(kind_maps, regions[i], world)
+            maps[kind] = kind_maps
+        maps["masks"] = regions[i]
+        maps["images"] = {kind: images[k * n + i] for k, kind in enumerate(kinds)}
+        outputs.append((record, maps))
+    return outputs
+
+
+def world_seeds(world: World, regions: dict, seed: int) -> dict[str, int | None]:
+    """The seed cell of each seed map (metrics.md): the subject's and the object's centroid cells and a
+    background cell drawn from the world's own stream (None where there is no background)."""
+    return {"subject": M.entity_seed(regions["subject"]), "object": M.entity_seed(regions["object"]),
+            "background": M.background_seed(regions["background"], world_rng(seed, world, "background_seed"))}
+
+
+def seed_cells_of(seeds: dict[str, int | None]) -> np.ndarray:
+    """The distinct seed cells, sorted: the only rows of the image blocks the seed maps read."""
+    return np.unique(np.array([s for s in seeds.values() if s is not None], dtype=np.int64))
+
+
+def world_request(layers: list[int], layouts, word_rows: list[dict], seed_cells: list[np.ndarray]) -> CaptureRequest:
+    """What experiment 1 records per input: the caption words' rows onto the image (``cross``), and the seed cells'
+    rows of the language model's image block (``image_self``) and of the vision encoder (``vision``)."""
+    return CaptureRequest(
+        layers=layers, vision_cells=seed_cells,
+        blocks={"cross": [(np.concatenate(list(rows.values())), lay.image_positions)
+                          for rows, lay in zip(word_rows, layouts)],
+                "image_self": [(lay.image_positions[cells], lay.image_positions)
+                               for cells, lay in zip(seed_cells, layouts)]})
+
+
+def word_rows_of(layout, world: World) -> dict[str, np.ndarray]:
+    """Token positions of the subject's shape word, the object's shape word and the relation word."""
+    spans = world.caption.spans()
+    return {name: layout.span_positions(*spans[key])
+            for name, key in (("subject", "shape1"), ("object", "shape2"), ("relation", "relation"))}
+
+
+def world_regions(world: World, grid) -> dict[str, np.ndarray]:
+    subject = M.entity_mask(world.subject.bbox, grid)
+    obj = M.entity_mask(world.object.bbox, grid)
+    subject_only, object_only, background = M.region_masks(subject, obj)
+    return {"subject": subject, "object": obj, "subject_only": subject_only, "object_only": object_only,
+            "background": background, "entities": subject | obj}
+
+
+def _maps(recording: dict, rows: dict[str, np.ndarray], grid, seeds: dict, seed_cells: np.ndarray
+          ) -> dict[str, np.ndarray | None]:
+    """Word maps (rows renormalised over the image, sub-token rows averaged) and seed maps (the image blocks'
+    rows are those of ``seed_cells``)."""
+    cross = recording["cross"].astype(np.float64)
+    cross = cross / cross.sum(1, keepdims=True)
+    maps, start = {}, 0
+    for name, positions in rows.items():
+        maps[f"{name}_cross"] = cross[start:start + len(positions)].mean(0).reshape(grid)
+        start += len(positions)
+    lm = recording["image_self"].astype(np.float64)
+    vit = recording["vision"].astype(np.float64)
+    for source, seed_rows in (("lm", lm), ("vit", vit)):
+        for name, seed in seeds.items():
+            seed_map = None if seed is None else M.seed_map(seed_rows[np.searchsorted(seed_cells, seed)], seed)
+            maps[f"{name}_self_{source}"] = None if seed_map is None else seed_map.reshape(grid)
+    return maps
+
+
+def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
+    """Every metric of every map against its target region (docs/metrics.md: what each map is scored against)."""
+    targets = {"subject": (regions["subject"], regions["subject_only"], regions["background"]),
+               "object": (regions["object"], regions["object_only"], regions["background"]),
+               "relation": (regions["entities"], regions["entities"], regions["background"]),
+               "background": (regions["background"], regions["background"], regions["entities"])}
+    result = {}
+    for name, a in maps.items():  # every map _maps made, in its order (the records' key order)
+        role = name.split("_")[0]
+        result[name] = ({metric: None for metric in M.METRIC_NAMES} if a is None
+                        else M.map_metrics(a, *targets[role]))
+        if role in M.SPECIFIC_ROLES:
+            result[name].update({metric: None for metric in M.SPECIFICITY_METRICS} if a is None
+                                else M.specificity(a, regions[role], regions[M.SPECIFIC_ROLES[role]]))
+    rel = world.caption.relation
+    axis = RELATION_AXIS[rel]
+    first = M.first_along_axis(rel)
+    second = "object" if first == "subject" else "subject"
+    g = M.relation_target(regions[first], regions[second], axis)
+    result["relation_cross"]["relation_wasserstein"] = (
+        None if g is None else M.relation_wasserstein(maps["relation_cross"], g, axis))
+    return result
+
+
+def _record_head(world: World, grid, regions) -> dict:
+    def entity(e, mask):
+        return {"shape": e.shape, "color": e.color, "bbox": [float(v) for v in e.clipped_bbox()],
+                "mask_cells": int(mask.sum())}
+
+    return {"shard": world.shard, "index": world.index, "image": str(world.image_path),
+            "caption": world.caption.text, "relation": world.caption.relation,
+            "axis": RELATION_AXIS[world.caption.relation],
+            "subject": entity(world.subject, regions["subject"]), "object": entity(world.object, regions["object"]),
+            "grid": [int(grid[0]), int(grid[1])], "metrics": {}}
+
+
+def maps_path(out: Path, shard: int, index: int) -> Path:
+    return out / "maps" / f"shard{shard}_world{index}.npz"
+
+
+def figure_path(out: Path, shard: int, index: int) -> Path:
+    return out / "figures" / f"world_shard{shard}_{index}.png"
+
+
+def _warn_missing_extras(out: Path, worlds: list[World], done: set, plotted: set, save_maps: bool) -> None:
+    """Worlds an earlier run analysed are not redone, so the maps and figures it did not make stay missing."""
+    earlier = [(w.shard, w.index) for w in worlds if (w.shard, w.index) in done]
+    no_maps = [key for key in earlier if save_maps and not maps_path(out, *key).exists()]
+    no_figure = [key for key in earlier if key in plotted and not figure_path(out, *key).exists()]
+    for missing, what in ((no_maps, "maps (--save-maps)"), (no_figure, "figures (--plot-samples)")):
+        if missing:
+            log.warning("%d worlds analysed by an earlier run into %s have no %s and are not redone; for those, "
+                        "run into a new --out", len(missing), out, what)
+
+
+def _save_maps(out: Path, record: dict, maps: dict) -> None:
+    arrays = {f"{kind}_{name}": maps[kind][name].astype(np.float32)
+              for kind in ("real", "shuffled") if kind in maps
+              for name in ("subject_cross", "object_cross", "relation_cross")}
+    arrays["subject_mask"] = maps["masks"]["subject"].astype(np.uint8)
+    arrays["object_mask"] = maps["masks"]["object"].astype(np.uint8)
+    path = maps_path(out, record["shard"], record["index"])
+    path.parent.mkdir(exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
+def _plot_world(out: Path, record: dict, maps: dict) -> None:
+    from spatial_attention.run.figures import plot_world_panel
+
+    title = f"shard {record['shard']} world {record['index']}: {record['caption'].split(' . ')[0]} -- " \
+            f"relation '{record['relation']}'"
+    plot_world_panel(figure_path(out, record["shard"], record["index"]),
+                     maps["images"]["real"], maps["real"], maps["masks"]["subject"], maps["masks"]["object"], title,
+                     shuffled_maps=maps.get("shuffled"), shuffled_image=maps["images"].get("shuffled"))
+
+
+def _verify(adapter, loaded, layers) -> None:
+    from spatial_attention.engine.reference import check, log_report, verification_request
+
+    batch = adapter.encode([w.caption.text for w, _ in loaded], [image for _, image in loaded])
+    report, passed = check(adapter, batch, verification_request(batch, layers))
+    log_report(report)
+    if not passed:
+        raise SystemExit("--verify-attention: the capture disagrees with eager attention beyond the tolerance "
+                         "(see the log above); no results were written")
+
+
+def _finish(run: Run, records: list[dict], n_selected: int, skipped: Counter, failed: Counter,
+            started: float) -> None:
+    """The summary of exactly this command's worlds (``records``), its figures, and run.json."""
+    from spatial_attention.experiments.summary import plot_summary, summarise_samples, write_summary
+
+    out, data = run.out, run.data
+    summary = summarise_samples(records, seed=run.options.seed)
+    if summary["n_worlds"] == 0:  # not a finished run: say so instead of an empty summary
+        raise DataError(f"--data {data}: none of the {n_selected} selected worlds could be analysed "
+                        f"({dict(failed)}; see the warnings above)")
+    counts = {"worlds_selected": n_selected, "worlds_in_samples": summary["n_worlds"],
+              "skipped_reading": dict(skipped), "skipped_images": dict(failed)}
+    write_summary(out, summary, {"counts": counts})
+    plot_summary(summary, out / "figures")
+    finish_run(out / "run.json", run.record(data=str(data), counts=counts, wall_seconds=round(time.time() - started, 1)))
+    log.info("done: %d worlds in %s (summary.json, summary.csv, figures/)", summary["n_worlds"], out)

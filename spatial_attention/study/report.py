@@ -1,0 +1,64 @@
+"""The study's report (``make_report.py``, and ``run_study.sh`` at its end), built from the saved outputs only:
+``study.json`` and ``steps/`` of ``run_study.sh``, and each script's ``summary.json``, ``control_comparison.json``,
+``meta.json``, ``run.json`` and figures. Nothing is recomputed: every number is a field of one of those files.
+
+Two renderings of one list of blocks (``report_blocks.py``): ``report/index.html``, a single self-contained file (figures embedded as
+data, inline style, no script, nothing fetched) in which every number names its file and field (``data-file``,
+``data-path``, and a tooltip), and ``report/REPORT.md``, whose figures link to the result folders.
+
+The one-sentence readings follow the rules stated in the report's "How to read" section (``RULES`` in
+``report_readings.py``); the sections are ``report_sections.py``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from spatial_attention.study.folder import REPORT_DIR
+from spatial_attention.study.report_blocks import Bullets, Heading, Link, Para, render_html, render_markdown
+from spatial_attention.study.report_readings import RULES, Outputs, model_label, status_line, study_models
+from spatial_attention.study.report_sections import ablation, experiment_1, experiment_2, experiment_3, manifest, steps
+
+
+def build(out: Path) -> tuple[str, list]:
+    """The report's title and blocks, from the study folder ``out``."""
+    o = Outputs(out)
+    models = study_models(o)
+    title = "Spatial attention study: " + ", ".join(model_label(o, m) for m in models)
+    sections = (experiment_1(o, models) + experiment_2(o, models) + experiment_3(o, models) + ablation(o, models)
+                + manifest(o, models) + steps(o))
+    contents = [[Link(h.text, h.anchor)] for h in sections if isinstance(h, Heading) and h.level == 2]
+    blocks = [Para([status_line(o)]), Bullets(contents), Heading(2, "How to read", "rules"),
+              Bullets([[rule] for rule in RULES])]
+    blocks += sections
+    return title, blocks
+
+
+def write_report(out: Path) -> tuple[Path, Path]:
+    """Write ``out/report/index.html`` and ``out/report/REPORT.md``; their paths."""
+    from spatial_attention.common.runio import write_atomic
+
+    out = Path(out)
+    title, blocks = build(out)
+    html_path, md_path = out / REPORT_DIR / "index.html", out / REPORT_DIR / "REPORT.md"
+    write_atomic(html_path, render_html(out, title, blocks))
+    write_atomic(md_path, render_markdown(title, blocks))
+    return html_path, md_path
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="make_report.py",
+        description="Write OUT_DIR/report/index.html (one self-contained file: figures embedded, nothing fetched, "
+                    "opens offline) and OUT_DIR/report/REPORT.md from the study folder's saved outputs only "
+                    "(run_study.sh's study.json and steps/, each experiment's summary.json, control_comparison.json, "
+                    "meta.json, run.json and figures); no model is loaded and nothing is recomputed.")
+    parser.add_argument("out_dir", type=Path, help="the study folder (run_study.sh's OUT_DIR)")
+    args = parser.parse_args(argv)
+    if not args.out_dir.is_dir():
+        print(f"error: {args.out_dir}: not a folder; give run_study.sh's OUT_DIR", file=sys.stderr)
+        raise SystemExit(2)
+    html_path, md_path = write_report(args.out_dir)
+    print(f"report: {html_path} (and {md_path})")
