@@ -1,5 +1,5 @@
 """Experiment 3, step 2: shared and unique heads across the four corners. See --help."""
-from spatial_attention.experiments.corner_analysis import main
+from spatial_attention.common.console import run_script
 
 if __name__ == "__main__":
-    main()
+    run_script("spatial_attention.experiments.corner_analysis")

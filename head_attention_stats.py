@@ -1,5 +1,5 @@
 """Experiment 3, step 1: per-head attention scores on corner counterfactual pairs. See --help."""
-from spatial_attention.experiments.corner_stats import main
+from spatial_attention.common.console import run_script
 
 if __name__ == "__main__":
-    main()
+    run_script("spatial_attention.experiments.corner_stats")

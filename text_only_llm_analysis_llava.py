@@ -1,5 +1,5 @@
 """Experiment 2 (llava): text-only relation-to-entity attention with entity-swap counterfactuals. See --help."""
-from spatial_attention.experiments.text_analysis import main
+from spatial_attention.common.console import run_script
 
 if __name__ == "__main__":
-    main("llava")
+    run_script("spatial_attention.experiments.text_analysis", "llava")

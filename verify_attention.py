@@ -1,7 +1,5 @@
 """Self-check: the capture engine against plain eager attention on your model. See --help."""
-import sys
-
-from spatial_attention.experiments.verify import main
+from spatial_attention.common.console import run_script
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script("spatial_attention.experiments.verify")

@@ -15,11 +15,11 @@ import torch
 from conftest import random_images
 
 from spatial_attention.common.errors import DataError, OptionError
-from spatial_attention.data.counterfactual import read_pairs
+from spatial_attention.data.counterfactual import DIGEST_KEY, read_dataset, read_pairs
 from spatial_attention.data.generate import generate_counterfactual
 from spatial_attention.engine.capture import plain_logits
 from spatial_attention.experiments import corner_stats
-from spatial_attention.experiments.ablation import PAIRS_FILE, main
+from spatial_attention.experiments.ablation import PAIRS_FILE, main, match_stats_dirs
 from spatial_attention.experiments.ablation_heads import check_heads, parse_heads, random_head_sets
 from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMeans, head_means, hooked_logits,
                                                             log_odds, measure, summarize, yes_no_ids)
@@ -197,8 +197,8 @@ def test_yes_no_tokens(adapter):
 
 # --- which heads ----------------------------------------------------------------------
 
-def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, depth=None, **meta) -> Path:
-    """A stats dir whose largest |mean(full - control)| cells are (layer 4, head 1) > (layer 2, head 3);
+def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, depth=None, corner="topleft", **meta) -> Path:
+    """A stats dir of ``corner`` whose largest |mean(full - control)| cells are (layer 4, head 1) > (layer 2, head 3);
     ``depth``: the scoring model's number of layers, recorded in run.json as head_attention_stats.py does;
     ``meta``: more meta.json entries (e.g. model, model_path)."""
     full = np.full((len(layers), heads, n), 0.5, np.float32)
@@ -210,7 +210,7 @@ def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, depth=None, **meta) ->
     np.save(folder / "scores_full_LHN.npy", full)
     np.save(folder / "scores_control_LHN.npy", control)
     np.save(folder / "count_LHN.npy", topk_count_cube(full, control, 1))
-    (folder / "meta.json").write_text(json.dumps({"corner": "topright", "layers": list(layers), "H": heads, "N": n,
+    (folder / "meta.json").write_text(json.dumps({"corner": corner, "layers": list(layers), "H": heads, "N": n,
                                                   "topk": 1, "prompt": "Is there anything in the top right corner?",
                                                   **meta}))
     if depth is not None:
@@ -227,7 +227,7 @@ def fake_analysis(folder: Path) -> Path:
 
 
 def test_head_specs(tmp_path):
-    run = load_corner_run(fake_stats(tmp_path / "stats"))
+    run = load_corner_run(fake_stats(tmp_path / "stats", corner="topright"))
     analysis = fake_analysis(tmp_path / "analysis")
     assert parse_heads("shared", run, analysis) == [(2, 2)]
     assert parse_heads("unique", run, analysis) == [(3, 1)]  # the stats dir's corner: topright
@@ -571,7 +571,7 @@ def test_every_corner_and_head_spec_with_one_model_load(ablated, tmp_path, corne
     real_load = models.load_adapter
     monkeypatch.setattr(models, "load_adapter", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     other = generate_counterfactual(tmp_path / "pairs", count=2, corners=("bottomright",))[0]
-    stats = [fake_stats(tmp_path / "stats_a"), fake_stats(tmp_path / "stats_b")]
+    stats = [fake_stats(tmp_path / "stats_a"), fake_stats(tmp_path / "stats_b", corner="bottomright")]
     argv = ["--model", "llava", "--model-path", "tiny-random", "--device", "cpu", "--random-controls", "2",
             "--dataset", str(corner_data), str(other), "--stats-dir", *map(str, stats), "--heads", "top:1", "top:2",
             "--out-parent", str(tmp_path / "sweep")]
@@ -587,6 +587,24 @@ def test_every_corner_and_head_spec_with_one_model_load(ablated, tmp_path, corne
     assert (tmp_path / "sweep" / "ablation_topleft_top-1" / "ablation.csv").read_text() == alone
     main(argv)  # finished: nothing loaded again
     assert len(loads) == 1
+
+
+def test_stats_dirs_are_matched_to_their_data_sets_by_corner_and_data(tmp_path, corner_data):
+    """--dataset A B --stats-dir SB SA (the order swapped) ablates each corner with its own corner's heads, not the
+    other corner's; a data set no stats dir scored is refused; two of one corner: the one scored on these pairs, and
+    refused where neither records its pairs."""
+    other = generate_counterfactual(tmp_path / "pairs", count=2, corners=("bottomright",))[0]
+    topleft, bottomright = read_dataset(corner_data, None), read_dataset(other, None)
+    stats_a, stats_b = fake_stats(tmp_path / "stats_a"), fake_stats(tmp_path / "stats_b", corner="bottomright")
+    assert match_stats_dirs([topleft, bottomright], [stats_b, stats_a]) == [stats_a, stats_b]
+    with pytest.raises(OptionError, match="--stats-dir: none of them scored the bottomright pairs of --dataset"):
+        match_stats_dirs([topleft, bottomright], [stats_a, fake_stats(tmp_path / "stats_c", corner="topright")])
+    (stats_a / IDENTITY_FILE).write_text(json.dumps({DIGEST_KEY: topleft.identity[DIGEST_KEY]}))
+    elsewhere = fake_stats(tmp_path / "stats_d")
+    (elsewhere / IDENTITY_FILE).write_text(json.dumps({DIGEST_KEY: "0" * 64}))
+    assert match_stats_dirs([topleft], [elsewhere, stats_a]) == [stats_a]
+    with pytest.raises(OptionError, match="--stats-dir: 2 of them scored the topleft pairs"):
+        match_stats_dirs([topleft], [fake_stats(tmp_path / "stats_e"), fake_stats(tmp_path / "stats_f")])
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -71,9 +72,12 @@ def test_seed_options_and_counterparts(tmp_path):
     class Args:
         control, control_seeds = "random-weights", 2
 
-    assert controls.init_seeds(Args) == [controls.INIT_SEED_BASE, controls.INIT_SEED_BASE + 1]
+    assert list(controls.init_seeds(Args)) == [controls.INIT_SEED_BASE, controls.INIT_SEED_BASE + 1]
     Args.control_seeds = 0
     with pytest.raises(OptionError, match="--control-seeds"):
+        controls.init_seeds(Args)
+    Args.control_seeds = 100_000_000  # refused in one line before anything is built (it grew to 4.7 GB before)
+    with pytest.raises(OptionError, match="--control-seeds 100000000: at most 1000 "):
         controls.init_seeds(Args)
     Args.control_seeds = None
     assert len(controls.init_seeds(Args)) == controls.DEFAULT_SEEDS
@@ -124,16 +128,33 @@ def test_experiment_1_control_runs_each_seed_and_compares(tmp_path):
     main("llava", common + ["--control", "random-weights", "--control-seeds", "2"])
 
 
-def test_experiment_2_control_for_qwen2(tmp_path):
+def test_a_control_seed_count_beyond_reason_stops_the_command_at_once(tmp_path, capsys, no_model_load):
+    from spatial_attention.experiments.vlm_analysis import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main("llava", ["--model-path", "tiny-random", "--data", str(tmp_path / "worlds"), "--out", str(tmp_path / "out"),
+                       "--control", "random-weights", "--control-seeds", "100000000"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: --control-seeds 100000000: at most 1000 ")
+    assert "\n" not in err and not (tmp_path / "worlds").exists()  # before any data is generated
+
+
+def test_experiment_2_control_for_qwen2(tmp_path, caplog):
     from spatial_attention.data.generate import generate_shapeworld
     from spatial_attention.experiments.text_analysis import main
 
     data = generate_shapeworld(tmp_path / "sw", shards=1, worlds_per_shard=3, seed=3)
     out = tmp_path / "out"
     common = ["--model-path", "tiny-random", "--data", str(data), "--out", str(out)]
-    main("qwen2", common + ["--control", "random-weights", "--control-seeds", "2"])  # the control first
+    with caplog.at_level(logging.INFO, logger="spatial_attention"):
+        main("qwen2", common + ["--control", "random-weights", "--control-seeds", "2"])  # the control first
     assert (out / "control_comparison.csv").is_file() and not (out / "summary.json").exists()
-    main("qwen2", common)  # then the model: its summary gets the comparison
+    said = caplog.text  # no model results yet: nothing was compared with the model, and the log says so
+    assert "compared with the model" not in said and "no results of the model" in said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="spatial_attention"):
+        main("qwen2", common)  # then the model: its summary gets the comparison
+    assert "random-weights control (2 seeds) compared with the model" in caplog.text
     summary = json.loads((out / "summary.json").read_text())
     rows = {row["metric"]: row for row in summary["model_minus_control"]["rows"]}
     assert set(rows) == {"asym_s1", "asym_s2", "symmetry_score", "abs_symmetry_score"}

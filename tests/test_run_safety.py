@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from spatial_attention.experiments import text_analysis, vlm_analysis
 from spatial_attention.run import runloop
 
 FAST = ["--model-path", "tiny-random", "--feed-size", "224", "--plot-samples", "0"]
+REPO = Path(__file__).resolve().parents[1]
 DRIVERS = {"experiment 1": vlm_analysis.main,  # experiment 2 has no image options
            "experiment 2": lambda family, argv: text_analysis.main(family, argv[:2] + argv[len(FAST):])}
 
@@ -190,6 +192,19 @@ def test_a_run_with_no_usable_world_is_not_finished(driver, tmp_path, capsys):
     assert not (out / "summary.json").exists()
     if (out / "run.json").exists():
         assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("script", ["head_ablation.py", "vlm_atten_analysis_llava.py"])
+def test_sigterm_while_a_script_starts_ends_in_one_line_and_130(script, tmp_path):
+    """Stopped during its imports (torch and transformers take seconds), before its main begins: one line on
+    stderr and exit status 130, as when stopped later (it was a silent 143)."""
+    proc = subprocess.Popen([sys.executable, str(REPO / script), "--model-path", "tiny-random", "--out",
+                             str(tmp_path / "out")], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.8)  # inside the imports, after the interpreter has started
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("interrupted: ")
 
 
 def test_sigterm_ends_like_ctrl_c(worlds, tmp_path):

@@ -258,12 +258,63 @@ def test_an_interrupted_study_records_the_step_and_exits_130(tmp_path):
     assert subprocess.run(["pgrep", "-f", "sleep 301"], capture_output=True).returncode == 1  # none left
 
 
+def _wait_for(path: Path, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def test_a_killed_study_stops_its_step_and_no_rerun_overlaps_one_that_lives_on(tmp_path):
+    """SIGKILL of the study: the running step is sent SIGTERM by the kernel; a step process that survives it
+    still holds the study's lock, so a rerun is refused (one line, exit 2) until it is gone."""
+    stand_in, flag = tmp_path / "python", tmp_path / "deaf"
+    # the data step: a process that stops on SIGTERM (as the Python scripts do), or while ``flag`` exists one
+    # that ignores it and runs a child (as a bash step's Python child lives on when bash is stopped)
+    stand_in.write_text('#!/usr/bin/env bash\nif [[ "$*" == *generate_data.py* ]]; then\n'
+                        f'  touch "{tmp_path}/started"\n'
+                        f'  if [ -e "{flag}" ]; then trap "" TERM; sleep 302; exit 1; fi\n'
+                        '  exec sleep 302\n'
+                        f'fi\nexec "{sys.executable}" "$@"\n')
+    stand_in.chmod(0o755)
+    env = {"MODELS": "llava", "MODEL_PATH_LLAVA": "tiny-random", "DATA_DIR": str(tmp_path / "data"),
+           "OUT_DIR": str(tmp_path / "out"), "PYTHON": str(stand_in), "DEVICE": "cpu"}
+
+    def start_and_kill() -> None:
+        (tmp_path / "started").unlink(missing_ok=True)
+        study = subprocess.Popen(["bash", str(REPO / "run_study.sh")], env={**os.environ, **env},
+                                 stderr=subprocess.DEVNULL)
+        _wait_for(tmp_path / "started")
+        study.kill()
+        study.wait(timeout=30)
+        time.sleep(1)
+
+    def alive() -> bool:
+        return subprocess.run(["pgrep", "-f", "sleep 302"], capture_output=True).returncode == 0
+
+    start_and_kill()  # a step that stops on SIGTERM: gone with the study
+    assert not alive()
+    flag.touch()
+    start_and_kill()  # a step that ignores it: alive, and the folder stays the step's
+    try:
+        assert alive()
+        rerun = _run(env, timeout=120)
+        assert rerun.returncode == 2 and "another run (process" in rerun.stderr, rerun.stderr
+        assert len(rerun.stderr.strip().splitlines()) == 1
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", "sleep 302"])
+    time.sleep(0.5)
+    flag.unlink()
+    start_and_kill()  # the step gone, the folder is free again: a rerun starts
+    assert not alive()
+
+
 @pytest.mark.parametrize("settings, error", [
     ({"MODELS": "llava gpt4"}, "MODELS: 'gpt4' is not one of"),
     ({"MODELS": " "}, "MODELS is empty"),
     ({"MODELS": "llava llava"}, "a model is named twice"),
     ({"WORLDS": "0"}, "WORLDS=0: must be a whole number of 1 or more or 'all'"),
     ({"COUNT": "many"}, "COUNT=many: must be a whole number of 1 or more"),
+    ({"CONTROL_SEEDS": "100000000"}, "CONTROL_SEEDS=100000000: at most 1000"),
     ({"CONTROLS": "yes"}, "CONTROLS=yes: must be 0 or 1"),
     ({"ABLATE": "2"}, "ABLATE=2: must be 0 or 1"),
     ({"DTYPE": "fp8"}, "DTYPE=fp8: must be one of"),
@@ -377,3 +428,12 @@ def test_make_report_refuses_a_missing_folder(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip() == f"error: {tmp_path / 'nope'}: not a folder; give " \
                                                            "run_study.sh's OUT_DIR"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc: a folder whose report/ cannot be made")
+def test_make_report_refuses_a_folder_it_cannot_write_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["/proc"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.startswith("error: /proc/report: cannot write the report there")
+    assert "\n" not in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import signal
 import sys
 import threading
@@ -75,3 +76,18 @@ def user_errors_exit(main):
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def run_script(module: str, *args) -> None:
+    """A top-level script's whole run: ``module``'s ``main(*args)``, its return value the exit status.
+
+    SIGTERM is taken as Ctrl-C from here on, before the slow imports (torch, transformers: seconds), so that a
+    script stopped while it starts ends like one stopped later: one line and exit status 130, not a silent 143.
+    """
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        main = importlib.import_module(module).main
+    except KeyboardInterrupt:
+        tqdm.write("interrupted: stopped while starting, before any work; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
+    sys.exit(main(*args))

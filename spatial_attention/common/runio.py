@@ -207,6 +207,12 @@ def claim_output(out: Path, option: str) -> None:
     _LOCKS[key] = (fd, made)
 
 
+def lock_descriptor(out: Path) -> int:
+    """The file descriptor of this process's lock on ``out`` (claimed with ``claim_output``): a child started with
+    it (``subprocess.Popen(pass_fds=...)``) holds the lock as long as it or any process it starts lives."""
+    return _LOCKS[Path(out).resolve()][0]
+
+
 def release_outputs() -> None:
     """Free every folder this process claimed (``user_errors_exit`` does it when a command ends, however it
     ends; the system does it when a process dies). A folder this process made that holds nothing but the

@@ -33,6 +33,8 @@ REQUIRED_FIELDS = ("id", "caption", "relation", "subject_shape", "object_shape",
 
 # The question asked with every image of a corner folder; '{corner}' becomes the corner's words.
 CORNER_PROMPT = "Is there anything in the {corner} corner?"
+# the key of a data set's identity that tells it from another of the same corner (a regenerated one changes it)
+DIGEST_KEY = "--dataset (sha256 of its metadata.jsonl)"
 
 PixelBox = tuple[int, int, int, int]
 
@@ -103,7 +105,7 @@ class CornerDataset:
     def identity(self) -> dict:
         """What tells this data set from another of the same corner (a regenerated one changes the digest)."""
         return {"--dataset": str(self.folder.resolve()),
-                "--dataset (sha256 of its metadata.jsonl)": self.metadata_sha256}
+                DIGEST_KEY: self.metadata_sha256}
 
 
 def _pixel_box(value, where: str) -> PixelBox:

@@ -24,7 +24,8 @@ from spatial_attention.common.console import HelpFormatter, check_at_least, user
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run,
                                             write_atomic, write_json)
-from spatial_attention.data.counterfactual import CORNER_PROMPT, CornerDataset, Pair, fill_corner_prompt, read_dataset
+from spatial_attention.data.counterfactual import (CORNER_PROMPT, DIGEST_KEY, CornerDataset, Pair, fill_corner_prompt,
+                                                   read_dataset)
 from spatial_attention.experiments.ablation_heads import (HEADS_HELP, Head, check_heads, check_heads_in_stats_model,
                                                           head_name, heads_json, parse_heads, random_head_sets)
 from spatial_attention.experiments.ablation_measure import (KINDS, METRICS, PRIMARY, head_means, measure, summarize,
@@ -145,8 +146,9 @@ def main(argv=None) -> None:
     datasets = [read_dataset(path, args.max_pairs) for path in args.dataset]
     for dataset in datasets:
         check_images(dataset.pairs)
+    stats_dirs = match_stats_dirs(datasets, args.stats_dir)
     jobs = [Job(dataset, stats_dir, args.analysis_dir, heads, args.out_dir or args.out_parent / default_out(
-                dataset.corner, heads)) for dataset, stats_dir in zip(datasets, args.stats_dir) for heads in args.heads]
+                dataset.corner, heads)) for dataset, stats_dir in zip(datasets, stats_dirs) for heads in args.heads]
     if args.out_dir and len(jobs) > 1:
         raise OptionError(f"--out-dir {args.out_dir}: names one ablation's folder, but {len(datasets)} --dataset x "
                           f"{len(args.heads)} --heads make {len(jobs)}; give --out-parent instead")
@@ -162,6 +164,34 @@ def main(argv=None) -> None:
     if is_main:
         for job in jobs:
             controls.write_comparison(job.out, ITEM_METRICS, seed=options.seed)
+
+
+def match_stats_dirs(datasets: list[CornerDataset], stats_dirs: list[Path]) -> list[Path]:
+    """Each data set's stats dir, matched by the corner its meta.json records (and, where two share a corner, by
+    the data set its identity.json records), whatever order they were given in; OptionError where a data set has
+    none, or more than one."""
+    scored = {}
+    for folder in stats_dirs:
+        run = load_corner_run(folder)
+        digest = (recorded_identity(Path(folder)) or {}).get(DIGEST_KEY)
+        scored[Path(folder)] = (run.corner, digest)
+    matched = []
+    for dataset in datasets:
+        same_corner = [folder for folder, (corner, _) in scored.items() if corner == dataset.corner]
+        same_data = [folder for folder in same_corner if scored[folder][1] == dataset.identity[DIGEST_KEY]]
+        found = same_data if len(same_corner) > 1 and same_data else same_corner
+        if len(found) != 1:
+            held = ", ".join(f"{folder}: {corner}" for folder, (corner, _) in scored.items())
+            raise OptionError(f"--stats-dir: {'none' if not found else len(found)} of them scored the "
+                              f"{dataset.corner} pairs of --dataset {dataset.folder} ({held}); give each data set's "
+                              f"stats dir once")
+        if scored[found[0]][1] not in (None, dataset.identity[DIGEST_KEY]):
+            log.warning("--stats-dir %s was scored on other %s pairs than --dataset %s: its heads are tested on "
+                        "pairs they were not found on", found[0], dataset.corner, dataset.folder)
+        matched.append(found[0])
+    if len(set(matched)) < len(matched):
+        raise OptionError("--stats-dir: one stats dir matches two --dataset folders; give each corner's data set once")
+    return matched
 
 
 def default_out(corner: str, heads: str) -> str:
@@ -227,8 +257,6 @@ def _prepare(args, options: ModelOptions, share, job: Job) -> Prepared | None:
     chosen = parse_heads(job.heads, stats, job.analysis_dir or job.stats_dir.parent / "count_shared_unique")
     check_heads_in_stats_model(chosen, job.heads, stats)
     pairs, corner = job.dataset.pairs, job.dataset.corner
-    if corner != stats.corner:
-        log.warning("--dataset holds %s pairs but --stats-dir was scored on %s", corner, stats.corner)
     prompt = ablation_prompt(args.prompt, stats, corner)
     out = check_output_dir(job.out, "--out-dir")
     feed_size = options.feed_size or stats_feed_size(stats)

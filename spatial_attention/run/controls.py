@@ -40,6 +40,7 @@ RANDOM_WEIGHTS = "random-weights"
 CONTROL_FOLDER = "control_random_weights"
 INIT_SEED_BASE = 1000  # far from the small --seed values that draw tiny-random's own weights
 DEFAULT_SEEDS = 3
+MAX_SEEDS = 1000  # each initialisation reruns the whole experiment: more is a typo, not a plan
 COMPARISON_FILE = "control_comparison"
 COMPARISON_COLUMNS = ("metric", "n_items", "n_seeds", "control_mean", "control_ci_lo", "control_ci_hi",
                       "model_mean", "n_paired", "diff_mean", "diff_ci_lo", "diff_ci_hi")
@@ -57,9 +58,9 @@ def add_control_args(parser: argparse.ArgumentParser) -> None:
                             f"initialisation folder it finds")
 
 
-def init_seeds(args) -> list[int] | None:
-    """The control's initialisation seeds, None without --control; OptionError for a bad count, or a
-    count without --control (it would be ignored)."""
+def init_seeds(args) -> range | None:
+    """The control's initialisation seeds (a range: nothing is built per seed here), None without --control;
+    OptionError for a count below 1 or above ``MAX_SEEDS``, or a count without --control (it would be ignored)."""
     count = getattr(args, "control_seeds", None)
     if getattr(args, "control", None) is None:
         if count is not None:
@@ -67,7 +68,10 @@ def init_seeds(args) -> list[int] | None:
         return None
     count = DEFAULT_SEEDS if count is None else count
     check_at_least(1, control_seeds=count)
-    return [INIT_SEED_BASE + k for k in range(count)]
+    if count > MAX_SEEDS:
+        raise OptionError(f"--control-seeds {count}: at most {MAX_SEEDS} (each initialisation runs the whole "
+                          f"experiment again; a rank test at 5% needs 19)")
+    return range(INIT_SEED_BASE, INIT_SEED_BASE + count)
 
 
 def seed_folder(out: Path, init_seed: int) -> Path:
@@ -188,6 +192,10 @@ def write_comparison(out: Path, items: ItemMetrics, seed: int = 0,
         if isinstance(summary, dict):
             summary["model_minus_control"] = json_safe(described)
             write_json(summary_path, summary)
-    log.info("random-weights control (%d seeds) compared with the model: %s", len(control),
-             out / f"{COMPARISON_FILE}.csv")
+    if model:
+        log.info("random-weights control (%d seeds) compared with the model: %s", len(control),
+                 out / f"{COMPARISON_FILE}.csv")
+    else:
+        log.info("random-weights control (%d seeds) pooled in %s; no results of the model in %s yet to compare "
+                 "with (run the same command without --control)", len(control), out / f"{COMPARISON_FILE}.csv", out)
     return rows

@@ -60,5 +60,11 @@ def main(argv=None) -> None:
     if not args.out_dir.is_dir():
         print(f"error: {args.out_dir}: not a folder; give run_study.sh's OUT_DIR", file=sys.stderr)
         raise SystemExit(2)
-    html_path, md_path = write_report(args.out_dir)
+    try:
+        html_path, md_path = write_report(args.out_dir)
+    except OSError as err:
+        where = err.filename or args.out_dir / REPORT_DIR
+        print(f"error: {where}: cannot write the report there ({err.strerror or err}); give a study folder you can "
+              f"write to, or copy it somewhere writable", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"report: {html_path} (and {md_path})")

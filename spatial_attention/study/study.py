@@ -16,6 +16,7 @@ Layout of OUT_DIR:
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from types import SimpleNamespace
 from spatial_attention.common.errors import OptionError
 from spatial_attention.data.shapeworld import DEFAULT_SHAPEWORLD
 from spatial_attention.run.cli import DTYPES
-from spatial_attention.run.controls import COMPARISON_FILE, RANDOM_WEIGHTS, init_seeds, seed_folder
+from spatial_attention.run.controls import COMPARISON_FILE, MAX_SEEDS, RANDOM_WEIGHTS, init_seeds, seed_folder
 from spatial_attention.study.folder import LOGS_DIR, STEPS_DIR, STUDY_FILE
 
 log = logging.getLogger("spatial_attention.study")
@@ -49,9 +50,10 @@ SWEEP_SETTINGS = ("SCORE", "LAYERS", "MAX_NEW_TOKENS", "TOPK", "PATCH_SIZE", "AB
 NOT_COMPARED = {"--device": 1, "--batch-size": 1}
 NOT_COMPARED_ENV = ("DEVICE", "BATCH_SIZE", "PYTHON")
 LOG_TAIL_LINES = 15
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
-def _env_int(environ, name: str, default: int | None, allow_all: bool = False) -> int | None:
+def _env_int(environ, name: str, default: int | None, allow_all: bool = False, most: int | None = None) -> int | None:
     text = environ.get(name, "").strip()
     if not text:
         return default
@@ -59,6 +61,8 @@ def _env_int(environ, name: str, default: int | None, allow_all: bool = False) -
         return None
     if not text.isdigit() or int(text) < 1:
         raise OptionError(f"{name}={text}: must be a whole number of 1 or more" + (" or 'all'" if allow_all else ""))
+    if most is not None and int(text) > most:
+        raise OptionError(f"{name}={text}: at most {most}")
     return int(text)
 
 
@@ -128,7 +132,7 @@ class StudySettings:
                               "(docs/environments.md), or leave it unset")
         return cls(models=models, model_paths=paths, worlds=_env_int(environ, "WORLDS", None, allow_all=True),
                    count=_env_int(environ, "COUNT", 100), controls=_env_flag(environ, "CONTROLS", "1"),
-                   control_seeds=_env_int(environ, "CONTROL_SEEDS", 3), ablate=_env_flag(environ, "ABLATE", "1"),
+                   control_seeds=_env_int(environ, "CONTROL_SEEDS", 3, most=MAX_SEEDS), ablate=_env_flag(environ, "ABLATE", "1"),
                    out_dir=out_dir, data_dir=data_dir, device=device, dtype=dtype,
                    batch_size=_env_int(environ, "BATCH_SIZE", None), python=python)
 
@@ -316,10 +320,20 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
+def _stop_with_the_study() -> None:
+    """Run in a step's process before its command (Linux): the kernel sends it SIGTERM when the study dies, even
+    by SIGKILL, and the scripts take SIGTERM as Ctrl-C. Where this is not available, the study's lock, which the
+    step's processes hold too, keeps a rerun out of the folder while any of them lives."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
     """Run ``step`` unless it finished earlier with the same signature and left its outputs; its record (also
     in steps/)."""
-    from spatial_attention.common.runio import write_json
+    from spatial_attention.common.runio import lock_descriptor, write_json
 
     record_path = out_dir / STEPS_DIR / f"{step.key}.json"
     log_path = out_dir / LOGS_DIR / f"{step.key}.log"
@@ -347,9 +361,11 @@ def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
             shown = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + " " * bool(env) + shlex.join(command)
             log_file.write(f"$ {shown}\n".encode())
             log_file.flush()
-            try:  # its own process group: a stop reaches every process of the step, and only through _stop
+            try:  # its own process group: a stop reaches every process of the step, and only through _stop;
+                # the study's lock goes with it, so that a rerun stays out while a step outlives a killed study
                 proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                        env={**os.environ, **env}, start_new_session=True)
+                                        env={**os.environ, **env}, start_new_session=True,
+                                        pass_fds=(lock_descriptor(out_dir),), preexec_fn=_stop_with_the_study)
             except OSError as err:
                 log_file.write(f"cannot start {command[0]}: {err}\n".encode())
                 rc = 127
