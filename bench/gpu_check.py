@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole check (default: 480 on a GPU, none with --smoke); a step is "
                              "stopped at it, later ones are recorded as skipped")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the steps write (generated data, each verification's and benchmark's full "
+                             "report, the experiments' outputs); default: a new temporary folder")
     parser.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # worker
     args = parser.parse_args()
     if args.measure:
@@ -122,7 +125,8 @@ def main() -> None:
     device = "cpu" if smoke else "cuda"
     worlds, pairs = (4, 2) if smoke else (100, 20)
     deadline = time.perf_counter() + (args.deadline or (math.inf if smoke else 480))
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
     gpu = re.sub(r"[^0-9A-Za-z]+", "-", build["gpu"] or "cpu").strip("-").lower()
     out = args.out or REPO / "bench" / "results" / f"gpu_check-{gpu}{'-smoke' if smoke else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
