@@ -146,7 +146,8 @@ def main(argv=None) -> None:
     datasets = [read_dataset(path, args.max_pairs) for path in args.dataset]
     for dataset in datasets:
         check_images(dataset.pairs)
-    stats_dirs = match_stats_dirs(datasets, args.stats_dir)
+    seeds = controls.init_seeds(args)
+    stats_dirs = match_stats_dirs(datasets, args.stats_dir, None if seeds is None else seeds[0])
     jobs = [Job(dataset, stats_dir, args.analysis_dir, heads, args.out_dir or args.out_parent / default_out(
                 dataset.corner, heads)) for dataset, stats_dir in zip(datasets, stats_dirs) for heads in args.heads]
     if args.out_dir and len(jobs) > 1:
@@ -157,7 +158,6 @@ def main(argv=None) -> None:
         twice = next(folder for folder, n in folders.items() if n > 1)
         raise OptionError(f"--dataset / --heads: two ablations would write {twice} (a corner's data set given twice, "
                           "or a --heads value repeated); give each once")
-    seeds = controls.init_seeds(args)
     models = [(options, jobs)] if seeds is None else [  # each initialisation ablates the heads its own analysis found
         (replace(options, random_init_seed=seed), [job.for_control(seed) for job in jobs]) for seed in seeds]
     is_main = [_ablate(args, model_options, model_jobs) for model_options, model_jobs in models][-1]
@@ -166,15 +166,16 @@ def main(argv=None) -> None:
             controls.write_comparison(job.out, ITEM_METRICS, seed=options.seed)
 
 
-def match_stats_dirs(datasets: list[CornerDataset], stats_dirs: list[Path]) -> list[Path]:
+def match_stats_dirs(datasets: list[CornerDataset], stats_dirs: list[Path],
+                     init_seed: int | None = None) -> list[Path]:
     """Each data set's stats dir, matched by the corner its meta.json records (and, where two share a corner, by
     the data set its identity.json records), whatever order they were given in; OptionError where a data set has
-    none, or more than one."""
+    none, or more than one. ``init_seed``: under --control, what is read is the counterpart of that
+    initialisation (a control-only run has no stats of the model)."""
     scored = {}
-    for folder in stats_dirs:
-        run = load_corner_run(folder)
-        digest = (recorded_identity(Path(folder)) or {}).get(DIGEST_KEY)
-        scored[Path(folder)] = (run.corner, digest)
+    for folder in map(Path, stats_dirs):
+        read = folder if init_seed is None else controls.counterpart(folder, init_seed, "--stats-dir")
+        scored[folder] = (load_corner_run(read).corner, (recorded_identity(read) or {}).get(DIGEST_KEY))
     matched = []
     for dataset in datasets:
         same_corner = [folder for folder, (corner, _) in scored.items() if corner == dataset.corner]
