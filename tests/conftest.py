@@ -12,6 +12,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, str(share))
 
+import subprocess
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -28,6 +30,8 @@ LONGEST_FIRST = ("test_study.py", "test_gpu_check.py", "test_random_7b.py", "tes
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
+    for item in items:  # one worker per file (module fixtures built once); the study's users on one worker
+        item.add_marker(pytest.mark.xdist_group("tiny_study" if "tiny_study" in item.fixturenames else item.path.name))
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +88,40 @@ def committed_toy(family: str):
 
     require_toy(family)
     return load_adapter(family, TOY, device="cpu", dtype="fp32")
+
+
+# --- the study at toy scale, run once for every test that reads it ------------------------------------------
+
+FAILING = "qwen2/exp2-control"  # the step the stand-in interpreter fails
+
+
+def _stand_in_python(root: Path) -> tuple[Path, Path]:
+    """A PYTHON that fails the qwen2 experiment 2 control while ``marker`` exists, and runs the real one
+    otherwise."""
+    marker = root / "fail_qwen2_exp2_control"
+    marker.touch()
+    stand_in = root / "python"
+    stand_in.write_text(
+        "#!/usr/bin/env bash\n"
+        f'if [ -e "{marker}" ] && [[ "$*" == *text_only_llm_analysis.py*"--model qwen2 "*--control* ]]; then\n'
+        '  echo "forced failure: the test stands in for a checkpoint that will not load" >&2; exit 3\nfi\n'
+        f'exec "{sys.executable}" "$@"\n')
+    stand_in.chmod(0o755)
+    return stand_in, marker
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> dict:
+    """``run_study.sh`` at toy scale: tiny-random, both families, 6 worlds, 4 pairs per corner, one control
+    initialisation, the ablation of the unique and the shared heads against 2 random sets, and ``FAILING`` forced
+    to fail. Its folders serve the study's tests and the corner sweep's (the sweep runs inside it, once per
+    family and once per family's control): ``{"root", "out", "env", "marker", "first", "html"}``."""
+    root = tmp_path_factory.mktemp("study")
+    stand_in, marker = _stand_in_python(root)
+    env = {"MODEL_PATH_LLAVA": "tiny-random", "MODEL_PATH_QWEN2": "tiny-random", "WORLDS": "6", "COUNT": "4",
+           "CONTROL_SEEDS": "1", "DATA_DIR": str(root / "data"), "OUT_DIR": str(root / "out"),
+           "PYTHON": str(stand_in), "DEVICE": "cpu", "RANDOM_CONTROLS": "2"}  # the sweep's own settings pass through
+    first = subprocess.run(["bash", str(REPO / "run_study.sh")], env={**os.environ, **env}, capture_output=True,
+                           text=True, timeout=900)
+    return {"root": root, "out": root / "out", "env": env, "marker": marker, "first": first,
+            "html": (root / "out" / "report" / "index.html").read_text()}

@@ -161,23 +161,14 @@ def test_experiment_2_control_for_qwen2(tmp_path, caplog):
     assert rows["asym_s1"]["n_seeds"] == 2 and rows["asym_s1"]["n_paired"] == 3
 
 
-def test_sweep_control_runs_every_step_per_initialisation(tmp_path):
-    """CONTROL=random-weights beside a sweep: each initialisation gets the corners, the analysis and the
-    ablations of its own heads, and each corner's and ablation's folder the comparison."""
-    import os
-    import subprocess
-    import sys
-
+def test_sweep_control_runs_every_step_per_initialisation(tiny_study):
+    """CONTROL=random-weights beside a sweep (the study's corners-control step, CONTROL_SEEDS=1,
+    RANDOM_CONTROLS=2): each initialisation gets the corners, the analysis and the ablations of its own heads,
+    and each corner's and ablation's folder the comparison."""
     from spatial_attention.data.counterfactual import CORNERS
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHON": sys.executable, "MODEL_PATH": "tiny-random", "MODEL": "llava", "COUNT": "3",
-           "ABLATE": "1", "RANDOM_CONTROLS": "2", "DATA_DIR": str(tmp_path / "data"), "OUT_DIR": str(tmp_path / "out")}
-    for extra in ({}, {"CONTROL": "random-weights", "CONTROL_SEEDS": "1"}):
-        done = subprocess.run(["bash", str(repo / "run_corner_experiments.sh")], env={**env, **extra},
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "out"
+    assert json.loads((tiny_study["out"] / "steps" / "llava-corners-control.json").read_text())["status"] == "ok"
+    out = tiny_study["out"] / "llava" / "corners"
     seed, = controls.control_seed_folders(out)
     assert seed.name == "init_seed_1000"
     assert (seed / "count_shared_unique" / "summary.json").is_file()

@@ -94,20 +94,23 @@ def corner_cells(grid: tuple[int, int], corner: str, k: int) -> list[int]:
 # --- the sweep ------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["qwen2", "llava"])
-def test_sweep_end_to_end(family, tmp_path, tiny_models):
-    done = run_sweep(tmp_path, MODEL=family, COUNT="6", ABLATE="1", RANDOM_CONTROLS="2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "NOTICE: no data for corner(s) topleft,topright,bottomleft,bottomright" in done.stderr
+def test_sweep_end_to_end(family, tiny_study, tiny_models):
+    """The sweep as the study at toy scale runs it (COUNT=4, ABLATE=1, RANDOM_CONTROLS=2): every corner's step
+    files, the analysis and the ablations of the unique and the shared heads."""
+    out, n = tiny_study["out"] / family / "corners", int(tiny_study["env"]["COUNT"])
+    log = (tiny_study["out"] / "logs" / f"{family}-corners.log").read_text()
+    assert json.loads((tiny_study["out"] / "steps" / f"{family}-corners.json").read_text())["status"] == "ok"
+    if family == "llava":  # the first sweep of the study finds no pairs and generates them
+        assert "NOTICE: no data for corner(s) topleft,topright,bottomleft,bottomright" in log
     adapter = tiny_models[family]
     L, H = adapter.num_layers, adapter.num_heads
-    out = tmp_path / "out"
     for corner in CORNERS:
         folder = out / f"head_diff_stats_{corner}"
         for name in STEP_FILES:
             assert (folder / name).is_file() and (folder / name).stat().st_size > 0, folder / name
         full, control = np.load(folder / "scores_full_LHN.npy"), np.load(folder / "scores_control_LHN.npy")
         count, count_lh = np.load(folder / "count_LHN.npy"), np.load(folder / "count_LH.npy")
-        assert full.shape == control.shape == count.shape == (L, H, 6)
+        assert full.shape == control.shape == count.shape == (L, H, n)
         assert full.dtype == control.dtype == np.float32 and count.dtype == np.uint8
         blank_block = np.load(folder / "scores_blank_LHM.npy")
         blank_image = np.load(folder / "scores_blank_image_LHM.npy")
@@ -116,12 +119,12 @@ def test_sweep_end_to_end(family, tmp_path, tiny_models):
         assert ((full >= 0) & (full <= 1 + 1e-5)).all() and not np.array_equal(full, control)
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["model"] == family and meta["corner"] == corner and meta["layers"] == list(range(1, L + 1))
-        assert (meta["L"], meta["H"], meta["N"], meta["topk"]) == (L, H, 6, 3)
+        assert (meta["L"], meta["H"], meta["N"], meta["topk"]) == (L, H, n, 3)
         assert meta["prompt"] == f"Is there anything in the {CORNER_WORDS[corner]} corner?"
         assert meta["patch_size"] is None and "torch" in meta["versions"]
         assert meta["blank_block"]["corner"] == corner and meta["skipped"]["count"] == 0
         with open(folder / "answers.csv") as f:
-            assert [row["id"] for row in csv.DictReader(f)] == [str(i) for i in range(6)]
+            assert [row["id"] for row in csv.DictReader(f)] == [str(i) for i in range(n)]
     for name in ANALYSIS_FILES:
         assert (out / "count_shared_unique" / name).is_file(), name
     summary = json.loads((out / "count_shared_unique" / "summary.json").read_text())
@@ -134,7 +137,7 @@ def test_sweep_end_to_end(family, tmp_path, tiny_models):
             with open(folder / "ablation.csv") as f:
                 rows = list(csv.DictReader(f))
             assert {r["head_set"] for r in rows} == {"chosen", "random_0", "random_1"}
-            assert len(rows) == 3 * 6 * 2  # head sets x pairs x image kinds
+            assert len(rows) == 3 * n * 2  # head sets x pairs x image kinds
 
 
 def test_failing_step_stops_the_sweep(tmp_path):

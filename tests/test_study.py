@@ -20,28 +20,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from conftest import FAILING  # noqa: E402
 from spatial_attention.common.errors import OptionError  # noqa: E402
 from spatial_attention.study import (report, report_blocks, report_readings,  # noqa: E402  (after the path)
                                      report_sections)
 from spatial_attention.study.study import StudySettings, plan  # noqa: E402
 
 SECTIONS = ("rules", "experiment-1", "experiment-2", "experiment-3", "ablation", "manifest", "steps")
-FAILING = "qwen2/exp2-control"
-
-
-def _stand_in_python(root: Path) -> tuple[Path, Path]:
-    """A PYTHON that fails the qwen2 experiment 2 control while ``marker`` exists, and runs the real one
-    otherwise."""
-    marker = root / "fail_qwen2_exp2_control"
-    marker.touch()
-    stand_in = root / "python"
-    stand_in.write_text(
-        "#!/usr/bin/env bash\n"
-        f'if [ -e "{marker}" ] && [[ "$*" == *text_only_llm_analysis.py*"--model qwen2 "*--control* ]]; then\n'
-        '  echo "forced failure: the test stands in for a checkpoint that will not load" >&2; exit 3\nfi\n'
-        f'exec "{sys.executable}" "$@"\n')
-    stand_in.chmod(0o755)
-    return stand_in, marker
 
 
 def _run(env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -49,17 +34,10 @@ def _run(env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    stand_in, marker = _stand_in_python(root)
-    env = {"MODEL_PATH_LLAVA": "tiny-random", "MODEL_PATH_QWEN2": "tiny-random", "WORLDS": "6", "COUNT": "4",
-           "CONTROL_SEEDS": "1", "DATA_DIR": str(root / "data"), "OUT_DIR": str(root / "out"),
-           "PYTHON": str(stand_in), "DEVICE": "cpu",
-           "ABLATE_HEADS": "unique", "RANDOM_CONTROLS": "3"}  # the sweep's own settings pass through (CI time)
-    first = _run(env)
-    return {"root": root, "out": root / "out", "env": env, "marker": marker, "first": first,
-            "html": (root / "out" / "report" / "index.html").read_text()}
+@pytest.fixture
+def study(tiny_study):
+    """The study at toy scale (conftest's ``tiny_study``, shared with the sweep tests)."""
+    return tiny_study
 
 
 class _Page(HTMLParser):
