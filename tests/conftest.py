@@ -27,6 +27,7 @@ LONGEST_FIRST = ("test_study.py", "test_gpu_check.py", "test_random_7b.py", "tes
                  "test_corner_stats.py", "test_new_families.py", "test_vlm_analysis.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
