@@ -106,9 +106,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole check (default: 480 on a GPU, none with --smoke); a step is "
                              "stopped at it, later ones are recorded as skipped")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="where the steps write (generated data, each verification's and benchmark's full "
-                             "report, the experiments' outputs); default: a new temporary folder")
+    parser.add_argument("--work", type=Path, help="where the steps write their outputs (default: a new temporary folder)")
     parser.add_argument("--measure", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # worker
     args = parser.parse_args()
     if args.measure:

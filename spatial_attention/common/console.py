@@ -22,6 +22,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+def command_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A script's parser: its name, its description (line breaks kept), every option's default shown."""
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
+
 def check_at_least(minimum: int, **options: int | None) -> None:
     """OptionError for the first option (given as name=value; None = not given) below ``minimum``."""
     for name, value in options.items():

@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the file or option, what is wrong
 and, where it helps, what to do."""
+from pathlib import Path
 
 
 class DataError(ValueError):
@@ -20,3 +21,14 @@ def quote(value, limit: int = 200) -> str:
         return repr(value)
     cut = repr(text[:limit]) if isinstance(value, str) else text[:limit]
     return f"{cut}... ({len(text)} characters)"
+
+
+def input_folder(folder, option: str, holds: str, missing: str) -> Path:
+    """``folder`` as a Path, once it is a folder; DataError where it is a file (``option`` should point at
+    ``holds``) or nothing (``missing``: what was expected there, and how to make one)."""
+    folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"{folder}: is a file, not a folder; point {option} at {holds}")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {missing}")
+    return folder

@@ -19,7 +19,7 @@ from string import Formatter
 import numpy as np
 from PIL import Image
 
-from spatial_attention.common.errors import DataError, OptionError, quote
+from spatial_attention.common.errors import DataError, OptionError, input_folder, quote
 from spatial_attention.data.shapeworld import load_rgb, read_text
 
 CORNERS = ("topleft", "topright", "bottomleft", "bottomright")
@@ -141,13 +141,9 @@ def _pair(record, folder: Path, where: str) -> Pair:
 
 def _records(folder: Path) -> list[tuple[str, object]]:
     """(where, parsed JSON or the JSONDecodeError) for each non-blank line of metadata.jsonl."""
-    folder = Path(folder)
-    if folder.is_file():
-        raise DataError(f"{folder}: is a file, not a folder; point --dataset at a data/dataset_{{corner}} folder that "
-                        "holds metadata.jsonl and images/")
-    if not folder.is_dir():
-        raise DataError(f"{folder}: pairs folder does not exist (generate one with: "
-                        "python generate_data.py counterfactual --out data)")
+    folder = input_folder(folder, "--dataset", "a data/dataset_{corner} folder that holds metadata.jsonl and images/",
+                          "pairs folder does not exist (generate one with: python generate_data.py counterfactual "
+                          "--out data)")
     path = folder / "metadata.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: missing (a pairs folder needs metadata.jsonl and images/)")

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from spatial_attention.common.console import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.common.console import HelpFormatter, check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import setup_logging, write_atomic
 from spatial_attention.data.counterfactual import CORNER_WORDS, CORNERS, RELATION_OF_CORNER
@@ -387,12 +387,12 @@ def shapeworld_folder(path: Path, seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------- CLI
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="generate_data.py", formatter_class=HelpFormatter,
-        description="Generate the study's data sets offline (see data/README.md).\n\n"
-                    "  shapeworld      two-shape worlds in ShapeWorld's agreement/relational format\n"
-                    "  counterfactual  fixed-position full/control image pairs, one folder per corner\n\n"
-                    "Same options -> identical files. Generated data is git-ignored.")
+    parser = command_parser(
+        "generate_data.py",
+        "Generate the study's data sets offline (see data/README.md).\n\n"
+        "  shapeworld      two-shape worlds in ShapeWorld's agreement/relational format\n"
+        "  counterfactual  fixed-position full/control image pairs, one folder per corner\n\n"
+        "Same options -> identical files. Generated data is git-ignored.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{shapeworld,counterfactual}")

@@ -30,7 +30,7 @@ from typing import Iterator, Mapping, Sequence
 
 from PIL import Image
 
-from spatial_attention.common.errors import DataError, quote
+from spatial_attention.common.errors import DataError, input_folder, quote
 from spatial_attention.stats.metrics import box_problem, clip_box
 
 SHAPES = ("square", "rectangle", "triangle", "pentagon", "cross", "circle", "semicircle", "ellipse")
@@ -337,13 +337,9 @@ def read_text(path: Path) -> str:
 
 def list_shards(root: Path) -> list[int]:
     """Numbers of the ``shardN`` folders in ``root``, sorted numerically."""
-    root = Path(root)
-    if root.is_file():
-        raise DataError(f"{root}: is a file, not a folder; point --data at the agreement/relational folder that "
-                        "holds shard0, shard1, ...")
-    if not root.is_dir():
-        raise DataError(f"{root}: ShapeWorld folder does not exist (point at an agreement/relational folder "
-                        f"with shard0..shardK, or generate one with: python generate_data.py shapeworld --out {root})")
+    root = input_folder(root, "--data", "the agreement/relational folder that holds shard0, shard1, ...",
+                        "ShapeWorld folder does not exist (point at an agreement/relational folder with "
+                        f"shard0..shardK, or generate one with: python generate_data.py shapeworld --out {root})")
     numbers = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _SHARD_RE.fullmatch(p.name))]
     return sorted(numbers)
 

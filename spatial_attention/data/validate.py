@@ -8,8 +8,8 @@ from PIL import Image
 
 from spatial_attention.common.errors import DataError
 from spatial_attention.data.shapeworld import (IMAGE_ERRORS, WORLD_SCHEMA, Entity, bind_mentions, box_problems,
-                                               entity_problems, list_shards, parse_caption, read_agreements,
-                                               read_lines, read_world_model, relation_holds, schema_problems)
+                                               entity_problems, list_shards, parse_caption, read_agreements, read_lines,
+                                               read_world_model, relation_holds, schema_problems)
 
 
 def _image_problem(path: Path, side: int | None) -> str | None:

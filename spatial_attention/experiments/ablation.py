@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from spatial_attention.common.console import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run,
                                             write_atomic, write_json)
@@ -87,8 +87,9 @@ def plot_effects(path: Path, metrics: dict, title: str) -> None:
 # --- the command line ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="head_ablation.py", formatter_class=HelpFormatter, description=__doc__ +
+    parser = command_parser(
+        "head_ablation.py",
+        __doc__ +
         "\nWrites ablation_pairs.jsonl (per pair, as it finishes: the resume log), identity.json, ablation.csv, "
         "summary.json, figures/effect_vs_random.png and run.json into the out-dir.")
     add_model_args(parser, None, feed_size="the stats dir's, else the family's")

@@ -25,7 +25,7 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from spatial_attention.common.console import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import OptionError
 from spatial_attention.common.runio import check_output_dir, setup_logging, write_atomic, write_json
 from spatial_attention.experiments.corner_results import CornerRun, load_corner_runs
@@ -321,8 +321,9 @@ Example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="analyze_corner_heads.py", formatter_class=HelpFormatter,
-                                description=CLI_DESCRIPTION)
+    p = command_parser(
+        "analyze_corner_heads.py",
+        CLI_DESCRIPTION)
     p.add_argument("dirs", nargs="+", type=Path,
                    help="the out-dirs of head_attention_stats.py, one per corner (topleft, topright, bottomleft, "
                         "bottomright); they must share the layers list, H and the scoring settings (model, "

@@ -46,7 +46,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from spatial_attention.common.console import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import (RecordCheck, check_output_dir, finish_run, lacks_keys, package_versions,
                                             setup_logging, start_run, write_atomic, write_json)
@@ -99,16 +99,16 @@ class Scoring:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="head_attention_stats.py", formatter_class=HelpFormatter,
-        description="Experiment 3: score every (layer, head) by the attention mass the answer position puts on the "
-                    "image (or on a corner block) for the full and control image of each counterfactual pair, or "
-                    "(--score patching) by what its answer-position output does to the yes/no log-odds when swapped "
-                    "between the two, and count which heads change most. Writes scores_full_LHN.npy, "
-                    "scores_control_LHN.npy, scores_blank_LHM.npy (blank image, corner block), scores_blank_image_LHM.npy (blank image, all "
-                    "image tokens), count_LHN.npy, count_LH.npy, answers.csv, count_bars.png, meta.json and "
-                    "run.json into the out-dir; pairs_scores.jsonl keeps every scored pair, so that rerunning "
-                    "the same command resumes.")
+    parser = command_parser(
+        "head_attention_stats.py",
+        "Experiment 3: score every (layer, head) by the attention mass the answer position puts on the "
+        "image (or on a corner block) for the full and control image of each counterfactual pair, or "
+        "(--score patching) by what its answer-position output does to the yes/no log-odds when swapped "
+        "between the two, and count which heads change most. Writes scores_full_LHN.npy, "
+        "scores_control_LHN.npy, scores_blank_LHM.npy (blank image, corner block), scores_blank_image_LHM.npy (blank image, all "
+        "image tokens), count_LHN.npy, count_LH.npy, answers.csv, count_bars.png, meta.json and "
+        "run.json into the out-dir; pairs_scores.jsonl keeps every scored pair, so that rerunning "
+        "the same command resumes.")
     add_model_args(parser, None, feed_size="the family's")
     controls.add_control_args(parser)
     parser.add_argument("--dataset", nargs="+", required=True,  # str, not Path: run.json records the list

@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from spatial_attention.common.console import HelpFormatter, user_errors_exit
+from spatial_attention.common.console import command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError
 from spatial_attention.common.runio import finish_run, lacks_keys, setup_logging, write_atomic, write_json
 from spatial_attention.data.shapeworld import Caption, ReadStats, Skipped, counterfactual_caption, iter_worlds
@@ -46,12 +46,12 @@ CSV_COLUMNS = ["shard", "index", "sent1", "sent2", "e1", "e2", "relation", "r_to
 
 def build_parser(family: str | None) -> argparse.ArgumentParser:
     """The options; ``family`` None: the generic script's, which takes --model."""
-    parser = argparse.ArgumentParser(
-        prog=f"text_only_llm_analysis_{family}.py" if family else "text_only_llm_analysis.py", formatter_class=HelpFormatter,
-        description=f"Experiment 2 for {family or 'the --model family'}: without any image, does the relation word attend to the two "
-                    "shapes by role or by position? Each ShapeWorld caption is paired with its entity-swapped, "
-                    "relation-flipped counterfactual. Writes OUT/pairs.jsonl (as pairs finish), OUT/pairs.csv, "
-                    "OUT/summary.json, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
+    parser = command_parser(
+        f"text_only_llm_analysis_{family}.py" if family else "text_only_llm_analysis.py",
+        f"Experiment 2 for {family or 'the --model family'}: without any image, does the relation word attend to the two "
+        "shapes by role or by position? Each ShapeWorld caption is paired with its entity-swapped, "
+        "relation-flipped counterfactual. Writes OUT/pairs.jsonl (as pairs finish), OUT/pairs.csv, "
+        "OUT/summary.json, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
     add_model_args(parser, family)
     add_shapeworld_args(parser)
     parser.add_argument("--out", type=Path, default=Path(f"results/text_only/{family}") if family else None,

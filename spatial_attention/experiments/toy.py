@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from spatial_attention.common.console import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import check_output_dir, run_record, setup_logging, write_json
 from spatial_attention.data.counterfactual import CORNERS, corner_prompt, read_pairs
@@ -304,13 +304,13 @@ def folder_samples(path: Path) -> tuple[str, list[Sample]]:
 def build_parser() -> argparse.ArgumentParser:
     from models import FAMILIES
 
-    parser = argparse.ArgumentParser(
-        prog="train_toy_vlm.py", formatter_class=HelpFormatter,
-        description="Train a toy VLM of a family's real architecture (small widths, an 8 x 8 image-token grid) on "
-                    "the project's generated data: yes/no ShapeWorld agreement, corner questions and 'is there a "
-                    "{color} {shape} ?'. It is the positive control of every instrument: `--model-path toy` loads "
-                    "the committed one in every script. With --evaluate, print the committed toy's accuracy on a "
-                    "folder as one JSON line instead.")
+    parser = command_parser(
+        "train_toy_vlm.py",
+        "Train a toy VLM of a family's real architecture (small widths, an 8 x 8 image-token grid) on "
+        "the project's generated data: yes/no ShapeWorld agreement, corner questions and 'is there a "
+        "{color} {shape} ?'. It is the positive control of every instrument: `--model-path toy` loads "
+        "the committed one in every script. With --evaluate, print the committed toy's accuracy on a "
+        "folder as one JSON line instead.")
     parser.add_argument("--model", required=True, choices=FAMILIES, help="model family")
     parser.add_argument("--out", type=Path, default=None, help="where the trained toy is saved "
                                                                  "(default: models/toy/{family})")

@@ -22,14 +22,14 @@ from spatial_attention.engine.reference import check, log_report, verification_r
 log = logging.getLogger("spatial_attention")
 
 def build_parser() -> argparse.ArgumentParser:
-    from spatial_attention.common.console import HelpFormatter
+    from spatial_attention.common.console import command_parser
     from spatial_attention.run.cli import add_model_args
 
-    parser = argparse.ArgumentParser(
-        prog="verify_attention.py", formatter_class=HelpFormatter,
-        description="Check that the attention-capture engine reproduces the plain eager attention "
-                    "(output_attentions=True) and leaves the model's next-token logits unchanged. "
-                    "Exits 1 when a difference exceeds the tolerance.")
+    parser = command_parser(
+        "verify_attention.py",
+        "Check that the attention-capture engine reproduces the plain eager attention "
+        "(output_attentions=True) and leaves the model's next-token logits unchanged. "
+        "Exits 1 when a difference exceeds the tolerance.")
     add_model_args(parser, None, feed_size="the family's")
     parser.add_argument("--data", type=Path, default=None,
                         help="ShapeWorld folder to take the scenes from (default: a few generated ones)")

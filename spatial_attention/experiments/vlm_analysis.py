@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spatial_attention.common.console import HelpFormatter, check_at_least, user_errors_exit
+from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import finish_run, lacks_keys, setup_logging
 from spatial_attention.data.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
@@ -38,12 +38,12 @@ RECORD_KEYS = ("shard", "index", "relation", "metrics")  # what the resume and t
 
 def build_parser(family: str | None) -> argparse.ArgumentParser:
     """The options; ``family`` None: the generic script's, which takes --model."""
-    parser = argparse.ArgumentParser(
-        prog=f"vlm_atten_analysis_{family}.py" if family else "vlm_atten_analysis.py", formatter_class=HelpFormatter,
-        description=f"Experiment 1 for {family or 'the --model family'}: text-to-image cross-attention and image self-attention on "
-                    "ShapeWorld two-shape scenes, scored against the entity boxes and against a patch-shuffle "
-                    "baseline. Writes OUT/samples.jsonl (one line per world, as it finishes), OUT/summary.json, "
-                    "OUT/summary.csv, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
+    parser = command_parser(
+        f"vlm_atten_analysis_{family}.py" if family else "vlm_atten_analysis.py",
+        f"Experiment 1 for {family or 'the --model family'}: text-to-image cross-attention and image self-attention on "
+        "ShapeWorld two-shape scenes, scored against the entity boxes and against a patch-shuffle "
+        "baseline. Writes OUT/samples.jsonl (one line per world, as it finishes), OUT/summary.json, "
+        "OUT/summary.csv, OUT/figures/ and OUT/run.json; rerunning with the same --out resumes.")
     add_model_args(parser, family, feed_size="the family's")
     add_shapeworld_args(parser)
     parser.add_argument("--out", type=Path, default=Path(f"results/vlm_atten_analysis/{family}") if family else None,
