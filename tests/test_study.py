@@ -324,7 +324,9 @@ def _exp1_row(map_name, metric, **values):
 
 def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     """Planted summaries: a finding beyond its control, a finding the control shares, an interval covering 0,
-    an opposite sign; an ablation that passes, one whose interval covers 0, one no better than random heads."""
+    an opposite sign; an ablation that passes, one whose interval covers 0, one no better than random heads, one
+    with too few random sets to pass and one whose sets are not recorded; significant-head counts testable,
+    untestable, testable only at BH's largest threshold, and without a recorded floor."""
     m = tmp_path / "llava"
     rows = [_exp1_row("subject_cross", "iou", mean_diff=0.12, ci_lo=0.08, ci_hi=0.16, q_value=1e-4),
             _exp1_row("object_cross", "iou", mean_diff=0.05, ci_lo=0.01, ci_hi=0.09, q_value=0.01),
@@ -339,19 +341,24 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     _write(m / "exp1" / "control_comparison.json", {"rows": comparison})
     _write(m / "exp2" / "summary.json", {"all": {"symmetry_score": {"mean": -0.002, "ci_lo": -0.003,
                                                                     "ci_hi": -0.001}}})
-    for name, effect, lo, hi, p_drop, diff in (("ablation_topleft_unique", -9.8, -12.0, -7.5, 0.03, (-9.7, -12, -7.4)),
-                                               ("ablation_topright_unique", -0.5, -1.5, 0.4, 0.01, None),
-                                               ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4, (1.0, 0.5, 1.5))):
+    for name, effect, lo, hi, p_drop, diff, sets in (
+            ("ablation_topleft_unique", -9.8, -12.0, -7.5, 0.03, (-9.7, -12, -7.4), 100),
+            ("ablation_topright_unique", -0.5, -1.5, 0.4, 0.01, None, 100),
+            ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4, (1.0, 0.5, 1.5), 100),
+            ("ablation_bottomright_unique", -9.8, -12.0, -7.5, 0.25, None, 3),  # p_drop can only reach 1/4
+            ("ablation_bottomright_shared", -9.8, -12.0, -7.5, 0.01, None, None)):
         _write(m / "corners" / name / "summary.json",
                {"heads": [{"layer": 1, "head": 2}], "metrics": {"log_odds_full": {
-                   "effect": effect, "ci_lo": lo, "ci_hi": hi, "random_mean": -1.0, "p_drop": p_drop}}})
+                   "effect": effect, "ci_lo": lo, "ci_hi": hi, "random_mean": -1.0, "p_drop": p_drop}},
+                **({} if sets is None else {"random_controls": {"count": sets}})})
         if diff:
             _write(m / "corners" / name / "control_comparison.json", {"rows": [
                 {"metric": "effect_log_odds_full", "control_mean": -0.1, "control_ci_lo": -0.2, "control_ci_hi": 0.0,
                  "diff_mean": diff[0], "diff_ci_lo": diff[1], "diff_ci_hi": diff[2]}]})
     corners = m / "corners"
-    significant = {"topleft": [{}] * 3, "topright": [{}] * 2, "bottomleft": [], "bottomright": []}
-    floors = {"topleft": 1e-5, "topright": 1e-5, "bottomleft": 0.125, "bottomright": 1e-5}
+    significant = {"topleft": [{}] * 3, "topright": [{}] * 2, "bottomleft": [], "bottomright": [{}]}
+    # bottomright: above 0.05 / 16 heads but below 0.05, so BH can still reject (it read untestable before)
+    floors = {"topleft": 1e-5, "topright": 1e-5, "bottomleft": 0.125, "bottomright": 0.01}
     _write(corners / "count_shared_unique" / "summary.json",
            {"significant_heads": significant, "fdr": {"alpha": 0.05, "p_floor": floors}})
     for corner in significant:
@@ -385,6 +392,19 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
            "(2 heads; random weights: 1, 2;" in markdown
     assert "llava, bottomleft: more heads change their score significantly than in every random initialisation: " \
            "untestable at this number of pairs (0 heads; random weights: 0, 0; smallest possible p 0.12)." in markdown
+    assert "llava, bottomright: more heads change their score significantly than in every random initialisation: " \
+           "yes (1 heads; random weights: 0, 0; smallest possible p 0.01)." in markdown
+    assert ("bottomright: ablating the unique heads (L1.H2) lowers the full images' yes log-odds more than random "
+            "heads of their layers: untestable with 3 random head sets (p_drop cannot go below 1/4)") in markdown
+    assert ("bottomright: ablating the shared heads (L1.H2) lowers the full images' yes log-odds more than random "
+            "heads of their layers: untestable (the number of random head sets is not recorded)") in markdown
+    # a floor that is not recorded counts as untestable, not as testable
+    summary = json.loads((corners / "count_shared_unique" / "summary.json").read_text())
+    del summary["fdr"]["p_floor"]["bottomright"]
+    _write(corners / "count_shared_unique" / "summary.json", summary)
+    markdown = report_blocks.render_markdown(*report.build(tmp_path))
+    assert "llava, bottomright: more heads change their score significantly than in every random initialisation: " \
+           "untestable (the analysis records no smallest possible p) (1 heads;" in markdown
 
 
 @pytest.mark.parametrize("lo, hi, sided, said", [

@@ -28,11 +28,13 @@ RULES = [
     "A finding that random weights also produce is not a finding.",
     "Experiment 3's significant heads (paired sign-flip test, Benjamini-Hochberg FDR 5% over all heads) have no "
     "interval: the reading is **yes** when the model has more of them than every random initialisation, else **no**; "
-    "**untestable** when the test's smallest possible p (with few pairs) lies above 0.05 / heads, so that no head "
-    "can pass whatever the model does.",
+    "**untestable** when the test's smallest possible p (with few pairs) lies above 0.05, or is not recorded: "
+    "Benjamini-Hochberg rejects nothing then, whatever the model does.",
     "An ablation reads **yes** when its effect's 95% interval lies below 0 and p_drop <= 0.05 (the chosen heads "
     "lower the answer more than random heads of the same layers), **inconclusive** when the interval covers 0, "
-    "**no** otherwise; beyond random weights: the model's effect minus the control's, below 0.",
+    "**no** otherwise, and **untestable** when its random head sets are too few for p_drop to reach 0.05 (its "
+    "smallest value is 1 / (1 + sets)) or their number is not recorded; beyond random weights: the model's effect "
+    "minus the control's, below 0.",
 ]
 
 

@@ -154,9 +154,9 @@ def experiment_3(o: Outputs, models: list[str]) -> list:
             if heads.value is not None:
                 floor = o.num(rel, "fdr", "p_floor", corner, fmt=".2g")
                 alpha = (o.json(rel) or {}).get("fdr", {}).get("alpha", ALPHA)
-                testable = None in (floor.value, total[0].value, total[1].value) or \
-                    floor.value <= alpha / (total[0].value * total[1].value)
-                said = ("untestable at this number of pairs" if not testable else
+                # BH rejects something only where some p can reach alpha (at the largest of its m thresholds)
+                said = ("untestable (the analysis records no smallest possible p)" if floor.value is None else
+                        "untestable at this number of pairs" if floor.value > alpha else
                         why_no_control(o, f"{m}/corners-control") if not seeds else
                         "yes" if heads.value > max(s.value for s in seeds) else "no")
                 readings.append([f"{m}, {corner}: more heads change their score significantly than in every random "
@@ -217,8 +217,12 @@ def ablation(o: Outputs, models: list[str]) -> list:
             row += [effect, [o.num(rel, *metric, "random_mean")], [p_drop], control]
             if effect != ["n/a"]:
                 lo, hi = bounds(effect)
-                said = ("n/a" if hi is None or p_drop.value is None else "inconclusive" if lo <= 0 <= hi else
-                        "yes" if hi < 0 and p_drop.value <= ALPHA else "no")
+                sets = ((o.json(rel) or {}).get("random_controls") or {}).get("count")
+                said = ("n/a" if hi is None or p_drop.value is None else
+                        "untestable (the number of random head sets is not recorded)" if sets is None else
+                        f"untestable with {sets} random head sets (p_drop cannot go below 1/{sets + 1})"
+                        if 1 / (1 + sets) > ALPHA else
+                        "inconclusive" if lo <= 0 <= hi else "yes" if hi < 0 and p_drop.value <= ALPHA else "no")
                 heads = (o.json(rel) or {}).get("heads") or []
                 named = " ".join(f"L{h['layer']}.H{h['head']}" for h in heads)
                 readings.append([f"{m}, {corner}: ablating the {spec} heads ({named}) lowers the full images' yes "
