@@ -1,5 +1,5 @@
-"""The frame of every command line: the help layout, the check of a count option, and how a script ends
-when it cannot go on (one line on stderr and an exit status)."""
+"""The frame of every command line: how a script starts (``run_script``), its parser and help layout, the check
+of a count option, and how it ends when it cannot go on (one line on stderr and an exit status)."""
 from __future__ import annotations
 
 import argparse

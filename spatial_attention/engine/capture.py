@@ -378,9 +378,17 @@ def last_position_logits(adapter, batch) -> torch.Tensor:
     Only those positions go through the LM head (``logits_to_keep``): at a
     150k-token vocabulary the full logits would dwarf everything else.
     """
-    last = [lay.last_position for lay in batch.layouts]
-    keep = sorted(set(last))
-    # on the CPU: under --device-map the last hidden states sit on the last GPU, and a CPU index serves any device
-    logits = adapter.model(**batch.inputs, use_cache=False, logits_to_keep=torch.tensor(keep)).logits
-    column = torch.tensor([keep.index(p) for p in last], device=logits.device)
-    return logits[torch.arange(len(last), device=logits.device), column].float().cpu()
+    keep = logits_to_keep(batch)
+    return at_last_positions(adapter.model(**batch.inputs, use_cache=False, logits_to_keep=keep).logits, batch, keep)
+
+
+def logits_to_keep(batch) -> torch.Tensor:
+    """The distinct last real positions of the batch's samples, sorted: the forward's ``logits_to_keep``.
+    On the CPU: under --device-map the last hidden states sit on the last GPU, and a CPU index serves any device."""
+    return torch.tensor(sorted({lay.last_position for lay in batch.layouts}))
+
+
+def at_last_positions(logits: torch.Tensor, batch, keep: torch.Tensor) -> torch.Tensor:
+    """Each sample's row of ``logits`` (B, len(keep), V) at its last real position, (B, V) fp32 on CPU."""
+    column = torch.tensor([keep.tolist().index(lay.last_position) for lay in batch.layouts], device=logits.device)
+    return logits[torch.arange(len(batch.layouts), device=logits.device), column].float().cpu()

@@ -20,7 +20,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from spatial_attention.engine.capture import ATTENTION_NAME, CaptureRequest, capture, plain_logits
+from spatial_attention.engine.capture import (ATTENTION_NAME, CaptureRequest, at_last_positions, capture,
+                                              logits_to_keep, plain_logits)
 
 log = logging.getLogger("spatial_attention")
 
@@ -59,13 +60,14 @@ def eager_model(adapter):
 @torch.inference_mode()
 def reference_capture(adapter, batch, request: CaptureRequest) -> tuple[list[dict[str, np.ndarray]], torch.Tensor]:
     """The same recordings as ``capture``, from full eager attention tensors."""
+    keep = logits_to_keep(batch)  # the LM head at the last positions only, as the engine's forward
     with eager_model(adapter) as kept:
-        out = adapter.model(**batch.inputs, use_cache=False, output_attentions=True)
+        out = adapter.model(**batch.inputs, use_cache=False, output_attentions=True, logits_to_keep=keep)
         lm = [a.double().cpu() for a in out.attentions]  # per layer (B, H, T, T)
         vision_calls = {i: kept.get(id(m), []) for i, m in enumerate(adapter.vision_attention_modules())}
     last = [lay.last_position for lay in batch.layouts]
     views = adapter.vision_views(batch.inputs)  # the vision encoder's images -> their samples
-    logits = out.logits[torch.arange(len(last)), torch.tensor(last)].float().cpu()
+    logits = at_last_positions(out.logits, batch, keep)
     results = []
     for b in range(len(batch)):
         sample = {}
