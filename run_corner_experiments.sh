@@ -12,9 +12,9 @@
 #   BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]   DEVICE [auto]   DTYPE [auto]
 #   ABLATE [0]  1: then ablate each corner's heads named by ABLATE_HEADS (head_ablation.py)
 #   ABLATE_HEADS ["unique shared"]  head_ablation.py --heads values, space-separated (e.g. "unique top:4")
-#   ABLATE_MODE [zero]  zero | mean     RANDOM_CONTROLS [20]
+#   ABLATE_MODE [zero]  zero | mean     RANDOM_CONTROLS [100]
 #   ABLATE_POSITIONS [all]  all (the paper's) | answer (only the answer position, where SCORE=patching measures)
-#   CONTROL [empty]  random-weights: run every step on CONTROL_SEEDS [3] random initialisations of the model's
+#   CONTROL [empty]  random-weights: run every step on CONTROL_SEEDS [19] random initialisations of the model's
 #                    architecture instead of the model (the negative control; docs/controls.md), into
 #                    $OUT_DIR/control_random_weights/init_seed_S/, laid out as $OUT_DIR; run the sweep once
 #                    without and once with it, in either order, for the model-minus-control comparison
@@ -50,9 +50,9 @@ ABLATE="${ABLATE:-0}"
 ABLATE_MODE="${ABLATE_MODE:-zero}"
 ABLATE_HEADS="${ABLATE_HEADS:-unique shared}"
 ABLATE_POSITIONS="${ABLATE_POSITIONS:-all}"
-RANDOM_CONTROLS="${RANDOM_CONTROLS:-20}"
+RANDOM_CONTROLS="${RANDOM_CONTROLS:-100}"
 CONTROL="${CONTROL:-}"
-CONTROL_SEEDS="${CONTROL_SEEDS:-3}"
+CONTROL_SEEDS="${CONTROL_SEEDS:-19}"
 if [ -z "${PYTHON:-}" ]; then
   if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
 fi

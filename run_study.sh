@@ -8,7 +8,9 @@
 #                               random-7b[:N] (as --model-path; MODEL_PATH_<FAMILY> for every family)
 #   WORLDS [all]                ShapeWorld worlds for experiments 1 and 2 (all, or a number: --limit)
 #   COUNT [100]                 pairs per corner (experiment 3 and the ablation)
-#   CONTROLS [1]                1: also each step's random-weights control (CONTROL_SEEDS [3] initialisations)
+#   CONTROLS [1]                1: also each step's random-weights control, CONTROL_SEEDS [19] initialisations (the
+#                               fewest whose rank test can reach 5%; fewer read "untestable"), experiments 1 and 2
+#                               on the first CONTROL_ITEMS [100] worlds (all, or a number), the sweep on all pairs
 #   ABLATE [1]                  1: ablate each corner's heads after experiment 3 (head_ablation.py)
 #   DATA_DIR [data]             ShapeWorld data in DATA_DIR/spatial_twoshapes/agreement/relational, corner pairs in
 #                               DATA_DIR/dataset_{corner}; what is missing is generated first (a step of its own)
@@ -22,8 +24,8 @@
 # one as it ends. A step that fails is recorded (OUT_DIR/steps/{step}.json, with the end of its log) and the next
 # one starts; the report shows it. Rerunning resumes: a finished step is skipped, one cut off or failed is run
 # again and picks up where its script stopped. A rerun with another model path, WORLDS, COUNT, CONTROL_SEEDS,
-# DTYPE or DATA_DIR is refused before any step (OUT_DIR/study.json keeps them). Exit status: 0 when every step
-# finished, 1 when one failed, 2 for a bad setting, 130 when interrupted.
+# CONTROL_ITEMS, DTYPE or DATA_DIR is refused before any step (OUT_DIR/study.json keeps them). Exit status: 0 when
+# every step finished, 1 when one failed, 2 for a bad setting, 130 when interrupted.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ -z "${PYTHON:-}" ]; then

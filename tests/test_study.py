@@ -16,6 +16,7 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,6 +25,7 @@ from conftest import FAILING  # noqa: E402
 from spatial_attention.common.errors import OptionError  # noqa: E402
 from spatial_attention.study import (report, report_blocks, report_readings,  # noqa: E402  (after the path)
                                      report_sections)
+from spatial_attention.stats.inference import benjamini_hochberg  # noqa: E402
 from spatial_attention.study.study import StudySettings, plan  # noqa: E402
 
 SECTIONS = ("rules", "experiment-1", "experiment-2", "experiment-3", "ablation", "manifest", "steps")
@@ -174,9 +176,9 @@ def test_every_number_is_its_summary_field(study):
         return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
     cells = (f"| subject_cross iou, real minus shuffled | {shown(row['mean_diff'], row['ci_lo'], row['ci_hi'])}, "
-             f"q={row['q_value']:.2g} | "
+             f"p={row['p_value']:.2g} | "
              f"{shown(control['control_mean'], control['control_ci_lo'], control['control_ci_hi'])} | "
-             f"{shown(control['diff_mean'], control['diff_ci_lo'], control['diff_ci_hi'])} |")
+             f"{shown(control['diff_mean'], control['diff_pi_lo'], control['diff_pi_hi'])} |")
     assert cells in (out / "report" / "REPORT.md").read_text()
 
 
@@ -322,39 +324,50 @@ def _exp1_row(map_name, metric, **values):
     return {"map": map_name, "metric": metric, **values}
 
 
-def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
-    """Planted summaries: a finding beyond its control, a finding the control shares, an interval covering 0,
-    an opposite sign; an ablation that passes, one whose interval covers 0, one no better than random heads, one
-    with too few random sets to pass and one whose sets are not recorded; significant-head counts testable,
-    untestable, testable only at BH's largest threshold, and without a recorded floor."""
-    m = tmp_path / "llava"
-    rows = [_exp1_row("subject_cross", "iou", mean_diff=0.12, ci_lo=0.08, ci_hi=0.16, q_value=1e-4),
-            _exp1_row("object_cross", "iou", mean_diff=0.05, ci_lo=0.01, ci_hi=0.09, q_value=0.01),
-            _exp1_row("relation_cross", "iou", mean_diff=0.03, ci_lo=0.005, ci_hi=0.055, q_value=0.2),
-            _exp1_row("subject_cross", "specificity_iou", real_mean=0.01, real_ci_lo=-0.02, real_ci_hi=0.04),
-            _exp1_row("object_cross", "specificity_iou", real_mean=-0.06, real_ci_lo=-0.09, real_ci_hi=-0.03)]
+def _comparison(metric, model_mean, seed_means):
+    diff = model_mean - float(np.mean(seed_means))
+    return {"metric": metric, "control_mean": float(np.mean(seed_means)), "control_ci_lo": min(seed_means),
+            "control_ci_hi": max(seed_means), "model_mean": model_mean, "seed_means": seed_means,
+            "diff_mean": diff, "diff_pi_lo": diff - 0.01, "diff_pi_hi": diff + 0.01}
+
+
+TIGHT = [0.01 + 0.0001 * k for k in range(19)]  # 19 initialisations, close together
+
+
+def _plant_study(root: Path) -> Path:
+    """Planted summaries of one model, every kind of reading: see the test below."""
+    m = root / "llava"
+    rows = [_exp1_row("subject_cross", "iou", mean_diff=0.12, ci_lo=0.08, ci_hi=0.16, p_value=1e-4),
+            _exp1_row("object_cross", "iou", mean_diff=0.05, ci_lo=0.01, ci_hi=0.09, p_value=1e-3),
+            _exp1_row("relation_cross", "iou", mean_diff=0.03, ci_lo=0.005, ci_hi=0.055, p_value=0.4),
+            _exp1_row("subject_cross", "specificity_iou", real_mean=0.01, real_ci_lo=-0.02, real_ci_hi=0.04,
+                      real_p_value=0.5),
+            _exp1_row("object_cross", "specificity_iou", real_mean=-0.06, real_ci_lo=-0.09, real_ci_hi=-0.03,
+                      real_p_value=1e-4),
+            _exp1_row("subject_self_lm", "specificity_iou", real_mean=0.2, real_ci_lo=0.1, real_ci_hi=0.3,
+                      real_p_value=1e-4)]
     _write(m / "exp1" / "summary.json", {"by_metric": rows})
-    comparison = [{"metric": "subject_cross/iou real-shuffled", "control_mean": 0.01, "control_ci_lo": -0.01,
-                   "control_ci_hi": 0.03, "diff_mean": 0.11, "diff_ci_lo": 0.06, "diff_ci_hi": 0.15},
-                  {"metric": "object_cross/iou real-shuffled", "control_mean": 0.05, "control_ci_lo": 0.02,
-                   "control_ci_hi": 0.08, "diff_mean": 0.0, "diff_ci_lo": -0.04, "diff_ci_hi": 0.04}]
+    comparison = [_comparison("subject_cross/iou real-shuffled", 0.13, TIGHT),  # beyond every seed, far
+                  _comparison("object_cross/iou real-shuffled", 0.05, [0.0] * 18 + [0.06]),  # one seed reaches it
+                  _comparison("subject_self_lm/specificity_iou", 0.2, [0.0, 0.01, 0.02])]  # 3 seeds: untestable
     _write(m / "exp1" / "control_comparison.json", {"rows": comparison})
-    _write(m / "exp2" / "summary.json", {"all": {"symmetry_score": {"mean": -0.002, "ci_lo": -0.003,
-                                                                    "ci_hi": -0.001}}})
-    for name, effect, lo, hi, p_drop, diff, sets in (
-            ("ablation_topleft_unique", -9.8, -12.0, -7.5, 0.03, (-9.7, -12, -7.4), 100),
-            ("ablation_topright_unique", -0.5, -1.5, 0.4, 0.01, None, 100),
-            ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4, (1.0, 0.5, 1.5), 100),
+    _write(m / "exp2" / "summary.json", {"all": {"symmetry_score": {"mean": -0.002, "ci_lo": -0.003, "ci_hi": -0.001,
+                                                                    "p_value": 1e-4}}})
+    _write(m / "exp2" / "control_comparison.json", {"rows": [  # differs from 0: sizes compared, |-0.002| > 0.0001
+        _comparison("symmetry_score", -0.002, [0.0001 * (-1) ** k for k in range(19)])]})
+    for name, effect, lo, hi, p_drop, model_mean, sets in (
+            ("ablation_topleft_unique", -9.8, -12.0, -7.5, 1e-3, -9.8, 1000),
+            ("ablation_topright_unique", -0.5, -1.5, 0.4, 1e-3, None, 1000),
+            ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4, 1.0, 100),
             ("ablation_bottomright_unique", -9.8, -12.0, -7.5, 0.25, None, 3),  # p_drop can only reach 1/4
             ("ablation_bottomright_shared", -9.8, -12.0, -7.5, 0.01, None, None)):
         _write(m / "corners" / name / "summary.json",
                {"heads": [{"layer": 1, "head": 2}], "metrics": {"log_odds_full": {
                    "effect": effect, "ci_lo": lo, "ci_hi": hi, "random_mean": -1.0, "p_drop": p_drop}},
                 **({} if sets is None else {"random_controls": {"count": sets}})})
-        if diff:
+        if model_mean is not None:
             _write(m / "corners" / name / "control_comparison.json", {"rows": [
-                {"metric": "effect_log_odds_full", "control_mean": -0.1, "control_ci_lo": -0.2, "control_ci_hi": 0.0,
-                 "diff_mean": diff[0], "diff_ci_lo": diff[1], "diff_ci_hi": diff[2]}]})
+                _comparison("effect_log_odds_full", model_mean, [-0.1 - t for t in TIGHT])]})
     corners = m / "corners"
     significant = {"topleft": [{}] * 3, "topright": [{}] * 2, "bottomleft": [], "bottomright": [{}]}
     # bottomright: above 0.05 / 16 heads but below 0.05, so BH can still reject (it read untestable before)
@@ -363,55 +376,70 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
            {"significant_heads": significant, "fdr": {"alpha": 0.05, "p_floor": floors}})
     for corner in significant:
         _write(corners / f"head_diff_stats_{corner}" / "meta.json", {"L": 4, "H": 4})
-    for seed, counts in ((1000, (1, 1, 0, 0)), (1001, (2, 2, 0, 0))):
-        _write(corners / "control_random_weights" / f"init_seed_{seed}" / "count_shared_unique" / "summary.json",
+    for k in range(19):  # the initialisations' counts: at most 1, except one seed with 2 in topright
+        counts = (k % 2, 2 if k == 0 else 1, 0, 0)
+        _write(corners / "control_random_weights" / f"init_seed_{1000 + k}" / "count_shared_unique" / "summary.json",
                {"significant_heads": {c: [{}] * n for c, n in zip(significant, counts)}})
-    markdown = report_blocks.render_markdown(*report.build(tmp_path))
-    assert ("llava, subject_cross iou, real minus shuffled: the subject word's attention overlaps its shape more "
-            "than on a patch-shuffled image (the paper's test): yes (real minus shuffled +0.120 [+0.080, +0.160]); "
-            "beyond random weights: yes (model minus control +0.110 [+0.060, +0.150]).") in markdown
-    assert ("(the paper's test): yes (real minus shuffled +0.050 [+0.010, +0.090]); beyond random weights: "
-            "inconclusive (model minus control +0.000 [-0.040, +0.040])") in markdown
-    # an interval above 0 whose q is not below 0.05: the summary does not mark it, nor does the reading
-    assert "on a patch-shuffled image: inconclusive (q >= 0.05) (real minus shuffled +0.030 [+0.005, +0.055])" \
-        in markdown
-    assert ("the subject word attends to its own shape more than to the other: inconclusive (specificity_iou "
-            "+0.010 [-0.020, +0.040]); no random-weights control was run.") in markdown
-    assert "to the other: no (the opposite) (specificity_iou -0.060 [-0.090, -0.030])" in markdown
-    assert "flips with the roles): yes (symmetry_score -0.0020 [-0.0030, -0.0010])" in markdown
-    assert "llava, topleft: ablating the unique heads (L1.H2) lowers" in markdown
-    assert ("of their layers: yes (effect -9.8 [-12.0, -7.5], random sets -1, p_drop 0.03); beyond random weights: "
-            "yes (model minus control -9.7 [-12.0, -7.4]).") in markdown
-    assert "of their layers: inconclusive (effect -0.5 [-1.5, +0.4]" in markdown
-    assert ("of their layers: no (effect -2.0 [-3.0, -1.0], random sets -1, p_drop 0.4); beyond random weights: no "
-            "(the opposite) (model minus control +1.0 [+0.5, +1.5]).") in markdown
-    # experiment 3: more significant heads than every initialisation, no more, and a test no head could pass
-    assert "llava, topleft: more heads change their score significantly than in every random initialisation: yes " \
-           "(3 heads; random weights: 1, 2; smallest possible p 1e-05)." in markdown
-    assert "llava, topright: more heads change their score significantly than in every random initialisation: no " \
-           "(2 heads; random weights: 1, 2;" in markdown
-    assert "llava, bottomleft: more heads change their score significantly than in every random initialisation: " \
-           "untestable at this number of pairs (0 heads; random weights: 0, 0; smallest possible p 0.12)." in markdown
-    assert "llava, bottomright: more heads change their score significantly than in every random initialisation: " \
-           "yes (1 heads; random weights: 0, 0; smallest possible p 0.01)." in markdown
-    assert ("bottomright: ablating the unique heads (L1.H2) lowers the full images' yes log-odds more than random "
-            "heads of their layers: untestable with 3 random head sets (p_drop cannot go below 1/4)") in markdown
-    assert ("bottomright: ablating the shared heads (L1.H2) lowers the full images' yes log-odds more than random "
-            "heads of their layers: untestable (the number of random head sets is not recorded)") in markdown
+    return corners
+
+
+def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
+    """Planted summaries: a finding beyond every initialisation, one that an initialisation reaches, one with too
+    few initialisations, a p above the family's threshold, an opposite sign, a size against sizes; an ablation
+    that passes, one whose interval covers 0, one with a large p_drop, one with too few random sets and one whose
+    sets are not recorded; significant-head counts testable, untestable, testable only at BH's largest threshold,
+    and without a recorded floor. Every q is Benjamini-Hochberg over the report's tested readings."""
+    corners = _plant_study(tmp_path)
+    report.write_report(tmp_path)
+    markdown = (tmp_path / "report" / "REPORT.md").read_text()
+    recorded = json.loads((tmp_path / "report" / "readings.json").read_text())
+    tested = [r for r in recorded["readings"] if r["q"] is not None]
+    q, _ = benjamini_hochberg(np.array([r["p"] for r in tested]))
+    assert [r["q"] for r in tested] == pytest.approx(q.tolist()) and recorded["m"] == len(tested) == 18
+
+    def said(claim_end, reading):
+        return re.search(re.escape(claim_end) + ": " + reading, markdown)
+
+    shuffled = "than on a patch-shuffled image"
+    assert said(shuffled, r"yes \(q=[0-9.e-]+\) \(real minus shuffled \+0\.120 \[\+0\.080, \+0\.160\]\); beyond "
+                          r"random weights: yes \(q=")
+    assert said(shuffled, r"yes \(q=[0-9.e-]+\) \(real minus shuffled \+0\.050 \[\+0\.010, \+0\.090\]\); beyond "
+                          r"random weights: inconclusive \(q=[0-9.e-]+, but 1 of 19 initialisations reach the model\)")
+    assert said(shuffled, r"inconclusive \(q=[0-9.]+\) \(real minus shuffled \+0\.030")
+    assert "salience (the paper's test, not evidence of grounding): the subject word's" in markdown
+    assert said("more than to the other", r"inconclusive \(q=[0-9.]+\) \(specificity_iou \+0\.010 \[-0\.020, "
+                                          r"\+0\.040\]\); no random-weights control was run\.")
+    assert said("more than to the other", r"no \(the opposite\) \(q=[0-9.e-]+\) \(specificity_iou -0\.060")
+    assert said("own shape more than to the other", r"yes \(q=[0-9.e-]+\) \(specificity_iou \+0\.20 \[\+0\.10, "
+                r"\+0\.30\]\); beyond random weights: untestable with 3 initialisations \(the model beyond all of them "
+                r"has rank p 1/4; 19 are needed\)")
+    assert said("flips with the roles)", r"yes \(q=[0-9.e-]+\) \(symmetry_score -0\.0020 \[-0\.0030, -0\.0010\]\); "
+                                         r"beyond random weights: yes")
+    layers = "random heads of their layers"
+    assert said(layers, r"yes \(q=[0-9.e-]+\) \(effect -9\.8 \[-12\.0, -7\.5\], random sets -1, p_drop 0\.001\); "
+                        r"beyond random weights: yes \(q=")
+    assert said(layers, r"inconclusive \(q=[0-9.e-]+, but the effect's interval reaches 0\) \(effect -0\.5")
+    assert said(layers, r"inconclusive \(q=[0-9.]+\) \(effect -2\.0 \[-3\.0, -1\.0\], random sets -1, p_drop 0\.4\); "
+                        r"beyond random weights: inconclusive \(q=1\)")
+    assert said(layers, r"untestable with 3 random head sets \(p_drop cannot go below 1/4\)")
+    assert said(layers, r"untestable \(the number of random head sets is not recorded\)")
+    # experiment 3: more significant heads than every initialisation, one reached by a seed, a test no head
+    # could pass, and one passing only at BH's largest threshold
+    counted = "than in the random initialisations"
+    assert said("topleft: more heads change their score significantly " + counted,
+                r"yes \(q=[0-9.e-]+\) \(3 heads; random weights: 0, 1, 0,")
+    assert said("topright: more heads change their score significantly " + counted,
+                r"inconclusive \(q=[0-9.e-]+(, but 1 of 19 initialisations reach the model)?\) \(2 heads")
+    assert said("bottomleft: more heads change their score significantly " + counted,
+                r"untestable at this number of pairs \(0 heads; random weights: 0, 0,")
+    assert said("bottomright: more heads change their score significantly " + counted, r"yes \(q=")
     # a floor that is not recorded counts as untestable, not as testable
     summary = json.loads((corners / "count_shared_unique" / "summary.json").read_text())
     del summary["fdr"]["p_floor"]["bottomright"]
     _write(corners / "count_shared_unique" / "summary.json", summary)
-    markdown = report_blocks.render_markdown(*report.build(tmp_path))
-    assert "llava, bottomright: more heads change their score significantly than in every random initialisation: " \
+    markdown = report_blocks.render_markdown(*report.build(tmp_path)[:2])
+    assert "llava, bottomright: more heads change their score significantly than in the random initialisations: " \
            "untestable (the analysis records no smallest possible p) (1 heads;" in markdown
-
-
-@pytest.mark.parametrize("lo, hi, sided, said", [
-    (0.01, 0.2, 1, "yes"), (-0.2, -0.01, 1, "no (the opposite)"), (-0.01, 0.2, 1, "inconclusive"),
-    (0.0, 0.2, 1, "inconclusive"), (-0.2, -0.01, 0, "yes"), (-0.1, 0.1, 0, "inconclusive"), (None, 0.1, 1, "n/a")])
-def test_verdict(lo, hi, sided, said):
-    assert report_readings.verdict(lo, hi, sided) == said
 
 
 def test_intervals_show_their_width_to_two_digits():

@@ -94,7 +94,7 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     out.mkdir()
     (out / "sweep_settings.txt").write_text("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\n"
                                            "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nDTYPE=auto\nABLATE_MODE=zero\n"
-                                           "RANDOM_CONTROLS=20\n")
+                                           "RANDOM_CONTROLS=100\n")
     (tmp_path / "data").mkdir()
     for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # no data to generate: the first step scores
         (tmp_path / "data" / f"dataset_{corner}").mkdir()

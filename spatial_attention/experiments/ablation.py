@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--positions", choices=POSITIONS, default="all",
                         help="ablate the heads at every position (the paper's), or only at the answer position "
                              "(where head_attention_stats.py --score patching measures them)")
-    parser.add_argument("--random-controls", type=int, default=20,
-                        help="random head sets from the same layers, the null distribution of the effect")
+    parser.add_argument("--random-controls", type=int, default=100,
+                        help="random head sets from the same layers, the null distribution of the effect: p_drop "
+                             "cannot go below 1/(1 + sets), and the report corrects it with its other tests")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
     parser.add_argument("--sets-per-forward", type=int, default=8,
                         help="copies of each batch in one forward pass of the layers from the lowest ablated one "

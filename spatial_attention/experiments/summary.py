@@ -25,7 +25,8 @@ from matplotlib.figure import Figure
 from spatial_attention.common.runio import write_atomic, write_json
 from spatial_attention.data.shapeworld import RELATIONS
 from spatial_attention.run.figures import save_figure
-from spatial_attention.stats.inference import benjamini_hochberg, bootstrap_ci, mean_std, paired_summary
+from spatial_attention.stats.inference import (benjamini_hochberg, bootstrap_ci, mean_std, paired_permutation_p,
+                                               paired_summary)
 from spatial_attention.stats.metrics import (CROSS_MAPS, HIGHER_IS_BETTER, MAPS, METRICS, SPECIFICITY_METRICS,
                                              display_order)
 
@@ -34,7 +35,7 @@ log = logging.getLogger("spatial_attention")
 CSV_COLUMNS = ("map", "metric", "relation", "better", "n", "n_null", "n_paired", "n_null_shuffled",
                "real_mean", "real_std", "real_ci_lo", "real_ci_hi",
                "shuffled_mean", "shuffled_std", "shuffled_ci_lo", "shuffled_ci_hi",
-               "mean_diff", "ci_lo", "ci_hi", "p_value", "q_value")
+               "real_p_value", "mean_diff", "ci_lo", "ci_hi", "p_value", "q_value")
 SIGNIFICANCE = 0.05  # q below this gets a star in the figures
 
 
@@ -70,7 +71,8 @@ def better(metric: str) -> str:
 
 def _row(map_name: str, metric: str, v: _Values, seed: int, n_boot: int, n_perm: int) -> dict:
     """One summary row. n / real_* use every non-null real value, shuffled_* every non-null
-    shuffled one; n_paired, mean_diff, ci_* and p_value only the worlds where both are non-null."""
+    shuffled one; n_paired, mean_diff, ci_* and p_value only the worlds where both are non-null. real_p_value:
+    the sign-flip p of the real mean = 0, for the specificity metrics (None for the others)."""
     real, shuf = np.asarray(v.real), np.asarray(v.shuffled)
     real, shuf = real[np.isfinite(real)], shuf[np.isfinite(shuf)]
     n, real_mean, real_std = mean_std(real)
@@ -78,9 +80,12 @@ def _row(map_name: str, metric: str, v: _Values, seed: int, n_boot: int, n_perm:
     real_lo, real_hi = bootstrap_ci(real, n_boot=n_boot, seed=seed)
     shuf_lo, shuf_hi = bootstrap_ci(shuf, n_boot=n_boot, seed=seed)
     paired = paired_summary(v.real, v.shuffled, seed=seed, n_boot=n_boot, n_perm=n_perm)
+    # a specificity's 0 means "no preference between the shapes": its own test, beside the shuffle's
+    real_p = paired_permutation_p(real, n_perm=n_perm, seed=seed) if metric in SPECIFICITY_METRICS else None
     return {"map": map_name, "metric": metric, "better": better(metric), "n": n, "n_null": v.n_null,
             "n_paired": paired["n"], "n_null_shuffled": v.n_null_shuffled,
             "real_mean": real_mean, "real_std": real_std, "real_ci_lo": real_lo, "real_ci_hi": real_hi,
+            "real_p_value": real_p,
             "shuffled_mean": shuf_mean, "shuffled_std": shuf_std, "shuffled_ci_lo": shuf_lo, "shuffled_ci_hi": shuf_hi,
             **{k: paired[k] for k in ("mean_diff", "ci_lo", "ci_hi", "p_value")}}
 

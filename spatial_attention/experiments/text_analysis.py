@@ -35,7 +35,7 @@ from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
 from spatial_attention.run.figures import plot_asymmetry
 from spatial_attention.run.runloop import Run, open_run, prepare_run, resumable_map, world_results
-from spatial_attention.stats.inference import bootstrap_ci, json_safe
+from spatial_attention.stats.inference import bootstrap_ci, json_safe, paired_permutation_p
 
 log = logging.getLogger("spatial_attention")
 
@@ -176,14 +176,16 @@ def pair_record(shard: int, index: int, s1: Caption, s2: Caption, rec1: dict, re
 
 
 def summarise_pairs(records: list[dict], seed: int = 0) -> dict:
-    """Means, mean |symmetry|, 95% bootstrap intervals; overall and by relation."""
+    """Means, mean |symmetry|, 95% bootstrap intervals and the sign-flip p of mean = 0 (not for |symmetry|, which is
+    never below 0); overall and by relation."""
     def block(rows):
         out = {"n": len(rows)}
         for name, values in (("asym_s1", [r["asym_s1"] for r in rows]), ("asym_s2", [r["asym_s2"] for r in rows]),
                              ("symmetry_score", [r["symmetry_score"] for r in rows]),
                              ("abs_symmetry_score", [abs(r["symmetry_score"]) for r in rows])):
             lo, hi = bootstrap_ci(values, seed=seed)
-            out[name] = {"mean": float(np.mean(values)) if values else None, "ci_lo": lo, "ci_hi": hi}
+            p = None if name.startswith("abs_") else paired_permutation_p(values, seed=seed)
+            out[name] = {"mean": float(np.mean(values)) if values else None, "ci_lo": lo, "ci_hi": hi, "p_value": p}
         return out
 
     relations = sorted({r["relation"] for r in records})

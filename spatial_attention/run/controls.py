@@ -9,10 +9,12 @@ initialisation is one draw, whose attention can carry a bias of that draw, so th
     OUT/control_random_weights/init_seed_{S}/   laid out exactly as OUT itself
 
 where OUT is the folder the command's output option names. Pooled over the seeds, each metric's mean
-gets a hierarchical bootstrap interval (resample the seeds, then the items), and where the model's own
-results are in OUT the comparison adds, per metric, the model-minus-control difference, paired by item
-(world, caption or pair), with the same kind of interval: ``OUT/control_comparison.json`` and ``.csv``,
-also added to ``OUT/summary.json`` (key ``model_minus_control``) when there is one.
+gets a hierarchical bootstrap interval (resample the seeds, then the items). Where the model's own results
+are in OUT, the comparison sets the model, which is one draw, against the distribution of the seeds (each
+seed's mean over the items the model also has): a rank p and a prediction interval with K - 1 degrees of
+freedom (``stats.inference.against_initialisations``). The rank p cannot go below 1 / (K + 1), so the
+default is the K = 19 at which it reaches 0.05. ``OUT/control_comparison.json`` and ``.csv``, also added to
+``OUT/summary.json`` (key ``model_minus_control``) when there is one.
 """
 from __future__ import annotations
 
@@ -32,18 +34,20 @@ from spatial_attention.common.console import check_at_least
 from spatial_attention.common.errors import OptionError
 from spatial_attention.common.runio import read_jsonl, write_atomic, write_json
 from spatial_attention.run.options import ModelOptions
-from spatial_attention.stats.inference import hierarchical_bootstrap_ci, json_safe
+from spatial_attention.stats.inference import (RANK_MIN_SEEDS, against_initialisations, hierarchical_bootstrap_ci,
+                                               json_safe)
 
 log = logging.getLogger("spatial_attention")
 
 RANDOM_WEIGHTS = "random-weights"
 CONTROL_FOLDER = "control_random_weights"
 INIT_SEED_BASE = 1000  # far from the small --seed values that draw tiny-random's own weights
-DEFAULT_SEEDS = 3
+DEFAULT_SEEDS = RANK_MIN_SEEDS  # the fewest for which the model can lie beyond them at 5%
 MAX_SEEDS = 1000  # each initialisation reruns the whole experiment: more is a typo, not a plan
 COMPARISON_FILE = "control_comparison"
 COMPARISON_COLUMNS = ("metric", "n_items", "n_seeds", "control_mean", "control_ci_lo", "control_ci_hi",
-                      "model_mean", "n_paired", "diff_mean", "diff_ci_lo", "diff_ci_hi")
+                      "model_mean", "n_paired", "diff_mean", "diff_pi_lo", "diff_pi_hi",
+                      "rank_p_above", "rank_p_below", "pred_p_above", "pred_p_below")
 
 
 def add_control_args(parser: argparse.ArgumentParser) -> None:
@@ -127,8 +131,9 @@ def read_items(folder: Path, items: ItemMetrics) -> dict[str, dict[Hashable, flo
 
 def compare(model: dict[str, dict], control: list[dict[str, dict]], seed: int = 0, n_boot: int = 2000) -> list[dict]:
     """One row per metric: the control's mean over seeds and items with its hierarchical bootstrap interval,
-    and where the model has the metric, the model's mean and the model-minus-control difference over the
-    items both have (per item: the model's value minus each seed's), with its hierarchical interval."""
+    and where the model has the metric, the model's mean over the items both have against the distribution of
+    the seeds' means over the same items (``against_initialisations``: rank p, prediction interval and test;
+    the model is one draw, so the initialisations are the unit, not the items)."""
     metrics = list(dict.fromkeys(m for table in control for m in table))
     rows = []
     for metric in metrics:
@@ -142,12 +147,19 @@ def compare(model: dict[str, dict], control: list[dict[str, dict]], seed: int = 
         mine = model.get(metric, {})
         paired = [i for i in items if i in mine]
         if paired:
-            diff = np.array([[mine[i] - t.get(i, np.nan) for i in paired] for t in tables])
-            dlo, dhi = hierarchical_bootstrap_ci(diff, n_boot=n_boot, seed=seed)
-            row.update(model_mean=float(np.mean([mine[i] for i in paired])), n_paired=len(paired),
-                       diff_mean=float(np.nanmean(diff)), diff_ci_lo=dlo, diff_ci_hi=dhi)
+            model_mean = float(np.mean([mine[i] for i in paired]))
+            seed_means = [_mean_of(t, paired) for t in tables]
+            test = against_initialisations(model_mean, seed_means)
+            row.update(model_mean=model_mean, n_paired=len(paired), seed_means=seed_means,
+                       diff_mean=test["diff"], **{k: test[k] for k in COMPARISON_COLUMNS[-6:]})
         rows.append(row)
     return rows
+
+
+def _mean_of(table: dict, items: list) -> float | None:
+    """A seed's mean over ``items`` (those it has); None where it has none."""
+    values = [table[i] for i in items if i in table]
+    return float(np.mean(values)) if values else None
 
 
 def control_seed_folders(out: Path) -> list[Path]:
@@ -172,9 +184,14 @@ def write_comparison(out: Path, items: ItemMetrics, seed: int = 0,
     rows = compare(model, control, seed=seed)
     seeds = [str(folder) for folder, table in zip(folders, control) if table]
     described = {"control": RANDOM_WEIGHTS, "seed_folders": seeds,
-                 "definitions": {"control_ci": "95% bootstrap: resample the seeds, then the items",
-                                 "diff": "model minus control, per item (the model's value minus each seed's), "
-                                         "95% bootstrap as control_ci"},
+                 "definitions": {"control_ci": "95% bootstrap of the control's mean: resample the seeds, then the items",
+                                 "diff": "the model's mean minus the mean of the seeds' means, over the items both "
+                                         "have (seed_means); diff_pi: its 95% prediction interval (t, K-1 degrees "
+                                         "of freedom), which excludes 0 when the model lies outside the spread of "
+                                         "the initialisations",
+                                 "rank_p": "(1 + seeds at least as high (above) or low (below) as the model) / "
+                                           "(K + 1)",
+                                 "pred_p": "one-sided p of the prediction test (t, K-1 degrees of freedom)"},
                  "rows": rows}
     write_json(out / f"{COMPARISON_FILE}.json", json_safe(described))
     buf = io.StringIO()

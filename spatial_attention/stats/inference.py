@@ -1,5 +1,6 @@
 """Numpy statistics for every summary: means, bootstrap intervals, paired sign-flip
-permutation tests, Benjamini-Hochberg, and JSON-safe conversion.
+permutation tests, a model against the distribution of its random initialisations,
+Benjamini-Hochberg, and JSON-safe conversion.
 
 Missing values (None, NaN, +-inf) are dropped wherever a function takes a sample.
 """
@@ -9,6 +10,7 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 # Random draws (matrix elements) per chunk, so that memory stays bounded for large samples: a few 4 MB
 # arrays at a time, so that the end-of-run summary of 5,000 worlds peaks no higher than that of 1,000
@@ -75,6 +77,43 @@ def hierarchical_bootstrap_ci(values: np.ndarray, n_boot: int = 2000, alpha: flo
     means = means[np.isfinite(means)]
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return float(lo), float(hi)
+
+
+# The fewest initialisations for which the rank p, (1 + #{seeds at least as far}) / (K + 1), can reach 0.05.
+RANK_MIN_SEEDS = 19
+
+
+def against_initialisations(model: float, seeds: Iterable[float | None] | np.ndarray, alpha: float = 0.05) -> dict:
+    """The model, one draw, against the distribution of K random initialisations' values of the same quantity
+    (the unit that varies is the initialisation, so K, not the items, sets the evidence):
+
+    - ``rank_p_above`` = (1 + #{seeds >= model}) / (K + 1), ``rank_p_below`` likewise with <=: exact and
+      distribution-free if the model were one more initialisation; never below 1 / (K + 1);
+    - ``diff`` = model - mean(seeds), with ``diff_pi_lo`` / ``diff_pi_hi`` = diff -+ t(K-1, 1 - alpha/2) s
+      sqrt(1 + 1/K): it excludes 0 exactly when the model lies outside the (1 - alpha) prediction interval of
+      one more initialisation (normal seeds assumed; K >= 2);
+    - ``pred_p_above`` / ``pred_p_below``: the one-sided p-values of that prediction test (t with K - 1 degrees
+      of freedom), which, unlike the rank p, can be small enough for a correction over many readings.
+
+    Values that are None or not finite are dropped; the fields that need more seeds are None."""
+    s = _finite(seeds)
+    k = int(s.size)
+    out = {"n_seeds": k, "seed_mean": float(s.mean()) if k else None,
+           "rank_p_above": float((1 + np.count_nonzero(s >= model)) / (k + 1)),
+           "rank_p_below": float((1 + np.count_nonzero(s <= model)) / (k + 1)),
+           "diff": float(model - s.mean()) if k else None,
+           "diff_pi_lo": None, "diff_pi_hi": None, "pred_p_above": None, "pred_p_below": None}
+    if k >= 2:
+        scale = float(s.std(ddof=1)) * math.sqrt(1 + 1 / k)
+        half = float(scipy_stats.t.ppf(1 - alpha / 2, k - 1)) * scale
+        if scale > 0:
+            t = out["diff"] / scale
+            above, below = float(scipy_stats.t.sf(t, k - 1)), float(scipy_stats.t.cdf(t, k - 1))
+        else:  # identical seeds: the model is beyond them exactly when it differs
+            above, below = (0.0 if out["diff"] > 0 else 1.0), (0.0 if out["diff"] < 0 else 1.0)
+        out.update(diff_pi_lo=out["diff"] - half, diff_pi_hi=out["diff"] + half, pred_p_above=above,
+                   pred_p_below=below)
+    return out
 
 
 def signflip_is_exact(n: int, n_perm: int) -> bool:

@@ -15,33 +15,40 @@ from pathlib import Path
 
 from spatial_attention.study.folder import REPORT_DIR
 from spatial_attention.study.report_blocks import Bullets, Heading, Link, Para, render_html, render_markdown
-from spatial_attention.study.report_readings import RULES, Outputs, model_label, status_line, study_models
+from spatial_attention.study.report_readings import (ALPHA, RULES, Outputs, decide, model_label, status_line,
+                                                     study_models)
 from spatial_attention.study.report_sections import ablation, experiment_1, experiment_2, experiment_3, manifest, steps
 
 
-def build(out: Path) -> tuple[str, list]:
-    """The report's title and blocks, from the study folder ``out``."""
+def build(out: Path) -> tuple[str, list, list]:
+    """The report's title, its blocks and its readings' tests (decided as one family), from the study folder
+    ``out``."""
     o = Outputs(out)
     models = study_models(o)
     title = "Spatial attention study: " + ", ".join(model_label(o, m) for m in models)
     sections = (experiment_1(o, models) + experiment_2(o, models) + experiment_3(o, models) + ablation(o, models)
                 + manifest(o, models) + steps(o))
+    decide(o.verdicts)
     contents = [[Link(h.text, h.anchor)] for h in sections if isinstance(h, Heading) and h.level == 2]
     blocks = [Para([status_line(o)]), Bullets(contents), Heading(2, "How to read", "rules"),
               Bullets([[rule] for rule in RULES])]
     blocks += sections
-    return title, blocks
+    return title, blocks, o.verdicts
 
 
 def write_report(out: Path) -> tuple[Path, Path]:
-    """Write ``out/report/index.html`` and ``out/report/REPORT.md``; their paths."""
-    from spatial_attention.common.runio import write_atomic
+    """Write ``out/report/index.html``, ``out/report/REPORT.md`` and ``out/report/readings.json`` (every
+    reading's test, p, q and verdict); the first two's paths."""
+    from spatial_attention.common.runio import write_atomic, write_json
 
     out = Path(out)
-    title, blocks = build(out)
+    title, blocks, verdicts = build(out)
     html_path, md_path = out / REPORT_DIR / "index.html", out / REPORT_DIR / "REPORT.md"
     write_atomic(html_path, render_html(out, title, blocks))
     write_atomic(md_path, render_markdown(title, blocks))
+    write_json(out / REPORT_DIR / "readings.json",
+               {"family": "Benjamini-Hochberg over every tested reading", "alpha": ALPHA,
+                "m": sum(v.q is not None for v in verdicts), "readings": [v.record() for v in verdicts]})
     return html_path, md_path
 
 

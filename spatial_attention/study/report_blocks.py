@@ -90,13 +90,15 @@ def _html_parts(parts: list) -> str:
                        f"{html.escape(part.text())}</span>")
         elif isinstance(part, Link):
             out.append(f'<a href="#{part.anchor}">{html.escape(part.label)}</a>')
+        elif hasattr(part, "text"):  # a reading's verdict (report_readings.Verdict)
+            out.append(f"<b>{html.escape(part.text())}</b>")
         else:
             out.append(_bold(str(part)))
     return "".join(out)
 
 
 def _md_parts(parts: list) -> str:
-    shown = (p.text() if isinstance(p, (Num, Link)) else str(p) for p in parts)
+    shown = (p.text() if hasattr(p, "text") else str(p) for p in parts)
     return "".join(shown).replace("|", "\\|")
 
 

@@ -1,15 +1,19 @@
 """How the report reads a study folder: its JSON files read once each, numbers with their source, intervals, and
-the one-sentence readings by the rules of ``RULES``."""
+the one-sentence readings by the rules of ``RULES``: each reading's test is a ``Verdict``, and all of them are
+decided together, as one Benjamini-Hochberg family, once the report is built."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from spatial_attention.run.controls import COMPARISON_FILE
+from spatial_attention.stats.inference import RANK_MIN_SEEDS, against_initialisations, benjamini_hochberg
 from spatial_attention.study.folder import STEPS_DIR, STUDY_FILE
 from spatial_attention.study.report_blocks import Heading, Num, Para
 
@@ -17,25 +21,70 @@ ALPHA = 0.05  # the significance level of every test the summaries carry
 
 
 RULES = [
-    "A claim with a direction reads **yes** when the 95% interval of its number lies wholly on the side the claim "
-    "states, **no (the opposite)** when it lies wholly on the other side, and **inconclusive** when it covers 0.",
-    "A claim that a number differs from 0 (either sign) reads **yes** when its 95% interval excludes 0, else "
-    "**inconclusive**.",
-    "Experiment 1's patch-shuffle test (real minus shuffled) reads **yes** only when, in addition, its "
-    "Benjamini-Hochberg q (over the summary's map x metric rows) is below 0.05, as the summary marks it.",
-    "**Beyond random weights** applies the same rule to the model-minus-control difference (per item, the model's "
-    "value minus each random initialisation's; the interval resamples the initialisations, then the items). "
-    "A finding that random weights also produce is not a finding.",
-    "Experiment 3's significant heads (paired sign-flip test, Benjamini-Hochberg FDR 5% over all heads) have no "
-    "interval: the reading is **yes** when the model has more of them than every random initialisation, else **no**; "
-    "**untestable** when the test's smallest possible p (with few pairs) lies above 0.05, or is not recorded: "
-    "Benjamini-Hochberg rejects nothing then, whatever the model does.",
-    "An ablation reads **yes** when its effect's 95% interval lies below 0 and p_drop <= 0.05 (the chosen heads "
-    "lower the answer more than random heads of the same layers), **inconclusive** when the interval covers 0, "
-    "**no** otherwise, and **untestable** when its random head sets are too few for p_drop to reach 0.05 (its "
-    "smallest value is 1 / (1 + sets)) or their number is not recorded; beyond random weights: the model's effect "
-    "minus the control's, below 0.",
+    "Every yes/no reading is a test with a p-value, and all of the report's tests form **one Benjamini-Hochberg "
+    "family** (FDR 5%): a reading says **yes** only when its q (shown) is at most 0.05, and **inconclusive** "
+    "otherwise. The 95% intervals beside the numbers are shown for size and are not corrected. Readings "
+    "that no p could pass are **untestable** and are left out of the family (m counts the others; the report's "
+    "p and q are in report/readings.json).",
+    "A claim with a direction is tested two-sided (sign-flip over the items): **yes** when q <= 0.05 and the "
+    "number lies on the claimed side, **no (the opposite)** when q <= 0.05 on the other side. A claim that a "
+    "number differs from 0 reads **yes** when q <= 0.05.",
+    "Experiment 1's patch-shuffle test (real minus shuffled) is **a salience test**: attention that lands on "
+    "any shape passes it, and random weights pass it too. It is shown beside its random-weights comparison and "
+    "is never read as evidence of grounding; the specificity readings are.",
+    "**Beyond random weights** sets the model, one draw, against the spread of K random initialisations of its "
+    "architecture (each initialisation's mean over the same items): yes when the model lies beyond every one of "
+    "them (rank p = 1 / (K + 1) <= 0.05, free of any assumption) and the prediction test's q (t with K - 1 "
+    "degrees of freedom) is at most 0.05. For a claim that a number differs from 0, its size |.| is compared. "
+    "**Untestable** with K < 19 initialisations (the rank p cannot reach 0.05). A finding that random weights "
+    "also produce is not a finding.",
+    "Experiment 3's significant heads (paired sign-flip test, Benjamini-Hochberg FDR 5% over all heads) are "
+    "compared with the random initialisations' counts by the same rule; **untestable** when the test's smallest "
+    "possible p (with few pairs) lies above 0.05, or is not recorded: Benjamini-Hochberg rejects nothing then, "
+    "whatever the model does.",
+    "An ablation's test is p_drop (the chosen heads lower the answer more than random heads of the same layers): "
+    "**yes** when its q <= 0.05 and its effect's 95% interval lies below 0, **untestable** when its random head "
+    "sets are too few for p_drop to reach 0.05 (its smallest value is 1 / (1 + sets)) or their number is not "
+    "recorded; beyond random weights: the model's effect against the initialisations' effects, as above.",
 ]
+
+
+@dataclass
+class Verdict:
+    """A reading's yes/no, decided when the report's one Benjamini-Hochberg family is complete (``decide``).
+    ``p``: its test's p-value (two-sided where ``sign`` can be -1); ``sign``: +1 when the estimate lies on the
+    claim's side, -1 on the other; ``fixed``: a reading that no test decides (untestable, n/a), left out of the
+    family; ``blocked``: why a significant q still cannot read yes (the test counts in the family)."""
+    claim: str
+    test: str
+    p: float | None = None
+    sign: int = 1
+    fixed: str | None = None
+    blocked: str | None = None
+    q: float | None = None
+
+    def text(self) -> str:
+        if self.fixed:
+            return self.fixed
+        if self.p is None or self.q is None:
+            return "n/a"
+        q = f"q={self.q:.2g}"
+        if self.q > ALPHA:
+            return f"inconclusive ({q})"
+        if self.blocked:
+            return f"inconclusive ({q}, but {self.blocked})"
+        return f"yes ({q})" if self.sign > 0 else f"no (the opposite) ({q})"
+
+    def record(self) -> dict:
+        return {"claim": self.claim, "test": self.test, "p": self.p, "q": self.q, "reading": self.text()}
+
+
+def decide(verdicts: list[Verdict]) -> None:
+    """Benjamini-Hochberg over every tested reading of the report; sets each one's q."""
+    tested = [v for v in verdicts if v.fixed is None and v.p is not None]
+    q, _ = benjamini_hochberg(np.array([v.p for v in tested], dtype=np.float64), ALPHA)
+    for v, value in zip(tested, q):
+        v.q = float(value)
 
 
 class Outputs:
@@ -44,6 +93,12 @@ class Outputs:
     def __init__(self, out: Path):
         self.out = Path(out)
         self._docs: dict[str, object] = {}
+        self.verdicts: list[Verdict] = []  # every reading's test, in the report's order: one BH family
+
+    def verdict(self, claim: str, test: str, **fields) -> Verdict:
+        v = Verdict(claim, test, **fields)
+        self.verdicts.append(v)
+        return v
 
     def json(self, rel: str | Path):
         rel = str(rel)
@@ -103,26 +158,34 @@ def bounds(parts: list) -> tuple[float | None, float | None]:
     return (nums[1].value, nums[2].value) if len(nums) >= 3 else (None, None)
 
 
-def verdict(lo: float | None, hi: float | None, sided: int = 1) -> str:
-    """The rule of ``RULES``: a directed claim (``sided`` 1: above 0; -1: below 0) or a two-sided one (0)."""
-    if lo is None or hi is None:
-        return "n/a"
-    if sided == 0:
-        return "yes" if lo > 0 or hi < 0 else "inconclusive"
-    if sided < 0:
-        lo, hi = -hi, -lo
-    if lo > 0:
-        return "yes"
-    return "no (the opposite)" if hi < 0 else "inconclusive"
+def model_verdict(o: Outputs, claim: str, p: Num | float | None, estimate: float | None, sided: int,
+                  test: str = "sign-flip over the items, two-sided") -> Verdict:
+    """A claim about the model's own number (``sided`` 1: above 0; -1: below 0; 0: differs from 0)."""
+    p = p.value if isinstance(p, Num) else p
+    if p is None or estimate is None:
+        return o.verdict(claim, test, fixed="n/a (no p-value recorded)" if estimate is not None else "n/a")
+    return o.verdict(claim, test, p=p, sign=1 if sided == 0 or estimate * sided > 0 else -1)
 
 
-def shuffle_verdict(lo: float | None, hi: float | None, q: float | None) -> str:
-    """The paper's test: the interval above 0 and the Benjamini-Hochberg q below ``ALPHA`` (as the summary
-    marks a difference)."""
-    said = verdict(lo, hi, 1)
-    if said == "yes" and (q is None or q >= ALPHA):
-        return "inconclusive (q >= 0.05)"
-    return said
+def beyond_verdict(o: Outputs, claim: str, model: float | None, seeds: list, sided: int) -> Verdict:
+    """The model against the spread of its random initialisations' values (``seeds``), in the claim's direction:
+    the rank p must reach ALPHA (every initialisation beyond it) and the prediction test's p joins the family."""
+    seeds = [s for s in seeds if s is not None]
+    k = len(seeds)
+    test = f"model against {k} random initialisations: rank, and prediction t with {k - 1} degrees of freedom"
+    if model is None or not k:
+        return o.verdict(claim, test, fixed="n/a")
+    if 1 / (k + 1) > ALPHA:
+        return o.verdict(claim, test, fixed=f"untestable with {k} initialisations (the model beyond all of them "
+                                            f"has rank p 1/{k + 1}; {RANK_MIN_SEEDS} are needed)")
+    if sided == 0:  # differs from 0: its size against theirs
+        model, seeds, sided = abs(model), [abs(s) for s in seeds], 1
+    side = "above" if sided > 0 else "below"
+    test_of = against_initialisations(model, seeds)
+    rank = test_of[f"rank_p_{side}"]
+    reach = round(rank * (k + 1)) - 1
+    return o.verdict(claim, test, p=test_of[f"pred_p_{side}"],
+                     blocked=None if rank <= ALPHA else f"{reach} of {k} initialisations reach the model")
 
 
 def study_models(o: Outputs) -> list[str]:
@@ -149,24 +212,35 @@ def comparison_row(o: Outputs, folder: str, metric: str) -> tuple[str, tuple]:
     return rel, ("rows", row_index(doc.get("rows"), metric=metric))
 
 
-def control_cells(o: Outputs, folder: str, metric: str) -> tuple[list, list]:
-    """The random-weights control's mean [CI] and the model-minus-control difference [CI] of ``metric``."""
+def control_cells(o: Outputs, folder: str, metric: str) -> tuple[list, list, dict | None]:
+    """The random-weights control's mean [CI], the model-minus-control difference [95% prediction interval] of
+    ``metric``, and its comparison row (None where there is none)."""
     rel, prefix = comparison_row(o, folder, metric)
+    row = None if None in prefix else o.json(rel)["rows"][prefix[1]]
     return (ci_parts(o, rel, prefix, "control_mean", "control_ci_lo", "control_ci_hi"),
-            ci_parts(o, rel, prefix, "diff_mean", "diff_ci_lo", "diff_ci_hi"))
+            ci_parts(o, rel, prefix, "diff_mean", "diff_pi_lo", "diff_pi_hi"), row)
 
 
-def reading(label: str, claim: str, value: list, diff: list, sided: int, stat: str, no_control: str,
-             said: str | None = None) -> list:
-    """One sentence: the claim, its verdict (``said``, else by ``verdict``) with the number, and the verdict of
-    the model-minus-control difference (``no_control`` where there is none)."""
-    said = said or verdict(*bounds(value), sided)
-    parts = [f"{label}: {claim}: {said} ({stat} ", *value, ")"]
-    if diff != ["n/a"]:
-        parts += ["; beyond random weights: ", verdict(*bounds(diff), sided), " (model minus control ", *diff, ")"]
-    else:
-        parts += [f"; {no_control}"]
-    return parts + ["."]
+def reading(o: Outputs, label: str, claim: str, value: list, p, sided: int, stat: str, control: tuple,
+            no_control: str) -> list:
+    """One sentence: the claim, its verdict (the model's own test, ``p``) with the number, and the verdict of the
+    model against its random initialisations (``control``: ``control_cells``; ``no_control`` where there is
+    none)."""
+    estimate = value[0].value if value != ["n/a"] else None
+    said = model_verdict(o, f"{label}: {claim}", p, estimate, sided)
+    return [f"{label}: {claim}: ", said, f" ({stat} ", *value, ")"] + beyond_parts(o, f"{label}: {claim}", control,
+                                                                                  sided, no_control)
+
+
+def beyond_parts(o: Outputs, claim: str, control: tuple, sided: int, no_control: str) -> list:
+    """The end of a reading: "; beyond random weights: <verdict> (model minus control <diff [PI]>).", or
+    "; <no_control>." where the comparison has no model."""
+    _, diff, row = control
+    if row is None or row.get("model_mean") is None:
+        return [f"; {no_control}."]
+    beyond = beyond_verdict(o, f"{claim}, beyond random weights", row["model_mean"], row.get("seed_means") or [],
+                            sided)
+    return ["; beyond random weights: ", beyond, " (model minus control ", *diff, ")."]
 
 
 def why_no_control(o: Outputs, step: str) -> str:

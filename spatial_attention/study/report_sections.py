@@ -8,9 +8,9 @@ from spatial_attention.data.counterfactual import CORNERS
 from spatial_attention.run.controls import control_seed_folders
 from spatial_attention.study.folder import STEPS_DIR, STUDY_FILE
 from spatial_attention.study.report_blocks import Bullets, Figures, Heading, Para, Pre, Table
-from spatial_attention.study.report_readings import (ALPHA, Outputs, bounds, ci_parts, control_cells, figure_paths,
-                                                     model_label, opening, reading, row_index, shuffle_verdict,
-                                                     value_header, verdict, why_no_control)
+from spatial_attention.study.report_readings import (ALPHA, Outputs, beyond_parts, beyond_verdict, bounds, ci_parts,
+                                                     control_cells, figure_paths, model_label, opening, reading,
+                                                     row_index, value_header, why_no_control)
 
 WORLD_PANELS = 2  # per-world panels of experiment 1 shown per model
 
@@ -18,11 +18,14 @@ WORLD_PANELS = 2  # per-world panels of experiment 1 shown per model
 # experiment 1's headline rows: (map, metric, what is compared, the claim its sign states)
 EXP1_ROWS = [
     ("subject_cross", "iou", "shuffle",
-     "the subject word's attention overlaps its shape more than on a patch-shuffled image (the paper's test)"),
+     "salience (the paper's test, not evidence of grounding): the subject word's attention overlaps its shape more "
+     "than on a patch-shuffled image"),
     ("object_cross", "iou", "shuffle",
-     "the object word's attention overlaps its shape more than on a patch-shuffled image (the paper's test)"),
+     "salience (the paper's test, not evidence of grounding): the object word's attention overlaps its shape more "
+     "than on a patch-shuffled image"),
     ("relation_cross", "iou", "shuffle",
-     "the relation word's attention overlaps the two shapes more than on a patch-shuffled image"),
+     "salience (not evidence of grounding): the relation word's attention overlaps the two shapes more than on a "
+     "patch-shuffled image"),
     ("subject_cross", "specificity_iou", "real", "the subject word attends to its own shape more than to the other"),
     ("object_cross", "specificity_iou", "real", "the object word attends to its own shape more than to the other"),
     ("subject_self_lm", "specificity_iou", "real",
@@ -59,21 +62,20 @@ def experiment_1(o: Outputs, models: list[str]) -> list:
         for m in present:
             rel = f"{m}/exp1/summary.json"
             prefix = ("by_metric", row_index((o.json(rel) or {}).get("by_metric"), map=map_name, metric=metric))
-            q = None
             if kind == "shuffle":
                 value = ci_parts(o, rel, prefix, "mean_diff", "ci_lo", "ci_hi")
-                q = o.num(rel, *prefix, "q_value", fmt=".2g") if None not in prefix else None
-                shown = value + ([", q=", q] if q is not None and q.value is not None else [])
+                p = o.num(rel, *prefix, "p_value", fmt=".2g") if None not in prefix else None
                 key = f"{map_name}/{metric} real-shuffled"
             else:
                 value = ci_parts(o, rel, prefix, "real_mean", "real_ci_lo", "real_ci_hi")
-                shown, key = value, f"{map_name}/{metric}"
-            control, diff = control_cells(o, f"{m}/exp1", key)
-            row += [shown, control, diff]
-            said = shuffle_verdict(*bounds(value), q.value if q is not None else None) if kind == "shuffle" else None
-            readings.append(reading(f"{m}, {label}", claim, value, diff, 1,
-                                     "real minus shuffled" if kind == "shuffle" else metric,
-                                     why_no_control(o, f"{m}/exp1-control"), said))
+                p = o.num(rel, *prefix, "real_p_value", fmt=".2g") if None not in prefix else None
+                key = f"{map_name}/{metric}"
+            shown = value + ([", p=", p] if p is not None and p.value is not None else [])
+            control = control_cells(o, f"{m}/exp1", key)
+            row += [shown, control[0], control[1]]
+            readings.append(reading(o, f"{m}, {label}", claim, value, p, 1,
+                                    "real minus shuffled" if kind == "shuffle" else metric, control,
+                                    why_no_control(o, f"{m}/exp1-control")))
         rows.append(row)
     blocks += [Table(header, rows), Heading(3, "Readings"), Bullets(readings), Heading(3, "Figures")]
     for m in present:
@@ -98,12 +100,14 @@ def experiment_2(o: Outputs, models: list[str]) -> list:
     for metric, sided, claim in EXP2_ROWS:
         row = [[metric]]
         for m in present:
-            value = ci_parts(o, f"{m}/exp2/summary.json", ("all", metric), "mean", "ci_lo", "ci_hi")
-            control, diff = control_cells(o, f"{m}/exp2", metric)
-            row += [value, control, diff]
+            rel = f"{m}/exp2/summary.json"
+            value = ci_parts(o, rel, ("all", metric), "mean", "ci_lo", "ci_hi")
+            p = o.num(rel, "all", metric, "p_value", fmt=".2g")
+            control = control_cells(o, f"{m}/exp2", metric)
+            row += [value + ([", p=", p] if p.value is not None else []), control[0], control[1]]
             if sided is not None:
-                readings.append(reading(f"{m}, {metric}", claim, value, diff, sided, metric,
-                                         why_no_control(o, f"{m}/exp2-control")))
+                readings.append(reading(o, f"{m}, {metric}", claim, value, p, sided, metric, control,
+                                        why_no_control(o, f"{m}/exp2-control")))
         rows.append(row)
     blocks += [Table(header, rows), Heading(3, "Readings"), Bullets(readings), Heading(3, "Figures")]
     for m in present:
@@ -139,8 +143,8 @@ def experiment_3(o: Outputs, models: list[str]) -> list:
             meta = f"{m}/corners/head_diff_stats_{corner}/meta.json"
             rel = f"{m}/corners/count_shared_unique/summary.json"
             folder = f"{m}/corners/head_diff_stats_{corner}"
-            full_control, _ = control_cells(o, folder, "full_answer_yes")
-            control_control, _ = control_cells(o, folder, "control_answer_yes")
+            full_control, control_control = (control_cells(o, folder, f"{kind}_answer_yes")[0]
+                                             for kind in ("full", "control"))
             heads = o.num(rel, "significant_heads", corner, fmt="d", op="len")
             total = o.num(meta, "L", fmt="d"), o.num(meta, "H", fmt="d")
             seeds = [o.num(o.rel(s / "count_shared_unique" / "summary.json"), "significant_heads", corner, fmt="d",
@@ -152,16 +156,7 @@ def experiment_3(o: Outputs, models: list[str]) -> list:
                     _join(seeds) if seeds else ["n/a"],
                     _head(o, rel, ("unique_head_layers", corner), ("unique_heads", corner))]
             if heads.value is not None:
-                floor = o.num(rel, "fdr", "p_floor", corner, fmt=".2g")
-                alpha = (o.json(rel) or {}).get("fdr", {}).get("alpha", ALPHA)
-                # BH rejects something only where some p can reach alpha (at the largest of its m thresholds)
-                said = ("untestable (the analysis records no smallest possible p)" if floor.value is None else
-                        "untestable at this number of pairs" if floor.value > alpha else
-                        why_no_control(o, f"{m}/corners-control") if not seeds else
-                        "yes" if heads.value > max(s.value for s in seeds) else "no")
-                readings.append([f"{m}, {corner}: more heads change their score significantly than in every random "
-                                 f"initialisation: {said} (", heads, " heads; random weights: ",
-                                 *(_join(seeds) if seeds else ["none"]), "; smallest possible p ", floor, ")."])
+                readings.append(_count_reading(o, m, corner, rel, heads, seeds))
         rows.append(row)
     blocks += [Table(header, rows)]
     shared = [[f"{m}: the shared head (counted in all corners) is ",
@@ -174,6 +169,25 @@ def experiment_3(o: Outputs, models: list[str]) -> list:
         blocks.append(Figures(figure_paths(o, corners, [f"head_diff_stats_{c}/count_bars.png" for c in CORNERS]
                                        + ["count_shared_unique/*.png"])))
     return blocks
+
+
+def _count_reading(o: Outputs, m: str, corner: str, rel: str, heads, seeds: list) -> list:
+    """Experiment 3's reading: more significant heads than the random initialisations (``beyond_verdict``)."""
+    claim = f"{m}, {corner}: more heads change their score significantly than in the random initialisations"
+    floor = o.num(rel, "fdr", "p_floor", corner, fmt=".2g")
+    alpha = (o.json(rel) or {}).get("fdr", {}).get("alpha", ALPHA)
+    test = "significant-head count against the random initialisations'"
+    # BH rejects something only where some p can reach alpha (at the largest of its m thresholds)
+    if floor.value is None:
+        said = o.verdict(claim, test, fixed="untestable (the analysis records no smallest possible p)")
+    elif floor.value > alpha:
+        said = o.verdict(claim, test, fixed="untestable at this number of pairs")
+    elif not seeds:
+        said = o.verdict(claim, test, fixed=why_no_control(o, f"{m}/corners-control"))
+    else:
+        said = beyond_verdict(o, claim, heads.value, [s.value for s in seeds], 1)
+    return [f"{claim}: ", said, " (", heads, " heads; random weights: ", *(_join(seeds) if seeds else ["none"]),
+            "; smallest possible p ", floor, ")."]
 
 
 def _join(nums: list) -> list:
@@ -213,23 +227,10 @@ def ablation(o: Outputs, models: list[str]) -> list:
             metric = ("metrics", "log_odds_full")
             effect = ci_parts(o, rel, metric, "effect", "ci_lo", "ci_hi")
             p_drop = o.num(rel, *metric, "p_drop", fmt=".2g")
-            control, diff = control_cells(o, f"{m}/corners/{name}", "effect_log_odds_full")
-            row += [effect, [o.num(rel, *metric, "random_mean")], [p_drop], control]
+            control = control_cells(o, f"{m}/corners/{name}", "effect_log_odds_full")
+            row += [effect, [o.num(rel, *metric, "random_mean")], [p_drop], control[0]]
             if effect != ["n/a"]:
-                lo, hi = bounds(effect)
-                sets = ((o.json(rel) or {}).get("random_controls") or {}).get("count")
-                said = ("n/a" if hi is None or p_drop.value is None else
-                        "untestable (the number of random head sets is not recorded)" if sets is None else
-                        f"untestable with {sets} random head sets (p_drop cannot go below 1/{sets + 1})"
-                        if 1 / (1 + sets) > ALPHA else
-                        "inconclusive" if lo <= 0 <= hi else "yes" if hi < 0 and p_drop.value <= ALPHA else "no")
-                heads = (o.json(rel) or {}).get("heads") or []
-                named = " ".join(f"L{h['layer']}.H{h['head']}" for h in heads)
-                readings.append([f"{m}, {corner}: ablating the {spec} heads ({named}) lowers the full images' yes "
-                                 f"log-odds more than random heads of their layers: {said} (effect ", *effect,
-                                 ", random sets ", o.num(rel, *metric, "random_mean"), ", p_drop ", p_drop, ")"]
-                                + (["; beyond random weights: ", verdict(*bounds(diff), -1), " (model minus control ",
-                                    *diff, ")."] if diff != ["n/a"] else [f"; {why_no_control(o, f'{m}/corners-control')}."]))
+                readings.append(_ablation_reading(o, m, corner, spec, rel, effect, p_drop, control))
         rows.append(row)
     blocks += [Table(header, rows), Heading(3, "Readings"), Bullets(readings), Heading(3, "Figures")]
     for m in shown:
@@ -237,6 +238,30 @@ def ablation(o: Outputs, models: list[str]) -> list:
         blocks.append(Heading(4, model_label(o, m)))
         blocks.append(Figures(figure_paths(o, corners, [f"{name}/figures/*.png" for name in present[m]])))
     return blocks
+
+
+def _ablation_reading(o: Outputs, m: str, corner: str, spec: str, rel: str, effect: list, p_drop, control) -> list:
+    """An ablation's reading: its p_drop in the report's family, its effect's interval below 0, and its effect
+    against the random initialisations' (``beyond_verdict``)."""
+    heads = (o.json(rel) or {}).get("heads") or []
+    named = " ".join(f"L{h['layer']}.H{h['head']}" for h in heads)
+    claim = (f"{m}, {corner}: ablating the {spec} heads ({named}) lowers the full images' yes log-odds more than "
+             f"random heads of their layers")
+    sets = ((o.json(rel) or {}).get("random_controls") or {}).get("count")
+    lo, hi = bounds(effect)
+    test = f"p_drop against {sets} random head sets of the same layers"
+    if hi is None or p_drop.value is None:
+        said = o.verdict(claim, test, fixed="n/a")
+    elif sets is None:
+        said = o.verdict(claim, test, fixed="untestable (the number of random head sets is not recorded)")
+    elif 1 / (1 + sets) > ALPHA:
+        said = o.verdict(claim, test, fixed=f"untestable with {sets} random head sets (p_drop cannot go below "
+                                            f"1/{sets + 1})")
+    else:
+        said = o.verdict(claim, test, p=p_drop.value, blocked=None if hi < 0 else "the effect's interval reaches 0")
+    return [f"{claim}: ", said, " (effect ", *effect, ", random sets ",
+            o.num(rel, "metrics", "log_odds_full", "random_mean"), ", p_drop ", p_drop, ")"] \
+        + beyond_parts(o, claim, control, -1, why_no_control(o, f"{m}/corners-control"))
 
 
 def manifest(o: Outputs, models: list[str]) -> list:

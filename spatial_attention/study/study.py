@@ -33,7 +33,8 @@ from types import SimpleNamespace
 from spatial_attention.common.errors import OptionError
 from spatial_attention.data.shapeworld import DEFAULT_SHAPEWORLD
 from spatial_attention.run.cli import DTYPES
-from spatial_attention.run.controls import COMPARISON_FILE, MAX_SEEDS, RANDOM_WEIGHTS, init_seeds, seed_folder
+from spatial_attention.run.controls import (COMPARISON_FILE, DEFAULT_SEEDS, MAX_SEEDS, RANDOM_WEIGHTS, init_seeds,
+                                           seed_folder)
 from spatial_attention.study.folder import LOGS_DIR, STEPS_DIR, STUDY_FILE
 
 log = logging.getLogger("spatial_attention.study")
@@ -42,7 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = "llava qwen2"  # the paper's two models
 SHAPEWORLD_SUBDIR = DEFAULT_SHAPEWORLD.relative_to("data")  # where the experiment scripts look by default
 # the settings that change numbers: a rerun into the same OUT_DIR with other values is refused
-RECORDED = ("model_paths", "worlds", "count", "control_seeds", "dtype", "data_dir")
+RECORDED = ("model_paths", "worlds", "count", "control_seeds", "control_items", "dtype", "data_dir")
 # run_corner_experiments.sh's own settings, passed through to the sweep steps and part of what they did
 SWEEP_SETTINGS = ("SCORE", "LAYERS", "MAX_NEW_TOKENS", "TOPK", "PATCH_SIZE", "ABLATE_HEADS", "ABLATE_MODE",
                   "ABLATE_POSITIONS", "RANDOM_CONTROLS")
@@ -50,6 +51,8 @@ SWEEP_SETTINGS = ("SCORE", "LAYERS", "MAX_NEW_TOKENS", "TOPK", "PATCH_SIZE", "AB
 NOT_COMPARED = {"--device": 1, "--batch-size": 1}
 NOT_COMPARED_ENV = ("DEVICE", "BATCH_SIZE", "PYTHON")
 LOG_TAIL_LINES = 15
+# worlds of experiments 1 and 2 per random initialisation: 19 x 100 forwards, about 4x the model's 500
+CONTROL_ITEMS = 100
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
@@ -82,6 +85,7 @@ class StudySettings:
     count: int
     controls: bool
     control_seeds: int
+    control_items: int | None  # the first worlds of experiments 1 and 2 each initialisation runs (None: all)
     ablate: bool
     out_dir: Path
     data_dir: Path
@@ -132,14 +136,16 @@ class StudySettings:
                               "(docs/environments.md), or leave it unset")
         return cls(models=models, model_paths=paths, worlds=_env_int(environ, "WORLDS", None, allow_all=True),
                    count=_env_int(environ, "COUNT", 100), controls=_env_flag(environ, "CONTROLS", "1"),
-                   control_seeds=_env_int(environ, "CONTROL_SEEDS", 3, most=MAX_SEEDS), ablate=_env_flag(environ, "ABLATE", "1"),
+                   control_seeds=_env_int(environ, "CONTROL_SEEDS", DEFAULT_SEEDS, most=MAX_SEEDS),
+                   control_items=_env_int(environ, "CONTROL_ITEMS", CONTROL_ITEMS, allow_all=True),
+                   ablate=_env_flag(environ, "ABLATE", "1"),
                    out_dir=out_dir, data_dir=data_dir, device=device, dtype=dtype,
                    batch_size=_env_int(environ, "BATCH_SIZE", None), python=python)
 
     def recorded(self) -> dict:
         """The settings kept in study.json that a rerun must repeat."""
         return {"model_paths": dict(self.model_paths), "worlds": self.worlds, "count": self.count,
-                "control_seeds": self.control_seeds, "dtype": self.dtype,
+                "control_seeds": self.control_seeds, "control_items": self.control_items, "dtype": self.dtype,
                 "data_dir": str(self.data_dir.resolve())}
 
     @property
@@ -209,6 +215,8 @@ def plan(s: StudySettings) -> list[Step]:
         options = ("--model-path", s.model_paths[model], "--device", s.device, "--dtype", s.dtype)
         if s.batch_size:
             options += ("--batch-size", str(s.batch_size))
+        limits = [n for n in (s.worlds, s.control_items) if n]
+        control_limit = ("--limit", str(min(limits))) if limits else ()
         if s.worlds:
             options += ("--limit", str(s.worlds))
         for exp, script, what in (("exp1", "vlm_atten_analysis", "experiment 1: localisation"),
@@ -218,8 +226,9 @@ def plan(s: StudySettings) -> list[Step]:
                     "--out", str(out))
             steps.append(Step(f"{model}/{exp}", what, (base,), results=f"{model}/{exp}",
                               outputs=(str(out / "summary.json"),), python=s.python))
-            if s.controls:
-                steps.append(Step(f"{model}/{exp}-control", f"{what}, random-weights control", (base + control,),
+            if s.controls:  # the same items for every initialisation: the first CONTROL_ITEMS (a later --limit wins)
+                steps.append(Step(f"{model}/{exp}-control", f"{what}, random-weights control",
+                                  (base + control_limit + control,),
                                   results=f"{model}/{exp}", outputs=(str(out / comparison),), python=s.python))
         corners = s.out_dir / model / "corners"
         sweep_env = {"MODEL": model, "MODEL_PATH": s.model_paths[model], "COUNT": str(s.count),
@@ -267,7 +276,7 @@ def check_study_folder(s: StudySettings) -> dict | None:
                                       f"{old[model]} ({path}); use that, or another OUT_DIR")
         elif old != new:
             name = key.upper()
-            shown = (lambda v: "all" if v is None else v) if key == "worlds" else (lambda v: v)
+            shown = (lambda v: "all" if v is None else v) if key in ("worlds", "control_items") else (lambda v: v)
             raise OptionError(f"{name}={shown(new)}: {s.out_dir} was run with {name}={shown(old)} ({path}); use "
                               "that, or another OUT_DIR")
     return earlier
