@@ -88,11 +88,11 @@ def scenes(n: int):
 
 
 def request_for(adapter, batch, worlds, layers):
-    """Experiment 1's request (vlm_analysis.world_request): caption words x image, seed cells' rows."""
+    """Experiment 1's request (vlm_analysis.world_request): caption words x image, seed and shape cells' rows."""
     from spatial_attention.experiments import vlm_analysis as VA
 
-    cells = [VA.seed_cells_of(VA.world_seeds(w, VA.world_regions(w, lay.grid), seed=0))
-             for w, lay in zip(worlds, batch.layouts)]
+    regions = [VA.world_regions(w, lay.grid) for w, lay in zip(worlds, batch.layouts)]
+    cells = [VA.seed_cells_of(VA.world_seeds(w, r, seed=0), r) for w, r in zip(worlds, regions)]
     word_rows = [VA.word_rows_of(lay, w) for lay, w in zip(batch.layouts, worlds)]
     return VA.world_request(layers, batch.layouts, word_rows, cells)
 

@@ -1,6 +1,7 @@
 """Every metric of spatial_attention.stats.metrics against values worked out by hand on tiny maps."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from spatial_attention.common.errors import OptionError
 from spatial_attention.run.options import layer_indices
 from spatial_attention.stats import metrics as M
+from spatial_attention.study import report_blocks
 
 
 def cells(shape: tuple[int, int], *where: tuple[int, int]) -> np.ndarray:
@@ -380,3 +382,103 @@ def test_specificity_of_a_map_on_both_shapes_is_zero():
 def test_specificity_undefined_without_a_mask():
     assert M.specificity(SUBJECT.astype(float), SUBJECT, np.zeros((8, 8), dtype=bool)) == {
         "specificity_iou": None, "specificity_soft_iou": None, "specificity_com": None}
+
+
+# --- specificities that locality and salience cannot pass (issue 26, point 4) -------------------------------
+
+def _scene(rng, grid=24):
+    """Two non-overlapping boxes (own, other) of 3-6 cells a side on a grid x grid map, and the own box's
+    centroid cell as the seed (as experiment 1 seeds its maps)."""
+    while True:
+        boxes = []
+        for _ in range(2):
+            h, w = rng.integers(3, 7, size=2)
+            y, x = rng.integers(0, grid - h), rng.integers(0, grid - w)
+            mask = np.zeros((grid, grid), dtype=bool)
+            mask[y:y + h, x:x + w] = True
+            boxes.append(mask)
+        if not (boxes[0] & boxes[1]).any():
+            return boxes[0], boxes[1], M.entity_seed(boxes[0])
+
+
+def _local_rows(cells, grid=24, tau=2.0):
+    """Each cell's attention row decaying with the distance from it, exp(-d / tau): locality alone."""
+    y, x = np.divmod(np.arange(grid * grid), grid)
+    return np.stack([np.exp(-np.sqrt((y - y[c]) ** 2 + (x - x[c]) ** 2) / tau) for c in cells])
+
+
+def test_a_map_of_the_distance_alone_is_not_specific_though_the_paper_style_specificity_says_it_is():
+    rng = np.random.default_rng(0)
+    own, other, seed = _scene(rng)
+    background = ~(own | other)
+    cells = np.flatnonzero(own)
+    local = _local_rows(cells)
+    centre = M.seed_map(local[list(cells).index(seed)], seed).reshape(own.shape)
+    assert M.specificity(centre, own, other)["specificity_iou"] > 0.3  # locality passes the old measure
+    assert M.distance_matched_specificity(local, cells, own, other, background) == pytest.approx(0.0, abs=1e-12)
+    salient = local * (1 + 0.5 * (own | other)).ravel()  # every shape alike (a logit bonus): salience, no binding
+    assert M.distance_matched_specificity(salient, cells, own, other, background) == pytest.approx(0.0, abs=1e-12)
+    bound = local * (1 + 0.2 * own).ravel()  # its own shape raised by a factor 1.2, beyond distance
+    assert M.distance_matched_specificity(bound, cells, own, other, background) == pytest.approx(math.log(1.2))
+    avoids = local * (1 + 0.2 * other).ravel()  # the other shape favoured: below 0
+    assert M.distance_matched_specificity(avoids, cells, own, other, background) < 0
+    square = np.zeros_like(own)  # a square centred on a seed: its centre alone has no background as near
+    square[10:15, 10:15] = True
+    far = np.zeros_like(own)
+    far[2:5, 2:5] = True
+    centre_only = _local_rows([12 * 24 + 12]) * (1 + 0.2 * square).ravel()
+    assert M.distance_matched_specificity(centre_only, [12 * 24 + 12], square, far, ~(square | far)) is None
+    every_cell = _local_rows(np.flatnonzero(square)) * (1 + 0.2 * square).ravel()
+    assert M.distance_matched_specificity(every_cell, np.flatnonzero(square), square, far, ~(square | far)) \
+        == pytest.approx(math.log(1.2))
+
+
+def test_a_word_map_led_by_the_image_is_not_specific_and_one_led_by_the_word_is():
+    rng = np.random.default_rng(1)
+    own, other, _ = _scene(rng)
+    salient = 1.0 + 5.0 * own  # one shape stands out, whatever the word: the same map in both captions
+    assert M.word_swap_specificity(salient, salient, own) == 0.0
+    assert M.specificity(salient, own, other)["specificity_iou"] > 0.5  # salience passes the old measure
+    follows = (1.0 + 5.0 * own, 1.0 + 5.0 * other)  # the word's map moves to the shape the position now names
+    assert M.word_swap_specificity(*follows, own) == pytest.approx(M.topk_iou(M.normalise(follows[0]), own)
+                                                                   - M.topk_iou(M.normalise(follows[1]), own))
+    assert M.word_swap_specificity(*follows, own) > 0.5
+
+
+def test_injected_maps_over_100_worlds_read_specific_only_where_they_follow_the_shape(tmp_path):
+    """100 worlds of random boxes, maps with per-cell noise (sd 30% of the map): a map of the distance alone and
+    one of salience (both shapes x 1.2) read "not specific" (their p above 0.05, the report's reading
+    inconclusive), though the paper-style specificity flags the local one; a map that raises its own shape by
+    20% (less than the noise of one cell) reads "specific" (p < 0.05, reading yes)."""
+    from spatial_attention.experiments.summary import summarise_samples
+    from spatial_attention.study import report
+
+    rng = np.random.default_rng(2)
+    records = {"local": [], "salient": [], "bound": []}
+    for _ in range(100):
+        own, other, seed = _scene(rng)
+        background = ~(own | other)
+        cells = np.flatnonzero(own)
+        local = _local_rows(cells, tau=3.0)
+        for name, rows in (("local", local), ("salient", local * (1 + 0.2 * (own | other)).ravel()),
+                           ("bound", local * (1 + 0.2 * own).ravel())):
+            noisy = np.clip(rows * (1 + 0.3 * rng.standard_normal(rows.shape)), 0, None)
+            centre = M.seed_map(noisy[list(cells).index(seed)], seed).reshape(own.shape)
+            metrics = {M.DISTANCE_MATCHED: M.distance_matched_specificity(noisy, cells, own, other, background),
+                       **M.specificity(centre, own, other)}
+            records[name].append({"relation": "left", "metrics": {"real": {"subject_self_lm": metrics}}})
+    read = {}
+    for name, recs in records.items():
+        rows = {(r["map"], r["metric"]): r for r in summarise_samples(recs, n_boot=500)["by_metric"]}
+        read[name] = rows["subject_self_lm", M.DISTANCE_MATCHED]
+        folder = tmp_path / name / "llava" / "exp1"
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"by_metric": list(rows.values())}))
+        text = report_blocks.render_markdown(*report.build(tmp_path / name)[:2])
+        read[name]["reading"] = text.split("cells as far away, beyond the other shape's share: ")[1].split(" (")[0]
+    assert rows["subject_self_lm", "specificity_iou"]["real_p_value"] is not None
+    assert read["local"]["real_p_value"] > 0.05 and read["local"]["reading"] == "inconclusive"
+    assert read["salient"]["real_p_value"] > 0.05 and read["salient"]["reading"] == "inconclusive"
+    assert read["bound"]["real_p_value"] < 0.05 and read["bound"]["reading"] == "yes"
+    local_iou = summarise_samples(records["local"], n_boot=200)["by_metric"]
+    assert next(r for r in local_iou if r["metric"] == "specificity_iou")["real_ci_lo"] > 0  # the old one is fooled

@@ -340,16 +340,18 @@ def _plant_study(root: Path) -> Path:
     rows = [_exp1_row("subject_cross", "iou", mean_diff=0.12, ci_lo=0.08, ci_hi=0.16, p_value=1e-4),
             _exp1_row("object_cross", "iou", mean_diff=0.05, ci_lo=0.01, ci_hi=0.09, p_value=1e-3),
             _exp1_row("relation_cross", "iou", mean_diff=0.03, ci_lo=0.005, ci_hi=0.055, p_value=0.4),
-            _exp1_row("subject_cross", "specificity_iou", real_mean=0.01, real_ci_lo=-0.02, real_ci_hi=0.04,
+            _exp1_row("subject_cross", "specificity_word_swap", real_mean=0.01, real_ci_lo=-0.02, real_ci_hi=0.04,
                       real_p_value=0.5),
-            _exp1_row("object_cross", "specificity_iou", real_mean=-0.06, real_ci_lo=-0.09, real_ci_hi=-0.03,
+            _exp1_row("object_cross", "specificity_word_swap", real_mean=-0.06, real_ci_lo=-0.09, real_ci_hi=-0.03,
                       real_p_value=1e-4),
-            _exp1_row("subject_self_lm", "specificity_iou", real_mean=0.2, real_ci_lo=0.1, real_ci_hi=0.3,
-                      real_p_value=1e-4)]
+            _exp1_row("subject_self_lm", "specificity_distance_matched", real_mean=0.2, real_ci_lo=0.1,
+                      real_ci_hi=0.3, real_p_value=1e-4),
+            _exp1_row("subject_self_lm", "specificity_iou", real_mean=0.3, real_ci_lo=0.2, real_ci_hi=0.4,
+                      real_p_value=1e-6)]  # locality passes it: shown, not read
     _write(m / "exp1" / "summary.json", {"by_metric": rows})
     comparison = [_comparison("subject_cross/iou real-shuffled", 0.13, TIGHT),  # beyond every seed, far
                   _comparison("object_cross/iou real-shuffled", 0.05, [0.0] * 18 + [0.06]),  # one seed reaches it
-                  _comparison("subject_self_lm/specificity_iou", 0.2, [0.0, 0.01, 0.02])]  # 3 seeds: untestable
+                  _comparison("subject_self_lm/specificity_distance_matched", 0.2, [0.0, 0.01, 0.02])]  # 3 seeds: untestable
     _write(m / "exp1" / "control_comparison.json", {"rows": comparison})
     _write(m / "exp2" / "summary.json", {"all": {"symmetry_score": {"mean": -0.002, "ci_lo": -0.003, "ci_hi": -0.001,
                                                                     "p_value": 1e-4}}})
@@ -407,10 +409,12 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
                           r"random weights: inconclusive \(q=[0-9.e-]+, but 1 of 19 initialisations reach the model\)")
     assert said(shuffled, r"inconclusive \(q=[0-9.]+\) \(real minus shuffled \+0\.030")
     assert "salience (the paper's test, not evidence of grounding): the subject word's" in markdown
-    assert said("more than to the other", r"inconclusive \(q=[0-9.]+\) \(specificity_iou \+0\.010 \[-0\.020, "
-                                          r"\+0\.040\]\); no random-weights control was run\.")
-    assert said("more than to the other", r"no \(the opposite\) \(q=[0-9.e-]+\) \(specificity_iou -0\.060")
-    assert said("own shape more than to the other", r"yes \(q=[0-9.e-]+\) \(specificity_iou \+0\.20 \[\+0\.10, "
+    named = "names the other shape)"
+    assert said(named, r"inconclusive \(q=[0-9.]+\) \(specificity_word_swap \+0\.010 \[-0\.020, "
+                       r"\+0\.040\]\); no random-weights control was run\.")
+    assert said(named, r"no \(the opposite\) \(q=[0-9.e-]+\) \(specificity_word_swap -0\.060")
+    assert "specificity_iou: " not in markdown and "| subject_self_lm specificity_iou | +0.30 [+0.20, +0.40]" in markdown
+    assert said("beyond the other shape's share", r"yes \(q=[0-9.e-]+\) \(specificity_distance_matched \+0\.20 \[\+0\.10, "
                 r"\+0\.30\]\); beyond random weights: untestable with 3 initialisations \(the model beyond all of them "
                 r"has rank p 1/4; 19 are needed\)")
     assert said("flips with the roles)", r"yes \(q=[0-9.e-]+\) \(symmetry_score -0\.0020 \[-0\.0030, -0\.0010\]\); "

@@ -54,6 +54,9 @@ def _check_outputs(out: Path, n_worlds: int, baseline: bool = True) -> list[dict
             for name in MAPS:  # binding specificity for the maps about one entity, only
                 has = set(M.SPECIFICITY_METRICS) <= set(r["metrics"][kind][name])
                 assert has == name.startswith(("subject_", "object_")), name
+                # the controlled ones: the word swap for the real word maps, distance for the seed maps
+                assert (M.WORD_SWAP in r["metrics"][kind][name]) == (has and kind == "real" and "_cross" in name)
+                assert (M.DISTANCE_MATCHED in r["metrics"][kind][name]) == (has and "_self_" in name)
     for line in (out / "samples.jsonl").read_text().splitlines():
         _no_nan(line)
     _no_nan((out / "summary.json").read_text())
@@ -278,3 +281,42 @@ def test_injected_image_self_attention_gives_the_seed_maps(adapter, tmp_path, mo
         assert got["subject_self_lm"]["specificity_com"] > 0
         checked += 1
     assert checked >= 2
+
+
+def test_the_word_swap_and_distance_matched_specificities_agree_with_separate_plain_captures(adapter, tmp_path):
+    """The two specificities that salience and locality cannot pass, as experiment 1 computes them in its one
+    batched forward, against the slow path: the counterfactual caption captured alone, and every image cell's
+    rows captured (language model and vision encoder), then the metrics' definitions applied by hand."""
+    from dataclasses import replace
+
+    from spatial_attention.data.shapeworld import World, counterfactual_caption, iter_worlds
+    from spatial_attention.engine.capture import capture
+    from spatial_attention.experiments import vlm_analysis as VA
+
+    root = tmp_path / "sw"
+    generate_shapeworld(root, shards=1, worlds_per_shard=2, seed=13)
+    layers = list(range(adapter.num_layers))
+    for world in [w for w in iter_worlds(root) if isinstance(w, World)]:
+        image = world.load_image()
+        (record, maps), = VA.analyse_worlds(adapter, [(world, image)], layers, seed=0)
+        fed = adapter.prepare_image(image)
+        grid = adapter.token_grid(fed)
+        regions = VA.world_regions(world, grid)
+        every_cell = np.arange(grid[0] * grid[1])
+        got = record["metrics"]["real"]
+        for told, check in ((replace(world, caption=counterfactual_caption(world.caption)), "swap"), (world, "rows")):
+            batch = adapter.encode([told.caption.text], [fed])
+            rows = VA.word_rows_of(batch.layouts[0], told)
+            (recording,), _ = capture(adapter, batch, VA.world_request(layers, batch.layouts, [rows], [every_cell]))
+            if check == "swap":
+                alone = VA._maps(recording, rows, grid, {}, every_cell)
+                for role in ("subject", "object"):
+                    assert got[f"{role}_cross"][M.WORD_SWAP] == pytest.approx(M.word_swap_specificity(
+                        maps["real"][f"{role}_cross"], alone[f"{role}_cross"], regions[role]), abs=1e-5)
+                continue
+            for source, block in (("lm", "image_self"), ("vit", "vision")):
+                for role, other in (("subject", "object"), ("object", "subject")):
+                    cells = np.flatnonzero(regions[role])
+                    by_hand = M.distance_matched_specificity(recording[block][cells], cells, regions[role],
+                                                             regions[other], regions["background"])
+                    assert got[f"{role}_self_{source}"][M.DISTANCE_MATCHED] == pytest.approx(by_hand, abs=1e-5)

@@ -27,8 +27,7 @@ from spatial_attention.data.shapeworld import RELATIONS
 from spatial_attention.run.figures import save_figure
 from spatial_attention.stats.inference import (benjamini_hochberg, bootstrap_ci, mean_std, paired_permutation_p,
                                                paired_summary)
-from spatial_attention.stats.metrics import (CROSS_MAPS, HIGHER_IS_BETTER, MAPS, METRICS, SPECIFICITY_METRICS,
-                                             display_order)
+from spatial_attention.stats.metrics import BINDING_METRICS, CROSS_MAPS, HIGHER_IS_BETTER, MAPS, METRICS, display_order
 
 log = logging.getLogger("spatial_attention")
 
@@ -72,7 +71,7 @@ def better(metric: str) -> str:
 def _row(map_name: str, metric: str, v: _Values, seed: int, n_boot: int, n_perm: int) -> dict:
     """One summary row. n / real_* use every non-null real value, shuffled_* every non-null
     shuffled one; n_paired, mean_diff, ci_* and p_value only the worlds where both are non-null. real_p_value:
-    the sign-flip p of the real mean = 0, for the specificity metrics (None for the others)."""
+    the sign-flip p of the real mean = 0, for the binding metrics (None for the others)."""
     real, shuf = np.asarray(v.real), np.asarray(v.shuffled)
     real, shuf = real[np.isfinite(real)], shuf[np.isfinite(shuf)]
     n, real_mean, real_std = mean_std(real)
@@ -81,7 +80,7 @@ def _row(map_name: str, metric: str, v: _Values, seed: int, n_boot: int, n_perm:
     shuf_lo, shuf_hi = bootstrap_ci(shuf, n_boot=n_boot, seed=seed)
     paired = paired_summary(v.real, v.shuffled, seed=seed, n_boot=n_boot, n_perm=n_perm)
     # a specificity's 0 means "no preference between the shapes": its own test, beside the shuffle's
-    real_p = paired_permutation_p(real, n_perm=n_perm, seed=seed) if metric in SPECIFICITY_METRICS else None
+    real_p = paired_permutation_p(real, n_perm=n_perm, seed=seed) if metric in BINDING_METRICS else None
     return {"map": map_name, "metric": metric, "better": better(metric), "n": n, "n_null": v.n_null,
             "n_paired": paired["n"], "n_null_shuffled": v.n_null_shuffled,
             "real_mean": real_mean, "real_std": real_std, "real_ci_lo": real_lo, "real_ci_hi": real_hi,
@@ -206,7 +205,7 @@ def _title(metric: str) -> str:
 def _plot_specificity(rows: list[dict], n_worlds: int, path: Path) -> None:
     """A panel per specificity metric: per subject/object map, the REAL and SHUF means with 95% bootstrap
     CIs around the zero line (above it: the map looks at its own referent more than at the other shape)."""
-    metrics = [m for m in SPECIFICITY_METRICS if any(r["metric"] == m and r["real_mean"] is not None for r in rows)]
+    metrics = [m for m in BINDING_METRICS if any(r["metric"] == m and r["real_mean"] is not None for r in rows)]
     if not metrics:
         return
     fig, axes = _panel_grid(len(metrics))

@@ -17,6 +17,7 @@ import argparse
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ import numpy as np
 from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import finish_run, lacks_keys, setup_logging
-from spatial_attention.data.shapeworld import RELATION_AXIS, RELATIONS, Skipped, World, iter_worlds
+from spatial_attention.data.shapeworld import (RELATION_AXIS, RELATIONS, Skipped, World, counterfactual_caption,
+                                               iter_worlds)
 from spatial_attention.engine.capture import CaptureRequest, capture
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
@@ -199,36 +201,42 @@ def world_rng(seed: int, world: World, stream: str) -> np.random.Generator:
 
 def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], seed: int,
                    baseline: bool = True) -> list[tuple[dict, dict]]:
-    """One forward pass over the worlds' real (and shuffled) images; a record and the maps per world."""
+    """One forward pass over the worlds' real (and shuffled) images, and the real images with the caption's two
+    shape mentions exchanged (the word-swap control of the word maps' specificity); a record and the maps per
+    world."""
     worlds = [w for w, _ in loaded]
     fed = [adapter.prepare_image(image) for _, image in loaded]
     grids = [adapter.token_grid(image) for image in fed]
-    kinds = ["real"]
+    kinds = ["real"] + (["shuffled"] if baseline else []) + ["swapped"]
     images = list(fed)
     if baseline:
-        kinds.append("shuffled")
         images += [M.shuffle_patches(image, grid, seed=int(world_rng(seed, world, "shuffle").integers(2**31)))
                    for image, grid, world in zip(fed, grids, worlds)]
-    texts = [w.caption.text for w in worlds] * len(kinds)
-    batch = adapter.encode(texts, images)
+    images += fed
+    told = [w for w in worlds] * (len(kinds) - 1) + [replace(w, caption=counterfactual_caption(w.caption))
+                                                      for w in worlds]
+    batch = adapter.encode([w.caption.text for w in told], images)
     regions = [world_regions(world, grid) for world, grid in zip(worlds, grids)]
     seeds = [world_seeds(world, r, seed) for world, r in zip(worlds, regions)]
-    seed_cells = [seed_cells_of(s) for s in seeds] * len(kinds)
-    word_rows = [word_rows_of(layout, w) for layout, w in zip(batch.layouts, worlds * len(kinds))]
+    seed_cells = [seed_cells_of(s, r) for s, r in zip(seeds, regions)] * len(kinds)
+    word_rows = [word_rows_of(layout, w) for layout, w in zip(batch.layouts, told)]
     recordings, _ = capture(adapter, batch, world_request(layers, batch.layouts, word_rows, seed_cells))
 
     outputs = []
     n = len(worlds)
     for i, (world, grid) in enumerate(zip(worlds, grids)):
         record = _record_head(world, grid, regions[i])
-        maps = {}
-        for k, kind in enumerate(kinds):
-            j = k * n + i
-            kind_maps = _maps(recordings[j], word_rows[j], grid, seeds[i], seed_cells[j])
-            record["metrics"][kind] = _metrics(kind_maps, regions[i], world)
-            maps[kind] = kind_maps
+        maps = {kind: _maps(recordings[k * n + i], word_rows[k * n + i], grid, seeds[i], seed_cells[k * n + i])
+                for k, kind in enumerate(kinds)}
+        swapped = maps.pop("swapped")
+        for k, kind in enumerate(kinds[:-1]):
+            record["metrics"][kind] = _metrics(maps[kind], regions[i], world)
+            _add_distance_matched(record["metrics"][kind], recordings[k * n + i], seed_cells[k * n + i], regions[i])
+        for role in M.SPECIFIC_ROLES:  # the word at the same position, now naming the other shape
+            record["metrics"]["real"][f"{role}_cross"][M.WORD_SWAP] = M.word_swap_specificity(
+                maps["real"][f"{role}_cross"], swapped[f"{role}_cross"], regions[i][role])
         maps["masks"] = regions[i]
-        maps["images"] = {kind: images[k * n + i] for k, kind in enumerate(kinds)}
+        maps["images"] = {kind: images[k * n + i] for k, kind in enumerate(kinds[:-1])}
         outputs.append((record, maps))
     return outputs
 
@@ -240,9 +248,11 @@ def world_seeds(world: World, regions: dict, seed: int) -> dict[str, int | None]
             "background": M.background_seed(regions["background"], world_rng(seed, world, "background_seed"))}
 
 
-def seed_cells_of(seeds: dict[str, int | None]) -> np.ndarray:
-    """The distinct seed cells, sorted: the only rows of the image blocks the seed maps read."""
-    return np.unique(np.array([s for s in seeds.values() if s is not None], dtype=np.int64))
+def seed_cells_of(seeds: dict[str, int | None], regions: dict) -> np.ndarray:
+    """The rows of the image blocks that the seed maps read, sorted: the seed cells, and every cell of the two
+    shapes (``metrics.distance_matched_specificity`` takes each as a seed)."""
+    shapes = np.flatnonzero(regions["subject"] | regions["object"])
+    return np.unique(np.concatenate([np.array([s for s in seeds.values() if s is not None], dtype=np.int64), shapes]))
 
 
 def world_request(layers: list[int], layouts, word_rows: list[dict], seed_cells: list[np.ndarray]) -> CaptureRequest:
@@ -312,6 +322,17 @@ def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
     result["relation_cross"]["relation_wasserstein"] = (
         None if g is None else M.relation_wasserstein(maps["relation_cross"], g, axis))
     return result
+
+
+def _add_distance_matched(metrics: dict, recording: dict, seed_cells: np.ndarray, regions: dict) -> None:
+    """The subject's and the object's seed maps gain their distance-matched specificity, read from the rows of
+    every cell of their shape (language model and vision encoder)."""
+    for source, block in (("lm", "image_self"), ("vit", "vision")):
+        rows = recording[block].astype(np.float64)
+        for role, other in M.SPECIFIC_ROLES.items():
+            cells = np.flatnonzero(regions[role])
+            metrics[f"{role}_self_{source}"][M.DISTANCE_MATCHED] = M.distance_matched_specificity(
+                rows[np.searchsorted(seed_cells, cells)], cells, regions[role], regions[other], regions["background"])
 
 
 def _record_head(world: World, grid, regions) -> dict:

@@ -29,8 +29,14 @@ RELATION_METRIC = "relation_wasserstein"  # the relation map's own metric
 # binding specificity of the maps about one entity (``specificity``): own referent minus the other shape
 SPECIFICITY_METRICS = ("specificity_iou", "specificity_soft_iou", "specificity_com")
 SPECIFIC_ROLES = {"subject": "object", "object": "subject"}  # a map's referent -> the other shape
-METRICS = METRIC_NAMES[:5] + (RELATION_METRIC,) + METRIC_NAMES[5:] + SPECIFICITY_METRICS  # display order
-HIGHER_IS_BETTER = frozenset({"iou", "soft_iou", "entity_bg_ratio", *SPECIFICITY_METRICS})
+# specificities that salience and locality cannot pass (issue 26): a word map against the same caption position
+# naming the other shape (``word_swap_specificity``), a seed map against the cells as far from its seed
+# (``distance_matched_specificity``)
+WORD_SWAP = "specificity_word_swap"
+DISTANCE_MATCHED = "specificity_distance_matched"
+BINDING_METRICS = SPECIFICITY_METRICS + (WORD_SWAP, DISTANCE_MATCHED)  # per-world differences: 0 = no preference
+METRICS = METRIC_NAMES[:5] + (RELATION_METRIC,) + METRIC_NAMES[5:] + BINDING_METRICS  # display order
+HIGHER_IS_BETTER = frozenset({"iou", "soft_iou", "entity_bg_ratio", *BINDING_METRICS})
 
 
 def display_order(names, known: Sequence[str]) -> list[str]:
@@ -249,6 +255,15 @@ def specificity(a: np.ndarray, own: np.ndarray, other: np.ndarray) -> dict[str, 
             "specificity_com": minus(com_distance(a, other), com_distance(a, own))}
 
 
+def word_swap_specificity(named: np.ndarray, swapped: np.ndarray, referent: np.ndarray) -> float | None:
+    """How much a word's map follows the shape the word names: top-k IoU with its referent of the word's map
+    (``named``) minus that of the map at the same caption position when the caption's two shape mentions are
+    exchanged, so that the position names the other shape (``swapped``). A map led by the image (one shape's
+    salience) or by the position, not by the word, scores 0; one that follows the word scores above 0."""
+    here, there = topk_iou(normalise(named), referent), topk_iou(normalise(swapped), referent)
+    return None if here is None or there is None else here - there
+
+
 # --------------------------------------------------------------------------- relation ground truth
 
 def first_along_axis(relation: str) -> str:
@@ -321,6 +336,46 @@ def background_seed(background_mask: np.ndarray, rng: np.random.Generator) -> in
     """Raster index of a background cell drawn uniformly with ``rng``; None when there is none."""
     cells = np.flatnonzero(np.asarray(background_mask, dtype=bool))
     return None if cells.size == 0 else int(cells[rng.integers(cells.size)])
+
+
+def distance_matched_specificity(rows: np.ndarray, cells: np.ndarray, own: np.ndarray, other: np.ndarray,
+                                 background: np.ndarray) -> float | None:
+    """Binding specificity of a shape's self-attention that distance cannot produce. ``rows[i]``: the attention
+    row (over the grid's cells in raster order) of cell ``cells[i]``, each a cell of ``own``. For every such seed,
+    its map (``seed_map``: its own entry removed) is compared with itself at equal distance: the mass on a
+    shape's cells, over the mass the background cells at the same squared distance from the seed hold per cell
+    times the shape's cells there (only distances that hold both count). Pooled over the seeds:
+
+        log(observed / expected on the own shape) - log(observed / expected on the other shape)
+
+    A map that depends on the distance from its seed alone scores 0, as does one that multiplies every shape's
+    cells alike (salience: a logit bonus under softmax); one that raises its own shape by a factor f scores
+    log f. Every seed of the shape counts, because a seed at the shape's centre has no background as near as
+    the shape's own cells: the cells near its edge do. None where a shape shares no distance with the
+    background."""
+    own, other, background = (np.asarray(m, dtype=bool) for m in (own, other, background))
+    gh, gw = own.shape
+    y, x = np.divmod(np.arange(gh * gw), gw)
+    totals = np.zeros((2, 2))  # [own, other] x [observed, expected]
+    for row, cell in zip(np.asarray(rows, dtype=np.float64), np.asarray(cells)):
+        a = seed_map(row, int(cell))
+        if a is None:
+            continue
+        d2 = (y - y[cell]) ** 2 + (x - x[cell]) ** 2
+        rings = int(d2.max()) + 1
+        bg = background.ravel().copy()
+        bg[cell] = False
+        bg_count = np.bincount(d2[bg], minlength=rings)
+        bg_mean = np.bincount(d2[bg], weights=a[bg], minlength=rings) / np.maximum(bg_count, 1)
+        bg_seen = bg_count > 0
+        for k, shape in enumerate((own, other)):
+            shape = shape.ravel().copy()
+            shape[cell] = False
+            matched = shape & bg_seen[d2]
+            totals[k] += (a[matched].sum(), bg_mean[d2[matched]].sum())
+    if not (totals > 0).all():
+        return None
+    return float(np.log(totals[0, 0] / totals[0, 1]) - np.log(totals[1, 0] / totals[1, 1]))
 
 
 # --------------------------------------------------------------------------- patch-shuffle baseline
