@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from conftest import FAILING  # noqa: E402
 from spatial_attention.common.errors import OptionError  # noqa: E402
+from spatial_attention.stats.inference import benjamini_hochberg  # noqa: E402
 from spatial_attention.study import (report, report_blocks, report_readings,  # noqa: E402  (after the path)
                                      report_sections)
-from spatial_attention.stats.inference import benjamini_hochberg  # noqa: E402
 from spatial_attention.study.study import StudySettings, plan  # noqa: E402
 
 SECTIONS = ("rules", "experiment-1", "experiment-2", "experiment-3", "ablation", "manifest", "steps")

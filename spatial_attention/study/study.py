@@ -34,7 +34,7 @@ from spatial_attention.common.errors import OptionError
 from spatial_attention.data.shapeworld import DEFAULT_SHAPEWORLD
 from spatial_attention.run.cli import DTYPES
 from spatial_attention.run.controls import (COMPARISON_FILE, DEFAULT_SEEDS, MAX_SEEDS, RANDOM_WEIGHTS, init_seeds,
-                                           seed_folder)
+                                            seed_folder)
 from spatial_attention.study.folder import LOGS_DIR, STEPS_DIR, STUDY_FILE
 
 log = logging.getLogger("spatial_attention.study")
