@@ -14,6 +14,9 @@
 #   ABLATE_HEADS ["unique shared"]  head_ablation.py --heads values, space-separated (e.g. "unique top:4")
 #   ABLATE_MODE [zero]  zero | mean     RANDOM_CONTROLS [100]
 #   ABLATE_POSITIONS [all]  all (the paper's) | answer (only the answer position, where SCORE=patching measures)
+#   SAME_PAIRS [0]  0: the heads are found on the discovery half of each corner's COUNT pairs (the 1st, 3rd, ...)
+#                   and ablated on the test half (the 2nd, 4th, ...); 1: both on all pairs, as the paper did (the
+#                   chosen heads then beat random heads on their own pairs by chance too; the report says so)
 #   CONTROL [empty]  random-weights: run every step on CONTROL_SEEDS [19] random initialisations of the model's
 #                    architecture instead of the model (the negative control; docs/controls.md), into
 #                    $OUT_DIR/control_random_weights/init_seed_S/, laid out as $OUT_DIR; run the sweep once
@@ -50,6 +53,7 @@ ABLATE="${ABLATE:-0}"
 ABLATE_MODE="${ABLATE_MODE:-zero}"
 ABLATE_HEADS="${ABLATE_HEADS:-unique shared}"
 ABLATE_POSITIONS="${ABLATE_POSITIONS:-all}"
+SAME_PAIRS="${SAME_PAIRS:-0}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-100}"
 CONTROL="${CONTROL:-}"
 CONTROL_SEEDS="${CONTROL_SEEDS:-19}"
@@ -81,6 +85,7 @@ check_positive() {  # NAME VALUE: a whole number of 1 or more
 }
 check_choice MODEL "$MODEL" "${MODELS[@]}"
 check_choice ABLATE "$ABLATE" 0 1
+check_choice SAME_PAIRS "$SAME_PAIRS" 0 1
 check_choice ABLATE_MODE "$ABLATE_MODE" "${ABLATE_MODES[@]}"
 check_choice SCORE "$SCORE" "${SCORES[@]}"
 check_choice ABLATE_POSITIONS "$ABLATE_POSITIONS" "${ABLATE_POSITIONS_CHOICES[@]}"
@@ -117,6 +122,9 @@ args=(--model "$MODEL" --dataset "${datasets[@]}" --max-pairs "$COUNT" --layers 
       --dtype "$DTYPE")
 [ -n "$MODEL_PATH" ] && args+=(--model-path "$MODEL_PATH")
 [ -n "$PATCH_SIZE" ] && args+=(--patch-size "$PATCH_SIZE")
+# the heads are found on one half of the pairs and tested on the other, unless SAME_PAIRS=1
+if [ "$SAME_PAIRS" = 1 ]; then args+=(--pairs all); ablate_pairs=(--pairs all --same-pairs)
+else args+=(--pairs discovery); ablate_pairs=(--pairs test); fi
 [ -n "$BATCH_SIZE" ] && args+=(--batch-size "$BATCH_SIZE")
 control_args=()
 [ -n "$CONTROL" ] && control_args=(--control "$CONTROL" --control-seeds "$CONTROL_SEEDS")
@@ -129,7 +137,13 @@ settings=$(printf '%s\n' "MODEL=$MODEL" "MODEL_PATH=$MODEL_PATH" "COUNT=$COUNT" 
 # settings added later: recorded where not the default, so that a folder swept before them still resumes
 [ "$SCORE" = attention ] || settings+=$'\n'"SCORE=$SCORE"
 [ "$ABLATE_POSITIONS" = all ] || settings+=$'\n'"ABLATE_POSITIONS=$ABLATE_POSITIONS"
+settings+=$'\n'"SAME_PAIRS=$SAME_PAIRS"  # always: a folder swept before the split found and tested on all pairs
 record="$OUT_DIR/sweep_settings.txt"
+if [ -f "$record" ] && ! grep -q '^SAME_PAIRS=' "$record"; then  # swept before the split: all pairs for both
+  [ "$SAME_PAIRS" = 1 ] || fail "SAME_PAIRS=0: $OUT_DIR was swept before the discovery/test split, its heads \
+found and ablated on the same pairs; rerun with SAME_PAIRS=1 to resume it, or use another OUT_DIR"
+  echo "SAME_PAIRS=1" >> "$record"
+fi
 if [ -f "$record" ]; then
   while IFS= read -r line; do
     grep -qxF -- "$line" "$record" || fail "$line: $OUT_DIR was swept with $(grep "^${line%%=*}=" "$record" || \
@@ -156,7 +170,7 @@ for root in "${roots[@]}"; do
   "$PYTHON" "$HERE/analyze_corner_heads.py" "${root_stats[@]}" --out-dir "$root/count_shared_unique"
 done
 if [ "$ABLATE" = 1 ]; then
-  ablate_args=(--model "$MODEL" --mode "$ABLATE_MODE" --positions "$ABLATE_POSITIONS"
+  ablate_args=(--model "$MODEL" --mode "$ABLATE_MODE" --positions "$ABLATE_POSITIONS" "${ablate_pairs[@]}"
                --random-controls "$RANDOM_CONTROLS" --max-pairs "$COUNT" --analysis-dir "$OUT_DIR/count_shared_unique"
                --device "$DEVICE" --dtype "$DTYPE")
   [ -n "$MODEL_PATH" ] && ablate_args+=(--model-path "$MODEL_PATH")

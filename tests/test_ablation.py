@@ -15,7 +15,7 @@ import torch
 from conftest import random_images
 
 from spatial_attention.common.errors import DataError, OptionError
-from spatial_attention.data.counterfactual import DIGEST_KEY, read_dataset, read_pairs
+from spatial_attention.data.counterfactual import DIGEST_KEY, SPLIT_KEY, read_dataset, read_pairs, split_pairs
 from spatial_attention.data.generate import generate_counterfactual
 from spatial_attention.engine.capture import plain_logits
 from spatial_attention.experiments import corner_stats
@@ -197,10 +197,12 @@ def test_yes_no_tokens(adapter):
 
 # --- which heads ----------------------------------------------------------------------
 
-def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, depth=None, corner="topleft", **meta) -> Path:
+def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, depth=None, corner="topleft", found_on="discovery",
+               **meta) -> Path:
     """A stats dir of ``corner`` whose largest |mean(full - control)| cells are (layer 4, head 1) > (layer 2, head 3);
     ``depth``: the scoring model's number of layers, recorded in run.json as head_attention_stats.py does;
-    ``meta``: more meta.json entries (e.g. model, model_path)."""
+    ``found_on``: the pairs it scored (--pairs, in its identity.json); ``meta``: more meta.json entries (e.g.
+    model, model_path)."""
     full = np.full((len(layers), heads, n), 0.5, np.float32)
     control = full.copy()
     full[1, 1] += 0.3
@@ -215,6 +217,7 @@ def fake_stats(folder: Path, layers=(2, 4), heads=4, n=3, depth=None, corner="to
                                                   **meta}))
     if depth is not None:
         (folder / "run.json").write_text(json.dumps({"model": {"num_layers": depth, "num_heads": heads}}))
+    (folder / IDENTITY_FILE).write_text(json.dumps({} if found_on == "all" else {SPLIT_KEY: found_on}))
     return folder
 
 
@@ -426,12 +429,13 @@ def test_same_checkpoint_by_another_path_is_accepted(tmp_path, corner_data, monk
 
 @pytest.fixture(scope="module")
 def ablated(tmp_path_factory, corner_data, tiny_models) -> tuple[list[str], Path]:
-    """A finished ablation of fake_stats's top:1 head (4.1) in tiny LLaVA: the argv that made it, its out-dir."""
+    """A finished ablation of fake_stats's top:1 head (4.1) in tiny LLaVA, on all four pairs (--same-pairs: the
+    heads' pairs do not matter here): the argv that made it, its out-dir."""
     root = tmp_path_factory.mktemp("ablated")
     out = root / "out"
     argv = ["--model", "llava", "--model-path", "tiny-random", "--device", "cpu", "--stats-dir",
             str(fake_stats(root / "stats")), "--dataset", str(corner_data), "--heads", "top:1", "--random-controls",
-            "2", "--out-dir", str(out)]
+            "2", "--pairs", "all", "--same-pairs", "--out-dir", str(out)]
     main(argv)
     return argv, out
 
@@ -508,7 +512,8 @@ def test_out_dir_with_results_of_unknown_settings_is_refused(ablated, tmp_path, 
 def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models):
     stats = tmp_path / "head_diff_stats_topleft"
     corner_stats.main(["--model", family, "--model-path", "tiny-random", "--dataset", str(corner_data),
-                       "--out-dir", str(stats), "--batch-size", "4", "--feed-size", "224"])
+                       "--pairs", "discovery", "--out-dir", str(stats), "--batch-size", "4", "--feed-size", "224"])
+    assert json.loads((stats / "meta.json").read_text())["N"] == 2  # the 1st and 3rd of the 4 pairs
     fake_analysis(tmp_path / "count_shared_unique")  # found beside the stats dir
     out = tmp_path / "ablation"
     argv = ["--model", family, "--model-path", "tiny-random", "--stats-dir", str(stats), "--dataset", str(corner_data),
@@ -518,7 +523,8 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
     summary = json.loads((out / "summary.json").read_text())
     chosen = parse_heads(heads, load_corner_run(stats), tmp_path / "count_shared_unique")
     assert summary["heads"] == [{"layer": layer + 1, "head": h} for layer, h in chosen]
-    assert summary["mode"] == mode and summary["n_pairs"] == 4 and summary["primary"]["metric"] == "log_odds_full"
+    assert summary["mode"] == mode and summary["n_pairs"] == 2 and summary["primary"]["metric"] == "log_odds_full"
+    assert summary["pairs"] == {"tested_on": "test", "heads_found_on": "discovery", "held_out": True}
     assert summary["prompt"] == "Is there anything in the top left corner?"
     random_sets = summary["random_controls"]["head_sets"]
     assert len(random_sets) == 3 and all(sorted(x["layer"] for x in s) == sorted(x["layer"] for x in summary["heads"])
@@ -528,8 +534,9 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
 
     with open(out / "ablation.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 * 2 * 4
-    assert [r["head_set"] for r in rows[::8]] == ["chosen", "random_0", "random_1", "random_2"]
+    assert len(rows) == 2 * 2 * 4  # the test half's 2 pairs x (full, control) x 4 head sets
+    assert [r["head_set"] for r in rows[::4]] == ["chosen", "random_0", "random_1", "random_2"]
+    assert {r["pair_id"] for r in rows} == {"1", "3"}  # the 2nd and 4th pairs: held out from the discovery half
     unablated = {(r["pair_id"], r["kind"]): r["unablated_log_odds"] for r in rows if r["head_set"] == "chosen"}
     assert all(unablated[r["pair_id"], r["kind"]] == r["unablated_log_odds"] for r in rows)
     full = [float(r["delta_log_odds"]) for r in rows if r["head_set"] == "chosen" and r["kind"] == "full"]
@@ -537,10 +544,10 @@ def test_cli_end_to_end(family, heads, mode, tmp_path, corner_data, tiny_models)
 
     adapter = tiny_models[family]  # the same seed-0 weights as the CLI's model
     adapter.set_feed_size(224)  # as the stats dir's meta.json says, which the CLI followed
-    image = read_pairs(corner_data)[0].load_images()[0]
+    image = read_pairs(corner_data)[1].load_images()[0]
     logits = plain_logits(adapter, adapter.encode([summary["prompt"]], [image]))
     alone = log_odds(logits, *yes_no_ids(adapter.tokenizer))
-    np.testing.assert_allclose(float(unablated["0", "full"]), alone[0], atol=1e-4)
+    np.testing.assert_allclose(float(unablated["1", "full"]), alone[0], atol=1e-4)
 
     assert (out / "figures" / "effect_vs_random.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "run.json").read_text())
@@ -574,7 +581,7 @@ def test_every_corner_and_head_spec_with_one_model_load(ablated, tmp_path, corne
     stats = [fake_stats(tmp_path / "stats_a"), fake_stats(tmp_path / "stats_b", corner="bottomright")]
     argv = ["--model", "llava", "--model-path", "tiny-random", "--device", "cpu", "--random-controls", "2",
             "--dataset", str(corner_data), str(other), "--stats-dir", *map(str, stats), "--heads", "top:1", "top:2",
-            "--out-parent", str(tmp_path / "sweep")]
+            "--pairs", "all", "--same-pairs", "--out-parent", str(tmp_path / "sweep")]
     main(argv)
     assert len(loads) == 1
     folders = sorted(p.name for p in (tmp_path / "sweep").iterdir())
@@ -594,17 +601,51 @@ def test_stats_dirs_are_matched_to_their_data_sets_by_corner_and_data(tmp_path, 
     other corner's; a data set no stats dir scored is refused; two of one corner: the one scored on these pairs, and
     refused where neither records its pairs."""
     other = generate_counterfactual(tmp_path / "pairs", count=2, corners=("bottomright",))[0]
-    topleft, bottomright = read_dataset(corner_data, None), read_dataset(other, None)
+    topleft, bottomright = read_dataset(corner_data, None, "test"), read_dataset(other, None, "test")
     stats_a, stats_b = fake_stats(tmp_path / "stats_a"), fake_stats(tmp_path / "stats_b", corner="bottomright")
     assert match_stats_dirs([topleft, bottomright], [stats_b, stats_a]) == [stats_a, stats_b]
     with pytest.raises(OptionError, match="--stats-dir: none of them scored the bottomright pairs of --dataset"):
         match_stats_dirs([topleft, bottomright], [stats_a, fake_stats(tmp_path / "stats_c", corner="topright")])
-    (stats_a / IDENTITY_FILE).write_text(json.dumps({DIGEST_KEY: topleft.identity[DIGEST_KEY]}))
+    (stats_a / IDENTITY_FILE).write_text(json.dumps({DIGEST_KEY: topleft.identity[DIGEST_KEY],
+                                                     SPLIT_KEY: "discovery"}))
     elsewhere = fake_stats(tmp_path / "stats_d")
     (elsewhere / IDENTITY_FILE).write_text(json.dumps({DIGEST_KEY: "0" * 64}))
     assert match_stats_dirs([topleft], [elsewhere, stats_a]) == [stats_a]
     with pytest.raises(OptionError, match="--stats-dir: 2 of them scored the topleft pairs"):
         match_stats_dirs([topleft], [fake_stats(tmp_path / "stats_e"), fake_stats(tmp_path / "stats_f")])
+
+
+@pytest.mark.parametrize("found_on, tested_on, refused", [
+    ("discovery", "test", False), ("all", "test", True), ("test", "test", True), ("discovery", "discovery", True),
+    ("discovery", "all", True), ("all", "all", True)])
+def test_heads_are_not_tested_on_the_pairs_they_were_found_on_unless_told(tmp_path, corner_data, found_on, tested_on,
+                                                                          refused):
+    """Heads found on some pairs of a data set are refused for an ablation on any of the same pairs, in one line
+    naming the way out; --same-pairs allows it, and stats scored on other data are never refused."""
+    dataset = read_dataset(corner_data, None, tested_on)
+    stats = fake_stats(tmp_path / "stats", found_on=found_on)
+    (stats / IDENTITY_FILE).write_text(json.dumps({DIGEST_KEY: dataset.identity[DIGEST_KEY],
+                                                   **({} if found_on == "all" else {SPLIT_KEY: found_on})}))
+    if refused:
+        with pytest.raises(OptionError, match=f"its heads were found on the {found_on} pairs of .*--pairs {tested_on} "
+                                              "would test them on pairs they were found on.*--same-pairs"):
+            match_stats_dirs([dataset], [stats])
+    else:
+        assert match_stats_dirs([dataset], [stats]) == [stats]
+    assert match_stats_dirs([dataset], [stats], same_pairs=True) == [stats]
+    (stats / IDENTITY_FILE).write_text(json.dumps({DIGEST_KEY: "0" * 64}))  # scored on other pairs of the corner
+    assert match_stats_dirs([dataset], [stats]) == [stats]
+
+
+def test_the_split_halves_are_disjoint_alike_and_cover_the_pairs(corner_data):
+    pairs = list(range(7))
+    discovery, test = split_pairs(pairs, "discovery"), split_pairs(pairs, "test")
+    assert discovery == [0, 2, 4, 6] and test == [1, 3, 5] and split_pairs(pairs, "all") == pairs
+    halves = {half: read_dataset(corner_data, None, half) for half in ("discovery", "test", "all")}
+    assert [p.id for p in halves["discovery"].pairs] == [0, 2] and [p.id for p in halves["test"].pairs] == [1, 3]
+    assert halves["test"].identity[SPLIT_KEY] == "test" and SPLIT_KEY not in halves["all"].identity
+    with pytest.raises(DataError, match="no test pairs among its 1"):
+        read_dataset(corner_data, 1, "test")
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -643,3 +684,35 @@ def test_measure_in_chunks_equals_one_whole_forward_per_head_set(adapter, corner
         np.testing.assert_allclose(ablated[s].ravel(), log_odds(hooked_logits(adapter, batch, hook), *answer_ids),
                                    atol=1e-4)
     assert not np.allclose(ablated, base[None], atol=1e-3)
+
+
+def _false_drops(split: bool, draws: int = 200) -> float:
+    """A model in which no head matters more than another, as random weights are: per pair and head, one number
+    (the pair's own noise) moves both the head's score in experiment 3 and its ablation's effect on the yes
+    log-odds. 32 layers x 32 heads, as a 7B model; 100 pairs; the 4 heads with the highest mean score are chosen
+    and ablated against 100 random head sets of their layers (``random_head_sets``, p_drop as ``summarize``).
+    The share of draws in which p_drop <= 0.05."""
+    layers, heads, n_pairs = 32, 32, 100
+    discovery, test = ((split_pairs(list(range(n_pairs)), half) for half in ("discovery", "test")) if split
+                       else (list(range(n_pairs)),) * 2)
+    hits = 0
+    for draw in range(draws):
+        rng = np.random.default_rng(draw)
+        noise = rng.normal(0, 1, size=(n_pairs, layers, heads))
+        score = noise[discovery].mean(0)
+        top = np.argsort(score, axis=None)[::-1][:4]
+        chosen = sorted((int(i // heads), int(i % heads)) for i in top)
+        sets = [chosen] + random_head_sets(chosen, heads, 100, seed=draw)
+        drop = np.stack([-noise[test][:, [l for l, _ in s], [h for _, h in s]].sum(1) for s in sets])  # [S, N]
+        ablated = np.stack([drop, np.zeros_like(drop)], axis=-1)
+        hits += summarize(np.zeros((len(test), 2)), ablated, seed=draw)["log_odds_full"]["p_drop"] <= 0.05
+    return hits / draws
+
+
+def test_heads_tested_on_the_pairs_they_were_found_on_beat_random_heads_by_chance_and_on_held_out_pairs_do_not():
+    """The sweep's discovery/test split (``split_pairs``) brings the ablation's false "yes" on a model without
+    special heads to its nominal 5% (at most 5% + 2 Monte Carlo standard errors over 200 draws); testing on the
+    discovery pairs themselves, as the paper did, calls nearly every draw."""
+    held_out, same = _false_drops(split=True), _false_drops(split=False)
+    assert held_out <= 0.05 + 2 * (0.05 * 0.95 / 200) ** 0.5, held_out
+    assert same >= 0.5, same

@@ -262,9 +262,9 @@ def test_random_weights_binding_specificity_stays_near_zero(tmp_path):
 
 def test_patching_finds_the_toy_s_causal_corner_heads_and_not_random_weights(tmp_path):
     """The positive and negative control of experiment 3 + the ablation, held in place (docs/controls.md): on
-    the LLaVA toy, --score patching finds significant heads in every corner, and mean-ablating a corner's top 4
-    at the answer position lowers the full images' log-odds more than 100 random sets of the same layers
-    (p_drop <= 0.05) and abolishes the yes/no gap; the paper's attention score picks heads whose ablation
+    the LLaVA toy, --score patching finds significant heads in every corner (on the discovery half of the
+    pairs), and mean-ablating a corner's top 4 at the answer position (on the held-out test half) lowers the full
+    images' log-odds more than 100 random sets of the same layers (p_drop <= 0.05) and abolishes the yes/no gap; the paper's attention score picks heads whose ablation
     barely moves the gap; on a random initialisation the found heads carry nothing (the gap is ~0 to begin
     with and ablating them leaves it there)."""
     from spatial_attention.data.counterfactual import CORNERS
@@ -272,7 +272,7 @@ def test_patching_finds_the_toy_s_causal_corner_heads_and_not_random_weights(tmp
     from spatial_attention.experiments import ablation, corner_analysis, corner_stats
 
     require_toy("llava")
-    folders = dict(zip(CORNERS, generate_counterfactual(tmp_path / "data", count=12, seed=31)))
+    folders = dict(zip(CORNERS, generate_counterfactual(tmp_path / "data", count=24, seed=31)))  # 12 + 12
     model = ["--model", "llava", "--model-path", "toy", "--device", "cpu", "--dtype", "fp32", "--batch-size", "12"]
     control = ["--control", "random-weights", "--control-seeds", "1"]
     corner = "bottomleft"
@@ -282,7 +282,7 @@ def test_patching_finds_the_toy_s_causal_corner_heads_and_not_random_weights(tmp
         control's seed folder under --control) and the ablation's metrics."""
         stats = tmp_path / f"{score}{'_control' if extra else ''}"
         corner_stats.main(model + extra + ["--score", score, "--dataset", *(str(folders[c]) for c in corners),
-                                           "--out-dir", str(stats)])
+                                           "--pairs", "discovery", "--out-dir", str(stats)])
         out = tmp_path / f"ablation_{stats.name}"
         corner_stats_dir = stats if len(corners) == 1 else stats / f"head_diff_stats_{corner}"
         ablation.main(model + extra + ["--stats-dir", str(corner_stats_dir), "--heads", "top:4", "--mode", "mean",

@@ -171,9 +171,9 @@ def test_every_number_is_its_summary_field(study):
     comparison = json.loads((out / "llava" / "exp1" / "control_comparison.json").read_text())
     control = next(r for r in comparison["rows"] if r["metric"] == "subject_cross/iou real-shuffled")
 
-    def shown(mean, lo, hi):
+    def shown(mean, lo, hi):  # no interval where there is none (one initialisation: no prediction interval)
         fmt = report_readings.ci_format(lo, hi)
-        return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+        return f"{mean:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None else f"{mean:{fmt}}"
 
     cells = (f"| subject_cross iou, real minus shuffled | {shown(row['mean_diff'], row['ci_lo'], row['ci_hi'])}, "
              f"p={row['p_value']:.2g} | "
@@ -359,6 +359,7 @@ def _plant_study(root: Path) -> Path:
         _comparison("symmetry_score", -0.002, [0.0001 * (-1) ** k for k in range(19)])]})
     for name, effect, lo, hi, p_drop, model_mean, sets in (
             ("ablation_topleft_unique", -9.8, -12.0, -7.5, 1e-3, -9.8, 1000),
+            ("ablation_topleft_shared", -9.8, -12.0, -7.5, 1e-3, None, 1000),  # on the pairs it was found on
             ("ablation_topright_unique", -0.5, -1.5, 0.4, 1e-3, None, 1000),
             ("ablation_bottomleft_unique", -2.0, -3.0, -1.0, 0.4, 1.0, 100),
             ("ablation_bottomright_unique", -9.8, -12.0, -7.5, 0.25, None, 3),  # p_drop can only reach 1/4
@@ -366,6 +367,7 @@ def _plant_study(root: Path) -> Path:
         _write(m / "corners" / name / "summary.json",
                {"heads": [{"layer": 1, "head": 2}], "metrics": {"log_odds_full": {
                    "effect": effect, "ci_lo": lo, "ci_hi": hi, "random_mean": -1.0, "p_drop": p_drop}},
+                "pairs": {"held_out": name != "ablation_topleft_shared"},
                 **({} if sets is None else {"random_controls": {"count": sets}})})
         if model_mean is not None:
             _write(m / "corners" / name / "control_comparison.json", {"rows": [
@@ -397,7 +399,7 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     recorded = json.loads((tmp_path / "report" / "readings.json").read_text())
     tested = [r for r in recorded["readings"] if r["q"] is not None]
     q, _ = benjamini_hochberg(np.array([r["p"] for r in tested]))
-    assert [r["q"] for r in tested] == pytest.approx(q.tolist()) and recorded["m"] == len(tested) == 18
+    assert [r["q"] for r in tested] == pytest.approx(q.tolist()) and recorded["m"] == len(tested) == 19
 
     def said(claim_end, reading):
         return re.search(re.escape(claim_end) + ": " + reading, markdown)
@@ -423,6 +425,8 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     assert said(layers, r"yes \(q=[0-9.e-]+\) \(effect -9\.8 \[-12\.0, -7\.5\], random sets -1, p_drop 0\.001\); "
                         r"beyond random weights: yes \(q=")
     assert said(layers, r"inconclusive \(q=[0-9.e-]+, but the effect's interval reaches 0\) \(effect -0\.5")
+    assert said("shared heads (L1.H2) lowers the full images' yes log-odds more than " + layers,
+                r"inconclusive \(q=[0-9.e-]+, but tested on the pairs its heads were found on")
     assert said(layers, r"inconclusive \(q=[0-9.]+\) \(effect -2\.0 \[-3\.0, -1\.0\], random sets -1, p_drop 0\.4\); "
                         r"beyond random weights: inconclusive \(q=1\)")
     assert said(layers, r"untestable with 3 random head sets \(p_drop cannot go below 1/4\)")

@@ -30,6 +30,7 @@ def sweep_with_stand_in(tmp_path: Path, **settings: str) -> tuple[subprocess.Com
 
 @pytest.mark.parametrize("settings, error", [
     ({"ABLATE": "yes"}, "ABLATE=yes: must be one of 0 1"),  # was: silently no ablation
+    ({"SAME_PAIRS": "yes"}, "SAME_PAIRS=yes: must be one of 0 1"),
     ({"ABLATE": "1", "ABLATE_MODE": "foo"}, "ABLATE_MODE=foo: must be one of zero mean"),  # was: after scoring
     ({"RANDOM_CONTROLS": "0"}, "RANDOM_CONTROLS=0: must be a whole number of 1 or more"),  # was: after scoring
     ({"RANDOM_CONTROLS": "many"}, "RANDOM_CONTROLS=many: must be a whole number of 1 or more"),
@@ -94,7 +95,7 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     out.mkdir()
     (out / "sweep_settings.txt").write_text("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\n"
                                            "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nDTYPE=auto\nABLATE_MODE=zero\n"
-                                           "RANDOM_CONTROLS=100\n")
+                                           "RANDOM_CONTROLS=100\nSAME_PAIRS=0\n")
     (tmp_path / "data").mkdir()
     for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # no data to generate: the first step scores
         (tmp_path / "data" / f"dataset_{corner}").mkdir()
@@ -112,3 +113,26 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     done, _ = sweep_with_stand_in(tmp_path, COUNT="4")  # the default again, on a patching sweep
     assert done.stderr.splitlines()[-1] == (f"error: SCORE unset: {out} was swept with SCORE=patching "
                                             "(sweep_settings.txt there); use those settings, or another OUT_DIR")
+
+
+def test_a_folder_swept_before_the_discovery_test_split_resumes_only_as_it_was_made(tmp_path):
+    """A sweep folder from before SAME_PAIRS (heads found and ablated on all pairs) is refused under the split,
+    naming SAME_PAIRS=1; with it, the sweep goes on and records it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    before = ("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\nMAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\n"
+              "DTYPE=auto\nABLATE_MODE=zero\nRANDOM_CONTROLS=100\n")
+    (out / "sweep_settings.txt").write_text(before)
+    (tmp_path / "data").mkdir()
+    for corner in ("topleft", "topright", "bottomleft", "bottomright"):
+        (tmp_path / "data" / f"dataset_{corner}").mkdir()
+        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("")
+    done, calls = sweep_with_stand_in(tmp_path, COUNT="4")
+    assert done.returncode == 2 and not calls.exists()
+    assert done.stderr.splitlines()[-1] == (f"error: SAME_PAIRS=0: {out} was swept before the discovery/test split, "
+                                            "its heads found and ablated on the same pairs; rerun with SAME_PAIRS=1 "
+                                            "to resume it, or use another OUT_DIR")
+    done, calls = sweep_with_stand_in(tmp_path, COUNT="4", SAME_PAIRS="1")
+    assert done.returncode == 1 and calls.exists(), done.stderr  # past the checks: the stand-in's first step
+    assert (out / "sweep_settings.txt").read_text() == before + "SAME_PAIRS=1\n"
+    assert "--pairs all" in calls.read_text()

@@ -35,6 +35,10 @@ REQUIRED_FIELDS = ("id", "caption", "relation", "subject_shape", "object_shape",
 CORNER_PROMPT = "Is there anything in the {corner} corner?"
 # the key of a data set's identity that tells it from another of the same corner (a regenerated one changes it)
 DIGEST_KEY = "--dataset (sha256 of its metadata.jsonl)"
+# Heads are found on one half of a data set's pairs and tested on the other (``split_pairs``): the best heads of
+# some pairs beat random heads on those same pairs by chance too.
+PAIR_SPLITS = ("all", "discovery", "test")
+SPLIT_KEY = "--pairs"
 
 PixelBox = tuple[int, int, int, int]
 
@@ -95,17 +99,19 @@ class Pair:
 
 @dataclass(frozen=True)
 class CornerDataset:
-    """One --dataset folder: its corner, its pairs and the digest of its metadata.jsonl."""
+    """One --dataset folder: its corner, its pairs (those of ``split``) and the digest of its metadata.jsonl."""
     folder: Path
     corner: str
     pairs: list[Pair]
     metadata_sha256: str
+    split: str = "all"
 
     @property
     def identity(self) -> dict:
-        """What tells this data set from another of the same corner (a regenerated one changes the digest)."""
-        return {"--dataset": str(self.folder.resolve()),
-                DIGEST_KEY: self.metadata_sha256}
+        """What tells this data set from another of the same corner (a regenerated one changes the digest), and
+        the half of it used (recorded only where it is not all: folders made before the split stay readable)."""
+        return {"--dataset": str(self.folder.resolve()), DIGEST_KEY: self.metadata_sha256,
+                **({} if self.split == "all" else {SPLIT_KEY: self.split})}
 
 
 def _pixel_box(value, where: str) -> PixelBox:
@@ -190,14 +196,32 @@ def corner_of(pairs: list[Pair], folder) -> str:
     return corners[0]
 
 
-def read_dataset(folder: Path, limit: int | None) -> CornerDataset:
-    """One corner folder's pairs (at most ``limit``) and the digest of its whole metadata.jsonl."""
+def split_pairs(pairs: list, split: str) -> list:
+    """The pairs of one half: ``discovery`` the 1st, 3rd, 5th, ... (heads are found on these), ``test`` the 2nd,
+    4th, ... (the heads found are tested on these), ``all`` every pair. Disjoint, and alike in size and order."""
+    if split not in PAIR_SPLITS:
+        raise ValueError(f"split must be one of {PAIR_SPLITS}, not {split!r}")
+    return pairs if split == "all" else pairs[0::2] if split == "discovery" else pairs[1::2]
+
+
+def splits_overlap(found_on: str, tested_on: str) -> bool:
+    """Whether heads found on the ``found_on`` pairs of a data set would be tested on some of the same pairs."""
+    return "all" in (found_on, tested_on) or found_on == tested_on
+
+
+def read_dataset(folder: Path, limit: int | None, split: str = "all") -> CornerDataset:
+    """One corner folder's pairs (of the first ``limit``, those of ``split``) and the digest of its whole
+    metadata.jsonl."""
     pairs = read_pairs(folder, limit=limit)
     ids = [pair.id for pair in pairs]
     if len(set(ids)) < len(ids):
         raise DataError(f"{folder}: pair ids repeat; each pair needs its own id (a rerun resumes by id)")
     digest = hashlib.sha256((folder / "metadata.jsonl").read_bytes()).hexdigest()
-    return CornerDataset(folder, corner_of(pairs, folder), pairs, digest)
+    half = split_pairs(pairs, split)
+    if not half:
+        raise DataError(f"{folder}: no {split} pairs among its {len(pairs)} (the test half is every second pair); "
+                        "generate more pairs, or raise --max-pairs")
+    return CornerDataset(folder, corner_of(pairs, folder), half, digest, split)
 
 
 def _pixel_problems(pair: Pair, where: str) -> list[str]:

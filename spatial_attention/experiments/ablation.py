@@ -24,8 +24,8 @@ from spatial_attention.common.console import check_at_least, command_parser, use
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import (check_output_dir, finish_run, lacks_keys, setup_logging, start_run,
                                             write_atomic, write_json)
-from spatial_attention.data.counterfactual import (CORNER_PROMPT, DIGEST_KEY, CornerDataset, Pair, fill_corner_prompt,
-                                                   read_dataset)
+from spatial_attention.data.counterfactual import (CORNER_PROMPT, DIGEST_KEY, PAIR_SPLITS, SPLIT_KEY, CornerDataset,
+                                                   Pair, fill_corner_prompt, read_dataset, splits_overlap)
 from spatial_attention.experiments.ablation_heads import (HEADS_HELP, Head, check_heads, check_heads_in_stats_model,
                                                           head_name, heads_json, parse_heads, random_head_sets)
 from spatial_attention.experiments.ablation_measure import (KINDS, METRICS, PRIMARY, head_means, measure, summarize,
@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random head sets from the same layers, the null distribution of the effect: p_drop "
                              "cannot go below 1/(1 + sets), and the report corrects it with its other tests")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs")
+    parser.add_argument("--pairs", choices=PAIR_SPLITS, default="test",
+                        help="which of the (first --max-pairs) pairs to ablate on: the test half (the 2nd, 4th, ... "
+                             "pair), held out from head_attention_stats.py --pairs discovery, or all")
+    parser.add_argument("--same-pairs", action="store_true",
+                        help="allow testing the heads on pairs they were found on (their stats dir scored all pairs, "
+                             "or the same half): the chosen heads are then the best of these very pairs, and beat "
+                             "random heads on them by chance too; refused without this, and the report says so")
     parser.add_argument("--sets-per-forward", type=int, default=8,
                         help="copies of each batch in one forward pass of the layers from the lowest ablated one "
                              "up: an unablated copy and this minus one head sets (the chosen one and the random "
@@ -145,11 +152,11 @@ def main(argv=None) -> None:
     if len(args.stats_dir) != len(args.dataset):
         raise OptionError(f"--stats-dir: {len(args.stats_dir)} given for {len(args.dataset)} --dataset; give each "
                           "data set's stats dir, in the same order")
-    datasets = [read_dataset(path, args.max_pairs) for path in args.dataset]
+    datasets = [read_dataset(path, args.max_pairs, args.pairs) for path in args.dataset]
     for dataset in datasets:
         check_images(dataset.pairs)
     seeds = controls.init_seeds(args)
-    stats_dirs = match_stats_dirs(datasets, args.stats_dir, None if seeds is None else seeds[0])
+    stats_dirs = match_stats_dirs(datasets, args.stats_dir, None if seeds is None else seeds[0], args.same_pairs)
     jobs = [Job(dataset, stats_dir, args.analysis_dir, heads, args.out_dir or args.out_parent / default_out(
                 dataset.corner, heads)) for dataset, stats_dir in zip(datasets, stats_dirs) for heads in args.heads]
     if args.out_dir and len(jobs) > 1:
@@ -168,16 +175,19 @@ def main(argv=None) -> None:
             controls.write_comparison(job.out, ITEM_METRICS, seed=options.seed)
 
 
-def match_stats_dirs(datasets: list[CornerDataset], stats_dirs: list[Path],
-                     init_seed: int | None = None) -> list[Path]:
+def match_stats_dirs(datasets: list[CornerDataset], stats_dirs: list[Path], init_seed: int | None = None,
+                     same_pairs: bool = False) -> list[Path]:
     """Each data set's stats dir, matched by the corner its meta.json records (and, where two share a corner, by
     the data set its identity.json records), whatever order they were given in; OptionError where a data set has
-    none, or more than one. ``init_seed``: under --control, what is read is the counterpart of that
-    initialisation (a control-only run has no stats of the model)."""
-    scored = {}
+    none, or more than one, or where the heads would be tested on pairs they were found on (unless
+    ``same_pairs``). ``init_seed``: under --control, what is read is the counterpart of that initialisation (a
+    control-only run has no stats of the model)."""
+    scored, splits = {}, {}
     for folder in map(Path, stats_dirs):
         read = folder if init_seed is None else controls.counterpart(folder, init_seed, "--stats-dir")
-        scored[folder] = (load_corner_run(read).corner, (recorded_identity(read) or {}).get(DIGEST_KEY))
+        recorded = recorded_identity(read) or {}
+        scored[folder] = (load_corner_run(read).corner, recorded.get(DIGEST_KEY))
+        splits[folder] = recorded.get(SPLIT_KEY, "all")
     matched = []
     for dataset in datasets:
         same_corner = [folder for folder, (corner, _) in scored.items() if corner == dataset.corner]
@@ -191,6 +201,12 @@ def match_stats_dirs(datasets: list[CornerDataset], stats_dirs: list[Path],
         if scored[found[0]][1] not in (None, dataset.identity[DIGEST_KEY]):
             log.warning("--stats-dir %s was scored on other %s pairs than --dataset %s: its heads are tested on "
                         "pairs they were not found on", found[0], dataset.corner, dataset.folder)
+        elif splits_overlap(splits[found[0]], dataset.split) and not same_pairs:
+            raise OptionError(
+                f"--stats-dir {found[0]}: its heads were found on the {splits[found[0]]} pairs of {dataset.folder}, "
+                f"and --pairs {dataset.split} would test them on pairs they were found on (the best heads of some "
+                f"pairs beat random heads on those pairs by chance too); score them with head_attention_stats.py "
+                f"--pairs discovery and ablate with --pairs test, or pass --same-pairs to test them there anyway")
         matched.append(found[0])
     if len(set(matched)) < len(matched):
         raise OptionError("--stats-dir: one stats dir matches two --dataset folders; give each corner's data set once")
@@ -322,7 +338,7 @@ def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int]
     base = np.array([r["log_odds"] for r in records])  # [N, 2]
     ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
     metrics = write_outputs(out, adapter, pairs, corner, prompt, job.heads, args.mode, args.positions, run.options.seed,
-                            head_sets, base, ablated, answer_ids)
+                            head_sets, base, ablated, answer_ids, which_pairs(job))
     finish_run(out / "run.json", record)
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
@@ -404,17 +420,26 @@ def ablation_prompt(prompt: str | None, run: CornerRun, corner: str) -> str:
     return fill_corner_prompt(run.meta.get("prompt") or CORNER_PROMPT, corner, f"{run.folder / 'meta.json'}: prompt")
 
 
+def which_pairs(job: Job) -> dict:
+    """The pairs an ablation tested its heads on, beside those its heads were found on (the stats dir's)."""
+    found = recorded_identity(job.stats_dir) or {}
+    other_data = found.get(DIGEST_KEY) not in (None, job.dataset.identity[DIGEST_KEY])
+    found_on = found.get(SPLIT_KEY, "all")
+    return {"tested_on": job.dataset.split, "heads_found_on": "other data" if other_data else found_on,
+            "held_out": other_data or not splits_overlap(found_on, job.dataset.split)}
+
+
 def write_outputs(out: Path, adapter, pairs: list[Pair], corner: str, prompt: str, heads_spec: str, mode: str,
                   positions: str, seed: int, head_sets: list[list[Head]], base: np.ndarray, ablated: np.ndarray,
-                  answer_ids: tuple[list[int], list[int]]) -> dict:
-    """ablation.csv, summary.json and the figure; returns the per-metric summary."""
+                  answer_ids: tuple[list[int], list[int]], pairs_used: dict | None = None) -> dict:
+    """ablation.csv, summary.json and the figure; returns the per-metric summary. ``pairs_used``: ``which_pairs``."""
     chosen = head_sets[0]
     metrics = summarize(base, ablated, seed)
     write_atomic(out / "ablation.csv", ablation_csv(pairs, head_sets, base, ablated))
     write_json(out / "summary.json", {
         "corner": corner, "prompt": prompt, "heads_spec": heads_spec, "heads": heads_json(chosen), "mode": mode,
         "positions": positions,
-        "n_pairs": len(pairs), "metrics": metrics,
+        "n_pairs": len(pairs), "pairs": pairs_used, "metrics": metrics,
         "primary": {"metric": PRIMARY, "effect": metrics[PRIMARY]["effect"], "p_value": metrics[PRIMARY]["p_drop"],
                     "test": "one-sided: (1 + random sets whose mean change is <= the chosen heads') / (1 + R)"},
         "random_controls": {"count": len(head_sets) - 1, "seed": seed,

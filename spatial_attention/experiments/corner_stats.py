@@ -50,8 +50,8 @@ from spatial_attention.common.console import check_at_least, command_parser, use
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import (RecordCheck, check_output_dir, finish_run, lacks_keys, package_versions,
                                             setup_logging, start_run, write_atomic, write_json)
-from spatial_attention.data.counterfactual import (CORNER_PROMPT, CORNERS, CornerDataset, Pair, fill_corner_prompt,
-                                                   read_dataset)
+from spatial_attention.data.counterfactual import (CORNER_PROMPT, CORNERS, PAIR_SPLITS, CornerDataset, Pair,
+                                                   fill_corner_prompt, read_dataset, split_pairs)
 from spatial_attention.engine.capture import CaptureRequest, capture, capture_generate, greedy_answers
 from spatial_attention.experiments import patching
 from spatial_attention.experiments.ablation_measure import yes_no_ids
@@ -124,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "scored head: restrict with --layers on a 7B model). The attention score misses the "
                              "heads the toy models' answers depend on (docs/controls.md)")
     parser.add_argument("--max-pairs", type=int, default=None, help="use at most this many pairs per data set")
+    parser.add_argument("--pairs", choices=PAIR_SPLITS, default="all",
+                        help="which of the (first --max-pairs) pairs to score: all, or the discovery half (the 1st, "
+                             "3rd, ... pair), so that head_ablation.py can test the heads found here on the other "
+                             "half (--pairs test, its default), not on the pairs they were found on")
     parser.add_argument("--max-new-tokens", type=int, default=1,
                         help="1: score the prompt's last position (one forward pass per image); more: generate "
                              "greedily and average the score over the generated steps")
@@ -145,7 +149,7 @@ def main(argv=None) -> None:
     setup_logging(args.verbose)
     options = ModelOptions.from_args(args.model, args)
     scoring = check_scoring(args)
-    datasets = read_datasets(args.dataset, args.max_pairs)
+    datasets = read_datasets(args.dataset, args.max_pairs, args.pairs)
     root = output_root(args.out_dir, list(datasets))
     planned = [(run_options, output_folders(folder, list(datasets)))
                for run_options, folder in controls.runs(options, root, args)]  # every folder checked before a load
@@ -215,11 +219,12 @@ def identity(model: dict, scoring: Scoring, dataset: CornerDataset) -> dict:
     return {**model, **scoring.identity(dataset.corner), **dataset.identity}
 
 
-def read_datasets(folders: list[str], max_pairs: int | None) -> dict[str, CornerDataset]:
-    """corner -> each --dataset folder, read before the (slow) model load: a bad folder fails at once."""
+def read_datasets(folders: list[str], max_pairs: int | None, split: str = "all") -> dict[str, CornerDataset]:
+    """corner -> each --dataset folder (its ``split`` pairs), read before the (slow) model load: a bad folder
+    fails at once."""
     datasets = {}
     for folder in folders:
-        dataset = read_dataset(Path(folder), max_pairs)
+        dataset = read_dataset(Path(folder), max_pairs, split)
         if dataset.corner in datasets:
             raise OptionError(f"--dataset: two folders hold corner {dataset.corner!r}; their results would overwrite "
                               f"each other in head_diff_stats_{dataset.corner}")
@@ -303,8 +308,9 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
                   max_pairs: int | None = None) -> None:
     """Score the pairs not yet in the corner's results file, then rebuild the corner's outputs from it."""
     pairs, corner, out = dataset.pairs, dataset.corner, results.path.parent
-    if max_pairs and len(pairs) < max_pairs:
-        log.warning("%s: the folder holds only %d pairs (--max-pairs %d)", corner, len(pairs), max_pairs)
+    if max_pairs and len(pairs) < len(split_pairs(range(max_pairs), dataset.split)):
+        log.warning("%s: the folder holds only %d %s pairs (--max-pairs %d)", corner, len(pairs), dataset.split,
+                    max_pairs)
     ids = [pair.id for pair in pairs]
     the_identity = identity(run.identity(), scoring, dataset)
     run.share.main_checks(lambda: open_results(results, the_identity))

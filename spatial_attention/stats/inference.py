@@ -10,7 +10,6 @@ import math
 from collections.abc import Iterable
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 # Random draws (matrix elements) per chunk, so that memory stays bounded for large samples: a few 4 MB
 # arrays at a time, so that the end-of-run summary of 5,000 worlds peaks no higher than that of 1,000
@@ -96,6 +95,8 @@ def against_initialisations(model: float, seeds: Iterable[float | None] | np.nda
       of freedom), which, unlike the rank p, can be small enough for a correction over many readings.
 
     Values that are None or not finite are dropped; the fields that need more seeds are None."""
+    from scipy import stats as scipy_stats  # here: scipy.stats takes a second to import, and few commands need it
+
     s = _finite(seeds)
     k = int(s.size)
     out = {"n_seeds": k, "seed_mean": float(s.mean()) if k else None,

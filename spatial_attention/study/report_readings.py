@@ -43,7 +43,9 @@ RULES = [
     "possible p (with few pairs) lies above 0.05, or is not recorded: Benjamini-Hochberg rejects nothing then, "
     "whatever the model does.",
     "An ablation's test is p_drop (the chosen heads lower the answer more than random heads of the same layers): "
-    "**yes** when its q <= 0.05 and its effect's 95% interval lies below 0, **untestable** when its random head "
+    "**yes** when its q <= 0.05, its effect's 95% interval lies below 0 and it was measured on pairs held out from "
+    "those its heads were found on (the best heads of some pairs beat random heads on those same pairs by chance "
+    "too), **untestable** when its random head "
     "sets are too few for p_drop to reach 0.05 (its smallest value is 1 / (1 + sets)) or their number is not "
     "recorded; beyond random weights: the model's effect against the initialisations' effects, as above.",
 ]

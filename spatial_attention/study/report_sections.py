@@ -271,7 +271,11 @@ def _ablation_reading(o: Outputs, m: str, corner: str, spec: str, rel: str, effe
         said = o.verdict(claim, test, fixed=f"untestable with {sets} random head sets (p_drop cannot go below "
                                             f"1/{sets + 1})")
     else:
-        said = o.verdict(claim, test, p=p_drop.value, blocked=None if hi < 0 else "the effect's interval reaches 0")
+        held_out = ((o.json(rel) or {}).get("pairs") or {}).get("held_out")
+        said = o.verdict(claim, test, p=p_drop.value, blocked=(
+            "the effect's interval reaches 0" if hi >= 0 else
+            "tested on the pairs its heads were found on (--same-pairs, or made before the split)" if not held_out
+            else None))
     return [f"{claim}: ", said, " (effect ", *effect, ", random sets ",
             o.num(rel, "metrics", "log_odds_full", "random_mean"), ", p_drop ", p_drop, ")"] \
         + beyond_parts(o, claim, control, -1, why_no_control(o, f"{m}/corners-control"))

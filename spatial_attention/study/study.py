@@ -46,7 +46,7 @@ SHAPEWORLD_SUBDIR = DEFAULT_SHAPEWORLD.relative_to("data")  # where the experime
 RECORDED = ("model_paths", "worlds", "count", "control_seeds", "control_items", "dtype", "data_dir")
 # run_corner_experiments.sh's own settings, passed through to the sweep steps and part of what they did
 SWEEP_SETTINGS = ("SCORE", "LAYERS", "MAX_NEW_TOKENS", "TOPK", "PATCH_SIZE", "ABLATE_HEADS", "ABLATE_MODE",
-                  "ABLATE_POSITIONS", "RANDOM_CONTROLS")
+                  "ABLATE_POSITIONS", "RANDOM_CONTROLS", "SAME_PAIRS")
 # what may change between runs without redoing a finished step: where and how fast it runs, not what it computes
 NOT_COMPARED = {"--device": 1, "--batch-size": 1}
 NOT_COMPARED_ENV = ("DEVICE", "BATCH_SIZE", "PYTHON")
