@@ -98,8 +98,8 @@ def test_sweep_end_to_end(family, tiny_study, tiny_models):
     """The sweep as the study at toy scale runs it (COUNT=4, ABLATE=1, RANDOM_CONTROLS=2): every corner's step
     files (its heads found on the discovery half of the pairs: ids 0 and 2), the analysis and the ablations of the
     unique and the shared heads (on the held-out test half: ids 1 and 3)."""
-    out, count = tiny_study["out"] / family / "corners", int(tiny_study["env"]["COUNT"])
-    n = len(range(0, count, 2))
+    out, pairs = tiny_study["out"] / family / "corners", int(tiny_study["env"]["COUNT"])
+    n = len(range(0, pairs, 2))
     log = (tiny_study["out"] / "logs" / f"{family}-corners.log").read_text()
     assert json.loads((tiny_study["out"] / "steps" / f"{family}-corners.json").read_text())["status"] == "ok"
     if family == "llava":  # the first sweep of the study finds no pairs and generates them
@@ -126,7 +126,7 @@ def test_sweep_end_to_end(family, tiny_study, tiny_models):
         assert meta["patch_size"] is None and "torch" in meta["versions"]
         assert meta["blank_block"]["corner"] == corner and meta["skipped"]["count"] == 0
         with open(folder / "answers.csv") as f:
-            assert [row["id"] for row in csv.DictReader(f)] == [str(i) for i in range(0, count, 2)]
+            assert [row["id"] for row in csv.DictReader(f)] == [str(i) for i in range(0, pairs, 2)]
     for name in ANALYSIS_FILES:
         assert (out / "count_shared_unique" / name).is_file(), name
     summary = json.loads((out / "count_shared_unique" / "summary.json").read_text())
@@ -140,7 +140,7 @@ def test_sweep_end_to_end(family, tiny_study, tiny_models):
                 rows = list(csv.DictReader(f))
             assert {r["head_set"] for r in rows} == {"chosen", "random_0", "random_1"}
             assert len(rows) == 3 * n * 2  # head sets x pairs x image kinds
-            assert {r["pair_id"] for r in rows} == {str(i) for i in range(1, count, 2)}
+            assert {r["pair_id"] for r in rows} == {str(i) for i in range(1, pairs, 2)}
             assert json.loads((folder / "summary.json").read_text())["pairs"] == {
                 "tested_on": "test", "heads_found_on": "discovery", "held_out": True}
 

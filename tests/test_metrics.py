@@ -422,6 +422,10 @@ def test_a_map_of_the_distance_alone_is_not_specific_though_the_paper_style_spec
     assert M.distance_matched_specificity(bound, cells, own, other, background) == pytest.approx(math.log(1.2))
     avoids = local * (1 + 0.2 * other).ravel()  # the other shape favoured: below 0
     assert M.distance_matched_specificity(avoids, cells, own, other, background) < 0
+    order = np.arange(own.size)  # a causal mask over the raster order: a seed sees the cells before it only
+    hidden = local * (order[None, :] < cells[:, None])
+    assert M.distance_matched_specificity(hidden, cells, own, other, background, order) == pytest.approx(0, abs=1e-12)
+    assert M.distance_matched_specificity(hidden, cells, own, other, background) < -0.1  # the mask read as avoidance
     square = np.zeros_like(own)  # a square centred on a seed: its centre alone has no background as near
     square[10:15, 10:15] = True
     far = np.zeros_like(own)

@@ -314,9 +314,10 @@ def test_the_word_swap_and_distance_matched_specificities_agree_with_separate_pl
                     assert got[f"{role}_cross"][M.WORD_SWAP] == pytest.approx(M.word_swap_specificity(
                         maps["real"][f"{role}_cross"], alone[f"{role}_cross"], regions[role]), abs=1e-5)
                 continue
-            for source, block in (("lm", "image_self"), ("vit", "vision")):
+            for block, order in (("image_self", batch.layouts[0].image_positions), ("vision", None)):
+                source = "lm" if block == "image_self" else "vit"
                 for role, other in (("subject", "object"), ("object", "subject")):
                     cells = np.flatnonzero(regions[role])
                     by_hand = M.distance_matched_specificity(recording[block][cells], cells, regions[role],
-                                                             regions[other], regions["background"])
+                                                             regions[other], regions["background"], order)
                     assert got[f"{role}_self_{source}"][M.DISTANCE_MATCHED] == pytest.approx(by_hand, abs=1e-5)

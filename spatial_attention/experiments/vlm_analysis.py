@@ -231,7 +231,8 @@ def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int
         swapped = maps.pop("swapped")
         for k, kind in enumerate(kinds[:-1]):
             record["metrics"][kind] = _metrics(maps[kind], regions[i], world)
-            _add_distance_matched(record["metrics"][kind], recordings[k * n + i], seed_cells[k * n + i], regions[i])
+            _add_distance_matched(record["metrics"][kind], recordings[k * n + i], seed_cells[k * n + i], regions[i],
+                                  batch.layouts[k * n + i].image_positions)
         for role in M.SPECIFIC_ROLES:  # the word at the same position, now naming the other shape
             record["metrics"]["real"][f"{role}_cross"][M.WORD_SWAP] = M.word_swap_specificity(
                 maps["real"][f"{role}_cross"], swapped[f"{role}_cross"], regions[i][role])
@@ -324,15 +325,18 @@ def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
     return result
 
 
-def _add_distance_matched(metrics: dict, recording: dict, seed_cells: np.ndarray, regions: dict) -> None:
+def _add_distance_matched(metrics: dict, recording: dict, seed_cells: np.ndarray, regions: dict,
+                          image_positions: np.ndarray) -> None:
     """The subject's and the object's seed maps gain their distance-matched specificity, read from the rows of
-    every cell of their shape (language model and vision encoder)."""
-    for source, block in (("lm", "image_self"), ("vit", "vision")):
+    every cell of their shape (language model and vision encoder). In the language model a seed sees, under the
+    causal mask, only the cells whose tokens come before its own (``image_positions``: each cell's)."""
+    for source, block, order in (("lm", "image_self", image_positions), ("vit", "vision", None)):
         rows = recording[block].astype(np.float64)
         for role, other in M.SPECIFIC_ROLES.items():
             cells = np.flatnonzero(regions[role])
             metrics[f"{role}_self_{source}"][M.DISTANCE_MATCHED] = M.distance_matched_specificity(
-                rows[np.searchsorted(seed_cells, cells)], cells, regions[role], regions[other], regions["background"])
+                rows[np.searchsorted(seed_cells, cells)], cells, regions[role], regions[other], regions["background"],
+                order)
 
 
 def _record_head(world: World, grid, regions) -> dict:

@@ -339,7 +339,7 @@ def background_seed(background_mask: np.ndarray, rng: np.random.Generator) -> in
 
 
 def distance_matched_specificity(rows: np.ndarray, cells: np.ndarray, own: np.ndarray, other: np.ndarray,
-                                 background: np.ndarray) -> float | None:
+                                 background: np.ndarray, order: np.ndarray | None = None) -> float | None:
     """Binding specificity of a shape's self-attention that distance cannot produce. ``rows[i]``: the attention
     row (over the grid's cells in raster order) of cell ``cells[i]``, each a cell of ``own``. For every such seed,
     its map (``seed_map``: its own entry removed) is compared with itself at equal distance: the mass on a
@@ -351,8 +351,10 @@ def distance_matched_specificity(rows: np.ndarray, cells: np.ndarray, own: np.nd
     A map that depends on the distance from its seed alone scores 0, as does one that multiplies every shape's
     cells alike (salience: a logit bonus under softmax); one that raises its own shape by a factor f scores
     log f. Every seed of the shape counts, because a seed at the shape's centre has no background as near as
-    the shape's own cells: the cells near its edge do. None where a shape shares no distance with the
-    background."""
+    the shape's own cells: the cells near its edge do. ``order``: under a causal mask (a language model's), each
+    cell's position in the sequence: a seed sees only the cells before it, and only those count; otherwise the
+    cells the mask hides, all below a seed at a shape's top edge and none above it, would read as avoided. None
+    where a shape shares no distance with the background."""
     own, other, background = (np.asarray(m, dtype=bool) for m in (own, other, background))
     gh, gw = own.shape
     y, x = np.divmod(np.arange(gh * gw), gw)
@@ -363,15 +365,13 @@ def distance_matched_specificity(rows: np.ndarray, cells: np.ndarray, own: np.nd
             continue
         d2 = (y - y[cell]) ** 2 + (x - x[cell]) ** 2
         rings = int(d2.max()) + 1
-        bg = background.ravel().copy()
-        bg[cell] = False
+        seen = np.arange(gh * gw) != cell if order is None else np.asarray(order) < np.asarray(order)[cell]
+        bg = background.ravel() & seen
         bg_count = np.bincount(d2[bg], minlength=rings)
         bg_mean = np.bincount(d2[bg], weights=a[bg], minlength=rings) / np.maximum(bg_count, 1)
         bg_seen = bg_count > 0
         for k, shape in enumerate((own, other)):
-            shape = shape.ravel().copy()
-            shape[cell] = False
-            matched = shape & bg_seen[d2]
+            matched = shape.ravel() & seen & bg_seen[d2]
             totals[k] += (a[matched].sum(), bg_mean[d2[matched]].sum())
     if not (totals > 0).all():
         return None
