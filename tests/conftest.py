@@ -114,13 +114,13 @@ def _stand_in_python(root: Path) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory) -> dict:
     """``run_study.sh`` at toy scale: tiny-random, both families, 6 worlds, 4 pairs per corner, one control
-    initialisation, the ablation of the unique and the shared heads against 2 random sets, and ``FAILING`` forced
+    initialisation (on the first 3 worlds for experiments 1 and 2), the ablation of the unique and the shared heads against 2 random sets, and ``FAILING`` forced
     to fail. Its folders serve the study's tests and the corner sweep's (the sweep runs inside it, once per
     family and once per family's control): ``{"root", "out", "env", "marker", "first", "html"}``."""
     root = tmp_path_factory.mktemp("study")
     stand_in, marker = _stand_in_python(root)
     env = {"MODEL_PATH_LLAVA": "tiny-random", "MODEL_PATH_QWEN2": "tiny-random", "WORLDS": "6", "COUNT": "4",
-           "CONTROL_SEEDS": "1", "DATA_DIR": str(root / "data"), "OUT_DIR": str(root / "out"),
+           "CONTROL_SEEDS": "1", "CONTROL_ITEMS": "3", "DATA_DIR": str(root / "data"), "OUT_DIR": str(root / "out"),
            "PYTHON": str(stand_in), "DEVICE": "cpu", "RANDOM_CONTROLS": "2"}  # the sweep's own settings pass through
     first = subprocess.run(["bash", str(REPO / "run_study.sh")], env={**os.environ, **env}, capture_output=True,
                            text=True, timeout=900)

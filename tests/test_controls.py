@@ -272,7 +272,7 @@ def test_patching_finds_the_toy_s_causal_corner_heads_and_not_random_weights(tmp
     from spatial_attention.experiments import ablation, corner_analysis, corner_stats
 
     require_toy("llava")
-    folders = dict(zip(CORNERS, generate_counterfactual(tmp_path / "data", count=24, seed=31)))  # 12 + 12
+    folders = dict(zip(CORNERS, generate_counterfactual(tmp_path / "data", count=16, seed=31)))  # 8 + 8
     model = ["--model", "llava", "--model-path", "toy", "--device", "cpu", "--dtype", "fp32", "--batch-size", "12"]
     control = ["--control", "random-weights", "--control-seeds", "1"]
     corner = "bottomleft"

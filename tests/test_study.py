@@ -182,6 +182,20 @@ def test_every_number_is_its_summary_field(study):
     assert cells in (out / "report" / "REPORT.md").read_text()
 
 
+def test_the_controls_of_experiments_1_and_2_run_on_the_first_control_items_worlds(study):
+    """CONTROL_ITEMS=3 of WORLDS=6: each initialisation runs experiment 1 on the first 3 worlds, and the
+    comparison pairs the model's values on those 3."""
+    for model in ("llava", "qwen2"):
+        exp1 = study["out"] / model / "exp1"
+        mine = [json.loads(line) for line in (exp1 / "samples.jsonl").read_text().splitlines()]
+        seed = [json.loads(line) for line in
+                (exp1 / "control_random_weights" / "init_seed_1000" / "samples.jsonl").read_text().splitlines()]
+        assert len(mine) == 6 and [(r["shard"], r["index"]) for r in seed] == [(r["shard"], r["index"])
+                                                                              for r in mine[:3]]
+        rows = json.loads((exp1 / "control_comparison.json").read_text())["rows"]
+        assert rows and all(row.get("n_paired") in (None, 3) for row in rows)
+
+
 def test_the_failed_step_shows_in_the_report_with_the_end_of_its_log(study):
     page = _page(study["html"])
     assert f"{FAILING}: failed (exit 3)" in study["html"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -83,16 +84,29 @@ def user_errors_exit(main):
     return wrapper
 
 
+STOPPED_STARTING = "interrupted: stopped while starting, before any work; nothing was written"
+
+
+def _stopped_while_starting(signum, frame) -> None:
+    """SIGTERM during the imports: nothing is written yet, so the process ends at once, in one line. Raising
+    KeyboardInterrupt there instead can land inside an extension's initialisation (pybind11), which then
+    aborts the process (exit -6, a C++ message)."""
+    os.write(2, (STOPPED_STARTING + "\n").encode())
+    os._exit(130)
+
+
 def run_script(module: str, *args) -> None:
     """A top-level script's whole run: ``module``'s ``main(*args)``, its return value the exit status.
 
-    SIGTERM is taken as Ctrl-C from here on, before the slow imports (torch, transformers: seconds), so that a
-    script stopped while it starts ends like one stopped later: one line and exit status 130, not a silent 143.
+    SIGTERM is handled from here on, before the slow imports (torch, transformers: seconds), so that a script
+    stopped while it starts ends like one stopped later: one line and exit status 130, not a silent 143. Once
+    imported, SIGTERM is taken as Ctrl-C, which the scripts turn into a recorded, resumable stop.
     """
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _stopped_while_starting)
     try:
         main = importlib.import_module(module).main
     except KeyboardInterrupt:
-        tqdm.write("interrupted: stopped while starting, before any work; nothing was written", file=sys.stderr)
+        tqdm.write(STOPPED_STARTING, file=sys.stderr)
         raise SystemExit(130) from None
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main(*args))
