@@ -193,7 +193,8 @@ def test_the_controls_of_experiments_1_and_2_run_on_the_first_control_items_worl
         assert len(mine) == 6 and [(r["shard"], r["index"]) for r in seed] == [(r["shard"], r["index"])
                                                                               for r in mine[:3]]
         rows = json.loads((exp1 / "control_comparison.json").read_text())["rows"]
-        assert rows and all(row.get("n_paired") in (None, 3) for row in rows)
+        paired = [row["n_paired"] for row in rows if row.get("n_paired") is not None]
+        assert max(paired) == 3 and min(paired) >= 1  # fewer where a metric is undefined in a world
 
 
 def test_the_failed_step_shows_in_the_report_with_the_end_of_its_log(study):
