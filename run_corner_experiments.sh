@@ -98,6 +98,8 @@ read -r -a ablate_heads <<< "$ABLATE_HEADS"
   fail "ABLATE_HEADS is empty: name the heads to ablate (e.g. \"unique shared\")"
 check_choice DTYPE "$DTYPE" "${DTYPES[@]}"
 check_positive COUNT "$COUNT"
+[ "$ABLATE" = 0 ] || [ "$SAME_PAIRS" = 1 ] || [ "$COUNT" -ge 2 ] || fail "COUNT=$COUNT: the ablation tests the heads on \
+the half of the pairs they were not found on, so at least 2 are needed; raise COUNT, or SAME_PAIRS=1"
 check_positive TOPK "$TOPK"
 check_positive MAX_NEW_TOKENS "$MAX_NEW_TOKENS"
 check_positive RANDOM_CONTROLS "$RANDOM_CONTROLS"
@@ -154,6 +156,11 @@ if [ -f "$record" ]; then
 (sweep_settings.txt there); use those settings, or another OUT_DIR"
   done < "$record"
 fi
+for corner in "${CORNERS[@]}"; do  # a folder made with a smaller COUNT would give every step fewer pairs, quietly
+  have=$(grep -c . "$DATA_DIR/dataset_$corner/metadata.jsonl" || true)
+  [ "$have" -ge "$COUNT" ] || fail "COUNT=$COUNT: $DATA_DIR/dataset_$corner holds $have pairs; lower COUNT, or give \
+another DATA_DIR (the sweep generates COUNT pairs per corner where there are none)"
+done
 mkdir -p "$OUT_DIR"
 printf '%s\n' "$settings" > "$record"
 

@@ -147,7 +147,7 @@ def test_sweep_end_to_end(family, tiny_study, tiny_models):
 
 def test_failing_step_stops_the_sweep(tmp_path):
     generate_counterfactual(tmp_path / "data", count=1)
-    done = run_sweep(tmp_path, MODEL="llava", DEVICE="nonsense")  # the script passes it on; the scoring step refuses
+    done = run_sweep(tmp_path, MODEL="llava", DEVICE="nonsense", COUNT="1")  # passed on; the scoring step refuses
     assert done.returncode == 2
     assert "error: --device 'nonsense': not a device" in done.stderr
     assert "== shared / unique" not in done.stderr and not (tmp_path / "out" / "count_shared_unique").exists()

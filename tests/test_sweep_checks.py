@@ -31,6 +31,8 @@ def sweep_with_stand_in(tmp_path: Path, **settings: str) -> tuple[subprocess.Com
 @pytest.mark.parametrize("settings, error", [
     ({"ABLATE": "yes"}, "ABLATE=yes: must be one of 0 1"),  # was: silently no ablation
     ({"SAME_PAIRS": "yes"}, "SAME_PAIRS=yes: must be one of 0 1"),
+    ({"ABLATE": "1", "COUNT": "1"}, "COUNT=1: the ablation tests the heads on the half of the pairs they were not "
+                                    "found on, so at least 2 are needed; raise COUNT, or SAME_PAIRS=1"),
     ({"ABLATE": "1", "ABLATE_MODE": "foo"}, "ABLATE_MODE=foo: must be one of zero mean"),  # was: after scoring
     ({"RANDOM_CONTROLS": "0"}, "RANDOM_CONTROLS=0: must be a whole number of 1 or more"),  # was: after scoring
     ({"RANDOM_CONTROLS": "many"}, "RANDOM_CONTROLS=many: must be a whole number of 1 or more"),
@@ -99,7 +101,7 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     (tmp_path / "data").mkdir()
     for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # no data to generate: the first step scores
         (tmp_path / "data" / f"dataset_{corner}").mkdir()
-        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("")
+        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("{}\n" * 4)
     done, calls = sweep_with_stand_in(tmp_path, COUNT="3")
     assert done.returncode == 2 and not calls.exists()
     assert done.stderr.splitlines()[-1] == (f"error: COUNT=3: {out} was swept with COUNT=4 (sweep_settings.txt there); "
@@ -124,9 +126,9 @@ def test_a_folder_swept_before_the_discovery_test_split_resumes_only_as_it_was_m
               "DTYPE=auto\nABLATE_MODE=zero\nRANDOM_CONTROLS=100\n")
     (out / "sweep_settings.txt").write_text(before)
     (tmp_path / "data").mkdir()
-    for corner in ("topleft", "topright", "bottomleft", "bottomright"):
+    for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # 4 pairs each (their content unread)
         (tmp_path / "data" / f"dataset_{corner}").mkdir()
-        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("")
+        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("{}\n" * 4)
     done, calls = sweep_with_stand_in(tmp_path, COUNT="4")
     assert done.returncode == 2 and not calls.exists()
     assert done.stderr.splitlines()[-1] == (f"error: SAME_PAIRS=0: {out} was swept before the discovery/test split, "
@@ -136,3 +138,16 @@ def test_a_folder_swept_before_the_discovery_test_split_resumes_only_as_it_was_m
     assert done.returncode == 1 and calls.exists(), done.stderr  # past the checks: the stand-in's first step
     assert (out / "sweep_settings.txt").read_text() == before + "SAME_PAIRS=1\n"
     assert "--pairs all" in calls.read_text()
+
+
+def test_a_data_set_with_fewer_pairs_than_count_is_refused_before_any_step(tmp_path):
+    """Was: COUNT=32 on folders of 2 pairs scored 1 discovery pair per corner, with a warning in the log only."""
+    (tmp_path / "data").mkdir()
+    for corner in ("topleft", "topright", "bottomleft", "bottomright"):
+        (tmp_path / "data" / f"dataset_{corner}").mkdir()
+        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("{}\n" * 2)
+    done, calls = sweep_with_stand_in(tmp_path, COUNT="32")
+    assert done.returncode == 2 and not calls.exists()
+    assert done.stderr.splitlines()[-1] == (f"error: COUNT=32: {tmp_path / 'data'}/dataset_topleft holds 2 pairs; "
+                                            "lower COUNT, or give another DATA_DIR (the sweep generates COUNT pairs "
+                                            "per corner where there are none)")

@@ -59,7 +59,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="make_report.py",
         description="Write OUT_DIR/report/index.html (one self-contained file: figures embedded, nothing fetched, "
-                    "opens offline) and OUT_DIR/report/REPORT.md from the study folder's saved outputs only "
+                    "opens offline), OUT_DIR/report/REPORT.md and OUT_DIR/report/readings.json (every reading's "
+                    "test, p, and q over the report's one Benjamini-Hochberg family) from the study folder's saved "
+                    "outputs only "
                     "(run_study.sh's study.json and steps/, each experiment's summary.json, control_comparison.json, "
                     "meta.json, run.json and figures); no model is loaded and nothing is recomputed.")
     parser.add_argument("out_dir", type=Path, help="the study folder (run_study.sh's OUT_DIR)")
