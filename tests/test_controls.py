@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import t as scipy_t
 from conftest import require_toy
 
 from spatial_attention.common.errors import OptionError
@@ -117,7 +118,13 @@ def test_the_prediction_interval_is_the_t_interval_by_hand():
     assert (got["diff_pi_lo"], got["diff_pi_hi"]) == pytest.approx((got["diff"] - half, got["diff"] + half))
     assert got["rank_p_above"] == pytest.approx(1 / 6) and got["rank_p_below"] == 1.0
     assert got["pred_p_above"] + got["pred_p_below"] == pytest.approx(1.0)
+    t = (0.5 - np.mean(seeds)) / (np.std(seeds, ddof=1) * np.sqrt(1 + 1 / 5))
+    assert got["pred_p_above"] == pytest.approx(scipy_t.sf(t, 4))  # K - 1 = 4 degrees of freedom, not K or normal
     assert against_initialisations(0.5, [0.2])["diff_pi_lo"] is None  # one seed: no spread to predict from
+    ties = against_initialisations(0.3, [0.3, 0.1, 0.3, 0.5])  # seeds equal to the model count against it
+    assert ties["rank_p_above"] == pytest.approx(4 / 5) and ties["rank_p_below"] == pytest.approx(4 / 5)
+    flat = against_initialisations(1.0, [0.0] * 19)  # no spread: the rank p, not a p of 0 from t = infinity
+    assert flat["pred_p_above"] == flat["rank_p_above"] == pytest.approx(1 / 20) and flat["pred_p_below"] == 1.0
 
 
 def test_seed_options_and_counterparts(tmp_path):

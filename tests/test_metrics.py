@@ -470,17 +470,17 @@ def test_injected_maps_over_100_worlds_read_specific_only_where_they_follow_the_
             centre = M.seed_map(noisy[list(cells).index(seed)], seed).reshape(own.shape)
             metrics = {M.DISTANCE_MATCHED: M.distance_matched_specificity(noisy, cells, own, other, background),
                        **M.specificity(centre, own, other)}
-            records[name].append({"relation": "left", "metrics": {"real": {"subject_self_lm": metrics}}})
+            records[name].append({"relation": "left", "metrics": {"real": {"subject_self_vit": metrics}}})
     read = {}
     for name, recs in records.items():
         rows = {(r["map"], r["metric"]): r for r in summarise_samples(recs, n_boot=500)["by_metric"]}
-        read[name] = rows["subject_self_lm", M.DISTANCE_MATCHED]
+        read[name] = rows["subject_self_vit", M.DISTANCE_MATCHED]
         folder = tmp_path / name / "llava" / "exp1"
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps({"by_metric": list(rows.values())}))
         text = report_blocks.render_markdown(*report.build(tmp_path / name)[:2])
         read[name]["reading"] = text.split("cells as far away, beyond the other shape's share: ")[1].split(" (")[0]
-    assert rows["subject_self_lm", "specificity_iou"]["real_p_value"] is not None
+    assert rows["subject_self_vit", "specificity_iou"]["real_p_value"] is not None
     assert read["local"]["real_p_value"] > 0.05 and read["local"]["reading"] == "inconclusive"
     assert read["salient"]["real_p_value"] > 0.05 and read["salient"]["reading"] == "inconclusive"
     assert read["bound"]["real_p_value"] < 0.05 and read["bound"]["reading"] == "yes"

@@ -359,19 +359,21 @@ def _plant_study(root: Path) -> Path:
                       real_p_value=0.5),
             _exp1_row("object_cross", "specificity_word_swap", real_mean=-0.06, real_ci_lo=-0.09, real_ci_hi=-0.03,
                       real_p_value=1e-4),
-            _exp1_row("subject_self_lm", "specificity_distance_matched", real_mean=0.2, real_ci_lo=0.1,
+            _exp1_row("subject_self_vit", "specificity_distance_matched", real_mean=0.2, real_ci_lo=0.1,
                       real_ci_hi=0.3, real_p_value=1e-4),
             _exp1_row("subject_self_lm", "specificity_iou", real_mean=0.3, real_ci_lo=0.2, real_ci_hi=0.4,
                       real_p_value=1e-6)]  # locality passes it: shown, not read
     _write(m / "exp1" / "summary.json", {"by_metric": rows})
     comparison = [_comparison("subject_cross/iou real-shuffled", 0.13, TIGHT),  # beyond every seed, far
                   _comparison("object_cross/iou real-shuffled", 0.05, [0.0] * 18 + [0.06]),  # one seed reaches it
-                  _comparison("subject_self_lm/specificity_distance_matched", 0.2, [0.0, 0.01, 0.02])]  # 3 seeds: untestable
+                  _comparison("subject_self_vit/specificity_distance_matched", 0.2, [0.0, 0.01, 0.02]),  # 3 seeds
+                  # beyond every seed, but upwards from below 0: the claim is "above 0", so no finding
+                  _comparison("object_cross/specificity_word_swap", -0.06, [-1.0 - t for t in TIGHT])]
     _write(m / "exp1" / "control_comparison.json", {"rows": comparison})
     _write(m / "exp2" / "summary.json", {"all": {"symmetry_score": {"mean": -0.002, "ci_lo": -0.003, "ci_hi": -0.001,
                                                                     "p_value": 1e-4}}})
     _write(m / "exp2" / "control_comparison.json", {"rows": [  # differs from 0: sizes compared, |-0.002| > 0.0001
-        _comparison("symmetry_score", -0.002, [0.0001 * (-1) ** k for k in range(19)])]})
+        _comparison("symmetry_score", -0.002, [0.0001 * (k % 5) * (-1) ** k for k in range(19)])]})
     for name, effect, lo, hi, p_drop, model_mean, sets in (
             ("ablation_topleft_unique", -9.8, -12.0, -7.5, 1e-3, -9.8, 1000),
             ("ablation_topleft_shared", -9.8, -12.0, -7.5, 1e-3, None, 1000),  # on the pairs it was found on
@@ -429,7 +431,9 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
     named = "names the other shape)"
     assert said(named, r"inconclusive \(q=[0-9.]+\) \(specificity_word_swap \+0\.010 \[-0\.020, "
                        r"\+0\.040\]\); no random-weights control was run\.")
-    assert said(named, r"no \(the opposite\) \(q=[0-9.e-]+\) \(specificity_word_swap -0\.060")
+    assert said(named, r"no \(the opposite\) \(q=[0-9.e-]+\) \(specificity_word_swap -0\.060 \[-0\.090, "
+                       r"-0\.030\]\); beyond random weights: inconclusive \(q=[0-9.e-]+, but the model's own number is "
+                       r"not on the claimed side\)")
     assert "specificity_iou: " not in markdown and "| subject_self_lm specificity_iou | +0.30 [+0.20, +0.40]" in markdown
     assert said("beyond the other shape's share", r"yes \(q=[0-9.e-]+\) \(specificity_distance_matched \+0\.20 \[\+0\.10, "
                 r"\+0\.30\]\); beyond random weights: untestable with 3 initialisations \(the model beyond all of them "
@@ -441,7 +445,7 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
                         r"beyond random weights: yes \(q=")
     assert said(layers, r"inconclusive \(q=[0-9.e-]+, but the effect's interval reaches 0\) \(effect -0\.5")
     assert said("shared heads (L1.H2) lowers the full images' yes log-odds more than " + layers,
-                r"inconclusive \(q=[0-9.e-]+, but tested on the pairs its heads were found on")
+                r"untestable on the pairs its heads were found on \(--same-pairs, or made before the split\)")
     assert said(layers, r"inconclusive \(q=[0-9.]+\) \(effect -2\.0 \[-3\.0, -1\.0\], random sets -1, p_drop 0\.4\); "
                         r"beyond random weights: inconclusive \(q=1\)")
     assert said(layers, r"untestable with 3 random head sets \(p_drop cannot go below 1/4\)")
@@ -455,7 +459,11 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
                 r"inconclusive \(q=[0-9.e-]+(, but 1 of 19 initialisations reach the model)?\) \(2 heads")
     assert said("bottomleft: more heads change their score significantly " + counted,
                 r"untestable at this number of pairs \(0 heads; random weights: 0, 0,")
-    assert said("bottomright: more heads change their score significantly " + counted, r"yes \(q=")
+    # every initialisation found 0 heads: no spread to predict from, so the rank p (1/20) is the test's p, which
+    # the family's correction does not let through
+    assert said("bottomright: more heads change their score significantly " + counted, r"inconclusive \(q=")
+    bottomright = next(r for r in recorded["readings"] if r["claim"].startswith("llava, bottomright: more heads"))
+    assert bottomright["p"] == pytest.approx(1 / 20)
     # a floor that is not recorded counts as untestable, not as testable
     summary = json.loads((corners / "count_shared_unique" / "summary.json").read_text())
     del summary["fdr"]["p_floor"]["bottomright"]

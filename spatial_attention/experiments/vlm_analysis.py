@@ -36,6 +36,9 @@ from spatial_attention.stats import metrics as M
 log = logging.getLogger("spatial_attention")
 
 RECORD_KEYS = ("shard", "index", "relation", "metrics")  # what the resume and the summary read of a record
+# In the identity: records made before the word-swap and distance-matched specificities lack them, and a resumed
+# folder would mix the two kinds (summarised over fewer worlds); such a folder is refused, naming this key.
+RECORD_FORMAT = {"record format": "2: with specificity_word_swap and specificity_distance_matched"}
 
 
 def build_parser(family: str | None) -> argparse.ArgumentParser:
@@ -89,7 +92,8 @@ def _analyse(family: str, args, options, share, data: Path, out: Path, worlds: l
     """Experiment 1 with one model (the checkpoint, or one initialisation of the control) into ``out``."""
     results = world_results(out / "samples.jsonl", lacks_keys(*RECORD_KEYS), same_world)
     run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
-                                                       "--no-baseline": args.no_baseline}, vars(args), worlds, data)
+                                                       "--no-baseline": args.no_baseline, **RECORD_FORMAT},
+                             vars(args), worlds, data)
     plotted = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
     if share.is_main:
         done = {results.record_key(record) for record in results.read()}

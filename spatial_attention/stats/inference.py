@@ -92,7 +92,8 @@ def against_initialisations(model: float, seeds: Iterable[float | None] | np.nda
       sqrt(1 + 1/K): it excludes 0 exactly when the model lies outside the (1 - alpha) prediction interval of
       one more initialisation (normal seeds assumed; K >= 2);
     - ``pred_p_above`` / ``pred_p_below``: the one-sided p-values of that prediction test (t with K - 1 degrees
-      of freedom), which, unlike the rank p, can be small enough for a correction over many readings.
+      of freedom), which, unlike the rank p, can be small enough for a correction over many readings; the rank
+      p where the seeds do not vary (a t of infinity would claim p = 0 from no spread at all).
 
     Values that are None or not finite are dropped; the fields that need more seeds are None."""
     from scipy import stats as scipy_stats  # here: scipy.stats takes a second to import, and few commands need it
@@ -110,8 +111,8 @@ def against_initialisations(model: float, seeds: Iterable[float | None] | np.nda
         if scale > 0:
             t = out["diff"] / scale
             above, below = float(scipy_stats.t.sf(t, k - 1)), float(scipy_stats.t.cdf(t, k - 1))
-        else:  # identical seeds: the model is beyond them exactly when it differs
-            above, below = (0.0 if out["diff"] > 0 else 1.0), (0.0 if out["diff"] < 0 else 1.0)
+        else:  # identical seeds: no spread to predict from, so the rank p is all the evidence there is
+            above, below = out["rank_p_above"], out["rank_p_below"]
         out.update(diff_pi_lo=out["diff"] - half, diff_pi_hi=out["diff"] + half, pred_p_above=above,
                    pred_p_below=below)
     return out

@@ -33,19 +33,20 @@ RULES = [
     "any shape passes it, and random weights pass it too. It is shown beside its random-weights comparison and "
     "is never read as evidence of grounding; the specificity readings are.",
     "**Beyond random weights** sets the model, one draw, against the spread of K random initialisations of its "
-    "architecture (each initialisation's mean over the same items): yes when the model lies beyond every one of "
-    "them (rank p = 1 / (K + 1) <= 0.05, free of any assumption) and the prediction test's q (t with K - 1 "
-    "degrees of freedom) is at most 0.05. For a claim that a number differs from 0, its size |.| is compared. "
-    "**Untestable** with K < 19 initialisations (the rank p cannot reach 0.05). A finding that random weights "
-    "also produce is not a finding.",
+    "architecture (each initialisation's mean over the same items): yes when its rank p, (1 + initialisations at "
+    "least as far) / (K + 1), is at most 0.05 (free of any assumption; with the default K = 19, the model beyond "
+    "every one of them), the prediction test's q (t with K - 1 degrees of freedom; the rank p where the "
+    "initialisations do not vary) is at most 0.05, and the model's own number lies on the claimed side. For a "
+    "claim that a number differs from 0, its size |.| is compared. **Untestable** with K < 19 initialisations "
+    "(the rank p cannot reach 0.05). A finding that random weights also produce is not a finding.",
     "Experiment 3's significant heads (paired sign-flip test, Benjamini-Hochberg FDR 5% over all heads) are "
     "compared with the random initialisations' counts by the same rule; **untestable** when the test's smallest "
     "possible p (with few pairs) lies above 0.05, or is not recorded: Benjamini-Hochberg rejects nothing then, "
     "whatever the model does.",
     "An ablation's test is p_drop (the chosen heads lower the answer more than random heads of the same layers): "
-    "**yes** when its q <= 0.05, its effect's 95% interval lies below 0 and it was measured on pairs held out from "
-    "those its heads were found on (the best heads of some pairs beat random heads on those same pairs by chance "
-    "too), **untestable** when its random head "
+    "**yes** when its q <= 0.05 and its effect's 95% interval lies below 0; **untestable** when it was measured on "
+    "the pairs its heads were found on (the best heads of some pairs beat random heads on those same pairs by "
+    "chance too), or when its random head "
     "sets are too few for p_drop to reach 0.05 (its smallest value is 1 / (1 + sets)) or their number is not "
     "recorded; beyond random weights: the model's effect against the initialisations' effects, as above.",
 ]
@@ -169,14 +170,19 @@ def model_verdict(o: Outputs, claim: str, p: Num | float | None, estimate: float
     return o.verdict(claim, test, p=p, sign=1 if sided == 0 or estimate * sided > 0 else -1)
 
 
-def beyond_verdict(o: Outputs, claim: str, model: float | None, seeds: list, sided: int) -> Verdict:
+def beyond_verdict(o: Outputs, claim: str, model: float | None, seeds: list, sided: int,
+                   own_side: bool = True) -> Verdict:
     """The model against the spread of its random initialisations' values (``seeds``), in the claim's direction:
-    the rank p must reach ALPHA (every initialisation beyond it) and the prediction test's p joins the family."""
+    the rank p must reach ALPHA and the prediction test's p joins the family. ``own_side``: whether the model's
+    own number lies on the claimed side; beyond random weights in the wrong direction is not a finding."""
     seeds = [s for s in seeds if s is not None]
     k = len(seeds)
     test = f"model against {k} random initialisations: rank, and prediction t with {k - 1} degrees of freedom"
-    if model is None or not k:
+    if model is None:
         return o.verdict(claim, test, fixed="n/a")
+    if not k:
+        return o.verdict(claim, test, fixed="n/a (the control comparison records no initialisation's mean: it was "
+                                            "made before the rank test; run the control step again)")
     if 1 / (k + 1) > ALPHA:
         return o.verdict(claim, test, fixed=f"untestable with {k} initialisations (the model beyond all of them "
                                             f"has rank p 1/{k + 1}; {RANK_MIN_SEEDS} are needed)")
@@ -186,8 +192,9 @@ def beyond_verdict(o: Outputs, claim: str, model: float | None, seeds: list, sid
     test_of = against_initialisations(model, seeds)
     rank = test_of[f"rank_p_{side}"]
     reach = round(rank * (k + 1)) - 1
-    return o.verdict(claim, test, p=test_of[f"pred_p_{side}"],
-                     blocked=None if rank <= ALPHA else f"{reach} of {k} initialisations reach the model")
+    blocked = (None if rank <= ALPHA else f"{reach} of {k} initialisations reach the model") if own_side else \
+        "the model's own number is not on the claimed side"
+    return o.verdict(claim, test, p=test_of[f"pred_p_{side}"], blocked=blocked)
 
 
 def study_models(o: Outputs) -> list[str]:
@@ -230,18 +237,19 @@ def reading(o: Outputs, label: str, claim: str, value: list, p, sided: int, stat
     none)."""
     estimate = value[0].value if value != ["n/a"] else None
     said = model_verdict(o, f"{label}: {claim}", p, estimate, sided)
+    own_side = sided == 0 or (estimate is not None and estimate * sided > 0)
     return [f"{label}: {claim}: ", said, f" ({stat} ", *value, ")"] + beyond_parts(o, f"{label}: {claim}", control,
-                                                                                  sided, no_control)
+                                                                                  sided, no_control, own_side)
 
 
-def beyond_parts(o: Outputs, claim: str, control: tuple, sided: int, no_control: str) -> list:
+def beyond_parts(o: Outputs, claim: str, control: tuple, sided: int, no_control: str, own_side: bool) -> list:
     """The end of a reading: "; beyond random weights: <verdict> (model minus control <diff [PI]>).", or
-    "; <no_control>." where the comparison has no model."""
+    "; <no_control>." where the comparison has no model. ``own_side``: as ``beyond_verdict``."""
     _, diff, row = control
     if row is None or row.get("model_mean") is None:
         return [f"; {no_control}."]
     beyond = beyond_verdict(o, f"{claim}, beyond random weights", row["model_mean"], row.get("seed_means") or [],
-                            sided)
+                            sided, own_side)
     return ["; beyond random weights: ", beyond, " (model minus control ", *diff, ")."]
 
 
