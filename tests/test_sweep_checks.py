@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "run_corner_experiments.sh"
 
 
+def corner_folders(data: Path, pairs: int) -> None:
+    """A DATA_DIR whose four corner folders hold ``pairs`` lines of metadata each (their content is not read)."""
+    for corner in ("topleft", "topright", "bottomleft", "bottomright"):
+        (data / f"dataset_{corner}").mkdir(parents=True)
+        (data / f"dataset_{corner}" / "metadata.jsonl").write_text("{}\n" * pairs)
+
+
 def sweep_with_stand_in(tmp_path: Path, **settings: str) -> tuple[subprocess.CompletedProcess, Path]:
     """Run the sweep with ``settings``; PYTHON is a stand-in that appends its arguments to the returned
     file and fails, so that nothing past the first Python step runs."""
@@ -98,10 +105,7 @@ def test_rerun_with_other_settings_is_refused_before_any_step(tmp_path):
     (out / "sweep_settings.txt").write_text("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\n"
                                            "MAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\nDTYPE=auto\nABLATE_MODE=zero\n"
                                            "RANDOM_CONTROLS=100\nSAME_PAIRS=0\n")
-    (tmp_path / "data").mkdir()
-    for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # no data to generate: the first step scores
-        (tmp_path / "data" / f"dataset_{corner}").mkdir()
-        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("{}\n" * 4)
+    corner_folders(tmp_path / "data", pairs=4)  # no data to generate: the first step scores
     done, calls = sweep_with_stand_in(tmp_path, COUNT="3")
     assert done.returncode == 2 and not calls.exists()
     assert done.stderr.splitlines()[-1] == (f"error: COUNT=3: {out} was swept with COUNT=4 (sweep_settings.txt there); "
@@ -125,10 +129,7 @@ def test_a_folder_swept_before_the_discovery_test_split_resumes_only_as_it_was_m
     before = ("MODEL=qwen2\nMODEL_PATH=tiny-random\nCOUNT=4\nLAYERS=all\nMAX_NEW_TOKENS=1\nTOPK=3\nPATCH_SIZE=\n"
               "DTYPE=auto\nABLATE_MODE=zero\nRANDOM_CONTROLS=100\n")
     (out / "sweep_settings.txt").write_text(before)
-    (tmp_path / "data").mkdir()
-    for corner in ("topleft", "topright", "bottomleft", "bottomright"):  # 4 pairs each (their content unread)
-        (tmp_path / "data" / f"dataset_{corner}").mkdir()
-        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("{}\n" * 4)
+    corner_folders(tmp_path / "data", pairs=4)  # no data to generate: the first step scores
     done, calls = sweep_with_stand_in(tmp_path, COUNT="4")
     assert done.returncode == 2 and not calls.exists()
     assert done.stderr.splitlines()[-1] == (f"error: SAME_PAIRS=0: {out} was swept before the discovery/test split, "
@@ -142,10 +143,7 @@ def test_a_folder_swept_before_the_discovery_test_split_resumes_only_as_it_was_m
 
 def test_a_data_set_with_fewer_pairs_than_count_is_refused_before_any_step(tmp_path):
     """Was: COUNT=32 on folders of 2 pairs scored 1 discovery pair per corner, with a warning in the log only."""
-    (tmp_path / "data").mkdir()
-    for corner in ("topleft", "topright", "bottomleft", "bottomright"):
-        (tmp_path / "data" / f"dataset_{corner}").mkdir()
-        (tmp_path / "data" / f"dataset_{corner}" / "metadata.jsonl").write_text("{}\n" * 2)
+    corner_folders(tmp_path / "data", pairs=2)  # fewer than COUNT
     done, calls = sweep_with_stand_in(tmp_path, COUNT="32")
     assert done.returncode == 2 and not calls.exists()
     assert done.stderr.splitlines()[-1] == (f"error: COUNT=32: {tmp_path / 'data'}/dataset_topleft holds 2 pairs; "
