@@ -70,9 +70,9 @@ def main() -> None:
     head_sets = [chosen] + random_head_sets(chosen, adapter.num_heads, args.random_controls, seed=0)
     answer_ids = yes_no_ids(adapter.tokenizer)
 
-    measure(adapter, pairs[:1], PROMPT, head_sets[:2], answer_ids)  # warm-up
+    measure(adapter, encode_pairs(adapter, pairs[:1], PROMPT), head_sets[:2], answer_ids)  # warm-up
     start = time.perf_counter()
-    engine = [measure(adapter, pairs[i:i + args.batch_size], PROMPT, head_sets, answer_ids,
+    engine = [measure(adapter, encode_pairs(adapter, pairs[i:i + args.batch_size], PROMPT), head_sets, answer_ids,
                       sets_per_forward=args.sets_per_forward) for i in range(0, len(pairs), args.batch_size)]
     engine_seconds = time.perf_counter() - start
 

@@ -21,7 +21,7 @@ from spatial_attention.engine.capture import plain_logits
 from spatial_attention.experiments import corner_stats
 from spatial_attention.experiments.ablation import PAIRS_FILE, main, match_stats_dirs
 from spatial_attention.experiments.ablation_heads import check_heads, parse_heads, random_head_sets
-from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMeans, head_means, hooked_logits,
+from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMeans, encode_pairs, head_means, hooked_logits,
                                                             log_odds, measure, summarize, yes_no_ids)
 from spatial_attention.experiments.corner_results import load_corner_run
 from spatial_attention.experiments.heads import topk_count_cube
@@ -154,7 +154,7 @@ def test_measure_equals_hand_made_o_proj_edits(adapter, corner_data, mode):
     pairs, head, prompt = read_pairs(corner_data), 1, CAPTIONS[0]
     answer_ids = yes_no_ids(adapter.tokenizer)
     means = head_means(adapter, pairs, prompt, [LAYER], 3) if mode == "mean" else None  # 3: two batches
-    base, ablated = measure(adapter, pairs, prompt, [[(LAYER, head)]], answer_ids, means)
+    base, ablated = measure(adapter, encode_pairs(adapter, pairs, prompt), [[(LAYER, head)]], answer_ids, means)
 
     images = [image for pair in pairs for image in pair.load_images()]  # full, control, full, ...
     singles = [adapter.encode([prompt], [image]) for image in images]
@@ -668,13 +668,12 @@ def test_job_options_fail_before_loading(tmp_path, corner_data, capsys, no_model
 def test_measure_in_chunks_equals_one_whole_forward_per_head_set(adapter, corner_data, mode, answer_only):
     """More head sets than fit in one forward (the last one filled with unablated copies): each set's log-odds
     equal a whole forward with that set alone, and the unablated ones a plain forward."""
-    from spatial_attention.experiments.ablation_measure import encode_pairs
-
     pairs, prompt = read_pairs(corner_data)[:2], CAPTIONS[0]
     answer_ids = yes_no_ids(adapter.tokenizer)
     head_sets = [[(LAYER, h)] for h in range(adapter.num_heads)] + [[(LAYER, 0), (LAYER + 1, 1)]]
     means = head_means(adapter, pairs, prompt, [LAYER, LAYER + 1], 2) if mode == "mean" else None
-    base, ablated = measure(adapter, pairs, prompt, head_sets, answer_ids, means, answer_only=answer_only,
+    base, ablated = measure(adapter, encode_pairs(adapter, pairs, prompt), head_sets, answer_ids, means,
+                            answer_only=answer_only,
                             sets_per_forward=3)  # 2 sets per forward: an odd count leaves the last one half filled
     assert len(head_sets) % 2 == 1
     batch = encode_pairs(adapter, pairs, prompt)

@@ -51,7 +51,8 @@ def test_batched_swaps_equal_one_forward_per_head_and_image(family, tmp_path):
     answer_ids = yes_no_ids(adapter.tokenizer)
     modules = adapter.lm_attention_modules()
     heads = [(0, 1), (0, 2), (1, 0), (1, 5), (2, 3), (3, 7), (2, 6)]  # two layers share a forward, chunks split one
-    scores, base, said = patching.pair_scores(adapter, full, control, prompt, heads, answer_ids, heads_per_forward=3)
+    scores, base, said = patching.pair_scores(adapter, patching.encode_pair(adapter, prompt, full, control), heads,
+                                              answer_ids, heads_per_forward=3)
     assert max(abs(v) for pair in scores.values() for v in pair) > 0.1  # the toy's heads matter: not all ~0
 
     batches = [adapter.encode([prompt], [image]) for image in (full, control)]

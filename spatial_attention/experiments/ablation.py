@@ -28,8 +28,8 @@ from spatial_attention.data.counterfactual import (CORNER_PROMPT, DIGEST_KEY, PA
                                                    Pair, fill_corner_prompt, read_dataset, splits_overlap)
 from spatial_attention.experiments.ablation_heads import (HEADS_HELP, Head, check_heads, check_heads_in_stats_model,
                                                           head_name, heads_json, parse_heads, random_head_sets)
-from spatial_attention.experiments.ablation_measure import (KINDS, METRICS, PRIMARY, head_means, measure, summarize,
-                                                            yes_no_ids)
+from spatial_attention.experiments.ablation_measure import (KINDS, METRICS, PRIMARY, encode_pairs, head_means, measure,
+                                                            summarize, yes_no_ids)
 from spatial_attention.experiments.corner_results import CornerRun, load_corner_run
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args
@@ -326,7 +326,7 @@ def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int]
     means = head_means(adapter, pairs, prompt, layers, run.batch_size) if args.mode == "mean" else None
 
     def ablate(chunk: list[Pair]) -> list[dict]:
-        base, ablated = measure(adapter, chunk, prompt, head_sets, answer_ids, means,
+        base, ablated = measure(adapter, encode_pairs(adapter, chunk, prompt), head_sets, answer_ids, means,
                                 answer_only=args.positions == "answer", sets_per_forward=args.sets_per_forward)
         return [{"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
                 for i, pair in enumerate(chunk)]

@@ -181,11 +181,12 @@ def head_means(adapter, pairs: list[Pair], prompt: str, layers: list[int], batch
     return recorder.means()
 
 
-def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]],
-            answer_ids: tuple[list[int], list[int]], means: dict[int, torch.Tensor] | None = None,
-            answer_only: bool = False, sets_per_forward: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def measure(adapter, batch, head_sets: list[list[Head]], answer_ids: tuple[list[int], list[int]],
+            means: dict[int, torch.Tensor] | None = None, answer_only: bool = False, sets_per_forward: int = 8
+            ) -> tuple[np.ndarray, np.ndarray]:
     """Log-odds [N, 2] (kinds full, control) of the unablated model and [S, N, 2] with each head set ablated, for
-    one batch of pairs.
+    one batch of N pairs encoded as 2N inputs: full, control, full, ... (``encode_pairs``; any pair whose first
+    input should be answered yes and its second no).
 
     One plain forward runs the batch up to the lowest layer any set ablates (``prefix.run_prefix``); only the
     layers from there up run again, ``sets_per_forward`` copies of the batch per forward with a per-copy head set
@@ -194,7 +195,7 @@ def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]]
     another batch size, which would otherwise be part of every effect."""
     if sets_per_forward < 2:
         raise ValueError("measure: sets_per_forward must be >= 2 (one unablated copy and one head set)")
-    batch = encode_pairs(adapter, pairs, prompt)
+    pairs = len(batch) // 2
     first = min(layer for heads in head_sets for layer, _ in heads)
     start = run_prefix(adapter, batch, [first])[0][first]
     per_forward = sets_per_forward - 1
@@ -206,7 +207,7 @@ def measure(adapter, pairs: list[Pair], prompt: str, head_sets: list[list[Head]]
         lo = log_odds(upper_logits(adapter, start, len(copies), hook), *answer_ids).reshape(len(copies), -1)
         base = lo[0] if base is None else base
         ablated.append(lo[1:1 + len(sets)])
-    return base.reshape(len(pairs), 2), np.concatenate(ablated).reshape(len(head_sets), len(pairs), 2)
+    return base.reshape(pairs, 2), np.concatenate(ablated).reshape(len(head_sets), pairs, 2)
 
 
 def encode_pairs(adapter, pairs: list[Pair], prompt: str):

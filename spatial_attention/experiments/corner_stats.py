@@ -451,7 +451,8 @@ def patched_pair(run: Run, pair: Pair, images: tuple[Image.Image, Image.Image], 
                  answer_ids: tuple[list[int], list[int]]) -> dict:
     """One pair's record under --score patching: every scored head's swap effects (``patching.pair_scores``)."""
     heads = [(layer, h) for layer in run.layers for h in range(run.adapter.num_heads)]
-    scores, _, said = patching.pair_scores(run.adapter, *images, prompt, heads, answer_ids, HEADS_PER_FORWARD)
+    scores, _, said = patching.pair_scores(run.adapter, patching.encode_pair(run.adapter, prompt, *images), heads,
+                                           answer_ids, HEADS_PER_FORWARD)
     full, control = patching.score_cubes(scores, list(run.layers), run.adapter.num_heads)
     return {"id": pair.id, "full": full, "control": control, "full_answer": said[0], "control_answer": said[1]}
 

@@ -78,12 +78,13 @@ class AnswerSwap(AttentionHook):
 
 
 @torch.inference_mode()
-def pair_scores(adapter, full: Image.Image, control: Image.Image, prompt: str, heads: list[Head],
-                answer_ids: tuple[list[int], list[int]], heads_per_forward: int
+def pair_scores(adapter, batch, heads: list[Head], answer_ids: tuple[list[int], list[int]], heads_per_forward: int
                 ) -> tuple[dict[Head, tuple[float, float]], tuple[float, float], tuple[str, str]]:
-    """Per head of ``heads``: (score_full, score_control) as the module docstring defines them; the pair's
-    unpatched log-odds (full, control) and answers (the greedy first token of each)."""
-    batch = adapter.encode([prompt] * 2, [full, control])
+    """Per head of ``heads``: (score_full, score_control) as the module docstring defines them, for the pair
+    encoded as ``batch``: its full image (or any input whose answer is yes), then its control (``encode_pair``);
+    the pair's unpatched log-odds (full, control) and answers (the greedy first token of each)."""
+    if len(batch) != 2:
+        raise ValueError(f"pair_scores: a batch of {len(batch)} inputs, not one pair")
     last = torch.tensor([layout.last_position for layout in batch.layouts])
     chunks = [heads[start:start + heads_per_forward] for start in range(0, len(heads), heads_per_forward)]
     recorder = AnswerOutputs(adapter, last)
@@ -109,6 +110,11 @@ def pair_scores(adapter, full: Image.Image, control: Image.Image, prompt: str, h
         for head, after in zip(chunk, patched[:-1]):
             scores[head] = (float(unpatched[0] - after[0]), float(unpatched[1] - after[1]))
     return scores, (float(base[0]), float(base[1])), said
+
+
+def encode_pair(adapter, prompt: str, full: Image.Image, control: Image.Image):
+    """A corner pair's two images with one prompt, as ``pair_scores`` takes it."""
+    return adapter.encode([prompt] * 2, [full, control])
 
 
 def score_cubes(scores: dict[Head, tuple[float, float]], layers: list[int], num_heads: int

@@ -17,7 +17,8 @@ from spatial_attention.study.folder import REPORT_DIR
 from spatial_attention.study.report_blocks import Bullets, Heading, Link, Para, render_html, render_markdown
 from spatial_attention.study.report_readings import (ALPHA, RULES, Outputs, decide, model_label, status_line,
                                                      study_models)
-from spatial_attention.study.report_sections import ablation, experiment_1, experiment_2, experiment_3, manifest, steps
+from spatial_attention.study.report_sections import (ablation, experiment_1, experiment_2, experiment_3, experiment_4,
+                                                      manifest, steps)
 
 
 def build(out: Path) -> tuple[str, list, list]:
@@ -27,6 +28,7 @@ def build(out: Path) -> tuple[str, list, list]:
     models = study_models(o)
     title = "Spatial attention study: " + ", ".join(model_label(o, m) for m in models)
     sections = (experiment_1(o, models) + experiment_2(o, models) + experiment_3(o, models) + ablation(o, models)
+                + experiment_4(o, models)
                 + manifest(o, models) + steps(o))
     decide(o.verdicts)
     contents = [[Link(h.text, h.anchor)] for h in sections if isinstance(h, Heading) and h.level == 2]

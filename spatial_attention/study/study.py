@@ -220,7 +220,8 @@ def plan(s: StudySettings) -> list[Step]:
         if s.worlds:
             options += ("--limit", str(s.worlds))
         for exp, script, what in (("exp1", "vlm_atten_analysis", "experiment 1: localisation"),
-                                  ("exp2", "text_only_llm_analysis", "experiment 2: text-only binding")):
+                                  ("exp2", "text_only_llm_analysis", "experiment 2: text-only binding"),
+                                  ("exp4", "relation_heads", "experiment 4: the relation's heads")):
             out = s.out_dir / model / exp
             base = (s.python, str(REPO / f"{script}.py"), "--model", model, *options, "--data", str(s.shapeworld),
                     "--out", str(out))

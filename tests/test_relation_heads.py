@@ -1,0 +1,92 @@
+"""Experiment 4 (relation_heads.py): its pairs are true and false as built, discovery and test never share a pair,
+a rerun resumes and one with other settings is refused, and the random-weights control ablates the model's own
+heads."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from spatial_attention.data.generate import generate_shapeworld
+from spatial_attention.data.shapeworld import FLIPPED_RELATION, RELATION_AXIS, Skipped, iter_worlds, parse_caption
+from spatial_attention.experiments import relation_heads
+from spatial_attention.experiments.relation_heads import RelationPair, main
+
+
+@pytest.fixture(scope="module")
+def worlds_dir(tmp_path_factory):
+    return generate_shapeworld(tmp_path_factory.mktemp("sw") / "sw", shards=1, worlds_per_shard=12, seed=5)
+
+
+def test_pairs_are_the_caption_against_its_swap_or_its_mirror(worlds_dir):
+    worlds = [w for w in iter_worlds(worlds_dir) if not isinstance(w, Skipped)]
+    for world in worlds:
+        texts, images = RelationPair(world, "swap").inputs("Q: {caption}")
+        caption, swapped = parse_caption(texts[0][3:]), parse_caption(texts[1][3:])
+        assert texts[0] == f"Q: {world.caption.text}" and swapped.relation == FLIPPED_RELATION[caption.relation]
+        assert (swapped.color1, swapped.shape1, swapped.color2, swapped.shape2) == \
+            (caption.color1, caption.shape1, caption.color2, caption.shape2)
+        assert np.array_equal(np.asarray(images[0]), np.asarray(images[1]))
+        texts, images = RelationPair(world, "mirror").inputs("{caption}")
+        assert texts == [world.caption.text] * 2
+        pixels, mirrored = np.asarray(images[0]), np.asarray(images[1])
+        axis = 1 if RELATION_AXIS[world.caption.relation] == "x" else 0
+        assert np.array_equal(np.flip(pixels, axis=axis), mirrored)
+
+
+def refused(argv, capsys) -> str:
+    """The one line a refused command prints (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _argv(worlds_dir, out, *extra):
+    return ["--model", "llava", "--model-path", "tiny-random", "--data", str(worlds_dir), "--out", str(out),
+            "--random-sets", "5", *extra]
+
+
+def test_discovery_and_test_halves_resume_and_refuse_other_settings(worlds_dir, tmp_path, capsys):
+    """--alpha 0.99 chooses heads on tiny-random's noise, so that the test half runs: its pairs are the other half,
+    a rerun does nothing again, and another --kind or --positions is refused before the model loads."""
+    out = tmp_path / "out"
+    main(_argv(worlds_dir, out, "--alpha", "0.99"))
+    summary = json.loads((out / "summary.json").read_text())
+    discovery = [json.loads(line)["id"] for line in (out / relation_heads.DISCOVERY_FILE).read_text().splitlines()]
+    test = [json.loads(line)["id"] for line in (out / relation_heads.TEST_FILE).read_text().splitlines()]
+    assert len(discovery) == len(test) == 6 and not set(discovery) & set(test)
+    assert summary["pairs"] == {"discovery": 6, "test": 6} and 1 <= len(summary["chosen_heads"]) <= 4
+    assert summary["test"]["random_sets"] == 5 and np.load(out / "scores_true_LHN.npy").shape[-1] == 6
+    chosen = [line for line in (out / "heads.csv").read_text().splitlines()[1:] if line.endswith(",1")]
+    assert len(chosen) == len(summary["chosen_heads"])
+    assert (out / "figures" / "head_shares.png").is_file() and (out / "figures" / "effect_vs_random.png").is_file()
+    before = {p: p.stat().st_mtime_ns for p in (out / relation_heads.DISCOVERY_FILE, out / relation_heads.TEST_FILE)}
+    main(_argv(worlds_dir, out, "--alpha", "0.99"))
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing appended: every pair was done
+    for extra, option in ((["--kind", "mirror"], "--kind"), (["--positions", "all"], "--positions")):
+        assert f"were made with {option}" in refused(_argv(worlds_dir, out, "--alpha", "0.99", *extra), capsys)
+
+
+def test_control_ablates_the_model_s_heads_and_needs_them(worlds_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert "without --control first" in refused(_argv(worlds_dir, out, "--control", "random-weights",
+                                                       "--control-seeds", "1"), capsys)
+    main(_argv(worlds_dir, out, "--alpha", "0.99"))
+    main(_argv(worlds_dir, out, "--alpha", "0.99", "--control", "random-weights", "--control-seeds", "1"))
+    model = json.loads((out / "summary.json").read_text())
+    seed = json.loads((out / "control_random_weights" / "init_seed_1000" / "summary.json").read_text())
+    assert seed["chosen_heads"] == model["chosen_heads"] and seed["chosen_by"] == "the model's own run"
+    rows = {r["metric"]: r for r in json.loads((out / "control_comparison.json").read_text())["rows"]}
+    assert rows["gap_change"]["n_seeds"] == 1 and rows["gap_change"]["n_paired"] == 6
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "Is it true?"], "must contain '{caption}'"),
+    (["--prompt", "{caption} {other}"], "only '{caption}' may stand in braces"),
+    (["--alpha", "1"], "--alpha 1.0: must lie strictly between 0 and 1"),
+    (["--max-heads", "0"], "--max-heads"),
+])
+def test_bad_options_are_one_line_before_any_load(worlds_dir, tmp_path, argv, message, no_model_load, capsys):
+    assert message in refused(_argv(worlds_dir, tmp_path / "out", *argv), capsys)
