@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole study in one command: experiments 1 and 2, the corner sweep and its ablation, for every model, each
+# The whole study in one command: experiments 1, 2 and 4, the corner sweep and its ablation, for every model, each
 # beside its random-weights control, into one folder tree; then one report (OUT_DIR/report/index.html, REPORT.md).
 #
 # Settings (environment variables, defaults in brackets):

@@ -150,10 +150,9 @@ class Qwen2VLAdapter(VLMAdapter):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         text = {**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})}
         head_dim = text["hidden_size"] // text["num_attention_heads"]
-        rope_theta = text.pop("rope_theta", 1000000.0)  # the 7B's unless a toy asks for faster rotations
         spatial = 3 * head_dim // 16  # mrope sections (t, h, w) share head_dim / 2 like 16/24/24 at 7B
         text.update(max_position_embeddings=32768,
-                    rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                                      "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
         config = config_class(text_config=text, vision_config=cls._vision_config(vision, text["hidden_size"]),

@@ -490,9 +490,9 @@ def test_interrupted_ablation_resumes_with_the_missing_pairs(ablated, tmp_path, 
     lines = (copy / PAIRS_FILE).read_text().splitlines(keepends=True)
     (copy / PAIRS_FILE).write_text("".join(lines[:2]))
     (copy / "summary.json").unlink()
-    measured, real = [], ablation.measure
-    monkeypatch.setattr(ablation, "measure", lambda adapter, pairs, *rest, **options:
-                        measured.append([p.id for p in pairs]) or real(adapter, pairs, *rest, **options))
+    measured, real = [], ablation.encode_pairs
+    monkeypatch.setattr(ablation, "encode_pairs", lambda adapter, pairs, *rest:
+                        measured.append([p.id for p in pairs]) or real(adapter, pairs, *rest))
     main(argv)
     assert measured == [[2], [3]]  # batch size 1 on the CPU
     for name in ("ablation.csv", "summary.json"):

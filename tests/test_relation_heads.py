@@ -90,3 +90,33 @@ def test_control_ablates_the_model_s_heads_and_needs_them(worlds_dir, tmp_path, 
 ])
 def test_bad_options_are_one_line_before_any_load(worlds_dir, tmp_path, argv, message, no_model_load, capsys):
     assert message in refused(_argv(worlds_dir, tmp_path / "out", *argv), capsys)
+
+
+def _simulated_discovery(carried: dict, n_pairs: int = 50, seed: int = 0):
+    """A 7B-sized discovery (32 layers x 32 heads, ``n_pairs`` pairs): gaps around 4 log-odds; each head's swap
+    effect on the true input is noise (sd 0.3) plus, for the heads in ``carried``, that share of the pair's
+    gap; on the false input, noise."""
+    rng = np.random.default_rng(seed)
+    gap = rng.normal(4.0, 1.0, n_pairs)
+    true = rng.normal(0.0, 0.3, (32, 32, n_pairs))
+    false = rng.normal(0.0, 0.3, (32, 32, n_pairs))
+    for (layer, head), share in carried.items():
+        true[layer, head] += share * gap
+    return true, false, gap
+
+
+def test_the_heads_that_carry_the_gap_are_chosen_and_no_other():
+    """Planted: three heads carry 30%, 20% and 10% of the gap among 1,024 (50 discovery pairs): all three are
+    chosen, largest first, and no other; a head that works against the gap is significant but not chosen."""
+    carried = {(20, 5): 0.3, (14, 31): 0.2, (3, 0): 0.1, (9, 9): -0.2}
+    true, false, gap = _simulated_discovery(carried)
+    _, ranking = relation_heads.choose_heads(true, false, gap, 0.05, 4, 0, list(range(1, 33)))
+    assert [(h["layer"] - 1, h["head"]) for h in ranking["chosen"]] == [(20, 5), (14, 31), (3, 0)]
+    assert ranking["chosen"][0]["share_of_gap"] == pytest.approx(0.3, abs=0.05)
+    assert ranking["n_significant"] >= 4 and ranking["n_carriers"] == 3
+
+
+def test_no_head_is_chosen_where_none_carries_the_gap():
+    true, false, gap = _simulated_discovery({})
+    _, ranking = relation_heads.choose_heads(true, false, gap, 0.05, 4, 0, list(range(1, 33)))
+    assert ranking["chosen"] == []

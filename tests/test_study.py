@@ -28,7 +28,7 @@ from spatial_attention.study import (report, report_blocks, report_readings,  # 
                                      report_sections)
 from spatial_attention.study.study import StudySettings, plan  # noqa: E402
 
-SECTIONS = ("rules", "experiment-1", "experiment-2", "experiment-3", "ablation", "manifest", "steps")
+SECTIONS = ("rules", "experiment-1", "experiment-2", "experiment-3", "ablation", "experiment-4", "manifest", "steps")
 
 
 def _run(env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -122,7 +122,9 @@ def test_report_is_one_self_contained_file_with_every_section(study):
         expected |= {f"{model}/exp1/figures/{name}.png" for name in ("real_vs_shuffled", "specificity",
                                                                       "metric_by_relation")}
         expected |= {str(p.relative_to(out)) for p in sorted(figures.glob("world_*.png"))[:report_sections.WORLD_PANELS]}
-        expected |= {str(p.relative_to(out)) for p in (out / model / "exp2" / "figures").glob("*.png")}
+        assert (out / model / "exp4" / "figures" / "head_shares.png").is_file()
+        for exp in ("exp2", "exp4"):
+            expected |= {str(p.relative_to(out)) for p in (out / model / exp / "figures").glob("*.png")}
         corners = out / model / "corners"
         expected |= {str(p.relative_to(out)) for p in corners.glob("head_diff_stats_*/count_bars.png")}
         expected |= {str(p.relative_to(out)) for p in corners.glob("count_shared_unique/*.png")}

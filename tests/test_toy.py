@@ -44,16 +44,12 @@ def test_toy_architecture_is_the_family_s_with_an_8x8_grid(family):
 
 def test_samples_are_true_or_false_as_labelled():
     rng = np.random.default_rng(3)
-    from spatial_attention.data.shapeworld import FLIPPED_RELATION, parse_caption
+    from spatial_attention.data.shapeworld import parse_caption
 
     for _ in range(50):
-        true, false = toy.agreement_pair(rng)
-        said, swapped = parse_caption(true.text), parse_caption(false.text)  # exactly experiment 1's grammar
-        assert (true.answer, false.answer) == (True, False) and true.image is false.image
-        assert swapped.relation == FLIPPED_RELATION[said.relation] and said.relation in true.relations
-        assert swapped.relation not in true.relations or set(true.relations) >= {"left", "right"}  # a tie on the
-        # other axis cannot make the swapped relation hold: the generator places the shapes apart along its axis
-        assert true.image.size == (toy.SHAPEWORLD_SIDE, toy.SHAPEWORLD_SIDE)
+        caption, image, _ = toy.agreement_sample(rng)
+        parse_caption(caption)  # exactly experiment 1's grammar
+        assert image.size == (toy.SHAPEWORLD_SIDE, toy.SHAPEWORLD_SIDE)
     answers = [toy.corner_sample(rng)[2] for _ in range(400)]
     assert 0.3 < np.mean(answers) < 0.7
     answers = [toy.exists_sample(rng)[2] for _ in range(400)]
@@ -87,25 +83,19 @@ def test_committed_toy_answers_the_corner_question(family, tmp_path, capsys):
     assert line["accuracy"] >= CORNER_FLOOR[family]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_evaluate_reports_the_swapped_captions_and_the_balance(family, real_sample, capsys):
-    """--evaluate on the real sample (16 true captions): its captions, the same with the relation swapped (all
-    false), and their balanced mean, which a yes-bias or a no-bias puts at 0.5."""
+@pytest.mark.parametrize("family, said_yes", [("llava", 13), ("qwen2", 0)])
+def test_committed_toy_is_evaluated_on_real_shapeworld(family, said_yes, real_sample, capsys):
+    """The model card's figures on the real sample (16 true captions): LLaVA's toy says yes to 13, Qwen2-VL's
+    to none (one answer either way is allowed for numerical noise); beside them the same captions with the
+    relation swapped (all false) and the balanced mean, which a yes-bias or a no-bias puts at 0.5."""
     committed_toy(family)
     toy.main(["--model", family, "--evaluate", str(real_sample)])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["task"] == "agreement" and line["n"] == 16 and line["n_swapped"] == 16
+    assert abs(line["accuracy"] * 16 - said_yes) <= 1
     assert line["accuracy_true"] == line["accuracy"]  # every caption of the sample is true
     assert line["balanced_accuracy"] == pytest.approx((line["accuracy_true"] + line["accuracy_swapped"]) / 2,
                                                       abs=1e-4)
-
-
-def words_of(text: str) -> list[str]:
-    """The two shape words of a caption, in order."""
-    from spatial_attention.data.shapeworld import parse_caption
-
-    caption = parse_caption(text)
-    return [caption.shape1, caption.shape2]
 
 
 def test_relation_swap_of_a_caption():
@@ -114,36 +104,6 @@ def test_relation_swap_of_a_caption():
     caption = format_caption("red", "square", "blue", "circle", "left")
     assert toy.swap_relation(caption) == format_caption("red", "square", "blue", "circle", "right")
     assert toy.swap_relation(toy.swap_relation(caption)) == caption
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_dense_targets_name_the_words_and_cells_of_the_scene(family):
-    """The caption targets sit one position before the word they predict and name it (the relation spread over
-    the relations that hold); the binding targets are the cells the named shape covers; the cell targets mix
-    the covering shape's colour and shape word."""
-    adapter = toy.build_toy(family, 0)
-    targets = toy.Targets(adapter)
-    true, _ = toy.agreement_pair(np.random.default_rng(11))
-    layout = adapter.encode([true.text], [true.image]).layouts[0]
-    positions, words = targets.caption(true, layout)
-    for position, row in zip(positions[:3], words[:3]):
-        assert row[layout.input_ids[position + 1]] == 1.0  # the next token is the word it learns
-    assert {int(i) for i in words[3].nonzero()} == {targets.relations[r] for r in true.relations}
-    cells = toy.cell_entities(true.entities, true.image.size[0])
-    # a shape too small to cover a quarter of any cell has no binding target
-    at_word = {int(layout.word_positions(w)[-1]): 1 + [e["shape"] for e in true.entities].index(w)
-               for w in words_of(true.text)}
-    bound = targets.binding(true, layout)
-    assert bound and len(bound) == len({label for label in cells if label})
-    for position, image_positions in bound:
-        covered = np.flatnonzero(np.isin(layout.image_positions, image_positions))
-        assert covered.size and (cells[covered] == at_word[position]).all()
-    per_cell = targets.cells(adapter, true)
-    occupied = np.flatnonzero(cells)
-    entity = true.entities[cells[occupied[0]] - 1]
-    assert per_cell[occupied[0], targets.colors[entity["color"]]] == 0.5
-    assert per_cell[occupied[0], targets.shapes[entity["shape"]]] == 0.5
-    assert per_cell[np.flatnonzero(cells == 0)[0], targets.no] == 1.0
 
 
 def test_qwen2_toy_is_fed_at_its_own_size():

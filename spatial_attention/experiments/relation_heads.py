@@ -152,7 +152,7 @@ def main(argv=None) -> None:
     check_settings(args)
     controls.init_seeds(args)  # checked before any data is generated
     options, share, data, shards = prepare_run(args.model, args)
-    pairs = select_pairs(data, shards, args.limit, args.kind)
+    pairs = select_pairs(data, shards, args.limit, args.kind, tests_only=args.control is not None)
     for run_options, out in controls.runs(options, args.out, args):
         heads = None if run_options.random_init_seed is None else model_heads(args.out)
         _experiment(args, run_options, share, data, out, pairs, heads)
@@ -174,17 +174,19 @@ def check_settings(args) -> None:
         raise OptionError(f"--prompt {args.prompt!r}: must contain '{{caption}}', where each pair's caption goes")
 
 
-def select_pairs(data: Path, shards, limit: int | None, kind: str) -> list[RelationPair]:
-    """One pair per true caption of the folder (the first ``limit``), in (shard, index) order."""
+def select_pairs(data: Path, shards, limit: int | None, kind: str, tests_only: bool = False) -> list[RelationPair]:
+    """One pair per true caption of the folder (the first ``limit``), in (shard, index) order. A control
+    (``tests_only``) needs two: it only tests, and the first N pairs' test half is a prefix of the model's."""
     pairs = []
     for item in iter_worlds(data, shards=shards, limit=limit):
         if isinstance(item, Skipped):
             log.warning("skipping: %s", item.reason)
             continue
         pairs.append(RelationPair(item, kind))
-    if len(pairs) < 4:
-        raise DataError(f"--data {data}: {len(pairs)} usable true captions; experiment 4 needs at least 4 (two to "
-                        "find heads on, two to test them on), better 100 or more")
+    if len(pairs) < (2 if tests_only else 4):
+        need = ("2 (the second is the first test pair)" if tests_only else
+                "4 (two to find heads on, two to test them on), better 100 or more")
+        raise DataError(f"--data {data}: {len(pairs)} usable true captions; experiment 4 needs at least {need}")
     return pairs
 
 
@@ -269,7 +271,7 @@ def _ablate(run: Run, chunk: list[RelationPair], prompt: str, head_sets, answer_
 
 
 def _rank(run: Run, records: list[dict], alpha: float, max_heads: int, out: Path) -> dict:
-    """The discovery ranking: every head's share of the gap, its test, and the chosen heads."""
+    """The discovery ranking of the scored pairs (``choose_heads``), with its cubes, heads.csv and figure."""
     if len(records) < 2:
         raise DataError(f"--out {out}: {len(records)} discovery pairs scored; ranking heads needs at least 2")
     true = np.stack([np.asarray(r["true"], np.float64) for r in records], axis=-1)  # [L, H, N]
@@ -277,18 +279,29 @@ def _rank(run: Run, records: list[dict], alpha: float, max_heads: int, out: Path
     np.save(out / "scores_true_LHN.npy", true.astype(np.float32))
     np.save(out / "scores_false_LHN.npy", false.astype(np.float32))
     gap = np.array([r["log_odds"][0] - r["log_odds"][1] for r in records])
-    ranked = rank_heads(true, false, alpha=alpha, seed=run.options.seed, layers=run.layer_numbers)
-    mean_gap = float(gap.mean())
-    share = ranked["mean_diff"] / mean_gap if mean_gap != 0 else np.full_like(ranked["mean_diff"], np.nan)
+    ranked, ranking = choose_heads(true, false, gap, alpha, max_heads, run.options.seed, run.layer_numbers)
+    chosen = {(h["layer"], h["head"]) for h in ranking["chosen"]}
+    write_atomic(out / "heads.csv", _heads_csv(ranked, ranked["share"], chosen, run.layer_numbers))
+    _plot_shares(out / "figures" / "head_shares.png", ranked["share"], run.layer_numbers, chosen, run.adapter.family)
+    return ranking
+
+
+def choose_heads(true: np.ndarray, false: np.ndarray, gap: np.ndarray, alpha: float, max_heads: int, seed: int,
+                 layer_numbers: list[int]) -> tuple[dict, dict]:
+    """(``rank_heads``' result with each head's mean share of the gap, the ranking summary with the chosen
+    heads). ``true``/``false`` [L, H, N]: each head's swap effect on the pair's true and false input; ``gap``
+    [N]: the pairs' unpatched gaps. Chosen: the heads significant under Benjamini-Hochberg at ``alpha`` whose
+    mean swap effect is positive (they carry the gap), the ``max_heads`` largest."""
+    ranked = rank_heads(true, false, alpha=alpha, seed=seed, layers=layer_numbers)
+    mean_gap = float(np.mean(gap))
+    ranked["share"] = ranked["mean_diff"] / mean_gap if mean_gap != 0 else np.full_like(ranked["mean_diff"], np.nan)
     carriers = [h for h in ranked["significant"] if h["mean_diff"] > 0]
     chosen = sorted(carriers, key=lambda h: -h["mean_diff"])[:max_heads]
-    chosen_set = {(h["layer"], h["head"]) for h in chosen}
-    write_atomic(out / "heads.csv", _heads_csv(ranked, share, chosen_set, run.layer_numbers))
-    _plot_shares(out / "figures" / "head_shares.png", share, run.layer_numbers, chosen_set, run.adapter.family)
-    return {"n_pairs": len(records), "gap_mean": mean_gap, "gap_positive": float((gap > 0).mean()),
-            "n_significant": len(ranked["significant"]), "n_carriers": len(carriers), "alpha": alpha,
-            "p_method": ranked["p_method"], "n_perm": ranked["n_perm"],
-            "chosen": [{**h, "share_of_gap": h["mean_diff"] / mean_gap if mean_gap else None} for h in chosen]}
+    return ranked, {"n_pairs": int(len(gap)), "gap_mean": mean_gap, "gap_positive": float((np.asarray(gap) > 0).mean()),
+                    "n_significant": len(ranked["significant"]), "n_carriers": len(carriers), "alpha": alpha,
+                    "p_method": ranked["p_method"], "n_perm": ranked["n_perm"],
+                    "chosen": [{**h, "share_of_gap": h["mean_diff"] / mean_gap if mean_gap else None}
+                               for h in chosen]}
 
 
 def _shared_heads(share, out: Path, ranking: dict | None) -> list[tuple[int, int]]:
