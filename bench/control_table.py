@@ -102,6 +102,31 @@ def experiment_3(out: Path, score: str, ablations: tuple) -> list[str]:
     return lines
 
 
+def _relation_test(folder: Path) -> str:
+    summary = _json(folder / "summary.json")
+    if summary is None:
+        return "n/a"
+    test = summary.get("test")
+    if test is None:
+        return "no head chosen"
+    named = " ".join(f"{h['layer']}.{h['head']}" for h in summary["chosen_heads"])
+    moved = "n/a" if test["gap_moved_share"] is None else f"{100 * test['gap_moved_share']:.0f}%"
+    return (f"gap {test['gap_unablated']:+.2f}, change {_ci(test['gap_change'], test['gap_change_lo'], test['gap_change_hi'])} "
+            f"({moved} moved) vs {test['random_gap_change_mean']:+.2f}, p_drop={test['p_drop']:.2g}; balanced accuracy "
+            f"{test['balanced_accuracy']:.2f}, {test['n_pairs']} test pairs ({named})")
+
+
+def experiment_4(out: Path) -> list[str]:
+    summary = _json(out / "summary.json")
+    if summary is None:
+        return []
+    c = _comparison(out).get("gap_change", {})
+    pooled = f"pooled gap change {_ci(c.get('control_mean'), c.get('control_ci_lo'), c.get('control_ci_hi'))}; "
+    return [f"| exp 4 ({summary['kind']} pairs): the relation's heads, found on the discovery half, ablated on the "
+            f"test half vs random sets of the same layers | {_relation_test(out)} | "
+            + pooled + "; ".join(_relation_test(s) for s in control_seed_folders(out)) + " |"]
+
+
 def main() -> None:
     if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
         sys.exit("usage: python bench/control_table.py OUT  (the folder bench/toy_controls.sh wrote)")
@@ -111,7 +136,7 @@ def main() -> None:
     attention = experiment_3(out / "corners", "attention",
                              (("unique", CORNERS), ("shared", CORNERS), ("top4_mean", ("topleft",))))
     patching = experiment_3(out / "corners_patching", "patching", (("unique", CORNERS), ("top-4", CORNERS)))
-    for line in experiment_1(out / "exp1") + experiment_2(out / "exp2") + attention + patching:
+    for line in experiment_1(out / "exp1") + experiment_2(out / "exp2") + attention + patching + experiment_4(out / "exp4"):
         print(line)
 
 

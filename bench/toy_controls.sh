@@ -8,7 +8,8 @@
 #   RANDOM_CONTROLS [100]  BATCH_SIZE [16]
 # Writes $OUT/exp1, $OUT/exp2, $OUT/corners (the sweep with the paper's attention score, ABLATE=1),
 # $OUT/corners_patching (the sweep with SCORE=patching, each corner's top 4 and unique heads mean-ablated at the
-# answer position), each with its control under control_random_weights/, and $OUT/table.md (printed too).
+# answer position), $OUT/exp4 (the relation's heads on relation-swapped caption pairs), each with its control
+# under control_random_weights/, and $OUT/table.md (printed too).
 # Every step resumes, as the scripts do.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,6 +37,7 @@ for extra in "" control; do
   [ -n "$extra" ] && args+=("${control[@]}")
   "$PYTHON" "$HERE/vlm_atten_analysis_$FAMILY.py" "${args[@]}" --out "$OUT/exp1" --plot-samples 2
   "$PYTHON" "$HERE/text_only_llm_analysis_$FAMILY.py" "${args[@]}" --out "$OUT/exp2"
+  "$PYTHON" "$HERE/relation_heads.py" --model "$FAMILY" "${args[@]}" --random-sets "$RANDOM_CONTROLS" --out "$OUT/exp4"
 done
 sweep() {  # CONTROL OUT_DIR [SETTING=VALUE ...]
   local control=$1 out_dir=$2
