@@ -106,13 +106,17 @@ def _relation_test(folder: Path) -> str:
     summary = _json(folder / "summary.json")
     if summary is None:
         return "n/a"
-    test = summary.get("test")
+    test, found = summary.get("test"), summary.get("discovery")
     if test is None:
-        return "no head chosen"
+        if found is None:  # a control initialisation: it tests the model's heads, and there were none
+            return "no head chosen"
+        return (f"no head chosen ({found['n_significant']} significant; mean gap {found['gap_mean']:+.4f} on "
+                f"{found['n_pairs']} discovery pairs)")
     named = " ".join(f"{h['layer']}.{h['head']}" for h in summary["chosen_heads"])
     moved = "n/a" if test["gap_moved_share"] is None else f"{100 * test['gap_moved_share']:.0f}%"
-    return (f"gap {test['gap_unablated']:+.2f}, change {_ci(test['gap_change'], test['gap_change_lo'], test['gap_change_hi'])} "
-            f"({moved} moved) vs {test['random_gap_change_mean']:+.2f}, p_drop={test['p_drop']:.2g}; balanced accuracy "
+    change = _ci(test["gap_change"], test["gap_change_lo"], test["gap_change_hi"])
+    return (f"gap {test['gap_unablated']:+.2f}, change {change} ({moved} moved) vs "
+            f"{test['random_gap_change_mean']:+.2f}, p_drop={test['p_drop']:.2g}; balanced accuracy "
             f"{test['balanced_accuracy']:.2f}, {test['n_pairs']} test pairs ({named})")
 
 
@@ -136,7 +140,8 @@ def main() -> None:
     attention = experiment_3(out / "corners", "attention",
                              (("unique", CORNERS), ("shared", CORNERS), ("top4_mean", ("topleft",))))
     patching = experiment_3(out / "corners_patching", "patching", (("unique", CORNERS), ("top-4", CORNERS)))
-    for line in experiment_1(out / "exp1") + experiment_2(out / "exp2") + attention + patching + experiment_4(out / "exp4"):
+    for line in (experiment_1(out / "exp1") + experiment_2(out / "exp2") + attention + patching
+                 + experiment_4(out / "exp4")):
         print(line)
 
 

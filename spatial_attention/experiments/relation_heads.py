@@ -61,7 +61,8 @@ from spatial_attention.experiments.heads import rank_heads
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
 from spatial_attention.run.figures import save_figure
-from spatial_attention.run.runloop import Results, Run, check_identity, load_run, open_results, prepare_run, resumable_map
+from spatial_attention.run.runloop import (Results, Run, check_identity, load_run, open_results, prepare_run,
+                                           resumable_map)
 from spatial_attention.stats.inference import json_safe
 
 log = logging.getLogger("spatial_attention")

@@ -38,8 +38,8 @@ from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import check_output_dir, run_record, setup_logging, write_json
 from spatial_attention.data.counterfactual import CORNERS, corner_prompt, read_pairs
 from spatial_attention.data.generate import corner_pair, draw_scene, random_scene
-from spatial_attention.data.shapeworld import (COLORS, FLIPPED_RELATION, RELATIONS, SHAPES, format_caption,
-                                               list_shards, load_rgb, parse_caption, read_shard)
+from spatial_attention.data.shapeworld import (COLORS, FLIPPED_RELATION, RELATIONS, SHAPES, format_caption, list_shards,
+                                               load_rgb, parse_caption, read_shard)
 
 log = logging.getLogger("spatial_attention")
 

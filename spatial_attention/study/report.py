@@ -18,7 +18,7 @@ from spatial_attention.study.report_blocks import Bullets, Heading, Link, Para, 
 from spatial_attention.study.report_readings import (ALPHA, RULES, Outputs, decide, model_label, status_line,
                                                      study_models)
 from spatial_attention.study.report_sections import (ablation, experiment_1, experiment_2, experiment_3, experiment_4,
-                                                      manifest, steps)
+                                                     manifest, steps)
 
 
 def build(out: Path) -> tuple[str, list, list]:
