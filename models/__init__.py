@@ -12,13 +12,15 @@ from pathlib import Path
 
 from models.base import TINY_RANDOM, TOY, TOY_ROOT, Batch, TokenLayout, VLMAdapter
 from models.llava import LlavaAdapter
+from models.llava_next import LlavaNextAdapter
 from models.llava_onevision import LlavaOnevisionAdapter
 from models.qwen2_5vl import Qwen2_5VLAdapter
 from models.qwen2vl import Qwen2VLAdapter
 from spatial_attention.common.errors import OptionError
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter,
-                                          "qwen2_5vl": Qwen2_5VLAdapter, "llava_onevision": LlavaOnevisionAdapter}
+                                          "qwen2_5vl": Qwen2_5VLAdapter, "llava_onevision": LlavaOnevisionAdapter,
+                                          "llava_next": LlavaNextAdapter}
 FAMILIES = tuple(ADAPTERS)  # the --model choices
 
 
@@ -40,4 +42,5 @@ def load_adapter(family: str, model_path: str | None = None, **kwargs) -> VLMAda
 
 
 __all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "TOY", "toy_folder", "Batch", "TokenLayout", "VLMAdapter",
-           "load_adapter", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5VLAdapter", "LlavaOnevisionAdapter"]
+           "load_adapter", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5VLAdapter", "LlavaOnevisionAdapter",
+           "LlavaNextAdapter"]

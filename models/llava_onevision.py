@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.base import VLMAdapter, _registered_attention, centre_square
+from models.base import VLMAdapter, _registered_attention, base_view_first, centre_square
 from models.tiny import byte_level_tokenizer
 
 # The checkpoint's chat template (image first in the user turn), used by the tiny model; real checkpoints carry
@@ -112,12 +112,10 @@ class LlavaOnevisionAdapter(VLMAdapter):
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         counts = inputs.get("batch_num_images")
-        views = []
-        for b, size in enumerate(inputs["image_sizes"].tolist()):
-            alone = counts is None or int(counts[b]) == 1
-            count = image_size_to_num_patches(size, self.model.config.image_grid_pinpoints, self.side) if alone else 1
-            views += [b] + [-1] * (count - 1)
-        return views
+        pinpoints = self.model.config.image_grid_pinpoints
+        return base_view_first([image_size_to_num_patches(size, pinpoints, self.side)
+                                if counts is None or int(counts[b]) == 1 else 1
+                                for b, size in enumerate(inputs["image_sizes"].tolist())])
 
     def vision_attention_modules(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.model.model.vision_tower.encoder.layers]

@@ -1,5 +1,5 @@
-"""The two families beyond the paper's, on their tiny-random builds, with the guarantees the paper's two have:
-Qwen2.5-VL (windowed ViT) and LLaVA-OneVision (anyres). The engine equals eager at batch sizes 1 and 3; the
+"""The families beyond the paper's, on their tiny-random builds, with the guarantees the paper's two have:
+Qwen2.5-VL (windowed ViT), LLaVA-OneVision and LLaVA-NeXT (anyres). The engine equals eager at batch sizes 1 and 3; the
 image-token grid and layout are right; the ViT maps come out in raster order (a test that fails on window
 order); the ablation's no-op is the plain model; the corner sweep runs with COUNT=6."""
 from __future__ import annotations
@@ -18,7 +18,9 @@ from spatial_attention.engine.capture import CaptureRequest, capture, plain_logi
 from spatial_attention.engine.reference import reference_capture
 from spatial_attention.experiments.ablation_measure import HeadAblation, hooked_logits
 
-NEW_FAMILIES = ["qwen2_5vl", "llava_onevision"]
+NEW_FAMILIES = ["qwen2_5vl", "llava_onevision", "llava_next"]
+# anyres: the family, its base view's grid side, and each sample's views for a square picture (base, crops)
+ANYRES = [("llava_onevision", 27, [0, -1, 1, -1]), ("llava_next", 24, [0, -1, -1, 1, -1, -1])]
 
 
 @pytest.fixture(scope="module")
@@ -68,58 +70,76 @@ def test_qwen2_5vl_grid_is_read_from_image_grid_thw(new_models):
     assert np.array_equal(np.diff(layout.image_positions), np.ones(16 * 12 - 1))  # one contiguous raster block
 
 
-def test_llava_onevision_grid_is_the_base_view_and_never_a_newline(new_models):
+@pytest.mark.parametrize("family, side, views", ANYRES)
+def test_anyres_grid_is_the_base_view_and_never_a_newline(new_models, family, side, views):
     """The analysed positions hold, in raster order, the base view's projected patches: the first gh x gw
     features the model packs for the image; the crops and their image_newline tokens come after and are no
     cell."""
-    adapter = new_models["llava_onevision"]
+    adapter = new_models[family]
     batch = adapter.encode(CAPTIONS[:2], random_images(2))
-    model = adapter.model.model
+    model, config = adapter.model.model, adapter.model.config
     inputs = batch.inputs
+    extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
     with torch.no_grad():
         packed = model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
-                                          vision_feature_layer=-1, vision_feature_select_strategy="full",
-                                          batch_num_images=inputs.get("batch_num_images")).pooler_output
-    newline = model.image_newline
+                                          vision_feature_layer=config.vision_feature_layer,
+                                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                                          **extra).pooler_output
+    newline, first = model.image_newline, int(config.vision_feature_select_strategy == "default")  # CLS dropped
     for b, layout in enumerate(batch.layouts):
-        gh, gw = layout.grid
-        assert (gh, gw) == (27, 27) and len(layout.image_positions) == 27 * 27
-        all_image = np.flatnonzero(layout.input_ids == adapter.model.config.image_token_id)
-        assert len(all_image) == len(packed[b]) > 27 * 27  # base view, then the crops with their newlines
-        assert np.array_equal(layout.image_positions, all_image[: 27 * 27])
+        assert layout.grid == (side, side) and len(layout.image_positions) == side * side
+        all_image = np.flatnonzero(layout.input_ids == config.image_token_id)
+        assert len(all_image) == len(packed[b]) > side * side  # base view, then the crops with their newlines
+        assert np.array_equal(layout.image_positions, all_image[: side * side])
         with torch.no_grad():
-            base = model.multi_modal_projector(model.vision_tower(
-                inputs["pixel_values"][b, :1], output_hidden_states=True).hidden_states[-1])[0]
-        torch.testing.assert_close(packed[b][: 27 * 27], base)  # the grid is the base view, raster order
+            features = model.vision_tower(inputs["pixel_values"][b, :1], output_hidden_states=True).hidden_states
+            base = model.multi_modal_projector(features[config.vision_feature_layer][:, first:])[0]
+        torch.testing.assert_close(packed[b][: side * side], base)  # the grid is the base view, raster order
         is_newline = (packed[b] == newline).all(-1)
-        assert int(is_newline.sum()) > 0 and not bool(is_newline[: 27 * 27].any())
-    assert adapter.vision_views(inputs) == [0, -1, 1, -1]  # per image: its base view, then its one crop
+        assert int(is_newline.sum()) > 0 and not bool(is_newline[: side * side].any())
+    assert adapter.vision_views(inputs) == views  # per image: its base view, then its crops
 
 
-def test_llava_onevision_vision_maps_are_each_sample_s_base_view(new_models, monkeypatch):
+def test_llava_next_base_view_is_the_picture_itself(new_models):
+    """The centre-cropped 336 px picture is the base view pixel for pixel (only CLIP's normalisation between):
+    each cell of the grid is one CLIP patch of the picture."""
+    from models.llava_next import CLIP_MEAN, CLIP_STD
+
+    adapter = new_models["llava_next"]
+    image = random_images(1)[0]
+    pixels = adapter.encode(CAPTIONS[:1], [image]).inputs["pixel_values"][0, 0].double().numpy()
+    picture = np.asarray(adapter.prepare_image(image), dtype=np.float64) / 255.0
+    np.testing.assert_allclose(pixels, ((picture - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("family, side, views", [("llava_onevision", 27, [0, -1, -1, 1, -1]),
+                                                 ("llava_next", 24, [0, -1, -1, 1, -1, -1])])
+def test_anyres_vision_maps_are_each_sample_s_base_view(new_models, monkeypatch, family, side, views):
     """Raw pictures of two shapes, unframed: the wide one gets three views (its base view and two crops with other
-    pixels), the square one two. The engine's map of each sample must be its base view's, computed here from the
-    vision tower run on that view alone."""
+    pixels), the square one its own base view and crops. The engine's map of each sample must be its base view's, computed here from
+    the vision tower run on that view alone."""
     from PIL import Image
 
     from spatial_attention.engine.reference import eager_model
 
-    adapter = new_models["llava_onevision"]
+    adapter = new_models[family]
     monkeypatch.setattr(adapter, "prepare_image", lambda image: image.convert("RGB"))
     monkeypatch.setattr(adapter, "feed_image", lambda image: image)
     rng = np.random.default_rng(7)
-    wide, square = (Image.fromarray((rng.random((384, w, 3)) * 255).astype("uint8")) for w in (768, 384))
+    pixels_of = adapter.model.config.vision_config.image_size
+    wide, square = (Image.fromarray((rng.random((pixels_of, w, 3)) * 255).astype("uint8"))
+                    for w in (2 * pixels_of, pixels_of))
     batch = adapter.encode(CAPTIONS[:2], [wide, square])
     pixels = batch.inputs["pixel_values"]
-    assert adapter.vision_views(batch.inputs) == [0, -1, -1, 1, -1]
+    assert adapter.vision_views(batch.inputs) == views
     assert not torch.equal(pixels[0, 0], pixels[0, 1])  # the crops are not the base view
-    cells = np.array([0, 13, 364, 728])
+    cells = np.array([0, 13, side * side // 2, side * side - 1])
     got = _vision_maps(adapter, batch, cells)
-    modules = adapter.vision_attention_modules()
+    modules, rows = adapter.vision_attention_modules(), torch.as_tensor(adapter.vision_query_rows(cells))
     for b in range(2):
         with eager_model(adapter) as kept, torch.no_grad():
             adapter.model.model.vision_tower(pixels[b, :1])
-            want = np.mean([kept[id(modules[layer])][-1][0].double().mean(0)[cells].numpy()
+            want = np.mean([adapter.vision_to_grid(kept[id(modules[layer])][-1][0].double().mean(0)[rows]).numpy()
                             for layer in adapter.vision_map_layers()], axis=0)
         np.testing.assert_allclose(got[b], want, rtol=0, atol=1e-6)
 
@@ -197,3 +217,20 @@ def test_corner_sweep_with_count_6(family, tmp_path):
         assert scores.shape == (4, 4, 3) and np.isfinite(scores).all()  # the discovery half of 6
         assert (out / f"ablation_{corner}_unique" / "summary.json").is_file()
     assert (out / "count_shared_unique" / "summary.json").is_file()
+
+
+def test_llava_next_random_7b_has_the_published_geometry():
+    """random-7b of LLaVA-NeXT: Mistral-7B (32 heads of 128 over 8 KV heads, vocabulary 32064 with the image
+    token) over CLIP ViT-L/14-336, as llava-hf/llava-v1.6-mistral-7b-hf's config publishes it (not checked here:
+    no download)."""
+    from models import LlavaNextAdapter
+
+    with torch.device("meta"):  # shapes only
+        model, _ = LlavaNextAdapter.build_random(**LlavaNextAdapter.seven_b())
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.hidden_size,
+            text.intermediate_size, text.vocab_size) == (32, 32, 8, 4096, 14336, 32064)
+    assert model.model.language_model.layers[0].self_attn.head_dim == 128
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.hidden_size, vision.image_size,
+            vision.patch_size) == (24, 16, 1024, 336, 14)
+    assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
