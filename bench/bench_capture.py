@@ -62,6 +62,9 @@ SIZES = {
         "llava_next": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                             num_key_value_heads=8),
                        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8)),
+        "internvl3": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                           num_key_value_heads=8),
+                      dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8)),
     },
 }
 SIZES["7b"] = {name: (cls.SEVEN_B_TEXT, cls.SEVEN_B_VISION) for name, cls in ADAPTERS.items()}  # models.md

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from models.base import TINY_RANDOM, TOY, TOY_ROOT, Batch, TokenLayout, VLMAdapter
+from models.internvl3 import InternVL3Adapter
 from models.llava import LlavaAdapter
 from models.llava_next import LlavaNextAdapter
 from models.llava_onevision import LlavaOnevisionAdapter
@@ -20,7 +21,7 @@ from spatial_attention.common.errors import OptionError
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter,
                                           "qwen2_5vl": Qwen2_5VLAdapter, "llava_onevision": LlavaOnevisionAdapter,
-                                          "llava_next": LlavaNextAdapter}
+                                          "llava_next": LlavaNextAdapter, "internvl3": InternVL3Adapter}
 FAMILIES = tuple(ADAPTERS)  # the --model choices
 
 
@@ -43,4 +44,4 @@ def load_adapter(family: str, model_path: str | None = None, **kwargs) -> VLMAda
 
 __all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "TOY", "toy_folder", "Batch", "TokenLayout", "VLMAdapter",
            "load_adapter", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5VLAdapter", "LlavaOnevisionAdapter",
-           "LlavaNextAdapter"]
+           "LlavaNextAdapter", "InternVL3Adapter"]

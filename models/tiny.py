@@ -58,13 +58,14 @@ def llama_style_tokenizer(extra_special: list[str]) -> PreTrainedTokenizerFast:
                                    pad_token="<pad>" if "<pad>" in extra_special else None)
 
 
-def byte_level_tokenizer(specials: list[str], pad_token: str, eos_token: str,
-                         chat_template: str) -> PreTrainedTokenizerFast:
-    """A Qwen2-like byte-level BPE tokenizer with the given special tokens and chat template."""
+def byte_level_tokenizer(specials: list[str], pad_token: str, eos_token: str, chat_template: str,
+                         **named_tokens: str) -> PreTrainedTokenizerFast:
+    """A Qwen2-like byte-level BPE tokenizer with the given special tokens and chat template; ``named_tokens``
+    become attributes (``tokenizer.NAME``, ``tokenizer.NAME_id``) as a checkpoint's ``extra_special_tokens``."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     _train(tok, 600, [], pre_tokenizers.ByteLevel.alphabet())
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad_token, eos_token=eos_token,
-                                   chat_template=chat_template)
+                                   chat_template=chat_template, extra_special_tokens=named_tokens or None)

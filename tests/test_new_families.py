@@ -1,5 +1,5 @@
 """The families beyond the paper's, on their tiny-random builds, with the guarantees the paper's two have:
-Qwen2.5-VL (windowed ViT), LLaVA-OneVision and LLaVA-NeXT (anyres). The engine equals eager at batch sizes 1 and 3; the
+Qwen2.5-VL (windowed ViT), LLaVA-OneVision and LLaVA-NeXT (anyres), InternVL3 (pixel-shuffle merge, tiles). The engine equals eager at batch sizes 1 and 3; the
 image-token grid and layout are right; the ViT maps come out in raster order (a test that fails on window
 order); the ablation's no-op is the plain model; the corner sweep runs with COUNT=6."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from spatial_attention.engine.capture import CaptureRequest, capture, plain_logi
 from spatial_attention.engine.reference import reference_capture
 from spatial_attention.experiments.ablation_measure import HeadAblation, hooked_logits
 
-NEW_FAMILIES = ["qwen2_5vl", "llava_onevision", "llava_next"]
+NEW_FAMILIES = ["qwen2_5vl", "llava_onevision", "llava_next", "internvl3"]
 # anyres: the family, its base view's grid side, and each sample's views for a square picture (base, crops)
 ANYRES = [("llava_onevision", 27, [0, -1, 1, -1]), ("llava_next", 24, [0, -1, -1, 1, -1, -1])]
 
@@ -234,3 +234,74 @@ def test_llava_next_random_7b_has_the_published_geometry():
     assert (vision.num_hidden_layers, vision.num_attention_heads, vision.hidden_size, vision.image_size,
             vision.patch_size) == (24, 16, 1024, 336, 14)
     assert model.config.vision_feature_layer == -2 and model.config.vision_feature_select_strategy == "default"
+
+
+def test_internvl3_pixel_shuffle_puts_each_2x2_block_of_patches_into_its_raster_token(new_models):
+    """The model's own pixel_shuffle on patch features that name their (row, column): merged token r * 16 + c holds
+    exactly the patches (2r + dr, 2c + dc), the rule vision_query_rows and vision_to_grid build on."""
+    adapter = new_models["internvl3"]
+    side, merge = adapter._patch_side, adapter.merge
+    rows, cols = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    named = torch.tensor(np.stack([rows, cols], -1), dtype=torch.float32)[None]  # [1, row, col, (row, col)]
+    merged = adapter.model.model.pixel_shuffle(named, scale_factor=adapter.model.config.downsample_ratio)
+    tokens = merged.reshape(-1, merge * merge, 2).numpy()  # each token's patches, (row, col)
+    grid = side // merge
+    for token in range(grid * grid):
+        r, c = divmod(token, grid)
+        want = {(merge * r + dr, merge * c + dc) for dr in range(merge) for dc in range(merge)}
+        assert {tuple(p) for p in tokens[token].astype(int)} == want
+
+
+def test_internvl3_vision_rows_map_to_their_cells():
+    """Planted ViT attention: every patch puts half its mass on CLS and half on itself. After vision_query_rows and
+    vision_to_grid each cell's row is one-hot on the cell itself (CLS dropped, rows renormalised, a cell's four
+    patches pooled); a patch looking at its right neighbour's block moves the mass there."""
+    from models import InternVL3Adapter
+
+    adapter = InternVL3Adapter(*InternVL3Adapter.build_random(), "tiny-random")
+    n, grid = adapter._patch_side ** 2, adapter._grid
+    attention = torch.zeros(n + 1, n + 1, dtype=torch.float64)
+    attention[:, 0] = 0.5
+    attention[torch.arange(1, n + 1), torch.arange(1, n + 1)] = 0.5
+    cells = np.array([0, 5, grid * grid - 1])
+    maps = adapter.vision_to_grid(attention[torch.as_tensor(adapter.vision_query_rows(cells))])
+    torch.testing.assert_close(maps, torch.eye(grid * grid, dtype=torch.float64)[cells])
+    shifted = torch.zeros_like(attention)
+    shifted[torch.arange(1, n + 1), (torch.arange(n) + adapter.merge) % n + 1] = 1.0  # two patches to the right
+    maps = adapter.vision_to_grid(shifted[torch.as_tensor(adapter.vision_query_rows(cells[:2]))])
+    torch.testing.assert_close(maps, torch.eye(grid * grid, dtype=torch.float64)[cells[:2] + 1])
+
+
+def test_internvl3_any_picture_is_one_tile_without_thumbnail(new_models):
+    """A wide and a tall picture are centre-cropped to 448 px: one tile each (a second tile or a thumbnail would
+    add 256 image tokens), so the grid is the whole picture's 16 x 16 and each sample's one view is its own."""
+    from PIL import Image
+
+    adapter = new_models["internvl3"]
+    rng = np.random.default_rng(3)
+    pictures = [Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")) for h, w in ((300, 900), (1000, 500))]
+    batch = adapter.encode(CAPTIONS[:2], pictures)
+    assert tuple(batch.inputs["pixel_values"].shape) == (2, 3, 448, 448)
+    assert adapter.vision_views(batch.inputs) == [0, 1]
+    for layout in batch.layouts:
+        assert layout.grid == (16, 16) and len(layout.image_positions) == 256
+        ids = layout.input_ids
+        assert adapter.tokenizer.convert_ids_to_tokens([int(ids[layout.image_positions[0] - 1]),
+                                                        int(ids[layout.image_positions[-1] + 1])]) == ["<img>", "</img>"]
+    square = batch.layouts[1].word_positions("square")  # the offsets line up after <img> ... </img>
+    assert adapter.tokenizer.decode(batch.layouts[1].input_ids[square]).strip() == "square"
+
+
+def test_internvl3_random_7b_has_the_published_geometry():
+    """random-7b of InternVL3-8B: Qwen2.5-7B (28 heads of 128 over 4 KV heads) over InternViT-300M at 448 px
+    (24 layers, 16 heads, width 1024), as OpenGVLab/InternVL3-8B-hf's config publishes it (not checked here)."""
+    from models import InternVL3Adapter
+
+    with torch.device("meta"):
+        model, _ = InternVL3Adapter.build_random(**InternVL3Adapter.seven_b())
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.hidden_size,
+            text.intermediate_size, text.vocab_size) == (28, 28, 4, 3584, 18944, 151674)
+    assert model.model.language_model.layers[0].self_attn.head_dim == 128
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.hidden_size) == (24, 16, 1024)
+    assert model.config.downsample_ratio == 0.5
