@@ -2,7 +2,7 @@
 # Experiment 3: sweep the four corners, then the shared/unique head analysis.
 #
 # Settings (environment variables, defaults in brackets):
-#   MODEL [qwen2]  qwen2 | llava | qwen2_5vl | llava_onevision | llava_next | internvl3   MODEL_PATH [the paper's checkpoint; tiny-random for a smoke run]
+#   MODEL [qwen2]  qwen2 | llava | qwen2_5vl | llava_onevision | llava_next | internvl3 | qwen3vl   MODEL_PATH [the paper's checkpoint; tiny-random for a smoke run]
 #   COUNT [100]    pairs per corner        LAYERS [all]   all | 1,5,30 | mid_third | ...
 #   MAX_NEW_TOKENS [1]   TOPK [3]          PATCH_SIZE [empty: all image tokens; the blank control then
 #                                                     covers the corner quarter of the token grid]
@@ -64,7 +64,7 @@ CORNERS=(topleft topright bottomleft bottomright)
 # The model families (models.FAMILIES), the choices of head_attention_stats.py --score, head_ablation.py --mode
 # and --dtype (spatial_attention/corner_stats.py, ablation.py build_parser and cli.add_model_args);
 # tests/test_sweep_checks.py keeps these lists equal to those.
-MODELS=(qwen2 llava qwen2_5vl llava_onevision llava_next internvl3)
+MODELS=(qwen2 llava qwen2_5vl llava_onevision llava_next internvl3 qwen3vl)
 SCORES=(attention patching)
 ABLATE_POSITIONS_CHOICES=(all answer)
 ABLATE_MODES=(zero mean)

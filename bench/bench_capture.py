@@ -65,6 +65,9 @@ SIZES = {
         "internvl3": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
                            num_key_value_heads=8),
                       dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8)),
+        "qwen3vl": (dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=8),
+                    dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=8, deepstack_visual_indexes=[1, 2])),
     },
 }
 SIZES["7b"] = {name: (cls.SEVEN_B_TEXT, cls.SEVEN_B_VISION) for name, cls in ADAPTERS.items()}  # models.md

@@ -17,11 +17,13 @@ from models.llava_next import LlavaNextAdapter
 from models.llava_onevision import LlavaOnevisionAdapter
 from models.qwen2_5vl import Qwen2_5VLAdapter
 from models.qwen2vl import Qwen2VLAdapter
+from models.qwen3vl import Qwen3VLAdapter
 from spatial_attention.common.errors import OptionError
 
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "qwen2": Qwen2VLAdapter,
                                           "qwen2_5vl": Qwen2_5VLAdapter, "llava_onevision": LlavaOnevisionAdapter,
-                                          "llava_next": LlavaNextAdapter, "internvl3": InternVL3Adapter}
+                                          "llava_next": LlavaNextAdapter, "internvl3": InternVL3Adapter,
+                                          "qwen3vl": Qwen3VLAdapter}
 FAMILIES = tuple(ADAPTERS)  # the --model choices
 
 
@@ -44,4 +46,4 @@ def load_adapter(family: str, model_path: str | None = None, **kwargs) -> VLMAda
 
 __all__ = ["ADAPTERS", "FAMILIES", "family_adapter", "TINY_RANDOM", "TOY", "toy_folder", "Batch", "TokenLayout", "VLMAdapter",
            "load_adapter", "LlavaAdapter", "Qwen2VLAdapter", "Qwen2_5VLAdapter", "LlavaOnevisionAdapter",
-           "LlavaNextAdapter", "InternVL3Adapter"]
+           "LlavaNextAdapter", "InternVL3Adapter", "Qwen3VLAdapter"]

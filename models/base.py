@@ -420,7 +420,8 @@ class VLMAdapter:
             raise ValueError("encode: one image per text")
         prompts = [self.image_prompt(t) if images is not None else self.text_prompt(t) for t in texts]
         # right padding said at each call: a processor's own default (InternVL's: left) would override the tokenizer's
-        kwargs = dict(text=prompts, return_tensors="pt", padding=True, padding_side="right", return_offsets_mapping=True)
+        kwargs = dict(text=prompts, return_tensors="pt", padding=True, padding_side="right",
+                      return_offsets_mapping=True)
         if images is not None:
             kwargs["images"] = [self.feed_image(self.prepare_image(im)) for im in images]
             inputs = self.processor(**kwargs)

@@ -29,6 +29,7 @@ def _window_order(grid_h: int, grid_w: int, merge: int, window_size: int, patch_
 class Qwen2_5VLAdapter(Qwen2VLAdapter):
     family = "qwen2_5vl"
     default_model_path = "Qwen/Qwen2.5-VL-7B-Instruct"
+    FAMILY_NAME = "Qwen2.5-VL"
 
     # tiny-random: 4 blocks, windowed but for blocks 1 and 3 (like 7B's pattern of every 8th block)
     TINY_VISION = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=4, window_size=112,
@@ -51,9 +52,10 @@ class Qwen2_5VLAdapter(Qwen2VLAdapter):
 
     @classmethod
     def _classes(cls):
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                                  Qwen2VLVideoProcessor)
 
-        return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
 
     @classmethod
     def _vision_config(cls, vision: dict | None, text_hidden: int) -> dict:

@@ -68,6 +68,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     # Pixels per image token: 14-px patches merged 2 x 2 (the 7B checkpoint and tiny-random alike).
     FEED_CELL = 28
+    FAMILY_NAME = "Qwen2-VL"  # in messages
     MIN_FEED_TOKENS = 4  # per side: smaller grids leave no room for two shapes and a background
 
     @classmethod
@@ -99,17 +100,17 @@ class Qwen2VLAdapter(VLMAdapter):
 
     @classmethod
     def check_feed_size(cls, size: int) -> None:
-        """--feed-size must give an image the processor keeps as it is: a multiple of 28 px
-        (otherwise it is silently rounded), from 4 tokens a side up to the processor's limit."""
+        """--feed-size must give an image the processor keeps as it is: a multiple of FEED_CELL px (28; Qwen3-VL
+        32; otherwise it is silently rounded), from 4 tokens a side up to the processor's limit."""
         from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM
 
         cell, largest = cls.FEED_CELL, math.isqrt(IMAGE_MAX_TOKEN_NUM) * cls.FEED_CELL
         smallest = cls.MIN_FEED_TOKENS * cell
         if not smallest <= size <= largest or size % cell:
             nearest = min(max(round(size / cell) * cell, smallest), largest)
-            raise OptionError(f"--feed-size {size}: Qwen2-VL needs a multiple of {cell} px between {smallest} and "
-                              f"{largest} (one image token per {cell} x {cell} px); try {nearest} "
-                              f"({nearest // cell} x {nearest // cell} tokens; the paper used 672)")
+            raise OptionError(f"--feed-size {size}: {cls.FAMILY_NAME} needs a multiple of {cell} px between {smallest} "
+                              f"and {largest} (one image token per {cell} x {cell} px); try {nearest} "
+                              f"({nearest // cell} x {nearest // cell} tokens; the default is {cls.default_feed_size})")
 
     def set_feed_size(self, feed_size: int | tuple[int, int]) -> None:
         """Feed images at (height, width); an int means a square."""
@@ -125,12 +126,22 @@ class Qwen2VLAdapter(VLMAdapter):
     SEVEN_B_VISION = dict(depth=32, embed_dim=1280, mlp_ratio=4, num_heads=16)
     VISION_DEPTH_KEY = "depth"
 
+    # the tiny model's chat template and language-model rotary settings (mrope sections sized to its heads)
+    CHAT_TEMPLATE = CHAT_TEMPLATE
+    ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+    PATCH = 14  # px per ViT patch
+
     @classmethod
     def _classes(cls):
-        """(config, model, processor) classes of the family."""
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        """(config, model, processor, video processor) classes of the family."""
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
-        return Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        return Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    @classmethod
+    def _text_config(cls, text: dict, head_dim: int) -> dict:
+        """The family's own text-config entries beyond the shared ones (Qwen3-VL: its head width)."""
+        return text
 
     @classmethod
     def _vision_config(cls, vision: dict | None, text_hidden: int) -> dict:
@@ -142,19 +153,19 @@ class Qwen2VLAdapter(VLMAdapter):
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
                      tokenizer=None, dtype: torch.dtype | None = None):
-        from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+        from transformers import Qwen2VLImageProcessor
 
-        config_class, model_class, processor_class = cls._classes()
+        config_class, model_class, processor_class, video_class = cls._classes()
         tokenizer = tokenizer or byte_level_tokenizer(SPECIAL_TOKENS, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                                      chat_template=CHAT_TEMPLATE)
+                                                      chat_template=cls.CHAT_TEMPLATE)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         text = {**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})}
         head_dim = text["hidden_size"] // text["num_attention_heads"]
         spatial = 3 * head_dim // 16  # mrope sections (t, h, w) share head_dim / 2 like 16/24/24 at 7B
         text.update(max_position_embeddings=32768,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                     "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]},
+                    rope_parameters={**cls.ROPE, "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
+        text = cls._text_config(text, head_dim)
         config = config_class(text_config=text, vision_config=cls._vision_config(vision, text["hidden_size"]),
                               image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
@@ -162,8 +173,8 @@ class Qwen2VLAdapter(VLMAdapter):
             copy.deepcopy(config), attn_implementation=_registered_attention(), dtype=dtype or torch.float32)
         # image_side caps the pixels the processor takes, so that it is also the default feed size
         cap = {"size": {"shortest_edge": 56 * 56, "longest_edge": image_side ** 2}} if image_side else {}
-        processor = processor_class(image_processor=Qwen2VLImageProcessor(**cap), tokenizer=tokenizer,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
+        processor = processor_class(image_processor=Qwen2VLImageProcessor(patch_size=cls.PATCH, **cap),
+                                    tokenizer=tokenizer, video_processor=video_class(), chat_template=cls.CHAT_TEMPLATE)
         return model, processor
 
     def prepare_image(self, image: Image.Image) -> Image.Image:

@@ -81,28 +81,38 @@ def window_to_raster(grid_h: int, grid_w: int, merge: int) -> torch.Tensor:
     return (cell * merge * merge + within).reshape(-1)
 
 
-def test_merge_window_order_of_the_real_image_processor(tiny_models):
-    """The order vision_to_grid assumes: patch k of the processor's pixel_values sits at window_to_raster."""
-    ad = tiny_models["qwen2"]
+def merge_window_family(family: str, tiny_models):
+    """The session's Qwen2-VL, or a tiny-random Qwen3-VL (16-px patches, the same 2 x 2 merge-window order)."""
+    return tiny_models[family] if family in tiny_models else load_adapter(family, "tiny-random", device="cpu")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3vl"])
+def test_merge_window_order_of_the_real_image_processor(family, tiny_models):
+    """The order vision_to_grid assumes: patch k of the processor's pixel_values sits at window_to_raster, a
+    permutation that is not its own inverse on this grid (so a mapping applied the wrong way round fails)."""
+    ad = merge_window_family(family, tiny_models)
+    p = ad.PATCH
     h, w = 4, 6  # patches
-    img = np.zeros((h * 14, w * 14, 3), np.uint8)
+    assert not torch.equal(window_to_raster(h, w, 2)[window_to_raster(h, w, 2)], torch.arange(h * w))
+    img = np.zeros((h * p, w * p, 3), np.uint8)
     for r in range(h):
         for c in range(w):
-            img[r * 14:(r + 1) * 14, c * 14:(c + 1) * 14] = (r * 40, c * 40, 0)
+            img[r * p:(r + 1) * p, c * p:(c + 1) * p] = (r * 40, c * 40, 0)
     out = ad.processor.image_processor(images=[Image.fromarray(img)], return_tensors="pt", do_resize=False,
                                        do_normalize=False, do_rescale=False)
     assert out["image_grid_thw"].tolist() == [[1, h, w]]
-    patches = out["pixel_values"].view(h * w, 3, 2, 14, 14)[:, :2, 0, 0, 0]  # (patch, [red, green])
+    patches = out["pixel_values"].view(h * w, 3, 2, p, p)[:, :2, 0, 0, 0]  # (patch, [red, green])
     raster = patches[window_to_raster(h, w, 2)]
     expect = torch.tensor([[r * 40, c * 40] for r in range(h) for c in range(w)], dtype=raster.dtype)
     assert torch.equal(raster, expect)
     assert not torch.equal(patches, expect)  # window order is not raster order
 
 
-def test_qwen2_vision_map_is_raster_order(tiny_models):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3vl"])
+def test_qwen_vision_map_is_raster_order(family, tiny_models):
     """vision_to_grid of vision_query_rows against a naive loop over raster patch coordinates, for every cell and
     for a few cells out of order."""
-    ad = tiny_models["qwen2"]
+    ad = merge_window_family(family, tiny_models)
     h, w, m = 4, 6, 2
     attn = torch.rand(h * w, h * w, dtype=torch.float64)
     attn /= attn.sum(-1, keepdim=True)

@@ -1,5 +1,6 @@
 """The families beyond the paper's, on their tiny-random builds, with the guarantees the paper's two have:
-Qwen2.5-VL (windowed ViT), LLaVA-OneVision and LLaVA-NeXT (anyres), InternVL3 (pixel-shuffle merge, tiles). The engine equals eager at batch sizes 1 and 3; the
+Qwen2.5-VL (windowed ViT), LLaVA-OneVision and LLaVA-NeXT (anyres), InternVL3 (pixel-shuffle merge, tiles),
+Qwen3-VL (DeepStack). The engine equals eager at batch sizes 1 and 3; the
 image-token grid and layout are right; the ViT maps come out in raster order (a test that fails on window
 order); the ablation's no-op is the plain model; the corner sweep runs with COUNT=6."""
 from __future__ import annotations
@@ -18,7 +19,7 @@ from spatial_attention.engine.capture import CaptureRequest, capture, plain_logi
 from spatial_attention.engine.reference import reference_capture
 from spatial_attention.experiments.ablation_measure import HeadAblation, hooked_logits
 
-NEW_FAMILIES = ["qwen2_5vl", "llava_onevision", "llava_next", "internvl3"]
+NEW_FAMILIES = ["qwen2_5vl", "llava_onevision", "llava_next", "internvl3", "qwen3vl"]
 # anyres: the family, its base view's grid side, and each sample's views for a square picture (base, crops)
 ANYRES = [("llava_onevision", 27, [0, -1, 1, -1]), ("llava_next", 24, [0, -1, -1, 1, -1, -1])]
 
@@ -35,6 +36,8 @@ def new_adapter(request, new_models):
     adapter = new_models[request.param]
     if request.param == "qwen2_5vl":
         adapter.set_feed_size(336)  # 12 x 12 tokens: 3 x 3 windows of 4 x 4 cells
+    if request.param == "qwen3vl":
+        adapter.set_feed_size(384)  # 12 x 12 tokens
     return adapter
 
 
@@ -116,8 +119,8 @@ def test_llava_next_base_view_is_the_picture_itself(new_models):
                                                  ("llava_next", 24, [0, -1, -1, 1, -1, -1])])
 def test_anyres_vision_maps_are_each_sample_s_base_view(new_models, monkeypatch, family, side, views):
     """Raw pictures of two shapes, unframed: the wide one gets three views (its base view and two crops with other
-    pixels), the square one its own base view and crops. The engine's map of each sample must be its base view's, computed here from
-    the vision tower run on that view alone."""
+    pixels), the square one its own base view and crops. The engine's map of each sample must be its base view's,
+    computed here from the vision tower run on that view alone."""
     from PIL import Image
 
     from spatial_attention.engine.reference import eager_model
@@ -305,3 +308,38 @@ def test_internvl3_random_7b_has_the_published_geometry():
     assert model.model.language_model.layers[0].self_attn.head_dim == 128
     assert (vision.num_hidden_layers, vision.num_attention_heads, vision.hidden_size) == (24, 16, 1024)
     assert model.config.downsample_ratio == 0.5
+
+
+def test_qwen3vl_deepstack_feeds_the_language_model_and_the_maps_read_every_block(new_models):
+    """DeepStack is live in the tiny build: zeroing its mergers' output changes the logits, so the language model
+    reads the ViT at several depths; hence the vision maps average every block (README, families)."""
+    adapter = new_models["qwen3vl"]
+    adapter.set_feed_size(384)
+    batch = adapter.encode(CAPTIONS[:1], random_images(1))
+    with torch.no_grad():
+        plain = adapter.model(**batch.inputs).logits
+        mergers = adapter.model.model.visual.deepstack_merger_list
+        handles = [m.register_forward_hook(lambda module, args, out: torch.zeros_like(out)) for m in mergers]
+        try:
+            without = adapter.model(**batch.inputs).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+    assert len(mergers) == 2 and not torch.allclose(plain, without)
+    assert adapter.vision_map_layers() == list(range(len(adapter.vision_attention_modules())))
+
+
+def test_qwen3vl_random_7b_has_the_published_geometry():
+    """random-7b of Qwen3-VL-8B: 36 layers of 32 heads of 128 over 8 KV heads, a 27-block ViT of width 1152 on
+    16-px patches with DeepStack at blocks 8, 16 and 24, as Qwen/Qwen3-VL-8B-Instruct's config publishes it (not
+    checked here); random-7b:N keeps the DeepStack blocks below its cut."""
+    from models import Qwen3VLAdapter
+
+    with torch.device("meta"):
+        model, _ = Qwen3VLAdapter.build_random(**Qwen3VLAdapter.seven_b())
+    text, vision = model.config.text_config, model.config.vision_config
+    assert (text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads, text.hidden_size,
+            text.intermediate_size, text.vocab_size, text.head_dim) == (36, 32, 8, 4096, 12288, 151936, 128)
+    assert (vision.depth, vision.hidden_size, vision.num_heads, vision.patch_size) == (27, 1152, 16, 16)
+    assert list(vision.deepstack_visual_indexes) == [8, 16, 24]
+    assert Qwen3VLAdapter.seven_b(10)["vision"]["deepstack_visual_indexes"] == [8]

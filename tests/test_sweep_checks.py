@@ -49,7 +49,7 @@ def sweep_with_stand_in(tmp_path: Path, **settings: str) -> tuple[subprocess.Com
     ({"MAX_NEW_TOKENS": "0"}, "MAX_NEW_TOKENS=0: must be a whole number of 1 or more"),
     ({"PATCH_SIZE": "0"}, "PATCH_SIZE=0: must be a whole number of 1 or more"),
     ({"BATCH_SIZE": "eight"}, "BATCH_SIZE=eight: must be a whole number of 1 or more"),
-    ({"MODEL": "gpt4"}, "MODEL=gpt4: must be one of qwen2 llava qwen2_5vl llava_onevision llava_next internvl3"),
+    ({"MODEL": "gpt4"}, "MODEL=gpt4: must be one of qwen2 llava qwen2_5vl llava_onevision llava_next internvl3 qwen3vl"),
     ({"DTYPE": "int8"}, "DTYPE=int8: must be one of auto bf16 fp16 fp32"),
     ({"SCORE": "gradient"}, "SCORE=gradient: must be one of attention patching"),
     ({"ABLATE_POSITIONS": "last"}, "ABLATE_POSITIONS=last: must be one of all answer"),
