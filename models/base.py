@@ -489,15 +489,6 @@ class VLMAdapter:
                 "vision_layers": len(self.vision_attention_modules())}
 
 
-def base_view_first(view_counts: list[int]) -> list[int]:
-    """``VLMAdapter.vision_views`` of an anyres family that runs each sample's image as its base view followed by
-    ``view_counts[b] - 1`` crops (LLaVA-OneVision, LLaVA-NeXT)."""
-    views = []
-    for sample, count in enumerate(view_counts):
-        views += [sample] + [-1] * (count - 1)
-    return views
-
-
 def _registered_attention() -> str:
     """The attention implementation name under which the capture engine runs."""
     from spatial_attention.engine.capture import ATTENTION_NAME, register

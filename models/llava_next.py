@@ -18,8 +18,9 @@ import copy
 import numpy as np
 import torch
 
-from models.base import _registered_attention, base_view_first
+from models.base import _registered_attention
 from models.llava import LlavaAdapter
+from models.llava_onevision import base_view_first
 from models.tiny import llama_style_tokenizer
 
 # The checkpoint's chat template (Mistral's [INST] turns, the image before the text), used by the tiny model;

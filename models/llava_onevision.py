@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.base import VLMAdapter, _registered_attention, base_view_first, centre_square
+from models.base import VLMAdapter, _registered_attention, centre_square
 from models.tiny import byte_level_tokenizer
 
 # The checkpoint's chat template (image first in the user turn), used by the tiny model; real checkpoints carry
@@ -36,6 +36,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
+
+
+def base_view_first(view_counts: list[int]) -> list[int]:
+    """``VLMAdapter.vision_views`` of an anyres family that runs each sample's image as its base view followed by
+    ``view_counts[b] - 1`` crops (LLaVA-OneVision, LLaVA-NeXT)."""
+    views = []
+    for sample, count in enumerate(view_counts):
+        views += [sample] + [-1] * (count - 1)
+    return views
 
 
 class LlavaOnevisionAdapter(VLMAdapter):
