@@ -21,8 +21,8 @@ from spatial_attention.engine.capture import plain_logits
 from spatial_attention.experiments import corner_stats
 from spatial_attention.experiments.ablation import PAIRS_FILE, main, match_stats_dirs
 from spatial_attention.experiments.ablation_heads import check_heads, parse_heads, random_head_sets
-from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMeans, encode_pairs, head_means, hooked_logits,
-                                                            log_odds, measure, summarize, yes_no_ids)
+from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMeans, encode_pairs, head_means,
+                                                            hooked_logits, log_odds, measure, summarize, yes_no_ids)
 from spatial_attention.experiments.corner_results import load_corner_run
 from spatial_attention.experiments.heads import topk_count_cube
 from spatial_attention.run.runloop import IDENTITY_FILE

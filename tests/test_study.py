@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from conftest import FAILING  # noqa: E402
+
 from spatial_attention.common.errors import OptionError  # noqa: E402
 from spatial_attention.stats.inference import benjamini_hochberg  # noqa: E402
 from spatial_attention.study import (report, report_blocks, report_readings,  # noqa: E402  (after the path)
