@@ -422,8 +422,9 @@ class VLMAdapter:
         # right padding said at each call: a processor's own default (InternVL's: left) would override the tokenizer's
         kwargs = dict(text=prompts, return_tensors="pt", padding=True, padding_side="right",
                       return_offsets_mapping=True)
+        prepared = [self.prepare_image(im) for im in images] if images is not None else None
         if images is not None:
-            kwargs["images"] = [self.feed_image(self.prepare_image(im)) for im in images]
+            kwargs["images"] = [self.feed_image(picture) for picture in prepared]
             inputs = self.processor(**kwargs)
         else:
             inputs = self.tokenizer(**kwargs)
@@ -441,8 +442,9 @@ class VLMAdapter:
             text_start = expanded.rindex(text)
             grid = self.image_grid(inputs, b) if images is not None else None
             image_positions = self.grid_positions(image_tokens, grid) if grid is not None else image_tokens
-            if grid is not None and grid[0] * grid[1] != len(image_positions):
-                raise RuntimeError(f"image grid {grid} does not match {len(image_positions)} image tokens")
+            if grid is not None and (grid[0] * grid[1] != len(image_positions) or grid != self.token_grid(prepared[b])):
+                raise RuntimeError(f"image grid {grid} does not match {len(image_positions)} image tokens or the "
+                                   f"{self.token_grid(prepared[b])} of its prepared picture (resized by the processor?)")
             layouts.append(TokenLayout(ids, offsets[b, :length], expanded, text_start, text, image_positions, grid))
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         if "pixel_values" in inputs:

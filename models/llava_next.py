@@ -7,8 +7,8 @@ writes all of them as ``<image>`` tokens, the base view first (the model's ``pac
 image-token grid is the base view, as for LLaVA-OneVision: its 576 tokens are the first image tokens, and every
 map, renormalisation and "image tokens" in this project means those (the crops see the picture again at higher
 resolution; newlines are never cells). The picture is centre-cropped to 336 x 336 as for LLaVA-1.5, so that the
-base view is the picture itself, one CLIP patch per cell; the crops (two tiles for a square picture) are then
-the picture upscaled. The vision tower runs each image's base view and crops as one batch; its maps are the
+base view is the picture itself, one CLIP patch per cell; the crops (the best pinpoint of a square picture is
+336 x 672: two tiles) are then the picture at the same scale and padding, which the model's unpadding drops. The vision tower runs each image's base view and crops as one batch; its maps are the
 base view's, CLS dropped (the LLaVA-1.5 adapter's rule, inherited).
 """
 from __future__ import annotations

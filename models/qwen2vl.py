@@ -138,6 +138,12 @@ class Qwen2VLAdapter(VLMAdapter):
 
         return Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
+    @staticmethod
+    def _mrope_section(head_dim: int) -> list[int]:
+        """M-RoPE's (t, h, w) share of the head_dim / 2 frequency pairs, as the 7B's 16, 24, 24 of 64."""
+        spatial = 3 * head_dim // 16
+        return [head_dim // 2 - 2 * spatial, spatial, spatial]
+
     @classmethod
     def _text_config(cls, text: dict, head_dim: int) -> dict:
         """The family's own text-config entries beyond the shared ones (Qwen3-VL: its head width)."""
@@ -161,9 +167,8 @@ class Qwen2VLAdapter(VLMAdapter):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         text = {**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})}
         head_dim = text["hidden_size"] // text["num_attention_heads"]
-        spatial = 3 * head_dim // 16  # mrope sections (t, h, w) share head_dim / 2 like 16/24/24 at 7B
         text.update(max_position_embeddings=32768,
-                    rope_parameters={**cls.ROPE, "mrope_section": [head_dim // 2 - 2 * spatial, spatial, spatial]},
+                    rope_parameters={**cls.ROPE, "mrope_section": cls._mrope_section(head_dim)},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
         text = cls._text_config(text, head_dim)
         config = config_class(text_config=text, vision_config=cls._vision_config(vision, text["hidden_size"]),

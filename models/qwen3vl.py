@@ -35,6 +35,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     default_feed_size = 768  # 24 x 24 tokens, as the paper's 672 px gave Qwen2-VL
     FEED_CELL = 32
     PATCH = 16
+    # the published processor's smallest image is 65,536 px (256 x 256; not checked here): a smaller feed would be
+    # enlarged behind the grid's back
+    MIN_FEED_TOKENS = 8
     CHAT_TEMPLATE = CHAT_TEMPLATE
     ROPE = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True}
 
@@ -68,6 +71,12 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         """The ViT's width is ``hidden_size``; ``out_hidden_size`` is the mergers' output."""
         return {**cls.TINY_VISION, **(vision or {}), "out_hidden_size": text_hidden, "patch_size": cls.PATCH,
                 "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3}
+
+    @staticmethod
+    def _mrope_section(head_dim: int) -> list[int]:
+        """As the 8B's 24, 20, 20 of 64 (interleaved)."""
+        spatial = 5 * head_dim // 32
+        return [head_dim // 2 - 2 * spatial, spatial, spatial]
 
     @classmethod
     def _text_config(cls, text: dict, head_dim: int) -> dict:

@@ -362,4 +362,5 @@ def test_qwen3vl_random_7b_has_the_published_geometry():
             text.intermediate_size, text.vocab_size, text.head_dim) == (36, 32, 8, 4096, 12288, 151936, 128)
     assert (vision.depth, vision.hidden_size, vision.num_heads, vision.patch_size) == (27, 1152, 16, 16)
     assert list(vision.deepstack_visual_indexes) == [8, 16, 24]
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.rope_parameters["mrope_interleaved"]
     assert Qwen3VLAdapter.seven_b(10)["vision"]["deepstack_visual_indexes"] == [8]
