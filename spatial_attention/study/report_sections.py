@@ -306,6 +306,12 @@ def experiment_4(o: Outputs, models: list[str]) -> list:
                      [o.num(rel, "test", "balanced_accuracy", fmt=".2f")], [named],
                      [o.num(rel, "test", "gap_unablated")], change, [o.num(rel, "test", "gap_moved_share", fmt=".0%")],
                      [o.num(rel, "test", "random_gap_change_mean")], [p_drop], control[0]])
+        if named == "none":  # nothing was tested, and the control had nothing to ablate
+            readings.append([f"{m}: no head carries the gap between a caption and its swap on the discovery pairs (",
+                             o.num(rel, "discovery", "n_significant", fmt="d"), " significant; mean gap ",
+                             o.num(rel, "discovery", "gap_mean", fmt="+.2g"), " log-odds): no ablation to test, and "
+                             "none for the random-weights control"])
+            continue
         claim = f"{m}: ablating the heads chosen on the discovery pairs ({named}) lowers the held-out pairs' gap more " \
                 "than random heads of their layers"
         sets = o.num(rel, "test", "random_sets", fmt="d").value
