@@ -60,6 +60,10 @@ class InternVL3Adapter(VLMAdapter):
     SEVEN_B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                         num_key_value_heads=4, rms_norm_eps=1e-6, vocab_size=151674)
     SEVEN_B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16)
+    # The language model's RoPE (OpenGVLab/InternVL3-8B config.json, llm_config: rope_theta 1e6, rope_scaling
+    # {"type": "dynamic", "factor": 2.0}) in transformers 5's spelling; dynamic NTK rescales only sequences longer
+    # than max_position_embeddings (32768), so the prompts here see plain RoPE
+    ROPE = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1000000.0}
 
     @classmethod
     def build_random(cls, text: dict | None = None, vision: dict | None = None, image_side: int | None = None,
@@ -71,11 +75,13 @@ class InternVL3Adapter(VLMAdapter):
         tokenizer = tokenizer or byte_level_tokenizer(specials, pad_token="<|endoftext|>", eos_token="<|im_end|>",
                                                       chat_template=CHAT_TEMPLATE, **NAMED_TOKENS)
         side = image_side or 448
-        vision = InternVLVisionConfig(**{**cls.TINY_VISION, **(vision or {})}, image_size=side, patch_size=14)
+        # InternViT-300M-448px-V2.5's q, k and v have biases (its config's qkv_bias, which transformers'
+        # convert_internvl_weights_to_hf.py writes as attention_bias)
+        vision = InternVLVisionConfig(**{**cls.TINY_VISION, **(vision or {})}, image_size=side, patch_size=14,
+                                      attention_bias=True)
         text = Qwen2Config(**{**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})},
                            max_position_embeddings=32768, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                           rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=None, rope_parameters=dict(cls.ROPE))
         config = InternVLConfig(vision_config=vision, text_config=text,
                                 image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"), downsample_ratio=0.5,
                                 vision_feature_layer=-1, vision_feature_select_strategy="default")

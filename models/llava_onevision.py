@@ -25,14 +25,15 @@ from PIL import Image
 from models.base import VLMAdapter, _registered_attention, centre_square
 from models.tiny import byte_level_tokenizer
 
-# The checkpoint's chat template (image first in the user turn), used by the tiny model; real checkpoints carry
-# their own.
+# The checkpoint's chat template (transformers' convert_llava_onevision_weights_to_hf.py, which wrote the llava-hf
+# checkpoints': each turn's images first, one "<image>\n" each, then its text), used by the tiny model; real
+# checkpoints carry their own.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}<image>{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}"
-    "{% endfor %}{% endif %}<|im_end|>{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}<image>\n{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -63,9 +64,10 @@ class LlavaOnevisionAdapter(VLMAdapter):
                      num_key_value_heads=2)
     TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4)
     # The 7B checkpoint (llava-hf/llava-onevision-qwen2-7b-ov-hf config.json, as published; not checked here):
-    # Qwen2-7B and SigLIP-so400m without its last layer
+    # Qwen2-7B and SigLIP-so400m without its last layer. Its vocabulary is Qwen2-7B-Instruct's 152064 with <image>
+    # and <video> added, padded to a multiple of 64 (convert_llava_onevision_weights_to_hf.py): 152128.
     SEVEN_B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                        num_key_value_heads=4, rms_norm_eps=1e-6, vocab_size=152000)
+                        num_key_value_heads=4, rms_norm_eps=1e-6, vocab_size=152128)
     SEVEN_B_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
 
     @classmethod
@@ -83,7 +85,8 @@ class LlavaOnevisionAdapter(VLMAdapter):
         text = Qwen2Config(**{**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})},
                            max_position_embeddings=32768, pad_token_id=ids["<|endoftext|>"],
                            eos_token_id=ids["<|im_end|>"], bos_token_id=None)
-        pinpoints = [[side * h, side * w] for h in range(1, 4) for w in range(1, 4)]
+        # the checkpoint's anyres grid: every (h, w) of 1 to 6 tiles a side, 384 ... 2304 px at 384 px a tile
+        pinpoints = [[side * h, side * w] for h in range(1, 7) for w in range(1, 7)]
         config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
                                       video_token_index=ids["<video>"], vision_feature_layer=-1,
                                       vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints)

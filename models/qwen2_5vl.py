@@ -38,6 +38,7 @@ class Qwen2_5VLAdapter(Qwen2VLAdapter):
     SEVEN_B_TEXT = dict(Qwen2VLAdapter.SEVEN_B_TEXT)
     SEVEN_B_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, window_size=112,
                           fullatt_block_indexes=[7, 15, 23, 31])
+    MAX_POSITIONS = 128000  # Qwen/Qwen2.5-VL-7B-Instruct config.json
 
     @classmethod
     def seven_b(cls, depth: int = 0) -> dict:

@@ -129,7 +129,9 @@ class Qwen2VLAdapter(VLMAdapter):
     # the tiny model's chat template and language-model rotary settings (mrope sections sized to its heads)
     CHAT_TEMPLATE = CHAT_TEMPLATE
     ROPE = {"rope_type": "default", "rope_theta": 1000000.0}
+    MAX_POSITIONS = 32768  # max_position_embeddings of the text config (Qwen/Qwen2-VL-7B-Instruct config.json)
     PATCH = 14  # px per ViT patch
+    IMAGE_PROCESSOR: dict = {}  # Qwen2VLImageProcessor's settings other than its defaults (Qwen3-VL's published ones)
 
     @classmethod
     def _classes(cls):
@@ -167,7 +169,7 @@ class Qwen2VLAdapter(VLMAdapter):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
         text = {**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})}
         head_dim = text["hidden_size"] // text["num_attention_heads"]
-        text.update(max_position_embeddings=32768,
+        text.update(max_position_embeddings=cls.MAX_POSITIONS,
                     rope_parameters={**cls.ROPE, "mrope_section": cls._mrope_section(head_dim)},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
         text = cls._text_config(text, head_dim)
@@ -176,10 +178,11 @@ class Qwen2VLAdapter(VLMAdapter):
                               vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
         model = model_class._from_config(
             copy.deepcopy(config), attn_implementation=_registered_attention(), dtype=dtype or torch.float32)
-        # image_side caps the pixels the processor takes, so that it is also the default feed size
-        cap = {"size": {"shortest_edge": 56 * 56, "longest_edge": image_side ** 2}} if image_side else {}
-        processor = processor_class(image_processor=Qwen2VLImageProcessor(patch_size=cls.PATCH, **cap),
-                                    tokenizer=tokenizer, video_processor=video_class(), chat_template=cls.CHAT_TEMPLATE)
+        settings = {**copy.deepcopy(cls.IMAGE_PROCESSOR), "patch_size": cls.PATCH}
+        if image_side:  # a cap on the pixels the processor takes, so that it is also the default feed size
+            settings["size"] = {"shortest_edge": 56 * 56, "longest_edge": image_side ** 2}
+        processor = processor_class(image_processor=Qwen2VLImageProcessor(**settings), tokenizer=tokenizer,
+                                    video_processor=video_class(), chat_template=cls.CHAT_TEMPLATE)
         return model, processor
 
     def prepare_image(self, image: Image.Image) -> Image.Image:

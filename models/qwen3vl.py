@@ -35,11 +35,14 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     default_feed_size = 768  # 24 x 24 tokens, as the paper's 672 px gave Qwen2-VL
     FEED_CELL = 32
     PATCH = 16
-    # the published processor's smallest image is 65,536 px (256 x 256; not checked here): a smaller feed would be
-    # enlarged behind the grid's back
-    MIN_FEED_TOKENS = 8
+    # The published processor (Qwen/Qwen3-VL-8B-Instruct preprocessor_config.json): images of 65,536 to 16,777,216
+    # px (256 x 256 to 4096 x 4096), normalised with mean and std 0.5
+    IMAGE_PROCESSOR = dict(size={"shortest_edge": 65536, "longest_edge": 16777216}, image_mean=[0.5] * 3,
+                           image_std=[0.5] * 3)
+    MIN_FEED_TOKENS = 8  # 256 px, its smallest image: a smaller feed would be enlarged behind the grid's back
     CHAT_TEMPLATE = CHAT_TEMPLATE
     ROPE = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_interleaved": True}
+    MAX_POSITIONS = 262144  # Qwen/Qwen3-VL-8B-Instruct config.json
 
     TINY_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, num_position_embeddings=144,
                        deepstack_visual_indexes=[0, 1])
