@@ -65,6 +65,25 @@ def test_per_layer_and_per_head_recordings_equal_eager(adapter, keep):
     assert got[0]["cross"].shape[:2] == ((2, heads) if keep == "layer_head" else (2, len(batch.layouts[0].text_positions())))
 
 
+@pytest.mark.parametrize("keep", ["mean", "layer", "layer_head"])
+def test_chosen_heads_equal_eager_and_the_slice_of_every_head(adapter, keep):
+    """``heads`` keeps those heads of each layer (experiment 1's --heads): the eager path's, and the per-head
+    recording's slice averaged, so that a head's map is the head's and no other's."""
+    batch = adapter.encode(CAPTIONS, random_images(3, seed=2))
+    heads = [0, adapter.num_heads - 1]
+    request = _request(batch, [0, 2], keep=keep, vision=False)
+    request.heads = heads
+    got, _ = capture(adapter, batch, request)
+    want, _ = reference_capture(adapter, batch, request)
+    _assert_close(got, want)
+    request.heads, request.keep = None, "layer_head"
+    every, _ = capture(adapter, batch, request)
+    for g, e in zip(got, every):
+        chosen = e["cross"][:, heads]
+        expected = {"mean": chosen.mean((0, 1)), "layer": chosen.mean(1), "layer_head": chosen}[keep]
+        np.testing.assert_allclose(g["cross"], expected, rtol=0, atol=1e-6)
+
+
 def test_batched_equals_batch_size_one(adapter):
     images = random_images(3, seed=2)
     batch = adapter.encode(CAPTIONS, images)

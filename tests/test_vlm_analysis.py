@@ -151,6 +151,34 @@ def test_bad_options_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as code:
         main("llava", ["--model-path", "tiny-random", "--relations", "inside", "--out", str(tmp_path)])
     assert code.value.code == 2
+    capsys.readouterr()
+    for heads in ("2.0", "1,1", "-1"):  # 0-based heads of a layer, each once
+        with pytest.raises(SystemExit) as code:
+            main("llava", ["--model-path", "tiny-random", "--heads", heads, "--out", str(tmp_path)])
+        assert code.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: --heads {heads!r}") and "\n" not in err
+
+
+def test_chosen_heads_make_the_maps_and_are_part_of_the_identity(two_shards, tmp_path, capsys):
+    """--heads: the word maps are those heads' (a head out of the model's range refused in one line), and a rerun
+    with other heads is refused rather than mixed into the same folder."""
+    out = tmp_path / "one_head"
+    argv = [*FAST, "--data", str(two_shards), "--limit", "2", "--layers", "2", "--no-baseline"]
+    main("llava", [*argv, "--out", str(out), "--heads", "1"])
+    every = tmp_path / "every_head"
+    main("llava", [*argv, "--out", str(every)])
+    one, all_heads = _records(out), _records(every)
+    assert [r["metrics"]["real"]["subject_cross"] for r in one] != [r["metrics"]["real"]["subject_cross"]
+                                                                     for r in all_heads]
+    assert json.loads((out / "identity.json").read_text())["--heads"] == [1]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as code:
+        main("llava", [*argv, "--out", str(out), "--heads", "0"])
+    assert code.value.code == 2 and "--heads" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as code:
+        main("llava", [*argv, "--out", str(tmp_path / "too_far"), "--heads", "99"])
+    assert code.value.code == 2 and "--heads '99'" in capsys.readouterr().err
 
 
 # --- the instrument on injected attention ------------------------------------------------

@@ -19,7 +19,8 @@ Recorded points (all per sample, on the device, fp32):
 - ``blocks[name]``: the attention of chosen query rows onto chosen key columns
   of the language model (e.g. caption tokens x image tokens, seed cells x
   image), averaged over heads and the selected layers (``keep="mean"``), or
-  kept per layer (``"layer"``) or per layer and head (``"layer_head"``);
+  kept per layer (``"layer"``) or per layer and head (``"layer_head"``); the
+  heads are every head of a layer, or the request's ``heads`` of each;
 - ``last_mass``: per (selected layer, head), the attention mass of the last
   real position onto chosen key columns (the corner experiments' head score);
 - ``vision``: the vision encoder's self-attention rows of chosen image-token
@@ -154,6 +155,7 @@ class CaptureRequest:
     keep: str = "mean"
     last_mass: list[np.ndarray] | None = None  # per sample: key positions
     vision_cells: list[np.ndarray] | None = None  # per sample: image-token grid cells (raster) whose ViT rows to record
+    heads: list[int] | None = None  # the heads of each selected layer that the blocks keep (None: every head)
 
     def __post_init__(self):
         if self.keep not in KEEP_MODES:
@@ -232,6 +234,7 @@ class _Recorder(AttentionHook):
         device = adapter.device
         self.lm_index = {id(m): i for i, m in enumerate(adapter.lm_attention_modules())}
         self.slot = {layer: s for s, layer in enumerate(request.layers)}  # layer -> position among selected
+        self.heads = None if request.heads is None else torch.as_tensor(request.heads, device=device)
         answer_rows = answer_rows or [lay.last_position for lay in batch.layouts]
         row_lists = [sample_rows(request, b, answer_rows[b]) for b in range(len(batch))]
         self.lm_rows = _padded_rows(row_lists, device) if any(len(r) for r in row_lists) else None
@@ -293,6 +296,8 @@ class _Recorder(AttentionHook):
 
     def _accumulate(self, name, b, slot, block, n_layers):
         keep = self.request.keep
+        if self.heads is not None:
+            block = block.index_select(0, self.heads.to(block.device))
         if keep == "mean":
             self.block_sum[name][b].add(block.mean(0) / n_layers)
             return

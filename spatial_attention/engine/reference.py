@@ -74,6 +74,8 @@ def reference_capture(adapter, batch, request: CaptureRequest) -> tuple[list[dic
         for name, pairs in request.blocks.items():
             rows, cols = (torch.as_tensor(x) for x in pairs[b])
             per_layer_head = torch.stack([lm[l][b][:, rows][:, :, cols] for l in request.layers])  # (L, H, R, C)
+            if request.heads is not None:
+                per_layer_head = per_layer_head[:, request.heads]
             sample[name] = {"mean": per_layer_head.mean(dim=(0, 1)), "layer": per_layer_head.mean(1),
                             "layer_head": per_layer_head}[request.keep].numpy()
         if request.last_mass is not None:

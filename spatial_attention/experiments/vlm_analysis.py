@@ -30,6 +30,7 @@ from spatial_attention.data.shapeworld import (RELATION_AXIS, RELATIONS, Skipped
 from spatial_attention.engine.capture import CaptureRequest, capture
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
+from spatial_attention.run.options import parse_heads
 from spatial_attention.run.runloop import Run, open_run, prepare_run, resumable_map, world_results
 from spatial_attention.stats import metrics as M
 
@@ -57,6 +58,10 @@ def build_parser(family: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--relations", default=",".join(RELATIONS),
                         help="comma-separated relations to analyse (left, right, above, below)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the patch-shuffled baseline")
+    parser.add_argument("--heads", default=None,
+                        help="0-based heads of each --layers layer whose mean makes the language model's maps, "
+                             "comma-separated (e.g. --layers 2 --heads 0: head 2.0 alone, as the reports name it; "
+                             "default: every head); the vision encoder's maps keep every head")
     parser.add_argument("--plot-samples", type=int, default=8, help="per-world figures for the first N worlds")
     parser.add_argument("--save-maps", action="store_true",
                         help="also write OUT/maps/shard{S}_world{I}.npz with every cross-attention map and "
@@ -76,30 +81,35 @@ def main(family: str | None = None, argv=None) -> None:
     setup_logging(args.verbose)
     started = time.time()
     relations = parse_relations(args.relations)
+    heads = parse_heads(args.heads)
     check_at_least(0, plot_samples=args.plot_samples)
     controls.init_seeds(args)  # checked before prepare_run generates any data
     options, share, data, shards = prepare_run(family, args)
     planned = controls.runs(options, args.out, args)
     worlds, skipped = _select_worlds(data, shards, relations, args.limit)
     for run_options, out in planned:
-        _analyse(family, args, run_options, share, data, out, worlds, skipped, started)
+        _analyse(family, args, run_options, share, data, out, worlds, skipped, started, heads)
     if share.is_main:
         controls.write_comparison(args.out, ITEM_METRICS, seed=options.seed)
 
 
 def _analyse(family: str, args, options, share, data: Path, out: Path, worlds: list[World], skipped: Counter,
-             started: float) -> None:
+             started: float, heads: list[int] | None) -> None:
     """Experiment 1 with one model (the checkpoint, or one initialisation of the control) into ``out``."""
     results = world_results(out / "samples.jsonl", lacks_keys(*RECORD_KEYS), same_world)
     run, identity = open_run(options, share, results, {"--data": str(Path(data).resolve()), "--seed": options.seed,
-                                                       "--no-baseline": args.no_baseline, **RECORD_FORMAT},
+                                                       "--no-baseline": args.no_baseline, **RECORD_FORMAT,
+                                                       **({"--heads": heads} if heads is not None else {})},
                              vars(args), worlds, data)
+    if heads is not None and max(heads) >= run.adapter.num_heads:
+        raise OptionError(f"--heads {args.heads!r}: the model has {run.adapter.num_heads} heads a layer, "
+                          f"numbered 0..{run.adapter.num_heads - 1}")
     plotted = {(w.shard, w.index) for w in worlds[: args.plot_samples]}
     if share.is_main:
         done = {results.record_key(record) for record in results.read()}
         _warn_missing_extras(out, worlds, done, plotted, args.save_maps)
     analysis = WorldAnalysis(run, seed=options.seed, baseline=not args.no_baseline, plotted=plotted,
-                             save_maps=args.save_maps, verify=args.verify_attention)
+                             save_maps=args.save_maps, verify=args.verify_attention, heads=heads)
     records = resumable_map(share, results, worlds, analysis, identity, batch_size=run.batch_size,
                             desc=f"{family} worlds", unit="world")
     failed = sum(map(Counter, share.gather([dict(analysis.failed)])), Counter())  # every process's skipped images
@@ -164,8 +174,9 @@ class WorldAnalysis:
     skipped and counted in ``failed``), analyse, and on the way draw the first worlds' figures and
     save the maps when asked."""
 
-    def __init__(self, run: Run, seed: int, baseline: bool, plotted: set, save_maps: bool, verify: bool):
-        self.run, self.out, self.seed, self.baseline = run, run.out, seed, baseline
+    def __init__(self, run: Run, seed: int, baseline: bool, plotted: set, save_maps: bool, verify: bool,
+                 heads: list[int] | None = None):
+        self.run, self.out, self.seed, self.baseline, self.heads = run, run.out, seed, baseline, heads
         self.plotted, self.save_maps, self.verify = plotted, save_maps, verify
         self.failed = Counter()
         (run.out / "figures").mkdir(parents=True, exist_ok=True)
@@ -181,10 +192,10 @@ class WorldAnalysis:
         if not loaded:
             return
         if self.verify:  # the first batch only
-            _verify(self.run.adapter, loaded, list(self.run.layers))
+            _verify(self.run.adapter, loaded, list(self.run.layers), self.heads)
             self.verify = False
         for record, maps in analyse_worlds(self.run.adapter, loaded, list(self.run.layers), self.seed,
-                                           self.baseline):
+                                           self.baseline, self.heads):
             yield record  # appended before its figures are drawn
             if (record["shard"], record["index"]) in self.plotted:
                 _plot_world(self.out, record, maps)
@@ -204,10 +215,10 @@ def world_rng(seed: int, world: World, stream: str) -> np.random.Generator:
 
 
 def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], seed: int,
-                   baseline: bool = True) -> list[tuple[dict, dict]]:
+                   baseline: bool = True, heads: list[int] | None = None) -> list[tuple[dict, dict]]:
     """One forward pass over the worlds' real (and shuffled) images, and the real images with the caption's two
     shape mentions exchanged (the word-swap control of the word maps' specificity); a record and the maps per
-    world."""
+    world. ``heads``: the language model's maps average these heads of each layer (None: every head)."""
     worlds = [w for w, _ in loaded]
     fed = [adapter.prepare_image(image) for _, image in loaded]
     grids = [adapter.token_grid(image) for image in fed]
@@ -224,7 +235,7 @@ def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int
     seeds = [world_seeds(world, r, seed) for world, r in zip(worlds, regions)]
     seed_cells = [seed_cells_of(s, r) for s, r in zip(seeds, regions)] * len(kinds)
     word_rows = [word_rows_of(layout, w) for layout, w in zip(batch.layouts, told)]
-    recordings, _ = capture(adapter, batch, world_request(layers, batch.layouts, word_rows, seed_cells))
+    recordings, _ = capture(adapter, batch, world_request(layers, batch.layouts, word_rows, seed_cells, heads))
 
     outputs = []
     n = len(worlds)
@@ -260,11 +271,12 @@ def seed_cells_of(seeds: dict[str, int | None], regions: dict) -> np.ndarray:
     return np.unique(np.concatenate([np.array([s for s in seeds.values() if s is not None], dtype=np.int64), shapes]))
 
 
-def world_request(layers: list[int], layouts, word_rows: list[dict], seed_cells: list[np.ndarray]) -> CaptureRequest:
+def world_request(layers: list[int], layouts, word_rows: list[dict], seed_cells: list[np.ndarray],
+                  heads: list[int] | None = None) -> CaptureRequest:
     """What experiment 1 records per input: the caption words' rows onto the image (``cross``), and the seed cells'
     rows of the language model's image block (``image_self``) and of the vision encoder (``vision``)."""
     return CaptureRequest(
-        layers=layers, vision_cells=seed_cells,
+        layers=layers, vision_cells=seed_cells, heads=heads,
         blocks={"cross": [(np.concatenate(list(rows.values())), lay.image_positions)
                           for rows, lay in zip(word_rows, layouts)],
                 "image_self": [(lay.image_positions[cells], lay.image_positions)
@@ -395,11 +407,11 @@ def _plot_world(out: Path, record: dict, maps: dict) -> None:
                      shuffled_maps=maps.get("shuffled"), shuffled_image=maps["images"].get("shuffled"))
 
 
-def _verify(adapter, loaded, layers) -> None:
+def _verify(adapter, loaded, layers, heads) -> None:
     from spatial_attention.engine.reference import check, log_report, verification_request
 
     batch = adapter.encode([w.caption.text for w, _ in loaded], [image for _, image in loaded])
-    report, passed = check(adapter, batch, verification_request(batch, layers))
+    report, passed = check(adapter, batch, replace(verification_request(batch, layers), heads=heads))
     log_report(report)
     if not passed:
         raise SystemExit("--verify-attention: the capture disagrees with eager attention beyond the tolerance "

@@ -89,6 +89,22 @@ def parse_shards(text: str | None) -> list[int] | None:
     return shards
 
 
+def parse_heads(text: str | None) -> list[int] | None:
+    """The ``--heads`` option: 0-based heads of a layer, sorted (None: every head); its range is checked once the
+    model's head count is known."""
+    if text is None:
+        return None
+    try:
+        heads = [int(h) for h in text.split(",")]
+    except ValueError:
+        heads = []
+    if not heads or min(heads) < 0:
+        raise OptionError(f"--heads {text!r}: expected comma-separated 0-based head numbers such as 0 or 1,2,3")
+    if len(set(heads)) < len(heads):
+        raise OptionError(f"--heads {text!r}: a head is listed twice")
+    return sorted(heads)
+
+
 def checkpoint_name(model_path: str) -> str:
     """A --model-path as identities record it: a local folder by its absolute path (so that './ckpt' and
     '/home/me/ckpt' are one checkpoint), a hub id or 'tiny-random' as it is."""
