@@ -22,7 +22,8 @@
 #                    $OUT_DIR/control_random_weights/init_seed_S/, laid out as $OUT_DIR; run the sweep once
 #                    without and once with it, in either order, for the model-minus-control comparison
 # With ABLATE=1 also: $OUT_DIR/ablation_{corner}_{heads}/ per ABLATE_HEADS value (top:4 -> top-4).
-#   PYTHON [the checkout's .venv/bin/python when it exists, else python3]
+#   PYTHON [the checkout's .venv/bin/python, else the active virtual environment's; with neither, refused, naming
+#           the setup command (bash env_setup_llava.bash)]
 # Results: $OUT_DIR/head_diff_stats_{corner}/ and $OUT_DIR/count_shared_unique/.
 # A missing corner data set is generated first (COUNT pairs), with a notice.
 # The settings above (not DEVICE, BATCH_SIZE, DATA_DIR, ABLATE, CONTROL, CONTROL_SEEDS) are kept in $OUT_DIR/sweep_settings.txt; a rerun
@@ -32,9 +33,12 @@
 # a finished ablation folder is left as it is, an interrupted one resumes, and one made with other settings
 # (ABLATE_MODE, RANDOM_CONTROLS ...) is refused: choose another OUT_DIR or delete it. A bad setting stops the
 # sweep before any step.
-# Relative paths are taken from the current folder, as for the Python scripts.
+# Relative paths are taken from the current folder, as for the Python scripts. It takes no argument but --help / -h,
+# which prints this and runs nothing.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+source "$HERE/env/entry.bash"
+entry_args "${BASH_SOURCE[0]}" -- "$@"
 
 MODEL="${MODEL:-qwen2}"
 MODEL_PATH="${MODEL_PATH:-}"
@@ -57,9 +61,6 @@ SAME_PAIRS="${SAME_PAIRS:-0}"
 RANDOM_CONTROLS="${RANDOM_CONTROLS:-100}"
 CONTROL="${CONTROL:-}"
 CONTROL_SEEDS="${CONTROL_SEEDS:-19}"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
-fi
 CORNERS=(topleft topright bottomleft bottomright)
 # The model families (models.FAMILIES), the choices of head_attention_stats.py --score, head_ablation.py --mode
 # and --dtype (spatial_attention/corner_stats.py, ablation.py build_parser and cli.add_model_args);
@@ -107,6 +108,7 @@ check_positive CONTROL_SEEDS "$CONTROL_SEEDS"
 [ -z "$CONTROL" ] || check_choice CONTROL "$CONTROL" random-weights
 [ -z "$PATCH_SIZE" ] || check_positive PATCH_SIZE "$PATCH_SIZE"
 [ -z "$BATCH_SIZE" ] || check_positive BATCH_SIZE "$BATCH_SIZE"
+find_python "$HERE"
 
 datasets=() missing=()
 for corner in "${CORNERS[@]}"; do

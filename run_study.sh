@@ -16,7 +16,8 @@
 #                               DATA_DIR/dataset_{corner}; what is missing is generated first (a step of its own)
 #   OUT_DIR [results/study]     the study's folder
 #   DEVICE [auto]  DTYPE [auto]  BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]
-#   PYTHON [the checkout's .venv/bin/python when it exists, else python3]: runs every step
+#   PYTHON [the checkout's .venv/bin/python, else the active virtual environment's; with neither, refused, naming
+#                               the setup command (bash env_setup_llava.bash)]: runs every step
 # The corner sweep's own settings (SCORE, ABLATE_HEADS, ABLATE_MODE, RANDOM_CONTROLS, LAYERS, ...; see
 # run_corner_experiments.sh) pass through to it.
 #
@@ -25,11 +26,12 @@
 # one starts; the report shows it. Rerunning resumes: a finished step is skipped, one cut off or failed is run
 # again and picks up where its script stopped. A rerun with another model path, WORLDS, COUNT, CONTROL_SEEDS,
 # CONTROL_ITEMS, DTYPE or DATA_DIR is refused before any step (OUT_DIR/study.json keeps them). Exit status: 0 when
-# every step finished, 1 when one failed, 2 for a bad setting, 130 when interrupted.
+# every step finished, 1 when one failed (or the report found a file it cannot read), 2 for a bad setting or an
+# argument (it takes none but --help / -h, which prints this and runs nothing), 130 when interrupted.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x "$HERE/.venv/bin/python" ]; then PYTHON="$HERE/.venv/bin/python"; else PYTHON=python3; fi
-fi
+source "$HERE/env/entry.bash"
+entry_args "${BASH_SOURCE[0]}" -- "$@"
+find_python "$HERE"
 export PYTHON
 PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m spatial_attention.study.study

@@ -3,13 +3,16 @@
 # Used by env_setup_llava.bash and env_setup_qwen.bash; both models run in one
 # environment, so both scripts prepare the same .venv.
 #
-#   VENV=path            where to put the environment (default: .venv in the checkout)
-#   PYTHON=python3.11    which interpreter creates it
-#   TORCH_INDEX_URL=...  a PyTorch wheel index for a specific CUDA build; unset,
-#                        torch/torchvision come from PyPI (CUDA builds that also run on CPU)
-#   EXTRA_REQUIREMENTS="qwen-vl-utils==0.0.14"  further pinned packages
+# Settings (environment variables, defaults in brackets):
+#   VENV [.venv in the checkout]  where to put the environment
+#   PYTHON [python3]              which interpreter creates it (e.g. python3.11)
+#   TORCH_INDEX_URL [unset]       a PyTorch wheel index for a specific CUDA build; unset,
+#                                 torch/torchvision come from PyPI (CUDA builds that also run on CPU)
+#   EXTRA_REQUIREMENTS [none]     further pinned packages, e.g. "qwen-vl-utils==0.0.14"
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/env/entry.bash"
+entry_args "${BASH_SOURCE[0]}" -- "$@"
 venv="${VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 

@@ -3,6 +3,7 @@ counterfactual pairs, and the one-line errors for broken inputs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -218,6 +219,17 @@ def test_missing_root_and_shard(shard_copy):
         list(iter_worlds(shard_copy.parent / "nowhere"))
     with pytest.raises(DataError, match="shard7"):
         list(iter_worlds(shard_copy, shards=[0, 7]))
+
+
+def test_a_missing_pairs_folder_names_the_command_that_makes_it_there(tmp_path):
+    """Was: "generate one with: python generate_data.py counterfactual --out data", whatever folder was given."""
+    given = tmp_path / "my sets"
+    with pytest.raises(DataError) as err:
+        read_pairs(given / "dataset_topright")
+    assert str(err.value) == (f"{given / 'dataset_topright'}: pairs folder does not exist (generate it with: python "
+                              f"generate_data.py counterfactual --out '{given}' --corners topright)")
+    with pytest.raises(DataError, match=re.escape(f"--out {tmp_path}, then give {tmp_path}/dataset_{{corner}})")):
+        read_pairs(tmp_path / "corner_pairs")
 
 
 def test_caption_world_count_mismatch(shard_copy):

@@ -70,10 +70,36 @@ def test_discovery_and_test_halves_resume_and_refuse_other_settings(worlds_dir, 
         assert f"were made with {option}" in refused(_argv(worlds_dir, out, "--alpha", "0.99", *extra), capsys)
 
 
-def test_control_ablates_the_model_s_heads_and_needs_them(worlds_dir, tmp_path, capsys):
+def test_a_refused_run_leaves_nothing_behind(worlds_dir, tmp_path, capsys):
+    """Refused once the model is known (--layers beyond its depth). Was: --out was left holding discovery/.lock and
+    test/.lock."""
     out = tmp_path / "out"
-    assert "without --control first" in refused(_argv(worlds_dir, out, "--control", "random-weights",
-                                                       "--control-seeds", "1"), capsys)
+    assert "--layers '99'" in refused(_argv(worlds_dir, out, "--layers", "99"), capsys)
+    assert not out.exists()
+
+
+def test_where_no_head_is_chosen_a_rerun_with_other_test_settings_is_refused(worlds_dir, tmp_path, capsys):
+    """tiny-random carries no gap: no head is chosen and no test pair runs, yet the summary was made with the test's
+    settings. Was: a rerun with another --positions, --random-sets, --alpha or --max-heads was accepted and rewrote
+    summary.json and run.json."""
+    out = tmp_path / "out"
+    main(_argv(worlds_dir, out))
+    assert json.loads((out / "summary.json").read_text())["chosen_heads"] == []
+    before = {name: (out / name).read_bytes() for name in ("summary.json", "run.json")}
+    for option, value in (("--positions", "all"), ("--random-sets", "7"), ("--alpha", "0.01"), ("--max-heads", "2")):
+        assert f"were made with {option}" in refused(_argv(worlds_dir, out, option, value), capsys)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    main(_argv(worlds_dir, out))  # the same command is still taken
+
+
+def test_control_ablates_the_model_s_heads_and_needs_them(worlds_dir, tmp_path, capsys):
+    """Without the model's run, the control says so (was: "summary.json has no chosen heads", of a file that was not
+    there)."""
+    out = tmp_path / "out"
+    line = refused(_argv(worlds_dir, out, "--control", "random-weights", "--control-seeds", "1"), capsys)
+    assert line == (f"error: --control: the model's own run is missing (no {out / 'summary.json'}); run the same "
+                    "command without --control first, so that the control ablates the model's heads in random "
+                    "initialisations")
     main(_argv(worlds_dir, out, "--alpha", "0.99"))
     main(_argv(worlds_dir, out, "--alpha", "0.99", "--control", "random-weights", "--control-seeds", "1"))
     model = json.loads((out / "summary.json").read_text())

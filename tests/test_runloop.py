@@ -272,12 +272,17 @@ def test_a_folder_of_a_command_that_does_not_resume_is_kept_from_others(share, t
 
 
 def test_a_refused_run_leaves_no_folder_it_made(tmp_path):
-    made, kept = tmp_path / "made", tmp_path / "kept"
+    """Folders claimed inside a folder the run made (relation_heads.py's out/discovery and out/test) go with it:
+    was, a refused run left out/ holding discovery/.lock and test/.lock."""
+    made, kept, outer = tmp_path / "made", tmp_path / "kept", tmp_path / "outer"
     kept.mkdir()
-    for folder in (made, kept):
+    (kept / "mine").mkdir()
+    for folder in (made, kept, outer / "discovery", outer / "test", kept / "mine" / "a" / "b"):
         claim_output(folder, "--out")
     release_outputs()
-    assert not made.exists() and [p.name for p in kept.iterdir()] == [".lock"]  # the user's folder stays
+    assert not made.exists() and not outer.exists()
+    assert sorted(p.name for p in kept.iterdir()) == [".lock", "mine"]  # the user's folders stay
+    assert list((kept / "mine").iterdir()) == []
 
 
 @pytest.mark.parametrize("options, error", [

@@ -483,6 +483,51 @@ def test_intervals_show_their_width_to_two_digits():
     assert report_readings.ci_format(1.0, 1.0) == "+.3f"
 
 
+@pytest.mark.parametrize("damage", ["garbage", "cut in half"])
+def test_a_summary_it_cannot_parse_is_named_and_its_readings_say_unreadable(tmp_path, damage, capsys):
+    """Was: exit 0, no warning, "No results (the step did not finish)" beside a step that finished, and the step's
+    readings gone from the report and from readings.json."""
+    _plant_study(tmp_path)
+    report.write_report(tmp_path)
+    intact = json.loads((tmp_path / "report" / "readings.json").read_text())["readings"]
+    summary = tmp_path / "llava" / "exp1" / "summary.json"
+    text = summary.read_text()
+    summary.write_text('{"a": [1, 2, garbage' if damage == "garbage" else text[:len(text) // 2])
+    assert report.main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"unreadable: {summary}: not valid JSON, damaged or cut off (")
+    markdown = (tmp_path / "report" / "REPORT.md").read_text()
+    named = "unreadable: llava/exp1/summary.json: " + err[0].split(": ", 2)[2]
+    section = markdown.split("## Experiment 1")[1].split("## Experiment 2")[0]
+    assert f"- {named}" in markdown and f"{named} (its readings below say unreadable)" in section
+    assert "No results" not in section and "| subject_cross iou, real minus shuffled | unreadable |" in section
+    recorded = json.loads((tmp_path / "report" / "readings.json").read_text())
+    assert [r["claim"] for r in recorded["readings"]] == [r["claim"] for r in intact]
+    exp1 = [r for r in recorded["readings"] if r["claim"].startswith("llava, subject_cross iou")]
+    assert exp1 and all(r["reading"] == "unreadable (llava/exp1/summary.json)" and r["q"] is None for r in exp1)
+    assert recorded["unreadable"] == {"llava/exp1/summary.json": named.split(": ", 2)[2]}
+
+
+def test_every_file_the_report_reads_is_named_where_it_cannot_be_read(tmp_path):
+    """A comparison, a step record and study.json, each damaged: each is named, never taken for one that is absent
+    ("no random-weights control was run", "not run", "No study.json")."""
+    _plant_study(tmp_path)
+    _write(tmp_path / "study.json", {"settings": {"models": ["llava"]}, "steps": [
+        {"key": "llava-exp1", "name": "llava/exp1", "title": "experiment 1"}]})
+    (tmp_path / "steps").mkdir()
+    (tmp_path / "steps" / "llava-exp1.json").write_bytes(b"\xff\xfe")
+    (tmp_path / "llava" / "exp2" / "control_comparison.json").write_text("[]")
+    _, _, unreadable = report.write_report(tmp_path)
+    assert unreadable == {"llava/exp2/control_comparison.json": "holds a JSON list, not an object",
+                          "steps/llava-exp1.json": "not UTF-8 text"}
+    markdown = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "beyond random weights: unreadable (llava/exp2/control_comparison.json)" in markdown
+    assert "| llava/exp1 | experiment 1 | unreadable |" in markdown
+    assert "step records unreadable: llava/exp1" in markdown
+    (tmp_path / "study.json").write_text('{"settings": ')
+    assert "unreadable: study.json: not valid JSON" in report_blocks.render_markdown(*report.build(tmp_path)[:2])
+
+
 def test_make_report_refuses_a_missing_folder(tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "make_report.py"), str(tmp_path / "nope")],
                           capture_output=True, text=True, timeout=60)
@@ -490,10 +535,24 @@ def test_make_report_refuses_a_missing_folder(tmp_path):
                                                            "run_study.sh's OUT_DIR"
 
 
-@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc: a folder whose report/ cannot be made")
-def test_make_report_refuses_a_folder_it_cannot_write_in_one_line(capsys):
+@pytest.mark.parametrize("content", [[], ["notes.txt", "llava/notes.txt"]])
+def test_make_report_refuses_a_folder_without_a_study(tmp_path, content, capsys):
+    """Was: exit 0 and an empty report."""
+    for rel in content:
+        _write(tmp_path / rel, "mine")
     with pytest.raises(SystemExit) as exit_info:
-        report.main(["/proc"])
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path}: holds no study (no study.json, and no model folder with results in exp1/, exp2/, exp4/, "
+        "corners/); give run_study.sh's OUT_DIR"]
+    assert not (tmp_path / "report").exists()
+
+
+def test_make_report_refuses_a_folder_it_cannot_write_in_one_line(tmp_path, capsys):
+    _plant_study(tmp_path)
+    (tmp_path / "report").write_text("a file where the report's folder goes")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main([str(tmp_path)])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and err.startswith("error: /proc/report: cannot write the report there")
+    assert exit_info.value.code == 2 and err.startswith(f"error: {tmp_path / 'report'}: cannot write the report there")
     assert "\n" not in err

@@ -11,6 +11,18 @@ class OptionError(ValueError):
     """A command-line option or setting that cannot be used as given."""
 
 
+class UnreadableFile(DataError):
+    """A file that is there but cannot be used (cut off, damaged, not readable): never to be taken for a missing
+    one. ``reason``: what is wrong, for a reader that names the file its own way."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(str(path), reason)  # both: an error sent between processes is rebuilt from its args
+        self.path, self.reason = Path(path), reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
 def quote(value, limit: int = 200) -> str:
     """``repr(value)`` for a one-line message, cut after ``limit`` characters with
     the full length added. Input quoted in an error or a skip reason can be any

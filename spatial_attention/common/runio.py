@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from spatial_attention.common.errors import DataError, OptionError
+from spatial_attention.common.errors import DataError, OptionError, UnreadableFile
 from spatial_attention.stats.inference import json_safe
 
 log = logging.getLogger("spatial_attention")
@@ -81,6 +81,25 @@ def append_jsonl(path: Path, obj) -> None:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_json(path: Path):
+    """The JSON document in ``path``; None where there is no such file. UnreadableFile where there is one that
+    cannot be used (not readable, not UTF-8, not JSON: cut off or damaged), so that a damaged file is never
+    taken for a missing one."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise UnreadableFile(path, err.strerror or str(err)) from None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UnreadableFile(path, "not UTF-8 text") from None
+    except ValueError as err:
+        raise UnreadableFile(path, f"not valid JSON, damaged or cut off ({err})") from None
 
 
 RecordCheck = Callable[[object], "str | None"]  # a parsed line -> why it is not a result record, or None
@@ -182,7 +201,8 @@ def run_record(settings: dict, adapter=None, **extra) -> dict:
 # --- one run per folder -----------------------------------------------------------------
 
 LOCK_FILE = ".lock"
-_LOCKS: dict[Path, tuple[int, bool]] = {}  # folder -> (its open lock file, whether this process made the folder)
+# folder -> (its open lock file, the outermost folder this process made for it, or None where it was there)
+_LOCKS: dict[Path, tuple[int, Path | None]] = {}
 
 
 def claim_output(out: Path, option: str) -> None:
@@ -192,7 +212,7 @@ def claim_output(out: Path, option: str) -> None:
     key = out.resolve()
     if key in _LOCKS:
         return
-    made = not out.exists()
+    made = next((p for p in reversed((key, *key.parents)) if not p.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -216,12 +236,18 @@ def lock_descriptor(out: Path) -> int:
 def release_outputs() -> None:
     """Free every folder this process claimed (``user_errors_exit`` does it when a command ends, however it
     ends; the system does it when a process dies). A folder this process made that holds nothing but the
-    lock (a run refused before it wrote anything) is removed."""
-    while _LOCKS:
+    lock (a run refused before it wrote anything) is removed, and so are the folders it made above it that
+    are left empty (``out/discovery`` of a refused run: ``out`` too)."""
+    while _LOCKS:  # the last claimed first: a folder claimed inside another is emptied before it
         folder, (fd, made) = _LOCKS.popitem()
         if made and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
             (folder / LOCK_FILE).unlink()
-            folder.rmdir()
+            for empty in (folder, *folder.parents):
+                if any(empty.iterdir()):
+                    break
+                empty.rmdir()
+                if empty == made:
+                    break
         os.close(fd)
 
 

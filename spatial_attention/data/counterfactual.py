@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from string import Formatter
@@ -148,8 +149,7 @@ def _pair(record, folder: Path, where: str) -> Pair:
 def _records(folder: Path) -> list[tuple[str, object]]:
     """(where, parsed JSON or the JSONDecodeError) for each non-blank line of metadata.jsonl."""
     folder = input_folder(folder, "--dataset", "a data/dataset_{corner} folder that holds metadata.jsonl and images/",
-                          "pairs folder does not exist (generate one with: python generate_data.py counterfactual "
-                          "--out data)")
+                          f"pairs folder does not exist ({_how_to_generate(Path(folder))})")
     path = folder / "metadata.jsonl"
     if not path.is_file():
         raise DataError(f"{path}: missing (a pairs folder needs metadata.jsonl and images/)")
@@ -162,6 +162,16 @@ def _records(folder: Path) -> list[tuple[str, object]]:
             except json.JSONDecodeError as err:
                 records.append((where, err))
     return records
+
+
+def _how_to_generate(folder: Path) -> str:
+    """How to make the missing pairs folder ``folder``: generate_data.py writes OUT/dataset_{corner}."""
+    corner = folder.name.removeprefix("dataset_")
+    out = shlex.quote(str(folder.parent))
+    if corner in CORNERS:
+        return f"generate it with: python generate_data.py counterfactual --out {out} --corners {corner}"
+    return f"generate_data.py names them dataset_{{corner}}: python generate_data.py counterfactual --out {out}, " \
+           f"then give {out}/dataset_{{corner}}"
 
 
 def _bad_json(where: str, err: json.JSONDecodeError) -> str:

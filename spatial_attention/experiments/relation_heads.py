@@ -49,7 +49,8 @@ from PIL import Image, ImageOps
 
 from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
-from spatial_attention.common.runio import finish_run, lacks_keys, setup_logging, start_run, write_atomic, write_json
+from spatial_attention.common.runio import (finish_run, lacks_keys, read_json, setup_logging, start_run, write_atomic,
+                                            write_json)
 from spatial_attention.data.counterfactual import split_pairs
 from spatial_attention.data.shapeworld import (FLIPPED_RELATION, RELATION_AXIS, Skipped, World, format_caption,
                                                iter_worlds, load_rgb)
@@ -61,8 +62,8 @@ from spatial_attention.experiments.heads import rank_heads
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
 from spatial_attention.run.figures import save_figure
-from spatial_attention.run.runloop import (Results, Run, check_identity, load_run, open_results, prepare_run,
-                                           resumable_map)
+from spatial_attention.run.runloop import (IDENTITY_FILE, RESULTS_KEY, Results, Run, check_identity, compare_identity,
+                                           load_run, open_results, prepare_run, recorded_identity, resumable_map)
 from spatial_attention.stats.inference import json_safe
 
 log = logging.getLogger("spatial_attention")
@@ -72,6 +73,7 @@ DEFAULT_PROMPT = "{caption}"  # the toys' question; instruction-tuned checkpoint
 DISCOVERY_FILE = "discovery/pairs_scores.jsonl"
 TEST_FILE = "test/ablation_pairs.jsonl"
 HEADS_PER_FORWARD = 16  # heads swapped per forward in discovery (two inputs each)
+NONE_CHOSEN = "no head chosen"  # in the test half's identity.json where a run had no head to test
 
 
 @dataclass(frozen=True)
@@ -194,12 +196,15 @@ def select_pairs(data: Path, shards, limit: int | None, kind: str, tests_only: b
 def model_heads(out: Path) -> list[tuple[int, int]]:
     """The heads the model's own run chose (the control ablates them in random initialisations)."""
     path = Path(out) / "summary.json"
+    first = "run the same command without --control first, so that the control ablates the model's heads in random " \
+            "initialisations"
+    summary = read_json(path)
+    if summary is None:
+        raise OptionError(f"--control: the model's own run is missing (no {path}); {first}")
     try:
-        chosen = json.loads(path.read_text())["chosen_heads"]
-        return [(int(h["layer"]) - 1, int(h["head"])) for h in chosen]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise OptionError(f"--control: {path} has no chosen heads; run the same command without --control first, so "
-                          "that the control ablates the model's heads in random initialisations") from None
+        return [(int(h["layer"]) - 1, int(h["head"])) for h in summary["chosen_heads"]]
+    except (KeyError, TypeError, ValueError):
+        raise OptionError(f"--control: {path} has no chosen heads; {first}") from None
 
 
 def identity(args, data: Path) -> dict:
@@ -219,13 +224,12 @@ def _experiment(args, options, share, data: Path, out: Path, pairs: list[Relatio
     discovery, test = split_pairs(pairs, "discovery"), split_pairs(pairs, "test")
     found_in = _results(out, DISCOVERY_FILE, ("id", "true", "false", "log_odds"))
     tested_in = _results(out, TEST_FILE, ("id", "base", "ablated"))
-    for results in (found_in, tested_in):
-        results.path.parent.mkdir(parents=True, exist_ok=True)
     settings = identity(args, data)
     test_identity = {**settings, "--positions": args.positions, "--random-sets": args.random_sets,
                      "--alpha": args.alpha, "--max-heads": args.max_heads}
+    known = {**options.identity("all"), **test_identity}  # the test's identity as known before the model loads
     share.main_checks(lambda: (open_results(found_in, {**options.identity("all"), **settings}),
-                               open_results(tested_in, {**options.identity("all"), **test_identity})))
+                               open_results(tested_in, known), _check_none_chosen(tested_in, known)))
     run = load_run(options, share, vars(args), out, data, default_layers="all")
     share.main_checks(lambda: (check_identity(found_in.path, {**run.identity(), **settings}, "--out"),
                                check_identity(tested_in.path, {**run.identity(), **test_identity}, "--out")))
@@ -240,6 +244,8 @@ def _experiment(args, options, share, data: Path, out: Path, pairs: list[Relatio
         heads = _shared_heads(share, out, ranking)
     if not heads:
         if share.is_main:
+            write_json(tested_in.path.parent / IDENTITY_FILE, {RESULTS_KEY: tested_in.path.name, **run.identity(),
+                                                               **test_identity, NONE_CHOSEN: True})
             _finish(run, out, args, ranking, heads, None, len(discovery), len(test))
         return
     head_sets = [heads] + random_head_sets(heads, run.adapter.num_heads, args.random_sets, options.seed)
@@ -252,6 +258,15 @@ def _experiment(args, options, share, data: Path, out: Path, pairs: list[Relatio
         base = np.array([r["base"] for r in records])
         ablated = np.stack([np.array(r["ablated"]) for r in records], axis=1)  # [S, N, 2]
         _finish(run, out, args, ranking, heads, (base, ablated, head_sets), len(discovery), len(test))
+
+
+def _check_none_chosen(tested_in: Results, test_identity: dict) -> None:
+    """A run that chose no head tested no pair, so ``check_identity`` finds no results in the test half to hold a
+    rerun to; its summary.json and run.json were made with the test's settings all the same, which a rerun must
+    repeat (``NONE_CHOSEN``)."""
+    recorded = recorded_identity(tested_in.path.parent)
+    if recorded and recorded.get(NONE_CHOSEN):
+        compare_identity(tested_in.path, recorded, test_identity, tested_in.option)
 
 
 def _score(run: Run, chunk: list[RelationPair], prompt: str, answer_ids) -> list[dict]:

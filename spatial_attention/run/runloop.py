@@ -147,6 +147,14 @@ def check_identity(records: Path, identity: dict, option: str) -> None:
         raise DataError(f"{records}: results without a readable {IDENTITY_FILE} beside them, so there is no telling "
                         f"how they were made; delete {records.name} to start over, or choose another "
                         f"{option}")
+    compare_identity(records, recorded, identity, option)
+
+
+def compare_identity(records: Path, recorded: dict, identity: dict, option: str) -> None:
+    """OptionError naming the first key of ``identity`` that ``recorded`` (the identity the results file ``records``
+    was made with) lacks or holds with another value."""
+    records = Path(records)
+    folder = records.parent
     for key, value in _as_json(identity).items():
         if key not in recorded:
             raise OptionError(f"{option} {folder}: its {IDENTITY_FILE} does not record {key}, so there is no "

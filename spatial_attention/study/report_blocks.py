@@ -13,15 +13,16 @@ from pathlib import Path
 @dataclass(frozen=True)
 class Num:
     """A number as one file holds it: ``file`` (relative to the study folder), the keys ``path`` into its JSON,
-    and ``op`` "len" for the number of entries there."""
+    and ``op`` "len" for the number of entries there; ``missing``: what is shown where there is none."""
     value: float | int | None
     file: str
     path: tuple
     fmt: str
     op: str = ""
+    missing: str = "n/a"
 
     def text(self) -> str:
-        return "n/a" if self.value is None else format(self.value, self.fmt)
+        return self.missing if self.value is None else format(self.value, self.fmt)
 
 
 @dataclass(frozen=True)

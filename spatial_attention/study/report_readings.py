@@ -1,9 +1,9 @@
-"""How the report reads a study folder: its JSON files read once each, numbers with their source, intervals, and
-the one-sentence readings by the rules of ``RULES``: each reading's test is a ``Verdict``, and all of them are
-decided together, as one Benjamini-Hochberg family, once the report is built."""
+"""How the report reads a study folder: its JSON files read once each (one that is there but cannot be read is
+named, and its readings marked unreadable), numbers with their source, intervals, and the one-sentence readings by
+the rules of ``RULES``: each reading's test is a ``Verdict``, and all of them are decided together, as one
+Benjamini-Hochberg family, once the report is built."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from spatial_attention.common.errors import UnreadableFile
+from spatial_attention.common.runio import read_json
 from spatial_attention.run.controls import COMPARISON_FILE
 from spatial_attention.stats.inference import RANK_MIN_SEEDS, against_initialisations, benjamini_hochberg
-from spatial_attention.study.folder import STEPS_DIR, STUDY_FILE
+from spatial_attention.study.folder import EXPERIMENTS, STEPS_DIR, STUDY_FILE
 from spatial_attention.study.report_blocks import Heading, Num, Para
 
 ALPHA = 0.05  # the significance level of every test the summaries carry
@@ -91,11 +93,14 @@ def decide(verdicts: list[Verdict]) -> None:
 
 
 class Outputs:
-    """The study folder's JSON files, read once each."""
+    """The study folder's JSON files, read once each. A file that is there but cannot be read (cut off, damaged, not
+    a JSON object) is kept in ``unreadable`` with what is wrong, and never taken for a missing one (a step that did
+    not finish)."""
 
     def __init__(self, out: Path):
         self.out = Path(out)
         self._docs: dict[str, object] = {}
+        self.unreadable: dict[str, str] = {}  # file (relative to the study folder) -> what is wrong
         self.verdicts: list[Verdict] = []  # every reading's test, in the report's order: one BH family
 
     def verdict(self, claim: str, test: str, **fields) -> Verdict:
@@ -103,15 +108,31 @@ class Outputs:
         self.verdicts.append(v)
         return v
 
-    def json(self, rel: str | Path):
+    def json(self, rel: str | Path) -> dict | None:
+        """The JSON object in ``rel``; None where it is absent or unreadable (``problem`` tells which)."""
         rel = str(rel)
         if rel not in self._docs:
-            path = self.out / rel
             try:
-                self._docs[rel] = json.loads(path.read_text()) if path.is_file() else None
-            except (OSError, ValueError):
-                self._docs[rel] = None
+                doc = read_json(self.out / rel)
+            except UnreadableFile as err:
+                doc, self.unreadable[rel] = None, err.reason
+            if doc is not None and not isinstance(doc, dict):
+                doc, self.unreadable[rel] = None, f"holds a JSON {type(doc).__name__}, not an object"
+            self._docs[rel] = doc
         return self._docs[rel]
+
+    def problem(self, *rels: str | Path) -> str | None:
+        """"unreadable (FILE)" for the first of ``rels`` that is there but cannot be read; None where each is
+        readable or absent."""
+        for rel in map(str, rels):
+            self.json(rel)
+            if rel in self.unreadable:
+                return f"unreadable ({rel})"
+        return None
+
+    def missing(self, rel: str | Path) -> str:
+        """What stands for a number of ``rel`` that is not there."""
+        return "unreadable" if self.problem(rel) else "n/a"
 
     def num(self, rel: str | Path, *path, fmt: str = "+.3g", op: str = "") -> Num:
         value = self.json(rel)
@@ -124,7 +145,7 @@ class Outputs:
         if op == "len":
             value = None if value is None else len(value)
         return Num(value if isinstance(value, (int, float)) and not isinstance(value, bool) else None,
-                   str(rel), tuple(path), fmt, op)
+                   str(rel), tuple(path), fmt, op, self.missing(rel))
 
     def rel(self, path: Path) -> str:
         return os.path.relpath(path, self.out)
@@ -145,12 +166,11 @@ def ci_format(lo: float | None, hi: float | None) -> str:
 
 
 def ci_parts(o: Outputs, rel: str, prefix: tuple, mean: str, lo: str, hi: str) -> list:
-    """[mean, " [", lo, ", ", hi, "]"] from the row at ``prefix`` of ``rel``; ["n/a"] where there is none."""
-    if None in prefix:
-        return ["n/a"]
+    """[mean, " [", lo, ", ", hi, "]"] from the row at ``prefix`` of ``rel``; ["n/a"] where there is none
+    (["unreadable"] where ``rel`` cannot be read)."""
     m, low, high = (o.num(rel, *prefix, key) for key in (mean, lo, hi))
-    if m.value is None:
-        return ["n/a"]
+    if None in prefix or m.value is None:
+        return [m.missing]
     fmt = ci_format(low.value, high.value)
     m, low, high = (replace(n, fmt=fmt) for n in (m, low, high))
     return [m, " [", low, ", ", high, "]"] if low.value is not None else [m]
@@ -161,10 +181,13 @@ def bounds(parts: list) -> tuple[float | None, float | None]:
     return (nums[1].value, nums[2].value) if len(nums) >= 3 else (None, None)
 
 
-def model_verdict(o: Outputs, claim: str, p: Num | float | None, estimate: float | None, sided: int,
+def model_verdict(o: Outputs, claim: str, p: Num, estimate: float | None, sided: int,
                   test: str = "sign-flip over the items, two-sided") -> Verdict:
-    """A claim about the model's own number (``sided`` 1: above 0; -1: below 0; 0: differs from 0)."""
-    p = p.value if isinstance(p, Num) else p
+    """A claim about the model's own number (``sided`` 1: above 0; -1: below 0; 0: differs from 0), ``p`` from
+    the file that holds the number."""
+    if o.problem(p.file):
+        return o.verdict(claim, test, fixed=o.problem(p.file))
+    p = p.value
     if p is None or estimate is None:
         return o.verdict(claim, test, fixed="n/a (no p-value recorded)" if estimate is not None else "n/a")
     return o.verdict(claim, test, p=p, sign=1 if sided == 0 or estimate * sided > 0 else -1)
@@ -203,8 +226,7 @@ def study_models(o: Outputs) -> list[str]:
     models = (study.get("settings") or {}).get("models")
     if models:
         return list(models)
-    return sorted(p.name for p in o.out.iterdir() if p.is_dir() and any((p / e).is_dir() for e in
-                                                                          ("exp1", "exp2", "corners")))
+    return sorted(p.name for p in o.out.iterdir() if p.is_dir() and any((p / e).is_dir() for e in EXPERIMENTS))
 
 
 def model_label(o: Outputs, model: str) -> str:
@@ -221,13 +243,13 @@ def comparison_row(o: Outputs, folder: str, metric: str) -> tuple[str, tuple]:
     return rel, ("rows", row_index(doc.get("rows"), metric=metric))
 
 
-def control_cells(o: Outputs, folder: str, metric: str) -> tuple[list, list, dict | None]:
+def control_cells(o: Outputs, folder: str, metric: str) -> tuple[list, list, dict | None, str]:
     """The random-weights control's mean [CI], the model-minus-control difference [95% prediction interval] of
-    ``metric``, and its comparison row (None where there is none)."""
+    ``metric``, its comparison row (None where there is none) and the comparison's file."""
     rel, prefix = comparison_row(o, folder, metric)
     row = None if None in prefix else o.json(rel)["rows"][prefix[1]]
     return (ci_parts(o, rel, prefix, "control_mean", "control_ci_lo", "control_ci_hi"),
-            ci_parts(o, rel, prefix, "diff_mean", "diff_pi_lo", "diff_pi_hi"), row)
+            ci_parts(o, rel, prefix, "diff_mean", "diff_pi_lo", "diff_pi_hi"), row, rel)
 
 
 def reading(o: Outputs, label: str, claim: str, value: list, p, sided: int, stat: str, control: tuple,
@@ -235,19 +257,25 @@ def reading(o: Outputs, label: str, claim: str, value: list, p, sided: int, stat
     """One sentence: the claim, its verdict (the model's own test, ``p``) with the number, and the verdict of the
     model against its random initialisations (``control``: ``control_cells``; ``no_control`` where there is
     none)."""
-    estimate = value[0].value if value != ["n/a"] else None
+    estimate = value[0].value if isinstance(value[0], Num) else None
     said = model_verdict(o, f"{label}: {claim}", p, estimate, sided)
     own_side = sided == 0 or (estimate is not None and estimate * sided > 0)
     return [f"{label}: {claim}: ", said, f" ({stat} ", *value, ")"] + beyond_parts(o, f"{label}: {claim}", control,
-                                                                                  sided, no_control, own_side)
+                                                                                  sided, no_control, own_side, p.file)
 
 
-def beyond_parts(o: Outputs, claim: str, control: tuple, sided: int, no_control: str, own_side: bool) -> list:
+def beyond_parts(o: Outputs, claim: str, control: tuple, sided: int, no_control: str, own_side: bool,
+                 own_file: str) -> list:
     """The end of a reading: "; beyond random weights: <verdict> (model minus control <diff [PI]>).", or
-    "; <no_control>." where the comparison has no model. ``own_side``: as ``beyond_verdict``."""
-    _, diff, row = control
-    if row is None or row.get("model_mean") is None:
+    "; <no_control>." where the comparison has no model. ``own_side``: as ``beyond_verdict``, from the model's
+    own number in ``own_file``."""
+    _, diff, row, rel = control
+    if not o.problem(rel) and (row is None or row.get("model_mean") is None):
         return [f"; {no_control}."]
+    if o.problem(own_file, rel):
+        return ["; beyond random weights: ", o.verdict(f"{claim}, beyond random weights",
+                                                       "model against its random initialisations",
+                                                       fixed=o.problem(own_file, rel)), "."]
     beyond = beyond_verdict(o, f"{claim}, beyond random weights", row["model_mean"], row.get("seed_means") or [],
                             sided, own_side)
     return ["; beyond random weights: ", beyond, " (model minus control ", *diff, ")."]
@@ -255,7 +283,10 @@ def beyond_parts(o: Outputs, claim: str, control: tuple, sided: int, no_control:
 
 def why_no_control(o: Outputs, step: str) -> str:
     """Why a number has no control beside it: the control step did not finish, or was not run."""
-    record = o.json(f"{STEPS_DIR}/{step.replace('/', '-')}.json")
+    rel = f"{STEPS_DIR}/{step.replace('/', '-')}.json"
+    record = o.json(rel)
+    if o.problem(rel):
+        return f"its random-weights control's record is {o.problem(rel)}"
     if record and record.get("status") != "ok":
         return f"its random-weights control did not finish ({step}: {record.get('status')}, see Steps)"
     return "no random-weights control was run"
@@ -272,12 +303,20 @@ def figure_paths(o: Outputs, folder: Path, patterns: list[str], limit: dict | No
 
 def opening(o: Outputs, models: list[str], summary: str, heading: Heading, intro: str) -> tuple[list, list]:
     """An experiment's heading and introduction, and the models with its ``summary`` (relative to the model's
-    folder); a "No results" line where none has."""
+    folder), readable or not; a line for each one that cannot be read (its readings say unreadable), and a
+    "No results" line where none has one."""
     blocks = [heading, Para([intro])]
-    present = [m for m in models if o.json(f"{m}/{summary}")]
+    present = [m for m in models if o.json(f"{m}/{summary}") or o.problem(f"{m}/{summary}")]
+    blocks += [Para([unreadable_line(o, f"{m}/{summary}") + " (its readings below say unreadable)"])
+               for m in present if o.problem(f"{m}/{summary}")]
     if not present:
         blocks.append(Para(["No results (the step did not finish; see Steps)."]))
     return blocks, present
+
+
+def unreadable_line(o: Outputs, rel: str) -> str:
+    """The line that names a file that is there but cannot be read, and what is wrong."""
+    return f"unreadable: {rel}: {o.unreadable[rel]}"
 
 
 def value_header(present: list[str]) -> list[str]:
@@ -288,8 +327,13 @@ def value_header(present: list[str]) -> list[str]:
 def status_line(o: Outputs) -> str:
     study = o.json(STUDY_FILE)
     if not study:
-        return "Built from the result folders found (no study.json: not made by run_study.sh)."
-    records = [o.json(f"{STEPS_DIR}/{step['key']}.json") or {} for step in study.get("steps", [])]
-    failed = [step["name"] for step, record in zip(study["steps"], records) if record.get("status") != "ok"]
-    done = f"{len(records) - len(failed)} of {len(records)} steps finished"
-    return done + (f"; not finished: {', '.join(failed)} (see Steps, with the end of each log)." if failed else ".")
+        why = f"study.json is {o.problem(STUDY_FILE)}" if o.problem(STUDY_FILE) else \
+            "no study.json: not made by run_study.sh"
+        return f"Built from the result folders found ({why})."
+    rels = [f"{STEPS_DIR}/{step['key']}.json" for step in study.get("steps", [])]
+    unread = [step["name"] for step, rel in zip(study["steps"], rels) if o.problem(rel)]
+    failed = [step["name"] for step, rel in zip(study["steps"], rels)
+              if step["name"] not in unread and (o.json(rel) or {}).get("status") != "ok"]
+    done = f"{len(rels) - len(failed) - len(unread)} of {len(rels)} steps finished"
+    return done + (f"; not finished: {', '.join(failed)} (see Steps, with the end of each log)" if failed else "") \
+        + (f"; step records unreadable: {', '.join(unread)}" if unread else "") + "."

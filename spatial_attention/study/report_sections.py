@@ -11,7 +11,7 @@ from spatial_attention.study.folder import STEPS_DIR, STUDY_FILE
 from spatial_attention.study.report_blocks import Bullets, Figures, Heading, Para, Pre, Table
 from spatial_attention.study.report_readings import (ALPHA, Outputs, beyond_parts, beyond_verdict, bounds, ci_parts,
                                                      control_cells, figure_paths, model_label, opening, reading,
-                                                     row_index, value_header, why_no_control)
+                                                     row_index, unreadable_line, value_header, why_no_control)
 
 WORLD_PANELS = 2  # per-world panels of experiment 1 shown per model
 
@@ -76,13 +76,13 @@ def experiment_1(o: Outputs, models: list[str]) -> list:
             prefix = ("by_metric", row_index((o.json(rel) or {}).get("by_metric"), map=map_name, metric=metric))
             if kind == "shuffle":
                 value = ci_parts(o, rel, prefix, "mean_diff", "ci_lo", "ci_hi")
-                p = o.num(rel, *prefix, "p_value", fmt=".2g") if None not in prefix else None
+                p = o.num(rel, *prefix, "p_value", fmt=".2g")
                 key = f"{map_name}/{metric} real-shuffled"
             else:
                 value = ci_parts(o, rel, prefix, "real_mean", "real_ci_lo", "real_ci_hi")
-                p = o.num(rel, *prefix, "real_p_value", fmt=".2g") if None not in prefix else None
+                p = o.num(rel, *prefix, "real_p_value", fmt=".2g")
                 key = f"{map_name}/{metric}"
-            shown = value + ([", p=", p] if p is not None and p.value is not None else [])
+            shown = value + ([", p=", p] if p.value is not None else [])
             control = control_cells(o, f"{m}/exp1", key)
             row += [shown, control[0], control[1]]
             if claim:
@@ -131,7 +131,7 @@ def experiment_2(o: Outputs, models: list[str]) -> list:
 
 def _head(o: Outputs, rel: str, layer_path: tuple, head_path: tuple) -> list:
     layer, head = o.num(rel, *layer_path, fmt="d"), o.num(rel, *head_path, fmt="d")
-    return ["n/a"] if layer.value is None else ["L", layer, ".H", head]
+    return [layer.missing] if layer.value is None else ["L", layer, ".H", head]
 
 
 def experiment_3(o: Outputs, models: list[str]) -> list:
@@ -162,13 +162,13 @@ def experiment_3(o: Outputs, models: list[str]) -> list:
             total = o.num(meta, "L", fmt="d"), o.num(meta, "H", fmt="d")
             seeds = [o.num(o.rel(s / "count_shared_unique" / "summary.json"), "significant_heads", corner, fmt="d",
                      op="len") for s in control_seed_folders(o.out / m / "corners")]
-            seeds = [s for s in seeds if s.value is not None]
+            seeds = [s for s in seeds if s.value is not None or o.problem(s.file)]
             row += [[o.num(meta, "answers_yes_full", fmt=".2f"), " / ", o.num(meta, "answers_yes_control", fmt=".2f")],
                     full_control + [" / "] + control_control,
                     [heads, " of ", total[0], " x ", total[1]],
                     _join(seeds) if seeds else ["n/a"],
                     _head(o, rel, ("unique_head_layers", corner), ("unique_heads", corner))]
-            if heads.value is not None:
+            if heads.value is not None or o.problem(rel):
                 readings.append(_count_reading(o, m, corner, rel, heads, seeds))
         rows.append(row)
     blocks += [Table(header, rows)]
@@ -191,7 +191,9 @@ def _count_reading(o: Outputs, m: str, corner: str, rel: str, heads, seeds: list
     alpha = (o.json(rel) or {}).get("fdr", {}).get("alpha", ALPHA)
     test = "significant-head count against the random initialisations'"
     # BH rejects something only where some p can reach alpha (at the largest of its m thresholds)
-    if floor.value is None:
+    if o.problem(rel, *(s.file for s in seeds)):
+        said = o.verdict(claim, test, fixed=o.problem(rel, *(s.file for s in seeds)))
+    elif floor.value is None:
         said = o.verdict(claim, test, fixed="untestable (the analysis records no smallest possible p)")
     elif floor.value > alpha:
         said = o.verdict(claim, test, fixed="untestable at this number of pairs")
@@ -257,13 +259,15 @@ def _ablation_reading(o: Outputs, m: str, corner: str, spec: str, rel: str, effe
     """An ablation's reading: its p_drop in the report's family, its effect's interval below 0, and its effect
     against the random initialisations' (``beyond_verdict``)."""
     heads = (o.json(rel) or {}).get("heads") or []
-    named = " ".join(f"L{h['layer']}.H{h['head']}" for h in heads)
+    named = " ".join(f"L{h['layer']}.H{h['head']}" for h in heads) or o.missing(rel)
     claim = (f"{m}, {corner}: ablating the {spec} heads ({named}) lowers the full images' yes log-odds more than "
              f"random heads of their layers")
     sets = ((o.json(rel) or {}).get("random_controls") or {}).get("count")
     lo, hi = bounds(effect)
     test = f"p_drop against {sets} random head sets of the same layers"
-    if hi is None or p_drop.value is None:
+    if o.problem(rel):
+        said = o.verdict(claim, test, fixed=o.problem(rel))
+    elif hi is None or p_drop.value is None:
         said = o.verdict(claim, test, fixed="n/a")
     elif sets is None:
         said = o.verdict(claim, test, fixed="untestable (the number of random head sets is not recorded)")
@@ -278,7 +282,7 @@ def _ablation_reading(o: Outputs, m: str, corner: str, spec: str, rel: str, effe
     return [f"{claim}: ", said, " (effect ", *effect, ", random sets ",
             o.num(rel, "metrics", "log_odds_full", "random_mean"), ", p_drop ", p_drop, ")"] \
         + beyond_parts(o, claim, control, -1, why_no_control(o, f"{m}/corners-control"),
-                       own_side=hi is not None and hi < 0)
+                       own_side=hi is not None and hi < 0, own_file=rel)
 
 
 def experiment_4(o: Outputs, models: list[str]) -> list:
@@ -298,7 +302,8 @@ def experiment_4(o: Outputs, models: list[str]) -> list:
     for m in present:
         rel = f"{m}/exp4/summary.json"
         summary = o.json(rel) or {}
-        named = " ".join(f"L{h['layer']}.H{h['head']}" for h in summary.get("chosen_heads") or []) or "none"
+        named = " ".join(f"L{h['layer']}.H{h['head']}" for h in summary.get("chosen_heads") or []) or \
+            ("unreadable" if o.problem(rel) else "none")
         change = ci_parts(o, rel, ("test",), "gap_change", "gap_change_lo", "gap_change_hi")
         p_drop = o.num(rel, "test", "p_drop", fmt=".2g")
         control = control_cells(o, f"{m}/exp4", "gap_change")
@@ -306,6 +311,12 @@ def experiment_4(o: Outputs, models: list[str]) -> list:
                      [o.num(rel, "test", "balanced_accuracy", fmt=".2f")], [named],
                      [o.num(rel, "test", "gap_unablated")], change, [o.num(rel, "test", "gap_moved_share", fmt=".0%")],
                      [o.num(rel, "test", "random_gap_change_mean")], [p_drop], control[0]])
+        if o.problem(rel):  # which heads, and whether any, is in the file
+            claim = f"{m}: ablating the heads chosen on the discovery pairs lowers the held-out pairs' gap more " \
+                    "than random heads of their layers"
+            readings.append([f"{claim}: ", o.verdict(claim, "p_drop against random head sets of the same layers, "
+                                                            "on held-out pairs", fixed=o.problem(rel)), "."])
+            continue
         if named == "none":  # nothing was tested, and the control had nothing to ablate
             readings.append([f"{m}: no head carries the gap between a caption and its swap on the discovery pairs (",
                              o.num(rel, "discovery", "n_significant", fmt="d"), " significant; mean gap ",
@@ -325,7 +336,7 @@ def experiment_4(o: Outputs, models: list[str]) -> list:
             said = o.verdict(claim, test, p=p_drop.value, blocked="the change's interval reaches 0" if hi >= 0 else None)
         readings.append([f"{claim}: ", said, " (change ", *change, ", p_drop ", p_drop, ")"]
                         + beyond_parts(o, claim, control, -1, why_no_control(o, f"{m}/exp4-control"),
-                                       own_side=hi is not None and hi < 0))
+                                       own_side=hi is not None and hi < 0, own_file=rel))
     blocks += [Table(header, rows), Heading(3, "Readings"), Bullets(readings), Heading(3, "Figures")]
     for m in present:
         blocks.append(Heading(4, model_label(o, m)))
@@ -358,6 +369,8 @@ def manifest(o: Outputs, models: list[str]) -> list:
         for rel, items_file, items in runs:
             run = o.json(rel)
             if not run:
+                if o.problem(rel):
+                    rows.append([[m], [rel.rsplit("/run.json", 1)[0]]] + [[""]] * 7 + [[o.missing(rel)], [""], [""]])
                 continue
             model = run.get("model") or {}
             versions[json.dumps(run.get("versions"), sort_keys=True)] = run.get("versions")
@@ -383,13 +396,15 @@ def steps(o: Outputs) -> list:
     blocks = [Heading(2, "Steps", "steps")]
     study = o.json(STUDY_FILE)
     if not study:
-        return blocks + [Para(["No study.json: these results were not made by run_study.sh."])]
+        return blocks + [Para([unreadable_line(o, STUDY_FILE) if o.problem(STUDY_FILE) else
+                               "No study.json: these results were not made by run_study.sh."])]
     header, rows, failures = ["step", "what", "status", "time", "tries", "log"], [], []
     for step in study.get("steps", []):
         rel = f"{STEPS_DIR}/{step['key']}.json"
         record = o.json(rel)
         if record is None:
-            rows.append([[step["name"]], [step["title"]], ["not run"], [""], [""], [""]])
+            rows.append([[step["name"]], [step["title"]], [o.missing(rel) if o.problem(rel) else "not run"], [""],
+                         [""], [""]])
             continue
         rows.append([[step["name"]], [step["title"]], [record.get("status", "?")],
                      [o.num(rel, "seconds", fmt=".0f"), " s"], [o.num(rel, "tries", fmt="d")], [record.get("log", "")]])

@@ -407,7 +407,8 @@ def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
 
 
 def run_study(s: StudySettings) -> int:
-    """Every step, then the report; the exit status: 0 when every step finished, 1 otherwise."""
+    """Every step, then the report; the exit status: 0 when every step finished and the report read every file,
+    1 otherwise."""
     from spatial_attention.common.runio import claim_output, package_versions, release_outputs, write_json
 
     earlier = check_study_folder(s) or {}
@@ -433,7 +434,8 @@ def run_study(s: StudySettings) -> int:
 
 
 def _run_steps(s: StudySettings, steps: list[Step], study: dict) -> int:
-    """Run the steps in order, recording the study's end in study.json, then write the report."""
+    """Run the steps in order, recording the study's end in study.json, then write the report; the exit status:
+    1 where a step failed or the report found a file it cannot read."""
     from spatial_attention.common.runio import write_json
     from spatial_attention.study import report
 
@@ -454,11 +456,13 @@ def _run_steps(s: StudySettings, steps: list[Step], study: dict) -> int:
     study.update(status="failed" if failed else "finished", failed=failed, seconds=round(time.monotonic() - start, 1),
                  ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json(s.out_dir / STUDY_FILE, study)
-    html, markdown = report.write_report(s.out_dir)
+    html, markdown, unreadable = report.write_report(s.out_dir)
     log.info("%d of %d steps finished%s in %s", len(records) - len(failed), len(records),
              f"; failed: {', '.join(failed)}" if failed else "", _seconds(study["seconds"]))
+    for rel, why in unreadable.items():
+        log.error("unreadable: %s: %s", s.out_dir / rel, why)
     log.info("report: %s (and %s)", html, markdown)
-    return 1 if failed else 0
+    return 1 if failed or unreadable else 0
 
 
 def main() -> None:
