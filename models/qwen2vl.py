@@ -170,7 +170,8 @@ class Qwen2VLAdapter(VLMAdapter):
         text = {**cls.TINY_TEXT, "vocab_size": len(tokenizer), **(text or {})}
         head_dim = text["hidden_size"] // text["num_attention_heads"]
         text.update(max_position_embeddings=cls.MAX_POSITIONS,
-                    rope_parameters={**cls.ROPE, "mrope_section": cls._mrope_section(head_dim)},
+                    rope_parameters={**cls.ROPE, **text.pop("rope_parameters", {}),
+                                     "mrope_section": cls._mrope_section(head_dim)},
                     pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None)
         text = cls._text_config(text, head_dim)
         config = config_class(text_config=text, vision_config=cls._vision_config(vision, text["hidden_size"]),

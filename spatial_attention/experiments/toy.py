@@ -23,52 +23,61 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import check_output_dir, run_record, setup_logging, write_json
 from spatial_attention.data.counterfactual import CORNERS, corner_prompt, read_pairs
 from spatial_attention.data.generate import corner_pair, draw_scene, random_scene
-from spatial_attention.data.shapeworld import (COLORS, FLIPPED_RELATION, RELATIONS, SHAPES, format_caption, list_shards,
-                                               load_rgb, parse_caption, read_shard)
+from spatial_attention.data.shapeworld import (COLORS, FLIPPED_RELATION, SHAPES, format_caption, list_shards, load_rgb,
+                                               parse_caption, read_shard)
+from spatial_attention.run import controls
 
 log = logging.getLogger("spatial_attention")
 
 # Per family: language-model and vision-encoder widths, and the image side (8 x 8 image tokens:
 # LLaVA 112 px / 14-px patches; Qwen2-VL 224 px / 28 px per merged token), about 1.4 M parameters, and
-# the default steps: 30 minutes of training on 2 CPU cores.
+# the default steps: at most 60 minutes of training on 2 CPU cores.
 TOY_SHAPES = {
     "llava": dict(text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
                             num_key_value_heads=8),
                   vision=dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
                               projection_dim=96),
-                  image_side=112, steps=4500),
+                  image_side=112, steps=6000, position_scale=10.0),
+    # Qwen2-VL's places reach the language model only as M-RoPE rotations; at the 7B's theta (1e6) the toy's
+    # 8 frequency pairs give the width section (the last 3) under 2e-4 rad a column, so the toy turns faster
     "qwen2": dict(text=dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
-                            num_key_value_heads=2),
+                            num_key_value_heads=2, rope_parameters={"rope_theta": 10.0}),
                   vision=dict(depth=3, embed_dim=96, mlp_ratio=2, num_heads=4),
-                  image_side=224, steps=2200),  # fewer steps fit in 30 minutes: its ViT reads 256 patches
+                  image_side=224, steps=4500),
 }
 TASKS = ("agreement", "corner", "exists")
-TASK_SHARE = {"agreement": 0.5, "corner": 0.3, "exists": 0.2}  # of each training batch
+TASK_SHARE = {"agreement": 0.6, "corner": 0.2, "exists": 0.2}  # of each training batch
 SHAPEWORLD_SIDE = 100  # ShapeWorld's world size
 CORNER_SIDE = 64  # the counterfactual pairs' image size (generate_data.py's default)
-CELL_WEIGHT = 0.5  # of the image positions' colour-word loss beside the answer's
 HELD_OUT = 10_000  # stream offset of the held-out data: no training step reaches it
 
-Sample = tuple[str, Image.Image, bool]  # question text, image, whether the answer is yes
+
+class Sample(NamedTuple):
+    """One yes/no item."""
+
+    text: str  # the question (for agreement: the caption)
+    image: Image.Image
+    answer: bool  # whether the right answer is yes
+    entities: tuple = ()  # a ShapeWorld world's shapes (the per-cell targets); empty for a corner picture
+    named: tuple = ()  # a caption's: indices into ``entities`` of its first and second mentioned shape
+
+
 GRID = 8  # image tokens per side
 COLOR_NAMES = list(COLORS)
 _BASE_RGB = np.array([COLORS[c] for c in COLOR_NAMES]) * 255.0
-
 
 # --- data ------------------------------------------------------------------------------
 
@@ -76,16 +85,26 @@ def _image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels, "RGB")
 
 
+def _cell_edges(side: int, grid: int) -> np.ndarray:
+    return np.linspace(0, side, grid + 1).round().astype(int)
+
+
+def _cell_share(mask: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """[grid * grid] raster order: the share of each image-token cell that ``mask`` (side x side) covers."""
+    edges = _cell_edges(mask.shape[0], grid)
+    return np.array([mask[edges[r]:edges[r + 1], edges[c]:edges[c + 1]].mean()
+                     for r in range(grid) for c in range(grid)])
+
+
 def cell_colors(image: Image.Image, grid: int = GRID) -> np.ndarray:
     """[grid * grid] raster order: per image-token cell, 1 + the index in COLOR_NAMES of the colour that
     covers most of the cell's shape pixels (the nearest base colour), or 0 where shapes cover less than a
     quarter of it. The background is the colour of the picture's corner pixel."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
-    side = pixels.shape[0]
     occupied = np.abs(pixels - pixels[0, 0]).max(-1) > 24
     labels = np.zeros(occupied.shape, dtype=np.int64)
     labels[occupied] = ((pixels[occupied][:, None, :] - _BASE_RGB) ** 2).sum(-1).argmin(-1) + 1
-    edges = np.linspace(0, side, grid + 1).round().astype(int)
+    edges = _cell_edges(pixels.shape[0], grid)
     out = np.zeros(grid * grid, dtype=np.int64)
     for r in range(grid):
         for c in range(grid):
@@ -96,29 +115,20 @@ def cell_colors(image: Image.Image, grid: int = GRID) -> np.ndarray:
     return out
 
 
-def _holds(relation: str, first: dict, second: dict) -> bool:
-    """Whether ``relation`` holds from ``first`` to ``second`` on their centres (y grows downward)."""
-    (x1, y1), (x2, y2) = first["center"], second["center"]
-    return {"left": x1 < x2, "right": x1 > x2, "above": y1 < y2, "below": y1 > y2}[relation]
+def entity_cover(entities: tuple, side: int = SHAPEWORLD_SIDE, grid: int = GRID) -> np.ndarray:
+    """[len(entities), grid * grid]: the share of each cell that each shape (drawn alone) covers."""
+    return np.stack([_cell_share(draw_scene([entity], side).max(-1) > 24, grid) for entity in entities])
 
 
-def agreement_sample(rng: np.random.Generator) -> Sample:
-    """A world and its caption, true or (half the time) made false."""
+def agreement_pair(rng: np.random.Generator) -> list[Sample]:
+    """A world with its true caption, and the same world with the caption's relation swapped (false: the
+    generator places the shapes apart along the relation's axis)."""
     first, second, relation, ordered = random_scene(rng, SHAPEWORLD_SIDE)
-    mentions = [[first["color"], first["shape"]], [second["color"], second["shape"]]]
-    true = bool(rng.random() < 0.5)
-    if not true:
-        if rng.random() < 0.7:
-            relation = str(rng.choice([r for r in RELATIONS if not _holds(r, first, second)]))
-        else:
-            which, attribute = int(rng.integers(2)), int(rng.integers(2))
-            present = {e["color"] if attribute == 0 else e["shape"] for e in ordered}
-            choices = [v for v in (list(COLORS) if attribute == 0 else SHAPES) if v not in present]
-            if attribute == 1:  # the two mentioned shapes always differ
-                choices = [v for v in choices if v != mentions[1 - which][1]]
-            mentions[which][attribute] = str(rng.choice(choices))
-    caption = format_caption(*mentions[0], *mentions[1], relation)
-    return caption, _image(draw_scene(ordered, SHAPEWORLD_SIDE)), true
+    image = _image(draw_scene(ordered, SHAPEWORLD_SIDE))
+    words = (first["color"], first["shape"], second["color"], second["shape"])
+    named = (ordered.index(first), ordered.index(second))
+    return [Sample(format_caption(*words, relation), image, True, tuple(ordered), named),
+            Sample(format_caption(*words, FLIPPED_RELATION[relation]), image, False, tuple(ordered), named)]
 
 
 def exists_sample(rng: np.random.Generator) -> Sample:
@@ -133,7 +143,8 @@ def exists_sample(rng: np.random.Generator) -> Sample:
             color = str(rng.choice([c for c in COLORS if (c, shape) not in present]))
         else:
             shape = str(rng.choice([s for s in SHAPES if (color, s) not in present]))
-    return f"is there a {color} {shape} ?", _image(draw_scene(ordered, SHAPEWORLD_SIDE)), (color, shape) in present
+    return Sample(f"is there a {color} {shape} ?", _image(draw_scene(ordered, SHAPEWORLD_SIDE)),
+                  (color, shape) in present, tuple(ordered))
 
 
 def corner_sample(rng: np.random.Generator) -> Sample:
@@ -144,41 +155,58 @@ def corner_sample(rng: np.random.Generator) -> Sample:
     asked = corner if rng.random() < 0.5 else CORNERS[int(rng.integers(len(CORNERS)))]
     opposite = CORNERS[3 - CORNERS.index(corner)]  # topleft <-> bottomright, topright <-> bottomleft
     occupied = {opposite, corner} if is_full else {opposite}
-    return corner_prompt(asked), _image(full if is_full else control), asked in occupied
+    return Sample(corner_prompt(asked), _image(full if is_full else control), asked in occupied)
 
 
-SAMPLERS: dict[str, Callable[[np.random.Generator], Sample]] = {
-    "agreement": agreement_sample, "corner": corner_sample, "exists": exists_sample}
+# each sampler's items per draw: agreement draws a world's true and swapped caption together
+SAMPLERS: dict[str, Callable[[np.random.Generator], list[Sample]]] = {
+    "agreement": agreement_pair, "corner": lambda rng: [corner_sample(rng)],
+    "exists": lambda rng: [exists_sample(rng)]}
 
 
-def batch_samples(seed: int, step: int, batch_size: int) -> list[Sample]:
-    """Training batch ``step``: each task's share of it (``TASK_SHARE``), each task from its own stream."""
-    counts = {task: int(round(TASK_SHARE[task] * batch_size)) for task in TASKS}
-    counts["agreement"] += batch_size - sum(counts.values())
+def _draw(task: str, rng: np.random.Generator, count: int) -> list[Sample]:
     samples = []
+    while len(samples) < count:
+        samples += SAMPLERS[task](rng)
+    return samples[:count] if task != "agreement" else samples
+
+
+def batch_samples(seed: int, step: int, batch_size: int) -> tuple[list[Sample], list[str]]:
+    """Training batch ``step`` and each sample's task: each task's share of it (``TASK_SHARE``; agreement's
+    rounded to whole pairs), each task from its own stream."""
+    counts = {task: int(round(TASK_SHARE[task] * batch_size)) for task in TASKS}
+    counts["agreement"] = max(2, 2 * ((batch_size - counts["corner"] - counts["exists"]) // 2))
+    samples, tasks = [], []
     for index, task in enumerate(TASKS):
-        rng = np.random.default_rng([seed, index, step])
-        samples += [SAMPLERS[task](rng) for _ in range(counts[task])]
-    return samples
+        drawn = _draw(task, np.random.default_rng([seed, index, step]), counts[task])
+        samples += drawn
+        tasks += [task] * len(drawn)
+    return samples, tasks
 
 
 def held_out(task: str, seed: int, count: int) -> list[Sample]:
-    """``count`` held-out samples of ``task`` (streams no training step draws from)."""
-    rng = np.random.default_rng([seed, TASKS.index(task), HELD_OUT])
-    return [SAMPLERS[task](rng) for _ in range(count)]
+    """``count`` held-out samples of ``task`` (streams no training step draws from; agreement in pairs)."""
+    return _draw(task, np.random.default_rng([seed, TASKS.index(task), HELD_OUT]), count)
 
 
 # --- the model -----------------------------------------------------------------------------
 
 def build_toy(family: str, seed: int):
-    """A freshly initialised toy adapter of ``family`` (weights drawn with ``seed``)."""
+    """A freshly initialised toy adapter of ``family`` (weights drawn with ``seed``): the family's classes at
+    ``TOY_SHAPES`` widths, with eager attention (training reads the trained heads' attention) and, where the
+    family has one, the vision encoder's position table scaled up (``position_scale``)."""
     from models import family_adapter
 
     cls = family_adapter(family)
     torch.manual_seed(seed)
     shapes = TOY_SHAPES[family]
     model, processor = cls.build_random(text=shapes["text"], vision=shapes["vision"], image_side=shapes["image_side"])
-    model.set_attn_implementation("sdpa")  # training needs no captured attention
+    if "position_scale" in shapes:
+        # CLIP's table starts at std 0.02, too faint beside the patches for the image tokens to keep their place:
+        # trained from it, the committed toy's image tokens told their column at chance (models/toy/README.md)
+        with torch.no_grad():
+            model.model.vision_tower.embeddings.position_embedding.weight.mul_(shapes["position_scale"])
+    model.set_attn_implementation("eager")
     return cls(model.float(), processor, "toy")
 
 
@@ -197,61 +225,11 @@ def answer_tokens(adapter) -> tuple[int, int]:
     return chosen[0], chosen[1]
 
 
-def cell_targets(adapter, no: int) -> torch.Tensor:
-    """Per cell label of ``cell_colors``, the token trained at an image position: the colour word as it
-    reads inside a caption ("a red square"), the no token for the background."""
-    words = [adapter.tokenizer(f"a {name}", add_special_tokens=False)["input_ids"][-1] for name in COLOR_NAMES]
-    return torch.tensor([no] + words)
-
-
-def forward(adapter, samples: list[Sample]):
-    """(logits [B, T, vocab], the batch) of the samples in the family's prompt format."""
-    batch = adapter.encode([s[0] for s in samples], [s[1] for s in samples])
-    return adapter.model(**batch.inputs).logits, batch
-
-
-def answer_logits(logits: torch.Tensor, batch) -> torch.Tensor:
-    """(B, vocab) logits at each sample's last prompt position (the answer's)."""
-    last = torch.tensor([layout.last_position for layout in batch.layouts], device=logits.device)
-    return logits[torch.arange(len(batch), device=logits.device), last].float()
-
-
 def last_logits(adapter, samples: list[Sample]) -> torch.Tensor:
-    """(B, vocab) logits at each sample's last prompt position."""
-    return answer_logits(*forward(adapter, samples))
+    """(B, vocab) fp32 logits at each sample's last prompt position (the answer's)."""
+    from spatial_attention.engine.capture import plain_logits
 
-
-def train(adapter, seed: int, steps: int, batch_size: int, lr: float) -> list[float]:
-    """The plain torch loop: AdamW, warm-up then cosine decay, cross-entropy on the answer token, plus
-    (weight ``CELL_WEIGHT``) at each image position on its cell's colour word (``cell_targets``): dense
-    grounding that gives the image tokens the words' meaning, which the answer alone teaches too slowly."""
-    yes, no = answer_tokens(adapter)
-    cell_words = cell_targets(adapter, no)
-    model = adapter.model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    losses = []
-    for step in (bar := tqdm(range(steps), desc="train", unit="step")):
-        samples = batch_samples(seed, step, batch_size)
-        target = torch.tensor([yes if s[2] else no for s in samples])
-        logits, batch = forward(adapter, samples)
-        loss = torch.nn.functional.cross_entropy(answer_logits(logits, batch), target)
-        rows = torch.cat([torch.full((layout.image_positions.size,), b) for b, layout in enumerate(batch.layouts)])
-        columns = torch.cat([torch.as_tensor(layout.image_positions) for layout in batch.layouts])
-        cells = torch.cat([cell_words[torch.as_tensor(cell_colors(adapter.prepare_image(s[1])))] for s in samples])
-        loss = loss + CELL_WEIGHT * torch.nn.functional.cross_entropy(logits[rows, columns].float(), cells)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
-    model.eval()
-    return losses
+    return plain_logits(adapter, adapter.encode([s.text for s in samples], [s.image for s in samples]))
 
 
 @torch.no_grad()
@@ -263,8 +241,8 @@ def accuracy(adapter, samples: list[Sample], batch_size: int = 32) -> dict:
     said = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        said += list(log_odds(last_logits(adapter, chunk).cpu(), yes, no) > 0)
-    truth = np.array([s[2] for s in samples])
+        said += list(log_odds(last_logits(adapter, chunk), yes, no) > 0)
+    truth = np.array([s.answer for s in samples])
     right = np.array(said) == truth
     on_yes = round(float(right[truth].mean()), 4) if truth.any() else None
     on_no = round(float(right[~truth].mean()), 4) if (~truth).any() else None
@@ -288,7 +266,8 @@ def folder_samples(path: Path) -> tuple[str, list[Sample], list[Sample]]:
         question = corner_prompt(corners.pop())
         samples = []
         for pair in pairs:
-            samples += [(question, load_rgb(pair.full_image), True), (question, load_rgb(pair.control_image), False)]
+            samples += [Sample(question, load_rgb(pair.full_image), True),
+                        Sample(question, load_rgb(pair.control_image), False)]
         return "corner", samples, []
     if not list_shards(path):
         raise DataError(f"--evaluate {path}: neither a corner data set (metadata.jsonl) nor a ShapeWorld folder "
@@ -297,9 +276,9 @@ def folder_samples(path: Path) -> tuple[str, list[Sample], list[Sample]]:
     for shard in list_shards(path):
         shard_dir = path / f"shard{shard}"
         captions, agreements, _ = read_shard(shard_dir, agreement_only=True)  # agreement.txt: the truth
-        samples += [(caption, load_rgb(shard_dir / f"world-{index}.png"), agreement == 1.0)
+        samples += [Sample(caption, load_rgb(shard_dir / f"world-{index}.png"), agreement == 1.0)
                     for index, (caption, agreement) in enumerate(zip(captions, agreements))]
-    swapped = [(swap_relation(text), image, False) for text, image, true in samples if true]
+    swapped = [Sample(swap_relation(s.text), s.image, False) for s in samples if s.answer]
     return "agreement", samples, swapped
 
 
@@ -330,13 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="optimizer steps (default: " + ", ".join(f"{family} {shapes['steps']}" for family, shapes
                                                                       in TOY_SHAPES.items()) + ": 30 minutes on 2 CPU cores)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, cosine decay)")
+    parser.add_argument("--lr", type=float, default=2e-3,
+                        help="peak learning rate (AdamW; warm-up, flat, decay; the last 2/9 of the steps again at half)")
     parser.add_argument("--held-out", type=int, default=400, help="held-out samples per task after training")
     parser.add_argument("--evaluate", type=Path, default=None, metavar="DIR",
                         help="print the toy's accuracy on DIR (a ShapeWorld agreement/relational folder or a "
                              "data/dataset_{corner} folder) as one JSON line, and train nothing")
+    parser.add_argument("--circuit", action="store_true",
+                        help="print, as one JSON line, how much each trained head attends to its target on "
+                             "--held-out generated captions (true and relation-swapped), beside the other heads "
+                             "of its layer and uniform attention, and train nothing")
     parser.add_argument("--model-path", default="toy",
-                        help="with --evaluate: the checkpoint to evaluate ('toy': the committed one)")
+                        help="with --evaluate or --circuit: the checkpoint to read ('toy': the committed one)")
+    controls.add_control_args(parser)
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -354,14 +339,22 @@ def main(argv=None) -> None:
         raise OptionError(f"--steps {args.steps}: must stay below {HELD_OUT}, where the held-out data's streams begin")
     if not args.lr > 0:
         raise OptionError(f"--lr {args.lr}: must be > 0")
-    if args.evaluate is not None:
-        evaluate(args)
+    seeds = controls.init_seeds(args)
+    if args.evaluate is not None and args.circuit:
+        raise OptionError("--evaluate and --circuit: give one of them")
+    if args.evaluate is not None or args.circuit:
+        for seed in seeds or [None]:  # the toy, or each random initialisation of its architecture
+            read(args, seed)
         return
+    if seeds is not None:
+        raise OptionError("--control: only with --evaluate or --circuit (a trained toy has no control to train)")
     out = check_output_dir(args.out or toy_folder(args.model), "--out")  # before half an hour of training
     started = time.time()
     adapter = build_toy(args.model, args.seed)
     log.info("toy %s: %.2f M parameters", args.model, sum(p.numel() for p in adapter.model.parameters()) / 1e6)
-    losses = train(adapter, args.seed, args.steps, args.batch_size, args.lr)
+    from spatial_attention.experiments import toy_circuit
+
+    history = toy_circuit.train(adapter, args.seed, args.steps, args.batch_size, args.lr)
     wall = time.time() - started
     adapter.model.half().save_pretrained(out)  # fp16: the committed file stays small
     adapter.processor.save_pretrained(out)
@@ -369,11 +362,12 @@ def main(argv=None) -> None:
     held = {task: accuracy(saved, held_out(task, args.seed, args.held_out)) for task in TASKS}
     for task, result in held.items():
         log.info("held-out %s: %s", task, result)
+    circuit = toy_circuit.circuit_probes(saved, held_out("agreement", args.seed, args.held_out))
+    log.info("the trained heads on held-out captions: %s", circuit)
     write_json(out / "training.json", run_record(
-        vars(args), saved, task_shares=TASK_SHARE, train_seconds=round(wall, 1),
-        final_loss=round(float(np.mean(losses[-100:])), 4),
-        loss_every_100=[round(float(np.mean(losses[i:i + 100])), 4) for i in range(0, len(losses), 100)],
-        held_out=held))
+        vars(args), saved, task_shares=TASK_SHARE, stages=toy_circuit.stages(args.steps, args.lr),
+        train_seconds=round(wall, 1), final_loss={name: round(float(np.mean(v[-100:])), 4) for name, v in history.items()},
+        loss_every_100=toy_circuit.every_100(history), held_out=held, circuit=circuit))
 
 
 def load_toy(family: str, folder: Path):
@@ -383,15 +377,25 @@ def load_toy(family: str, folder: Path):
     return load_adapter(family, str(folder), device="cpu", dtype="fp32")
 
 
-def evaluate(args) -> None:
-    task, samples, swapped = folder_samples(args.evaluate)
+def read(args, init_seed: int | None) -> None:
+    """--evaluate or --circuit: one JSON line of the checkpoint's (or, with ``init_seed``, one random
+    initialisation's of its architecture) answers on a folder, or its trained heads' probes."""
     from models import load_adapter
 
-    adapter = load_adapter(args.model, args.model_path, device="cpu", dtype="fp32")
+    adapter = load_adapter(args.model, args.model_path, device="cpu", dtype="fp32", random_init_seed=init_seed)
+    which = {"model_path": args.model_path, **({"initialisation seed": init_seed} if init_seed is not None else {})}
+    if args.circuit:
+        from spatial_attention.experiments import toy_circuit
+
+        samples = held_out("agreement", args.seed, args.held_out)
+        print(json.dumps({"circuit": toy_circuit.circuit_probes(adapter, samples), "n_captions": len(samples),
+                          **which}))
+        return
+    task, samples, swapped = folder_samples(args.evaluate)
     result = {"task": task, "n": len(samples), **{k: v for k, v in accuracy(adapter, samples).items() if k != "n"}}
     if swapped:  # the folder's true captions against the same captions with the relation swapped
-        said_true = accuracy(adapter, [s for s in samples if s[2]])["accuracy"]
+        said_true = accuracy(adapter, [s for s in samples if s.answer])["accuracy"]
         said_swapped = accuracy(adapter, swapped)["accuracy"]
         result.update(n_swapped=len(swapped), accuracy_true=said_true, accuracy_swapped=said_swapped,
                       balanced_accuracy=round((said_true + said_swapped) / 2, 4))
-    print(json.dumps({**result, "model_path": args.model_path, "data": str(args.evaluate)}))
+    print(json.dumps({**result, **which, "data": str(args.evaluate)}))
