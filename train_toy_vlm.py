@@ -2,4 +2,4 @@
 from spatial_attention.common.console import run_script
 
 if __name__ == "__main__":
-    run_script("spatial_attention.experiments.toy")
+    run_script("spatial_attention.experiments.train_toy")

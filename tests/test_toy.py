@@ -11,7 +11,7 @@ from conftest import committed_toy, require_toy
 
 from models import TOY, load_adapter
 from spatial_attention.data.generate import generate_counterfactual
-from spatial_attention.experiments import toy
+from spatial_attention.experiments import toy, train_toy
 
 FAMILIES = ["llava", "qwen2"]
 CIRCUIT_FAMILIES = ["llava"]  # the toys trained with a known circuit that they learned (models/toy/README.md)
@@ -20,7 +20,7 @@ CIRCUIT_FAMILIES = ["llava"]  # the toys trained with a known circuit that they 
 def test_training_a_few_steps_is_a_function_of_the_seed(tmp_path):
     """Two runs with one seed give the same bytes; another seed other weights (CI never trains a toy)."""
     def train(out, seed):
-        toy.main(["--model", "llava", "--out", str(out), "--steps", "2", "--batch-size", "4", "--held-out", "2",
+        train_toy.main(["--model", "llava", "--out", str(out), "--steps", "2", "--batch-size", "4", "--held-out", "2",
                   "--seed", str(seed)])
         return (out / "model.safetensors").read_bytes()
 
@@ -90,7 +90,7 @@ def test_committed_toy_answers_the_corner_question(family, tmp_path, capsys):
     (a regression in the data, the prompt or the loading shows here)."""
     committed_toy(family)
     folder, = generate_counterfactual(tmp_path, count=20, seed=123, corners=["bottomleft"])
-    toy.main(["--model", family, "--evaluate", str(folder)])
+    train_toy.main(["--model", family, "--evaluate", str(folder)])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["task"] == "corner" and line["n"] == 40
     assert line["accuracy"] >= CORNER_FLOOR[family]
@@ -103,7 +103,7 @@ def test_committed_toy_is_evaluated_on_real_shapeworld(family, said_yes, real_sa
     is allowed for numerical noise); beside them the same captions with the relation swapped (all false) and the
     balanced mean, which a yes-bias or a no-bias puts at 0.5."""
     committed_toy(family)
-    toy.main(["--model", family, "--evaluate", str(real_sample)])
+    train_toy.main(["--model", family, "--evaluate", str(real_sample)])
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["task"] == "agreement" and line["n"] == 16 and line["n_swapped"] == 16
     assert abs(line["accuracy"] * 16 - said_yes) <= 1
@@ -116,8 +116,8 @@ def test_relation_swap_of_a_caption():
     from spatial_attention.data.shapeworld import format_caption
 
     caption = format_caption("red", "square", "blue", "circle", "left")
-    assert toy.swap_relation(caption) == format_caption("red", "square", "blue", "circle", "right")
-    assert toy.swap_relation(toy.swap_relation(caption)) == caption
+    assert train_toy.swap_relation(caption) == format_caption("red", "square", "blue", "circle", "right")
+    assert train_toy.swap_relation(train_toy.swap_relation(caption)) == caption
 
 
 def test_qwen2_toy_is_fed_at_its_own_size():
@@ -191,7 +191,7 @@ def test_bad_combinations_are_one_line(tmp_path, capsys):
     and --circuit are one or the other."""
     for argv in (["--control", "random-weights"], ["--evaluate", str(tmp_path), "--circuit"]):
         with pytest.raises(SystemExit) as code:
-            toy.main(["--model", "llava", "--out", str(tmp_path / "out"), *argv])
+            train_toy.main(["--model", "llava", "--out", str(tmp_path / "out"), *argv])
         assert code.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: --") and "\n" not in err
