@@ -15,6 +15,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import numpy as np  # noqa: E402
+
+from spatial_attention.experiments.ablation_heads import random_head_sets  # noqa: E402
 from spatial_attention.experiments.toy_circuit import (BINDING_HEAD, MENTION_HEADS, RELATION_HEAD,  # noqa: E402
                                                         head_name)
 from spatial_attention.run.controls import control_seed_folders  # noqa: E402  (after the path)
@@ -22,6 +25,7 @@ from spatial_attention.run.controls import control_seed_folders  # noqa: E402  (
 BINDING = head_name(*BINDING_HEAD)
 ANSWER = [head_name(*head) for head in MENTION_HEADS]
 RELATION = head_name(*RELATION_HEAD)
+TRAINED = set(ANSWER) | {RELATION}  # the heads trained to feed the answer
 
 
 def _json(path: Path):
@@ -66,12 +70,28 @@ def circuit(out: Path) -> list[str]:
                          "its mass on the target far above the other heads' and uniform (trained so)",
                          f"**{probe['mass']:.3f}**; other heads of the layer <= {probe['other_heads_max']:.3f} "
                          f"(mean {probe['other_heads_mean']:.3f}); uniform {probe['uniform']:.3f}", control,
-                         "does its job (> 3x the best other head and uniform)" if does else "**does not**"))
+                         "does its job (> 3x the best other head and uniform)" if does else "**not 3x**"))
+        if "specificity" in probe:  # the binding head: the named shape against the other one
+            binds = probe["specificity"] > probe["other_heads_max_specificity"] + 0.4
+            control = "; ".join(f"{s['circuit'][name]['specificity']:+.3f}" for s in seeds)
+            rows.append(_row(f"head {name}'s specificity: mass on the named shape minus on the other shape",
+                             "far above every other head's (the CI test's rule: by more than 0.4): the other "
+                             "heads of the layer may look at the shapes, but not at the one a word names",
+                             f"**{probe['specificity']:+.3f}** (other shape {probe['other_shape_mass']:.3f}); "
+                             f"other heads <= {probe['other_heads_max_specificity']:+.3f}", control,
+                             "binds" if binds else "**does not bind**"))
     return rows
 
 
 def _chosen(summary: dict | None) -> list[str]:
     return [] if summary is None else [f"{h['layer']}.{h['head']}" for h in summary.get("chosen_heads", [])]
+
+
+def _control_choice(seeds: list[dict | None]) -> str:
+    """What each initialisation chose; a control that ablates the model's heads chooses none of its own."""
+    each = ["the model's heads (no choice of its own)" if s and s["chosen_by"] == "the model's own run"
+            else " ".join(_chosen(s)) or "none" for s in seeds]
+    return f"each of {len(each)}: {each[0]}" if len(set(each)) == 1 else "; ".join(each)
 
 
 def _test(summary: dict | None) -> str:
@@ -100,14 +120,15 @@ def experiment_4(out: Path) -> list[str]:
             f"{' and '.join(ANSWER)}: mirroring moves the shapes, so the shape words' states (the places "
             f"{BINDING} copied) differ, and these heads carry them to the answer",
             f"{' '.join(chosen) or 'none'} ({mirror['discovery']['n_significant']} significant of "
-            f"{mirror['discovery']['n_pairs']} pairs' BH)", "; ".join(" ".join(_chosen(s)) or "none"
-                                                                     for s in mirror_seeds),
+            f"{mirror['discovery']['n_pairs']} pairs' BH)", _control_choice(mirror_seeds),
             ("finds both" if not missing else f"**misses {' '.join(missing)}**")
             + (f"; also {' '.join(also)}" if also else "")))
         rows.append(_row("exp 4 mirror: the chosen heads ablated on the held-out half vs random sets of their layers",
                          "most of the gap moved, p_drop <= 0.05; on random weights no gap to move",
                          _test(mirror), "; ".join(_test(s) for s in mirror_seeds),
                          _verdict_moved(mirror)))
+        rows.append(_row("exp 4 mirror: the random sets as harmful as the chosen heads",
+                         "none without a trained head", *_null_sets(out / "exp4_mirror", mirror)))
     if swap is not None:
         chosen = _chosen(swap)
         trained = [h for h in ANSWER if h in chosen]
@@ -118,11 +139,35 @@ def experiment_4(out: Path) -> list[str]:
             f"{RELATION}, which reads the relation word at the answer; not {' or '.join(ANSWER)}: the relation word "
             "comes after both shape words, so what they read is the same in both captions",
             f"{' '.join(chosen) or 'none'} ({swap['discovery']['n_significant']} significant)",
-            "; ".join(" ".join(_chosen(s)) or "none" for s in swap_seeds), verdict))
+            _control_choice(swap_seeds), verdict))
         rows.append(_row("exp 4 swap: the chosen heads ablated on the held-out half vs random sets",
                          "most of the gap moved, p_drop <= 0.05", _test(swap),
                          "; ".join(_test(s) for s in swap_seeds), _verdict_moved(swap)))
+        rows.append(_row("exp 4 swap: the random sets as harmful as the chosen heads",
+                         "none without a trained head", *_null_sets(out / "exp4_swap", swap)))
     return rows
+
+
+def _null_sets(folder: Path, summary: dict | None) -> tuple[str, str, str]:
+    """Which random sets moved the gap as much as the chosen heads: with 8 heads a layer, half the random sets of
+    the chosen heads' layers hold a trained head (``TRAINED``), which the answer needs as much as the chosen."""
+    records, run = _lines(folder / "test" / "ablation_pairs.jsonl"), _json(folder / "run.json")
+    if summary is None or summary.get("test") is None or not records or run is None:
+        return "not tested", "", ""
+    chosen = [(h["layer"], h["head"]) for h in summary["chosen_heads"]]
+    sets = random_head_sets(chosen, 8, summary["test"]["random_sets"], run["settings"]["seed"])
+    base = np.array([r["base"] for r in records])
+    change = (np.array([r["ablated"] for r in records]) @ [1, -1]).mean(0) - (base @ [1, -1]).mean()
+    as_much = change[1:] <= change[0]
+    if not np.isclose((1 + as_much.sum()) / (1 + len(sets)), summary["test"]["p_drop"]):
+        raise SystemExit(f"{folder}: the random sets redrawn here do not give the summary's p_drop")
+    trained = np.array([any(f"{layer}.{head}" in TRAINED for layer, head in heads) for heads in sets])
+    found = (f"{as_much.sum()} random sets moved the gap as much, all {as_much.sum()} holding a trained head"
+            if (as_much <= trained).all() else f"{as_much.sum()} random sets moved it as much, "
+            f"{(as_much & ~trained).sum()} without a trained head") + (
+        f" ({trained.sum()} of {len(sets)} hold one); the sets without one moved it by "
+        f"{change[1:][~trained].mean():+.2f} on average, at most {change[1:][~trained].min():+.2f}")
+    return found, "", "p_drop's misses are trained heads" if (as_much <= trained).all() else "**not met**"
 
 
 def _verdict_moved(summary: dict) -> str:

@@ -33,9 +33,11 @@ if [ ! -s "$OUT/evaluate.jsonl" ]; then
     "$PYTHON" "$HERE/train_toy_vlm.py" --model "$FAMILY" --evaluate "$folder"
   done > "$OUT/evaluate.tmp" && mv "$OUT/evaluate.tmp" "$OUT/evaluate.jsonl"
 fi
-[ -s "$OUT/circuit.jsonl" ] || { "$PYTHON" "$HERE/train_toy_vlm.py" --model "$FAMILY" --circuit --held-out "$WORLDS" \
-  && "$PYTHON" "$HERE/train_toy_vlm.py" --model "$FAMILY" --circuit --held-out "$WORLDS" "${control[@]}"; } \
-  > "$OUT/circuit.tmp" && mv "$OUT/circuit.tmp" "$OUT/circuit.jsonl"
+if [ ! -s "$OUT/circuit.jsonl" ]; then
+  { "$PYTHON" "$HERE/train_toy_vlm.py" --model "$FAMILY" --circuit --held-out "$WORLDS" \
+    && "$PYTHON" "$HERE/train_toy_vlm.py" --model "$FAMILY" --circuit --held-out "$WORLDS" "${control[@]}"; } \
+    > "$OUT/circuit.tmp" && mv "$OUT/circuit.tmp" "$OUT/circuit.jsonl"
+fi
 
 others=$(seq -s, 1 7)  # the binding head's layer has 8 heads in both toys
 for extra in "" control; do
