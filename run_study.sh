@@ -18,9 +18,15 @@
 #   DEVICE [auto]  DTYPE [auto]  BATCH_SIZE [empty: 8 on a GPU, 1 on the CPU]
 #   PYTHON [the checkout's .venv/bin/python, else the active virtual environment's; with neither, refused, naming
 #                               the setup command (bash env_setup_llava.bash)]: runs every step
+#   PLAN [0]                    1: write the cost plan (OUT_DIR/plan.json) and run nothing
+#   CALIBRATION [none]          a device's calibration (bench/gpu_check.sh writes bench/results/calibration-{gpu}.json):
+#                               the plan prices for that device; without it, the one recorded for this GPU, else (tiny
+#                               and toy models) a timed forward here, else counts without seconds
 # The corner sweep's own settings (SCORE, ABLATE_HEADS, ABLATE_MODE, RANDOM_CONTROLS, LAYERS, ...; see
 # run_corner_experiments.sh) pass through to it.
 #
+# Before any step the plan is printed and written to OUT_DIR/plan.json: per step its model builds, forwards,
+# tokens per forward, token-layers and estimated seconds, and the total (spatial_attention/study/cost.py).
 # Each step runs in its own process, its output in OUT_DIR/logs/{step}.log; one line is printed as it starts and
 # one as it ends. A step that fails is recorded (OUT_DIR/steps/{step}.json, with the end of its log) and the next
 # one starts; the report shows it. Rerunning resumes: a finished step is skipped, one cut off or failed is run

@@ -16,7 +16,9 @@ mode's own in ``reports``; the sweep, several processes, has none):
 A failed step is recorded (its exit status and the end of its stderr) and the
 check goes on. One JSON summary is printed and written to
 bench/results/gpu_check-{gpu}.json (``--out`` to change it); the exit status is 1
-when any step failed.
+when any step failed. At the end, the device's calibration for the study's cost plan
+(``run_study.sh`` with ``CALIBRATION=FILE``; ``spatial_attention/study/calibration.py``) goes beside
+it, calibration-{gpu}.json, from the families whose benchmark and experiment 1 finished.
 """
 from __future__ import annotations
 
@@ -125,7 +127,10 @@ def main() -> None:
     deadline = time.perf_counter() + (args.deadline or (math.inf if smoke else 480))
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^0-9A-Za-z]+", "-", build["gpu"] or "cpu").strip("-").lower()
+    sys.path.insert(0, str(REPO))
+    from spatial_attention.study.calibration import device_slug, from_gpu_check
+
+    gpu = device_slug(build["gpu"])
     out = args.out or REPO / "bench" / "results" / f"gpu_check-{gpu}{'-smoke' if smoke else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     steps, summary = [], {}
@@ -136,6 +141,11 @@ def main() -> None:
                    "total_seconds": round(sum(s["seconds"] for s in steps), 1), "all_ok": all(s["ok"] for s in steps),
                    "steps": steps, "reports": reports(work)}
         out.write_text(json.dumps(summary, indent=2) + "\n")  # after every step: a stopped check keeps what it did
+    calibration = from_gpu_check(summary, str(out))
+    if calibration["families"]:
+        written = out.parent / f"calibration-{gpu}{'-smoke' if smoke else ''}.json"
+        written.write_text(json.dumps(calibration, indent=2) + "\n")
+        print(f"[gpu_check] calibration of this device: {written}", file=sys.stderr)
     print(json.dumps(summary))
     sys.exit(0 if summary["all_ok"] else 1)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from spatial_attention.study.calibration import read_calibration
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,6 +39,8 @@ def test_gpu_check_runs_end_to_end_at_the_smoke_size(smoke):
     measured = [s for s in summary["steps"] if "verify" in s["step"] or "experiment 1" in s["step"]]
     assert all(s["peak_mb"] > 0 and s["seconds"] > 0 for s in measured)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == summary
+    calibration = read_calibration(out.parent / "calibration-cpu-smoke.json")
+    assert set(calibration["families"]) == {"llava", "qwen2"} and calibration["device_type"] == "cpu"
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2"])

@@ -349,6 +349,30 @@ def test_shuffle_patches_rectangular_grid_and_uneven_sides():
     assert shuffled.size == uneven.size and shuffled.mode == "RGB"
 
 
+def _shuffle_tile_by_tile(image: Image.Image, grid: tuple[int, int], seed: int) -> Image.Image:
+    """The slow, obvious shuffle that shuffle_patches's array path replaced: crop each tile, paste it."""
+    gh, gw = grid
+    size = (-(-image.width // gw) * gw, -(-image.height // gh) * gh)
+    work = image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
+    tw, th = size[0] // gw, size[1] // gh
+    boxes = [(c * tw, r * th, (c + 1) * tw, (r + 1) * th) for r in range(gh) for c in range(gw)]
+    out = work.copy()
+    for dest, src in zip(boxes, np.random.default_rng(seed).permutation(gh * gw)):
+        out.paste(work.crop(boxes[src]), dest[:2])
+    return out if out.size == image.size else out.resize(image.size, Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("mode, size, grid", [("RGB", (336, 336), (24, 24)), ("RGB", (672, 616), (22, 24)),
+                                              ("L", (9, 6), (2, 3)), ("P", (12, 8), (4, 4)), ("RGB", (10, 13), (4, 4)),
+                                              ("CMYK", (12, 8), (4, 4)), ("YCbCr", (12, 8), (2, 4))])
+def test_shuffle_patches_is_the_tile_by_tile_shuffle_byte_for_byte(mode, size, grid):
+    pixels = np.random.default_rng(7).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    fast, slow = M.shuffle_patches(image, grid, seed=11), _shuffle_tile_by_tile(image, grid, seed=11)
+    assert fast.mode == slow.mode and fast.size == slow.size and fast.tobytes() == slow.tobytes()
+    assert fast.getpalette() == slow.getpalette()
+
+
 # --------------------------------------------------------------------------- binding specificity
 
 SUBJECT = np.zeros((8, 8), dtype=bool)

@@ -100,7 +100,7 @@ def test_unusable_data_fails_before_the_model_loads(driver, tmp_path, capsys, no
 
 def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    real = vlm_analysis.analyse_worlds
+    real = vlm_analysis.score_worlds  # each batch's forward and metrics (its inputs are prepared ahead)
     calls = []
 
     def interrupted_on_second_batch(*args, **kwargs):
@@ -109,7 +109,7 @@ def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vlm_analysis, "analyse_worlds", interrupted_on_second_batch)
+    monkeypatch.setattr(vlm_analysis, "score_worlds", interrupted_on_second_batch)
     argv = [*FAST, "--data", str(worlds), "--out", str(out), "--batch-size", "1"]
     err = _one_line_exit(capsys, lambda: vlm_analysis.main("llava", argv), code=130)
     assert err.startswith("interrupted:") and str(out) in err and "rerun" in err
@@ -117,10 +117,31 @@ def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_pat
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "interrupted"
 
-    monkeypatch.setattr(vlm_analysis, "analyse_worlds", real)
+    monkeypatch.setattr(vlm_analysis, "score_worlds", real)
     vlm_analysis.main("llava", argv)
     assert len(_records(out / "samples.jsonl")) == 4
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_worlds_finished_before_a_ctrl_c_keep_their_figures(worlds, tmp_path, capsys, monkeypatch):
+    """Figures are drawn after the loop; a run stopped early still draws those of its finished worlds, which a
+    rerun would not redo."""
+    real = vlm_analysis.score_worlds
+    calls = []
+
+    def interrupted_on_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm_analysis, "score_worlds", interrupted_on_second_batch)
+    out = tmp_path / "out"
+    argv = ["--model-path", "tiny-random", "--plot-samples", "4", "--data", str(worlds), "--out", str(out),
+            "--batch-size", "1", "--no-baseline"]
+    _one_line_exit(capsys, lambda: vlm_analysis.main("llava", argv), code=130)
+    (record,) = _records(out / "samples.jsonl")
+    assert vlm_analysis.figure_path(out, record["shard"], record["index"]).exists()
 
 
 def test_verify_attention_checks_before_the_model_loads(tmp_path, capsys, no_model_load):
@@ -211,13 +232,13 @@ def test_sigterm_ends_like_ctrl_c(worlds, tmp_path):
     out = tmp_path / "out"
     script = (f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).parents[1])!r})\n"
               "from spatial_attention.experiments import vlm_analysis\n"
-              "real = vlm_analysis.analyse_worlds\n"
+              "real = vlm_analysis.score_worlds\n"
               "calls = []\n"
               "def once_then_sigterm(*a, **k):\n"
               "    calls.append(1)\n"
               "    if len(calls) == 2: os.kill(os.getpid(), signal.SIGTERM)\n"
               "    return real(*a, **k)\n"
-              "vlm_analysis.analyse_worlds = once_then_sigterm\n"
+              "vlm_analysis.score_worlds = once_then_sigterm\n"
               f"vlm_analysis.main('llava', {[*FAST, '--data', str(worlds), '--out', str(out), '--batch-size', '1']!r})\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert done.returncode == 130, done.stderr
@@ -226,11 +247,12 @@ def test_sigterm_ends_like_ctrl_c(worlds, tmp_path):
     assert len(_records(out / "samples.jsonl")) == 1
 
 
-def test_an_unexpected_error_keeps_its_traceback_and_marks_run_json(worlds, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["score_worlds", "prepare_worlds"])  # the main thread, the background thread
+def test_an_unexpected_error_keeps_its_traceback_and_marks_run_json(where, worlds, tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(vlm_analysis, "analyse_worlds", bug)
+    monkeypatch.setattr(vlm_analysis, where, bug)
     out = tmp_path / "out"
     with pytest.raises(ZeroDivisionError):
         vlm_analysis.main("llava", [*FAST, "--data", str(worlds), "--out", str(out)])

@@ -9,16 +9,17 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from spatial_attention.common.errors import OptionError
+from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.common.runio import append_jsonl, claim_output, lacks_keys, release_outputs
 from spatial_attention.data.generate import generate_counterfactual, generate_shapeworld
 from spatial_attention.experiments import ablation, corner_stats, text_analysis, verify, vlm_analysis
-from spatial_attention.run.runloop import (IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, check_free, mark_results,
-                                           resumable_map)
+from spatial_attention.run.runloop import (IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, ahead, check_free,
+                                           mark_results, resumable_map)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model-path", "tiny-random", "--plot-samples", "0"]
@@ -66,6 +67,45 @@ def test_each_key_is_written_once_and_the_result_is_what_was_asked(share, tmp_pa
     # read from the file as they are iterated (in the items' order, not the file's), not held in memory
     assert len(got) == 5 and list(got) == [lines(path)[i] for i in (3, 1, 2, 0, 4)]
     assert not any(isinstance(value, list) and value and isinstance(value[0], dict) for value in vars(got).values())
+
+
+def test_prepare_runs_one_batch_ahead_in_another_thread(share, tmp_path):
+    """With ``prepare``, batch i + 1 is prepared in a background thread while ``fn`` works on batch i (``fn`` waits
+    for it to start: were it prepared after, the wait would time out), ``fn`` gets the prepared batches in order,
+    the records are the same, and ``made`` counts this call's items."""
+    started = {key: threading.Event() for key in range(1, 7)}
+    threads, given, waited = set(), [], []
+
+    def prepare(chunk):
+        threads.add(threading.current_thread() is threading.main_thread())
+        started[chunk[0]].set()
+        return [k * 10 for k in chunk]
+
+    def fn(prepared):
+        given.append(prepared)
+        following = prepared[0] // 10 + 2
+        if following <= 5:
+            waited.append(started[following].wait(timeout=30))
+        return [{"key": k // 10, "value": k} for k in prepared]
+
+    got = resumable_map(share, results_at(tmp_path / "records.jsonl"), [1, 2, 3, 4, 5], fn, {}, batch_size=2,
+                        prepare=prepare)
+    assert [r["key"] for r in got] == [1, 2, 3, 4, 5] and got.made == 5
+    assert given == [[10, 20], [30, 40], [50]] and waited == [True, True] and threads == {False}
+    assert resumable_map(share, results_at(tmp_path / "records.jsonl"), [1, 6], fn, {}, prepare=prepare).made == 1
+
+
+def test_an_error_while_preparing_is_raised_where_its_batch_is_taken():
+    def prepare(chunk):
+        if chunk == [2]:
+            raise DataError("unreadable")
+        return chunk
+
+    taken = []
+    with pytest.raises(DataError, match="unreadable"):
+        for prepared in ahead(prepare, [[1], [2], [3]]):
+            taken.append(prepared)
+    assert taken == [[1]]
 
 
 def test_other_identity_is_refused_naming_the_setting(share, tmp_path):

@@ -260,6 +260,7 @@ def _check_outputs(out: Path, data: Path, n_pairs: int, n_layers: int) -> list[d
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["model"]["model_path"] == "tiny-random"
     assert run["counts"] == summary["counts"] and run["layers_0based"] == list(range(n_layers))
+    assert run["timing"]["items"] == n_pairs and run["timing"]["forward_seconds"] > 0  # where the time went
     assert {"torch", "transformers", "numpy"} <= run["versions"].keys()
     _no_nan((out / "run.json").read_text())
     for line in (out / "pairs.jsonl").read_text().splitlines():

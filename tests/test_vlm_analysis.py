@@ -66,6 +66,8 @@ def _check_outputs(out: Path, n_worlds: int, baseline: bool = True) -> list[dict
     assert rows and {"map", "metric", "real_mean", "shuffled_mean", "mean_diff", "ci_lo", "ci_hi", "p_value"} <= rows[0].keys()
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["model"]["model_path"] == "tiny-random"
+    assert set(run["timing"]) == {"items", "forward_seconds", "other_seconds"}  # where the time went
+    assert run["timing"]["forward_seconds"] > 0 and run["timing"]["other_seconds"] > 0
     assert {"torch", "transformers", "numpy"} <= run["versions"].keys()
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"real_vs_shuffled.png", "specificity.png", "metric_by_relation.png"} <= figures
@@ -126,6 +128,7 @@ def test_resume_after_interruption_gives_the_same_numbers(two_shards, tmp_path):
     key = lambda r: (r["shard"], r["index"])  # noqa: E731
     assert sorted(_records(resumed), key=key) == sorted(_records(full), key=key)
     assert json.loads((resumed / "summary.json").read_text())["n_worlds"] == 6
+    assert json.loads((resumed / "run.json").read_text())["timing"]["items"] == 3  # this command's worlds only
 
 
 def test_batched_equals_batch_size_one(two_shards, tmp_path):
@@ -337,10 +340,13 @@ def test_the_word_swap_and_distance_matched_specificities_agree_with_separate_pl
             rows = VA.word_rows_of(batch.layouts[0], told)
             (recording,), _ = capture(adapter, batch, VA.world_request(layers, batch.layouts, [rows], [every_cell]))
             if check == "swap":
-                alone = VA._maps(recording, rows, grid, {}, every_cell)
-                for role in ("subject", "object"):
+                cross = recording["cross"].astype(np.float64)
+                cross = cross / cross.sum(1, keepdims=True)
+                starts = np.cumsum([0] + [len(rows[role]) for role in ("subject", "object")])
+                for role, start, end in zip(("subject", "object"), starts, starts[1:]):
+                    alone = cross[start:end].mean(0).reshape(grid)
                     assert got[f"{role}_cross"][M.WORD_SWAP] == pytest.approx(M.word_swap_specificity(
-                        maps["real"][f"{role}_cross"], alone[f"{role}_cross"], regions[role]), abs=1e-5)
+                        maps["real"][f"{role}_cross"], alone, regions[role]), abs=1e-5)
                 continue
             for block, order in (("image_self", batch.layouts[0].image_positions), ("vision", None)):
                 source = "lm" if block == "image_self" else "vit"

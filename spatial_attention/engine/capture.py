@@ -36,6 +36,7 @@ alone and the last real position is ``layout.last_position``.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,23 @@ class AttentionHook:
 
 
 _active_hook: AttentionHook | None = None
+_forward_seconds = 0.0  # ``forward_seconds``
+
+
+def forward_seconds() -> float:
+    """Seconds this process has spent in the model's forwards (``last_position_logits``, ``capture_generate``), each
+    timed until its result is on the CPU: on a GPU the forward's time, not its launch's (run.json's ``timing``)."""
+    return _forward_seconds
+
+
+@contextlib.contextmanager
+def _timed_forward():
+    global _forward_seconds
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _forward_seconds += time.perf_counter() - start
 
 
 @contextlib.contextmanager
@@ -313,37 +331,43 @@ class _Recorder(AttentionHook):
             rows = mean_heads[j, :self.vision_row_counts[sample]]
             self.vision_sum[sample].add(self.adapter.vision_to_grid(rows) / self.vision_layers)
 
-    def results(self) -> list[dict[str, np.ndarray]]:
+    def results(self, device=None) -> list[dict]:
+        """Per sample, every recorded point: numpy on the CPU, or (``device`` given) fp32 tensors on ``device``."""
         if self.vision_index and set(self.vision_calls.values()) - {len(self.view_sample)}:
             raise RuntimeError(f"the vision encoder ran {sorted(set(self.vision_calls.values()))} views where the "
                                f"adapter's vision_views expects {len(self.view_sample)}: its maps would go to the "
                                "wrong samples")
         out = []
-        cpu = torch.device("cpu")
+        where = torch.device("cpu") if device is None else device
+
+        def result(total: torch.Tensor):
+            return total.float().numpy() if device is None else total.float()
+
         mass = None
         if self.last_cols is not None:
-            mass = self.mass.total(cpu)
+            mass = self.mass.total(where)
             if mass is None:  # no layer recorded
-                mass = torch.zeros(len(self.batch), len(self.request.layers), self.adapter.num_heads)
+                mass = torch.zeros(len(self.batch), len(self.request.layers), self.adapter.num_heads, device=where)
         for b in range(len(self.batch)):
-            sample = {name: sums[b].total(cpu).float().numpy() for name, sums in self.block_sum.items()}
+            sample = {name: result(sums[b].total(where)) for name, sums in self.block_sum.items()}
             if mass is not None:
-                passes = torch.tensor(self.mass_passes).clamp_min(1).view(-1, 1)
-                sample["last_mass"] = (mass[b] / passes).numpy()
+                passes = torch.tensor(self.mass_passes, device=where).clamp_min(1).view(-1, 1)
+                sample["last_mass"] = result(mass[b] / passes)
             if self.request.vision_cells is not None:
-                total = self.vision_sum[b].total(cpu)
-                sample["vision"] = np.zeros((0, 0), np.float32) if total is None else total.float().numpy()
+                total = self.vision_sum[b].total(where)
+                sample["vision"] = result(torch.zeros((0, 0), device=where) if total is None else total)
             out.append(sample)
         return out
 
 
 @torch.inference_mode()
-def capture(adapter, batch, request: CaptureRequest) -> tuple[list[dict[str, np.ndarray]], torch.Tensor]:
-    """Run ``batch`` once and return (per-sample recordings, last-position logits (B, V) fp32 on CPU)."""
+def capture(adapter, batch, request: CaptureRequest, device=None) -> tuple[list[dict], torch.Tensor]:
+    """Run ``batch`` once and return (per-sample recordings, last-position logits (B, V) fp32 on CPU); the
+    recordings as numpy arrays, or with ``device`` as fp32 tensors left there (for work on the device after it)."""
     recorder = _Recorder(adapter, batch, request)
     with active(recorder):
         logits = last_position_logits(adapter, batch)
-    return recorder.results(), logits
+    return recorder.results(device), logits
 
 
 @torch.inference_mode()
@@ -357,10 +381,10 @@ def capture_generate(adapter, batch, request: CaptureRequest, max_new_tokens: in
     if len(batch) != 1 or request.blocks or request.vision_cells is not None:
         raise ValueError("capture_generate takes one sample and records last_mass only")
     recorder = _Recorder(adapter, batch, request, answer_rows=[-1])
-    with active(recorder):
+    with active(recorder), _timed_forward():
         ids = adapter.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=adapter.tokenizer.pad_token_id)
-    answer = adapter.tokenizer.decode(ids[0, batch.layouts[0].length:], skip_special_tokens=True)
+        answer = adapter.tokenizer.decode(ids[0, batch.layouts[0].length:], skip_special_tokens=True)
     return recorder.results()[0], answer.strip()
 
 
@@ -384,7 +408,9 @@ def last_position_logits(adapter, batch) -> torch.Tensor:
     150k-token vocabulary the full logits would dwarf everything else.
     """
     keep = logits_to_keep(batch)
-    return at_last_positions(adapter.model(**batch.inputs, use_cache=False, logits_to_keep=keep).logits, batch, keep)
+    with _timed_forward():
+        return at_last_positions(adapter.model(**batch.inputs, use_cache=False, logits_to_keep=keep).logits, batch,
+                                 keep)
 
 
 def logits_to_keep(batch) -> torch.Tensor:

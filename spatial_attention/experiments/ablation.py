@@ -26,13 +26,16 @@ from spatial_attention.common.runio import (check_output_dir, finish_run, lacks_
                                             write_atomic, write_json)
 from spatial_attention.data.counterfactual import (CORNER_PROMPT, DIGEST_KEY, PAIR_SPLITS, SPLIT_KEY, CornerDataset,
                                                    Pair, fill_corner_prompt, read_dataset, splits_overlap)
+from spatial_attention.experiments import ablation_measure
 from spatial_attention.experiments.ablation_heads import (HEADS_HELP, Head, check_heads, check_heads_in_stats_model,
-                                                          head_name, heads_json, parse_heads, random_head_sets)
+                                                          head_name, heads_json, null_set_count, parse_heads,
+                                                          planned_heads, random_head_sets)
 from spatial_attention.experiments.ablation_measure import (KINDS, METRICS, PRIMARY, encode_pairs, head_means, measure,
                                                             summarize, yes_no_ids)
 from spatial_attention.experiments.corner_results import CornerRun, load_corner_run
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args
+from spatial_attention.run.cost import Forwards
 from spatial_attention.run.figures import save_figure
 from spatial_attention.run.options import INIT_SEED_KEY, ModelOptions, checkpoint_name
 from spatial_attention.run.runloop import (Results, Run, check_identity, join_processes, load_run, open_results,
@@ -344,6 +347,21 @@ def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "
              "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
+
+
+def planned_forwards(pairs: int, datasets: int, specs: list[str], batch: int, num_layers: int, num_heads: int,
+                     random_controls: int, mode: str = "zero", sets_per_forward: int = 8) -> list[Forwards]:
+    """The forwards of one model's ablations: on each of ``datasets`` data sets of ``pairs`` pairs, per --heads
+    spec, ``measure``'s with the chosen set and its null sets. The heads are found by the run, so their lowest
+    layer is planned at the expected lowest of as many heads placed at random (``planned_heads``)."""
+    planned = []
+    for spec in specs:
+        per_layer, lowest = planned_heads(spec)
+        sets = 1 + null_set_count(per_layer, num_heads, random_controls)
+        first = lowest if lowest is not None else num_layers / (len(per_layer) + 1)
+        planned += [replace(f, inputs=f.inputs * datasets) for f in ablation_measure.planned_forwards(
+            pairs, batch, sets, num_layers, first, sets_per_forward, means=mode == "mean")]
+    return planned
 
 
 def _pair_effects(record: dict) -> dict[str, float]:

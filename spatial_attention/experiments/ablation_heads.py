@@ -87,6 +87,18 @@ def _explicit_heads(spec: str) -> list[Head]:
     return sorted(heads)
 
 
+def planned_heads(spec: str) -> tuple[list[int], int | None]:
+    """Before the heads are found (a plan): how many heads ``--heads spec`` names in each of its layers, and its
+    lowest layer where the spec says (explicit lists), else None. ``shared`` and ``unique`` name one head; ``top:K``
+    is planned as one head in each of K layers (the most null sets)."""
+    if spec.startswith("top:") and spec[len("top:"):].isdigit():
+        return [1] * int(spec[len("top:"):]), None
+    if spec in ("shared", "unique"):
+        return [1], None
+    heads = _explicit_heads(spec)
+    return list(Counter(layer for layer, _ in heads).values()), min(layer for layer, _ in heads)
+
+
 def check_heads(heads: list[Head], spec: str, num_layers: int | None, num_heads: int) -> None:
     """OptionError when a head lies outside the model (``num_layers`` None: its depth is unknown, so only
     the head numbers are checked)."""
@@ -117,13 +129,23 @@ def heads_json(heads: list[Head]) -> list[dict]:
     return [{"layer": layer + 1, "head": head} for layer, head in heads]
 
 
+def _possible_sets(per_layer, num_heads: int) -> int:
+    """Head sets with ``per_layer`` heads in each of their layers (the chosen set among them)."""
+    return math.prod(math.comb(num_heads, k) for k in per_layer)
+
+
+def null_set_count(per_layer: list[int], num_heads: int, count: int) -> int:
+    """How many null sets ``random_head_sets`` draws for a chosen set of ``per_layer`` heads in each of its layers."""
+    return min(count, _possible_sets(per_layer, num_heads) - 1)
+
+
 def random_head_sets(chosen: list[Head], num_heads: int, count: int, seed: int) -> list[list[Head]]:
     """The null sets: per layer of ``chosen``, as many heads drawn from all of that layer's heads, so that the
     chosen set is one possible draw (the p-value is then valid; drawing only from the other heads made it too
     small). ``count`` seeded random draws; or, where no more than ``count`` other sets exist, every set but
     the chosen one once: an exact test, p = (1 + sets at least as harmful) / (all sets)."""
     per_layer = Counter(layer for layer, _ in chosen)
-    total = math.prod(math.comb(num_heads, k) for k in per_layer.values())
+    total = _possible_sets(per_layer.values(), num_heads)
     if total - 1 <= count:
         log.warning("only %d other head sets exist in these layers: each is used once instead of %d random "
                     "draws (an exact test; the smallest possible p is 1/%d)", total - 1, count, total)

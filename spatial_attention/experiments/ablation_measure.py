@@ -52,6 +52,7 @@ from spatial_attention.data.shapeworld import load_rgb
 from spatial_attention.engine.capture import AttentionHook, active, last_position_logits
 from spatial_attention.engine.prefix import run_prefix, upper_logits
 from spatial_attention.experiments.ablation_heads import Head
+from spatial_attention.run.cost import Forwards, batched, chunks
 from spatial_attention.stats.inference import bootstrap_ci
 
 KINDS = ("full", "control")
@@ -208,6 +209,17 @@ def measure(adapter, batch, head_sets: list[list[Head]], answer_ids: tuple[list[
         base = lo[0] if base is None else base
         ablated.append(lo[1:1 + len(sets)])
     return base.reshape(pairs, 2), np.concatenate(ablated).reshape(len(head_sets), pairs, 2)
+
+
+def planned_forwards(pairs: int, batch: int, sets: int, num_layers: int, first_layer: float,
+                     sets_per_forward: int = 8, means: bool = False) -> list[Forwards]:
+    """The forwards of ``measure`` over ``pairs`` pairs, ``batch`` at a time, with ``sets`` head sets whose lowest
+    ablated layer is ``first_layer``: one whole forward of each batch, then ``sets_per_forward`` copies of it per
+    forward from that layer up; with ``means`` first ``head_means``' pass."""
+    rows = 2 * batched(pairs, batch)
+    reruns = chunks(sets, sets_per_forward - 1) * sets_per_forward
+    return [Forwards(2 * pairs, rows, num_layers)] * (2 if means else 1) + [
+        Forwards(reruns * 2 * pairs, sets_per_forward * rows, num_layers - first_layer, full=False)]
 
 
 def encode_pairs(adapter, pairs: list[Pair], prompt: str):

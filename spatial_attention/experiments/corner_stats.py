@@ -38,7 +38,7 @@ import io
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -58,6 +58,7 @@ from spatial_attention.experiments.ablation_measure import yes_no_ids
 from spatial_attention.experiments.heads import corner_patch_indices, topk_count_cube
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args
+from spatial_attention.run.cost import Forwards, batched
 from spatial_attention.run.figures import plot_count_bars
 from spatial_attention.run.options import ModelOptions, dtype_name
 from spatial_attention.run.runloop import (Results, Run, check_identity, join_processes, load_run, open_results,
@@ -388,6 +389,19 @@ def write_outputs(run: Run, scoring: Scoring, dataset: CornerDataset, out: Path,
     log.info("%s: %d pairs scored into %s, %d skipped (full answered yes %.0f%%, control %.0f%%)", corner,
              len(records), out, len(skipped), 100 * meta["answers_yes_full"], 100 * meta["answers_yes_control"])
     return meta
+
+
+def planned_forwards(pairs: int, datasets: int, batch: int, score: str, layers: list[int], num_layers: int,
+                     num_heads: int) -> list[Forwards]:
+    """The forwards of one model's scoring: on each of ``datasets`` data sets, ``pairs`` pairs ``batch`` at a time
+    (their two images; under --score patching each pair's heads of ``layers`` swapped), then the blank image
+    twice (``score_blank``). --max-new-tokens above 1 generates and is planned as 1."""
+    if score == "patching":
+        heads = [(layer, h) for layer in layers for h in range(num_heads)]
+        scored = patching.planned_forwards(pairs, heads, num_layers, HEADS_PER_FORWARD)
+    else:
+        scored = [Forwards(2 * pairs, 2 * batched(pairs, batch), num_layers, captured=True)]
+    return [replace(f, inputs=f.inputs * datasets) for f in scored + [Forwards(2, 2, num_layers, captured=True)]]
 
 
 def score_blank(run: Run, scoring: Scoring, dataset: CornerDataset, prompt: str) -> tuple[np.ndarray, np.ndarray, dict]:

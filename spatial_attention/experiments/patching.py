@@ -34,6 +34,7 @@ from PIL import Image
 from spatial_attention.engine.capture import AttentionHook, greedy_answers
 from spatial_attention.engine.prefix import run_prefix, upper_logits
 from spatial_attention.experiments.ablation_measure import log_odds
+from spatial_attention.run.cost import Forwards
 
 Head = tuple[int, int]  # (layer, head), both 0-based
 
@@ -86,7 +87,7 @@ def pair_scores(adapter, batch, heads: list[Head], answer_ids: tuple[list[int], 
     if len(batch) != 2:
         raise ValueError(f"pair_scores: a batch of {len(batch)} inputs, not one pair")
     last = torch.tensor([layout.last_position for layout in batch.layouts])
-    chunks = [heads[start:start + heads_per_forward] for start in range(0, len(heads), heads_per_forward)]
+    chunks = head_chunks(heads, heads_per_forward)
     recorder = AnswerOutputs(adapter, last)
     # one forward of the pair: its logits, every head's answer-position output, and the input of each chunk's
     # lowest layer, from which only the layers above run again (prefix.py)
@@ -110,6 +111,21 @@ def pair_scores(adapter, batch, heads: list[Head], answer_ids: tuple[list[int], 
         for head, after in zip(chunk, patched[:-1]):
             scores[head] = (float(unpatched[0] - after[0]), float(unpatched[1] - after[1]))
     return scores, (float(base[0]), float(base[1])), said
+
+
+def head_chunks(heads: list[Head], heads_per_forward: int) -> list[list[Head]]:
+    """The heads swapped together, one forward each."""
+    return [heads[start:start + heads_per_forward] for start in range(0, len(heads), heads_per_forward)]
+
+
+def planned_forwards(pairs: int, heads: list[Head], num_layers: int, heads_per_forward: int) -> list[Forwards]:
+    """The forwards of ``pair_scores`` over ``pairs`` pairs scoring ``heads`` in a model of ``num_layers``
+    layers: one whole forward of each pair, then per chunk of heads the pair once per head and once unpatched,
+    from the chunk's lowest layer up."""
+    reruns = [Forwards(2 * (len(chunk) + 1) * pairs, 2 * (len(chunk) + 1),
+                       num_layers - min(layer for layer, _ in chunk), full=False)
+              for chunk in head_chunks(heads, heads_per_forward)]
+    return [Forwards(2 * pairs, 2, num_layers)] + reruns
 
 
 def encode_pair(adapter, prompt: str, full: Image.Image, control: Image.Image):

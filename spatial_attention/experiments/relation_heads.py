@@ -54,13 +54,14 @@ from spatial_attention.common.runio import (finish_run, lacks_keys, read_json, s
 from spatial_attention.data.counterfactual import split_pairs
 from spatial_attention.data.shapeworld import (FLIPPED_RELATION, RELATION_AXIS, Skipped, World, format_caption,
                                                iter_worlds, load_rgb)
-from spatial_attention.experiments import patching
+from spatial_attention.experiments import ablation_measure, patching
 from spatial_attention.experiments.ablation import plot_effects
-from spatial_attention.experiments.ablation_heads import head_name, heads_json, random_head_sets
+from spatial_attention.experiments.ablation_heads import head_name, heads_json, null_set_count, random_head_sets
 from spatial_attention.experiments.ablation_measure import measure, summarize, yes_no_ids
 from spatial_attention.experiments.heads import rank_heads
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
+from spatial_attention.run.cost import Forwards
 from spatial_attention.run.figures import save_figure
 from spatial_attention.run.runloop import (IDENTITY_FILE, RESULTS_KEY, Results, Run, check_identity, compare_identity,
                                            load_run, open_results, prepare_run, recorded_identity, resumable_map)
@@ -161,6 +162,20 @@ def main(argv=None) -> None:
         _experiment(args, run_options, share, data, out, pairs, heads)
     if share.is_main:
         controls.write_comparison(args.out, ITEM_METRICS, seed=options.seed)
+
+
+def planned_forwards(args, pairs: int, batch: int, num_layers: int, num_heads: int) -> list[Forwards]:
+    """The forwards of one model's run over ``pairs`` pairs, with ``args`` as ``build_parser`` gives them: the
+    discovery half's patching of every head (not in a control, which only tests), then the test half's ablation
+    of the chosen heads and their null sets. The run chooses the heads: planned as ``--max-heads`` of them, one a
+    layer, the lowest at the expected lowest of as many placed at random."""
+    found = split_pairs(range(pairs), "discovery") if args.control is None else []
+    heads = [(layer, h) for layer in range(num_layers) for h in range(num_heads)]
+    chosen = [1] * min(args.max_heads, num_layers)
+    sets = 1 + null_set_count(chosen, num_heads, args.random_sets)
+    return patching.planned_forwards(len(found), heads, num_layers, HEADS_PER_FORWARD) * bool(found) + \
+        ablation_measure.planned_forwards(len(split_pairs(range(pairs), "test")), batch, sets, num_layers,
+                                          num_layers / (len(chosen) + 1), args.sets_per_forward)
 
 
 def check_settings(args) -> None:

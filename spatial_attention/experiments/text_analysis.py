@@ -33,6 +33,7 @@ from spatial_attention.data.shapeworld import Caption, ReadStats, Skipped, count
 from spatial_attention.engine.capture import CaptureRequest, capture
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
+from spatial_attention.run.cost import Forwards, batched
 from spatial_attention.run.figures import plot_asymmetry
 from spatial_attention.run.runloop import Run, open_run, prepare_run, resumable_map, world_results
 from spatial_attention.stats.inference import bootstrap_ci, json_safe, paired_permutation_p
@@ -91,7 +92,7 @@ def _analyse(family: str, args, options, share, data: Path, out: Path, captions:
                             batch_size=run.batch_size, desc=f"{family} caption pairs", unit="pair")
     failed = sum(map(Counter, share.gather([dict(failed)])), Counter())  # every process's skipped pairs
     if share.is_main:
-        _finish(run, sorted(records, key=results.record_key), stats, skipped, failed, started)
+        _finish(run, sorted(records, key=results.record_key), stats, skipped, failed, started, records.made)
 
 
 ITEM_METRICS = controls.ItemMetrics(
@@ -158,6 +159,12 @@ def analyse_pairs(adapter, items: list[tuple[int, int, Caption]], layers: list[i
             for k, (shard, index, caption, cf) in enumerate(pairs) if k not in broken]
 
 
+def planned_forwards(captions: int, batch: int, layers: int) -> list[Forwards]:
+    """The forwards of ``analyse_pairs`` over ``captions`` captions, ``batch`` at a time: each caption and its
+    counterfactual, text alone."""
+    return [Forwards(2 * captions, 2 * batched(captions, batch), layers, image=False, captured=True)]
+
+
 def pair_record(shard: int, index: int, s1: Caption, s2: Caption, rec1: dict, rec2: dict, layers: list[int]) -> dict:
     """The pair's scores from the two sentences' recordings (blocks e1/e2 of shape (L, R, C))."""
     per_layer = {}
@@ -212,9 +219,9 @@ def _csv_text(records: list[dict]) -> str:
 
 
 def _finish(run: Run, records: list[dict], stats: ReadStats, skipped: Counter, failed: Counter,
-            started: float) -> None:
+            started: float, made: int) -> None:
     """pairs.csv, the summary and figures of exactly this command's pairs (``records``, in world order), and
-    run.json."""
+    run.json (``made``: the pairs this command ran, for its ``timing``)."""
     out, data = run.out, run.data
     if not records:  # not a finished run: say so instead of an empty summary
         raise DataError(f"--data {data}: no caption pair could be analysed ({dict(failed)}; see the warnings above)")
@@ -226,5 +233,6 @@ def _finish(run: Run, records: list[dict], stats: ReadStats, skipped: Counter, f
                "layer_profile": layer_profile(records)}
     write_json(out / "summary.json", summary)
     plot_asymmetry(out / "figures", records, summary["layer_profile"])
-    finish_run(out / "run.json", run.record(data=str(data), counts=counts, wall_seconds=round(time.time() - started, 1)))
+    finish_run(out / "run.json", run.record(data=str(data), counts=counts, wall_seconds=round(time.time() - started, 1),
+                                            timing=run.timing(made)))
     log.info("done: %d pairs in %s (pairs.csv, summary.json, figures/)", len(records), out)

@@ -14,10 +14,11 @@ call ``main(family)``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,10 @@ from spatial_attention.common.runio import finish_run, lacks_keys, setup_logging
 from spatial_attention.data.shapeworld import (RELATION_AXIS, RELATIONS, Skipped, World, counterfactual_caption,
                                                iter_worlds)
 from spatial_attention.engine.capture import CaptureRequest, capture
+from spatial_attention.experiments import world_metrics as WM
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
+from spatial_attention.run.cost import Forwards, batched
 from spatial_attention.run.options import parse_heads
 from spatial_attention.run.runloop import Run, open_run, prepare_run, resumable_map, world_results
 from spatial_attention.stats import metrics as M
@@ -110,8 +113,14 @@ def _analyse(family: str, args, options, share, data: Path, out: Path, worlds: l
         _warn_missing_extras(out, worlds, done, plotted, args.save_maps)
     analysis = WorldAnalysis(run, seed=options.seed, baseline=not args.no_baseline, plotted=plotted,
                              save_maps=args.save_maps, verify=args.verify_attention, heads=heads)
-    records = resumable_map(share, results, worlds, analysis, identity, batch_size=run.batch_size,
-                            desc=f"{family} worlds", unit="world")
+    try:
+        records = resumable_map(share, results, worlds, analysis, identity, batch_size=run.batch_size,
+                                desc=f"{family} worlds", unit="world", prepare=analysis.prepare)
+    except BaseException:  # stopped early: a rerun does not redo the worlds finished, so their figures now
+        with contextlib.suppress(Exception):  # without hiding why the run stopped
+            analysis.draw_figures()
+        raise
+    analysis.draw_figures()
     failed = sum(map(Counter, share.gather([dict(analysis.failed)])), Counter())  # every process's skipped images
     if share.is_main:
         _finish(run, records, len(worlds), skipped, failed, started)
@@ -170,18 +179,20 @@ def _select_worlds(data: Path, shards, relations, limit) -> tuple[list[World], C
 
 
 class WorldAnalysis:
-    """What ``resumable_map`` runs on each batch of worlds: load the images (an unreadable one is
-    skipped and counted in ``failed``), analyse, and on the way draw the first worlds' figures and
-    save the maps when asked."""
+    """What ``resumable_map`` runs on each batch of worlds. ``prepare``, one batch ahead in a background thread:
+    load the images (an unreadable one is skipped and counted in ``failed``) and encode the inputs. The call: the
+    forward and the metrics, the maps saved when asked, and the first worlds' maps kept for their figures, which
+    ``draw_figures`` draws after the loop, so that nothing but the metrics waits between two forwards."""
 
     def __init__(self, run: Run, seed: int, baseline: bool, plotted: set, save_maps: bool, verify: bool,
                  heads: list[int] | None = None):
         self.run, self.out, self.seed, self.baseline, self.heads = run, run.out, seed, baseline, heads
         self.plotted, self.save_maps, self.verify = plotted, save_maps, verify
         self.failed = Counter()
+        self.to_plot: list[tuple[dict, dict]] = []
         (run.out / "figures").mkdir(parents=True, exist_ok=True)
 
-    def __call__(self, chunk: list[World]):
+    def prepare(self, chunk: list[World]) -> PreparedWorlds | None:
         loaded = []
         for world in chunk:
             try:
@@ -189,18 +200,26 @@ class WorldAnalysis:
             except DataError as err:
                 self.failed["unreadable_image"] += 1
                 log.warning("skipping world: %s", err)
-        if not loaded:
+        return prepare_worlds(self.run.adapter, loaded, self.seed, self.baseline) if loaded else None
+
+    def __call__(self, prepared: PreparedWorlds | None):
+        if prepared is None:
             return
         if self.verify:  # the first batch only
-            _verify(self.run.adapter, loaded, list(self.run.layers), self.heads)
+            _verify(self.run.adapter, prepared.loaded, list(self.run.layers), self.heads)
             self.verify = False
-        for record, maps in analyse_worlds(self.run.adapter, loaded, list(self.run.layers), self.seed,
-                                           self.baseline, self.heads):
-            yield record  # appended before its figures are drawn
+        for record, maps in score_worlds(self.run.adapter, prepared, list(self.run.layers), self.heads):
+            yield record
             if (record["shard"], record["index"]) in self.plotted:
-                _plot_world(self.out, record, maps)
+                self.to_plot.append((record, maps))
             if self.save_maps:
                 _save_maps(self.out, record, maps)
+
+    def draw_figures(self) -> None:
+        """The figures of the plotted worlds finished so far (a rerun skips finished worlds: it would not draw
+        them)."""
+        while self.to_plot:
+            _plot_world(self.out, *self.to_plot.pop(0))
 
 
 # Each random quantity of a world has its own stream, so that switching one off (--no-baseline)
@@ -214,11 +233,25 @@ def world_rng(seed: int, world: World, stream: str) -> np.random.Generator:
     return np.random.default_rng([seed, RANDOM_STREAMS[stream], world.shard, world.index])
 
 
-def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], seed: int,
-                   baseline: bool = True, heads: list[int] | None = None) -> list[tuple[dict, dict]]:
-    """One forward pass over the worlds' real (and shuffled) images, and the real images with the caption's two
-    shape mentions exchanged (the word-swap control of the word maps' specificity); a record and the maps per
-    world. ``heads``: the language model's maps average these heads of each layer (None: every head)."""
+@dataclass
+class PreparedWorlds:
+    """A batch of worlds made ready for the forward (everything ``analyse_worlds`` needs but the model): built on
+    the CPU while the forward of the batch before runs (``WorldAnalysis.prepare``)."""
+    loaded: list[tuple[World, object]]  # the worlds and their images as read
+    kinds: list[str]  # the inputs of each world: "real", ("shuffled"), "swapped"; kind k of world w is input k * n + w
+    images: list  # the fed image of every input
+    batch: object  # the encoded inputs (models.base.Batch)
+    grids: list[tuple[int, int]]
+    regions: list[dict]
+    seeds: list[dict]
+    seed_cells: list[np.ndarray]  # per input
+    word_rows: list[dict]  # per input
+
+
+def prepare_worlds(adapter, loaded: list[tuple[World, object]], seed: int, baseline: bool = True) -> PreparedWorlds:
+    """The inputs of ``analyse_worlds``: the real (and shuffled) images and the real images with the caption's two
+    shape mentions exchanged (the word-swap control of the word maps' specificity), encoded, with each world's
+    masks and seed cells and each input's word rows."""
     worlds = [w for w, _ in loaded]
     fed = [adapter.prepare_image(image) for _, image in loaded]
     grids = [adapter.token_grid(image) for image in fed]
@@ -235,26 +268,47 @@ def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int
     seeds = [world_seeds(world, r, seed) for world, r in zip(worlds, regions)]
     seed_cells = [seed_cells_of(s, r) for s, r in zip(seeds, regions)] * len(kinds)
     word_rows = [word_rows_of(layout, w) for layout, w in zip(batch.layouts, told)]
-    recordings, _ = capture(adapter, batch, world_request(layers, batch.layouts, word_rows, seed_cells, heads))
+    return PreparedWorlds(loaded, kinds, images, batch, grids, regions, seeds, seed_cells, word_rows)
 
-    outputs = []
-    n = len(worlds)
-    for i, (world, grid) in enumerate(zip(worlds, grids)):
-        record = _record_head(world, grid, regions[i])
-        maps = {kind: _maps(recordings[k * n + i], word_rows[k * n + i], grid, seeds[i], seed_cells[k * n + i])
-                for k, kind in enumerate(kinds)}
-        swapped = maps.pop("swapped")
-        for k, kind in enumerate(kinds[:-1]):
-            record["metrics"][kind] = _metrics(maps[kind], regions[i], world)
-            _add_distance_matched(record["metrics"][kind], recordings[k * n + i], seed_cells[k * n + i], regions[i],
-                                  batch.layouts[k * n + i].image_positions)
-        for role in M.SPECIFIC_ROLES:  # the word at the same position, now naming the other shape
-            record["metrics"]["real"][f"{role}_cross"][M.WORD_SWAP] = M.word_swap_specificity(
-                maps["real"][f"{role}_cross"], swapped[f"{role}_cross"], regions[i][role])
-        maps["masks"] = regions[i]
-        maps["images"] = {kind: images[k * n + i] for k, kind in enumerate(kinds[:-1])}
-        outputs.append((record, maps))
+
+def analyse_worlds(adapter, loaded: list[tuple[World, object]], layers: list[int], seed: int,
+                   baseline: bool = True, heads: list[int] | None = None) -> list[tuple[dict, dict]]:
+    """One forward pass over the worlds' inputs (``prepare_worlds``); a record and the maps per world. ``heads``:
+    the language model's maps average these heads of each layer (None: every head)."""
+    return score_worlds(adapter, prepare_worlds(adapter, loaded, seed, baseline), layers, heads)
+
+
+def score_worlds(adapter, prepared: PreparedWorlds, layers: list[int], heads: list[int] | None = None
+                 ) -> list[tuple[dict, dict]]:
+    """The forward of ``prepared`` and every metric of its worlds, computed on the device for the whole batch
+    (``world_metrics``), one group of worlds with the same token grid at a time."""
+    p = prepared
+    recordings, _ = capture(adapter, p.batch, world_request(layers, p.batch.layouts, p.word_rows, p.seed_cells, heads),
+                            device=adapter.device)
+    n = len(p.loaded)
+    outputs = [None] * n
+    for grid in dict.fromkeys(p.grids):
+        group = [w for w in range(n) if p.grids[w] == grid]
+        inputs = [k * n + w for k in range(len(p.kinds)) for w in group]
+        metrics, maps = WM.score_worlds(
+            [recordings[i] for i in inputs], [p.word_rows[i] for i in inputs], [p.seed_cells[i] for i in inputs],
+            [p.seeds[w] for w in group], [p.regions[w] for w in group], [p.loaded[w][0].caption.relation for w in group],
+            [p.batch.layouts[i].image_positions for i in inputs], p.kinds, grid)
+        for j, w in enumerate(group):
+            record = _record_head(p.loaded[w][0], grid, p.regions[w])
+            record["metrics"] = metrics[j]
+            maps[j].pop("swapped")
+            maps[j]["masks"] = p.regions[w]
+            maps[j]["images"] = {kind: p.images[k * n + w] for k, kind in enumerate(p.kinds[:-1])}
+            outputs[w] = (record, maps[j])
     return outputs
+
+
+def planned_forwards(worlds: int, batch: int, layers: int, baseline: bool = True) -> list[Forwards]:
+    """The forwards of ``analyse_worlds`` over ``worlds`` worlds, ``batch`` at a time, in a model of ``layers``
+    layers: per world its real image, its shuffled copy (with the baseline) and its word-swapped caption."""
+    kinds = 3 if baseline else 2
+    return [Forwards(kinds * worlds, kinds * batched(worlds, batch), layers, captured=True)]
 
 
 def world_seeds(world: World, regions: dict, seed: int) -> dict[str, int | None]:
@@ -296,63 +350,6 @@ def world_regions(world: World, grid) -> dict[str, np.ndarray]:
     subject_only, object_only, background = M.region_masks(subject, obj)
     return {"subject": subject, "object": obj, "subject_only": subject_only, "object_only": object_only,
             "background": background, "entities": subject | obj}
-
-
-def _maps(recording: dict, rows: dict[str, np.ndarray], grid, seeds: dict, seed_cells: np.ndarray
-          ) -> dict[str, np.ndarray | None]:
-    """Word maps (rows renormalised over the image, sub-token rows averaged) and seed maps (the image blocks'
-    rows are those of ``seed_cells``)."""
-    cross = recording["cross"].astype(np.float64)
-    cross = cross / cross.sum(1, keepdims=True)
-    maps, start = {}, 0
-    for name, positions in rows.items():
-        maps[f"{name}_cross"] = cross[start:start + len(positions)].mean(0).reshape(grid)
-        start += len(positions)
-    lm = recording["image_self"].astype(np.float64)
-    vit = recording["vision"].astype(np.float64)
-    for source, seed_rows in (("lm", lm), ("vit", vit)):
-        for name, seed in seeds.items():
-            seed_map = None if seed is None else M.seed_map(seed_rows[np.searchsorted(seed_cells, seed)], seed)
-            maps[f"{name}_self_{source}"] = None if seed_map is None else seed_map.reshape(grid)
-    return maps
-
-
-def _metrics(maps: dict, regions: dict, world: World) -> dict[str, dict]:
-    """Every metric of every map against its target region (docs/metrics.md: what each map is scored against)."""
-    targets = {"subject": (regions["subject"], regions["subject_only"], regions["background"]),
-               "object": (regions["object"], regions["object_only"], regions["background"]),
-               "relation": (regions["entities"], regions["entities"], regions["background"]),
-               "background": (regions["background"], regions["background"], regions["entities"])}
-    result = {}
-    for name, a in maps.items():  # every map _maps made, in its order (the records' key order)
-        role = name.split("_")[0]
-        result[name] = ({metric: None for metric in M.METRIC_NAMES} if a is None
-                        else M.map_metrics(a, *targets[role]))
-        if role in M.SPECIFIC_ROLES:
-            result[name].update({metric: None for metric in M.SPECIFICITY_METRICS} if a is None
-                                else M.specificity(a, regions[role], regions[M.SPECIFIC_ROLES[role]]))
-    rel = world.caption.relation
-    axis = RELATION_AXIS[rel]
-    first = M.first_along_axis(rel)
-    second = "object" if first == "subject" else "subject"
-    g = M.relation_target(regions[first], regions[second], axis)
-    result["relation_cross"]["relation_wasserstein"] = (
-        None if g is None else M.relation_wasserstein(maps["relation_cross"], g, axis))
-    return result
-
-
-def _add_distance_matched(metrics: dict, recording: dict, seed_cells: np.ndarray, regions: dict,
-                          image_positions: np.ndarray) -> None:
-    """The subject's and the object's seed maps gain their distance-matched specificity, read from the rows of
-    every cell of their shape (language model and vision encoder). In the language model a seed sees, under the
-    causal mask, only the cells whose tokens come before its own (``image_positions``: each cell's)."""
-    for source, block, order in (("lm", "image_self", image_positions), ("vit", "vision", None)):
-        rows = recording[block].astype(np.float64)
-        for role, other in M.SPECIFIC_ROLES.items():
-            cells = np.flatnonzero(regions[role])
-            metrics[f"{role}_self_{source}"][M.DISTANCE_MATCHED] = M.distance_matched_specificity(
-                rows[np.searchsorted(seed_cells, cells)], cells, regions[role], regions[other], regions["background"],
-                order)
 
 
 def _record_head(world: World, grid, regions) -> dict:
@@ -432,5 +429,6 @@ def _finish(run: Run, records: list[dict], n_selected: int, skipped: Counter, fa
               "skipped_reading": dict(skipped), "skipped_images": dict(failed)}
     write_summary(out, summary, {"counts": counts})
     plot_summary(summary, out / "figures")
-    finish_run(out / "run.json", run.record(data=str(data), counts=counts, wall_seconds=round(time.time() - started, 1)))
+    finish_run(out / "run.json", run.record(data=str(data), counts=counts, wall_seconds=round(time.time() - started, 1),
+                                            timing=run.timing(records.made)))
     log.info("done: %d worlds in %s (summary.json, summary.csv, figures/)", summary["n_worlds"], out)

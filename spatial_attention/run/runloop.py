@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, Hashable, Iterable, Iterator, Sequence
 
@@ -252,16 +254,19 @@ def check_results(results: Results, identity: dict, items: Sequence, records: li
 
 
 def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Callable[[list], Iterable[dict]],
-                  identity: dict, batch_size: int = 1, desc: str = "", unit: str = "item") -> StoredRecords | list:
+                  identity: dict, batch_size: int = 1, desc: str = "", unit: str = "item",
+                  prepare: Callable[[list], object] | None = None) -> StoredRecords | list:
     """Run ``fn`` over the ``items`` whose key has no record yet, ``batch_size`` at a time, appending
     each record it returns as its batch finishes; the processes of an ``accelerate launch`` take turns
-    (round-robin) and the main process merges their part files.
+    (round-robin) and the main process merges their part files. With ``prepare``, ``fn`` is given
+    ``prepare(batch)`` instead of the batch, made one batch ahead in a background thread (``ahead``), so
+    that reading and encoding inputs runs beside the forward instead of between two.
 
     Refuses (OptionError) when the folder's records were made with another ``identity``, and when
     another run holds the folder. Each key is written once: items repeating a key are done once, and
     the merge keeps one record per key. Returns, in the main process, the records of exactly
-    ``items`` (in their order; an item ``fn`` gave no record for is absent) as ``StoredRecords``; [] in the
-    others.
+    ``items`` (in their order; an item ``fn`` gave no record for is absent) as ``StoredRecords``, whose
+    ``made`` counts the items this call ran (in every process); [] in the others.
     """
     path = results.path
     records = results.read()  # every process: what earlier runs finished (read once)
@@ -282,9 +287,9 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
         log.info("process %d of %d: %d of %d %ss to do", share.rank + 1, share.size, len(mine), len(todo), unit)
     part = share.part_path(path)
     progress = tqdm(total=len(mine), desc=desc, unit=unit, disable=not share.is_main)
-    for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        for record in fn(chunk):
+    chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
+    for chunk, given in zip(chunks, chunks if prepare is None else ahead(prepare, chunks)):
+        for record in fn(given):
             append_jsonl(part, record)
         progress.update(len(chunk))
     progress.close()
@@ -293,15 +298,28 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
         return []
     if share.size > 1 or len(record_files(path)) > 1:
         _merge(results, list(unique))
-    return StoredRecords(results, list(unique))
+    return StoredRecords(results, list(unique), made=len(todo))
+
+
+def ahead(prepare: Callable[[list], object], chunks: list[list]) -> Iterator:
+    """``prepare(chunk)`` of each chunk in turn, the next one made in a background thread while the caller works
+    with this one. An error in ``prepare`` is raised where its chunk is taken."""
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare") as pool:
+        pending = pool.submit(prepare, chunks[0])
+        for following in chunks[1:] + [None]:
+            ready = pending.result()
+            pending = None if following is None else pool.submit(prepare, following)
+            yield ready
 
 
 class StoredRecords:
     """The records of ``keys`` (those that have one), in that order, read from the results file each time they
     are iterated: held in memory, a 5,000-world run's records would be tens of MB (bench/long_run_memory.py)."""
 
-    def __init__(self, results: Results, keys: list):
-        self.record_key = results.record_key
+    def __init__(self, results: Results, keys: list, made: int = 0):
+        self.record_key, self.made = results.record_key, made
         self.where: dict = {}  # key -> (file, byte offset) of its first record
         for source in record_files(results.path):
             for offset, record in read_jsonl_at(source, results.check):
@@ -353,6 +371,7 @@ class Run:
     out: Path | None  # the output folder (experiment 3: the parent of one folder per corner)
     data: Path | None  # the input data folder, where there is one
     settings: dict  # the command's options as given (``vars(args)``), for run.json
+    clock: tuple[float, float] = field(default_factory=lambda: _clock())  # (wall clock, forward seconds) when built
 
     @property
     def layer_numbers(self) -> list[int]:
@@ -371,6 +390,19 @@ class Run:
         """A run.json record of this run (runio.run_record), with the layers and feed size it used."""
         return run_record(self.settings, self.adapter, layers_0based=list(self.layers),
                           feed_size=self.adapter.feed_size, **extra)
+
+    def timing(self, items: int) -> dict:
+        """run.json's ``timing``: where this process's time went since the model was built, over ``items`` items
+        (those this command ran): ``forward_seconds`` in the model's forwards (``capture.forward_seconds``),
+        ``other_seconds`` everything else (inputs, metrics, writing, summary, figures)."""
+        wall, forward = (now - then for now, then in zip(_clock(), self.clock))
+        return {"items": items, "forward_seconds": round(forward, 3), "other_seconds": round(wall - forward, 3)}
+
+
+def _clock() -> tuple[float, float]:
+    from spatial_attention.engine.capture import forward_seconds
+
+    return time.perf_counter(), forward_seconds()
 
 
 def join_processes(options: ModelOptions) -> tuple[ModelOptions, ProcessShare]:

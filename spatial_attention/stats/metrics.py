@@ -394,10 +394,13 @@ def shuffle_patches(image: Image.Image, grid: int | tuple[int, int], seed: int) 
     width, height = image.size
     size = (-(-width // gw) * gw, -(-height // gh) * gh)
     work = image if size == image.size else image.resize(size, Image.Resampling.BICUBIC)
-    tw, th = size[0] // gw, size[1] // gh
-    boxes = [(c * tw, r * th, (c + 1) * tw, (r + 1) * th) for r in range(gh) for c in range(gw)]
     perm = np.random.default_rng(seed).permutation(gh * gw)
-    out = work.copy()
-    for dest, src in zip(boxes, perm):
-        out.paste(work.crop(boxes[src]), dest[:2])
+    pixels = np.asarray(work)  # (height, width[, channels]); the tiles moved as whole array blocks
+    tiles = pixels.reshape(gh, pixels.shape[0] // gh, gw, pixels.shape[1] // gw, -1).swapaxes(1, 2)
+    moved = tiles.reshape(gh * gw, *tiles.shape[2:])[perm].reshape(tiles.shape).swapaxes(1, 2)
+    out = Image.fromarray(moved.reshape(pixels.shape))
+    if out.mode != work.mode:  # a mode fromarray does not infer (P, PA, CMYK, YCbCr, LAB, HSV, RGBX): same bytes
+        out = Image.frombytes(work.mode, work.size, out.tobytes())
+    if work.mode in ("P", "PA"):  # indices into the same palette
+        out.putpalette(work.getpalette())
     return out if out.size == image.size else out.resize(image.size, Image.Resampling.BICUBIC)

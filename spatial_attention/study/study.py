@@ -35,7 +35,7 @@ from spatial_attention.data.shapeworld import DEFAULT_SHAPEWORLD
 from spatial_attention.run.cli import DTYPES
 from spatial_attention.run.controls import (COMPARISON_FILE, DEFAULT_SEEDS, MAX_SEEDS, RANDOM_WEIGHTS, init_seeds,
                                             seed_folder)
-from spatial_attention.study.folder import LOGS_DIR, STEPS_DIR, STUDY_FILE
+from spatial_attention.study.folder import LOGS_DIR, PLAN_FILE, STEPS_DIR, STUDY_FILE
 
 log = logging.getLogger("spatial_attention.study")
 
@@ -93,6 +93,8 @@ class StudySettings:
     dtype: str
     batch_size: int | None
     python: str = field(default=sys.executable)
+    plan_only: bool = False  # PLAN=1: write the cost plan, run nothing
+    calibration: Path | None = None  # CALIBRATION: the device the plan prices for (study/calibration.py)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "StudySettings":
@@ -131,6 +133,11 @@ class StudySettings:
         if data_dir.exists() and not data_dir.is_dir():
             raise OptionError(f"DATA_DIR={data_dir}: is a file; choose the data folder")
         python = environ.get("PYTHON", "").strip() or sys.executable
+        calibration = Path(environ["CALIBRATION"]) if environ.get("CALIBRATION", "").strip() else None
+        if calibration:
+            from spatial_attention.study.calibration import read_calibration
+
+            read_calibration(calibration)  # a bad file is refused before anything runs
         if shutil.which(python) is None:
             raise OptionError(f"PYTHON={python}: not an executable; point it at the interpreter of the environment "
                               "(docs/environments.md), or leave it unset")
@@ -140,7 +147,8 @@ class StudySettings:
                    control_items=_env_int(environ, "CONTROL_ITEMS", CONTROL_ITEMS, allow_all=True),
                    ablate=_env_flag(environ, "ABLATE", "1"),
                    out_dir=out_dir, data_dir=data_dir, device=device, dtype=dtype,
-                   batch_size=_env_int(environ, "BATCH_SIZE", None), python=python)
+                   batch_size=_env_int(environ, "BATCH_SIZE", None), python=python,
+                   plan_only=_env_flag(environ, "PLAN", "0"), calibration=calibration)
 
     def recorded(self) -> dict:
         """The settings kept in study.json that a rerun must repeat."""
@@ -263,7 +271,7 @@ def check_study_folder(s: StudySettings) -> dict | None:
     check_output_dir(s.out_dir, "OUT_DIR")
     path = s.out_dir / STUDY_FILE
     if not path.is_file():
-        if s.out_dir.is_dir() and any(p.name != LOCK_FILE for p in s.out_dir.iterdir()):
+        if s.out_dir.is_dir() and any(p.name not in (LOCK_FILE, PLAN_FILE) for p in s.out_dir.iterdir()):
             raise OptionError(f"OUT_DIR={s.out_dir}: holds files but no {STUDY_FILE} (not a study folder); "
                               "choose an empty or new folder")
         return None
@@ -410,11 +418,16 @@ def run_study(s: StudySettings) -> int:
     """Every step, then the report; the exit status: 0 when every step finished and the report read every file,
     1 otherwise."""
     from spatial_attention.common.runio import claim_output, package_versions, release_outputs, write_json
+    from spatial_attention.study.cost import plan_study, report_plan
 
     earlier = check_study_folder(s) or {}
+    if s.plan_only:
+        log.info("PLAN=1: the plan is in %s; nothing was run", report_plan(plan_study(s, plan(s)), s.out_dir))
+        return 0
     claim_output(s.out_dir, "OUT_DIR")  # one study at a time in a folder: two would run each step twice
     try:
         steps = plan(s)
+        report_plan(plan_study(s, steps), s.out_dir)
         before = earlier.get("settings") or {}
         # a model run earlier and not named now stays in the study (and in its report), with its checkpoint
         models = list(dict.fromkeys([*(before.get("models") or []), *s.models]))
