@@ -98,9 +98,10 @@ def test_unusable_data_fails_before_the_model_loads(driver, tmp_path, capsys, no
 
 # --------------------------------------------------------------------------- how a run ends
 
-def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out"
-    real = vlm_analysis.score_worlds  # each batch's forward and metrics (its inputs are prepared ahead)
+def _interrupt_the_second_batch(monkeypatch):
+    """Ctrl-C in the second batch's forward and metrics (``score_worlds``; its inputs are prepared ahead);
+    returns the real function."""
+    real = vlm_analysis.score_worlds
     calls = []
 
     def interrupted_on_second_batch(*args, **kwargs):
@@ -110,6 +111,12 @@ def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_pat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(vlm_analysis, "score_worlds", interrupted_on_second_batch)
+    return real
+
+
+def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    real = _interrupt_the_second_batch(monkeypatch)
     argv = [*FAST, "--data", str(worlds), "--out", str(out), "--batch-size", "1"]
     err = _one_line_exit(capsys, lambda: vlm_analysis.main("llava", argv), code=130)
     assert err.startswith("interrupted:") and str(out) in err and "rerun" in err
@@ -126,16 +133,7 @@ def test_ctrl_c_keeps_finished_worlds_marks_run_json_and_resumes(worlds, tmp_pat
 def test_worlds_finished_before_a_ctrl_c_keep_their_figures(worlds, tmp_path, capsys, monkeypatch):
     """Figures are drawn after the loop; a run stopped early still draws those of its finished worlds, which a
     rerun would not redo."""
-    real = vlm_analysis.score_worlds
-    calls = []
-
-    def interrupted_on_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vlm_analysis, "score_worlds", interrupted_on_second_batch)
+    _interrupt_the_second_batch(monkeypatch)
     out = tmp_path / "out"
     argv = ["--model-path", "tiny-random", "--plot-samples", "4", "--data", str(worlds), "--out", str(out),
             "--batch-size", "1", "--no-baseline"]
