@@ -75,18 +75,24 @@ def layer_indices(mode: str, num_layers: int | None) -> list[int]:
     return selected
 
 
+def _numbers(option: str, text: str, expected: str, twice: str) -> list[int]:
+    """A comma-separated list of numbers >= 0 given to ``option``, each at most once."""
+    try:
+        numbers = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        numbers = []
+    if not numbers or min(numbers) < 0:
+        raise OptionError(f"{option} {text!r}: expected comma-separated {expected}")
+    if len(set(numbers)) < len(numbers):
+        raise OptionError(f"{option} {text!r}: {twice}")
+    return numbers
+
+
 def parse_shards(text: str | None) -> list[int] | None:
     if text is None:
         return None
-    try:
-        shards = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        shards = []
-    if not shards or min(shards) < 0:
-        raise OptionError(f"--shards {text!r}: expected comma-separated shard numbers such as 0,1,2")
-    if len(set(shards)) < len(shards):
-        raise OptionError(f"--shards {text!r}: a shard is listed twice; its worlds would count twice")
-    return shards
+    return _numbers("--shards", text, "shard numbers such as 0,1,2", "a shard is listed twice; its worlds would "
+                    "count twice")
 
 
 def parse_heads(text: str | None) -> list[int] | None:
@@ -94,15 +100,7 @@ def parse_heads(text: str | None) -> list[int] | None:
     model's head count is known."""
     if text is None:
         return None
-    try:
-        heads = [int(h) for h in text.split(",")]
-    except ValueError:
-        heads = []
-    if not heads or min(heads) < 0:
-        raise OptionError(f"--heads {text!r}: expected comma-separated 0-based head numbers such as 0 or 1,2,3")
-    if len(set(heads)) < len(heads):
-        raise OptionError(f"--heads {text!r}: a head is listed twice")
-    return sorted(heads)
+    return sorted(_numbers("--heads", text, "0-based head numbers such as 0 or 1,2,3", "a head is listed twice"))
 
 
 def checkpoint_name(model_path: str) -> str:
