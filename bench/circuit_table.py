@@ -78,7 +78,9 @@ def circuit(out: Path) -> list[str]:
                              "far above every other head's (the CI test's rule: by more than 0.4): the other "
                              "heads of the layer may look at the shapes, but not at the one a word names",
                              f"**{probe['specificity']:+.3f}** (other shape {probe['other_shape_mass']:.3f}); "
-                             f"other heads <= {probe['other_heads_max_specificity']:+.3f}", control,
+                             f"other heads <= {probe['other_heads_max_specificity']:+.3f}"
+                             + (f" ({probe['most_specific_other_head']})" if "most_specific_other_head" in probe
+                                else ""), control,
                              "binds" if binds else "**does not bind**"))
     return rows
 

@@ -14,7 +14,9 @@ from spatial_attention.data.generate import generate_counterfactual
 from spatial_attention.experiments import toy, train_toy
 
 FAMILIES = ["llava", "qwen2"]
-CIRCUIT_FAMILIES = ["llava"]  # the toys trained with a known circuit that they learned (models/toy/README.md)
+# the toys whose circuit is the trained one alone: the Qwen2-VL toy learned it too, but binds with 2.1 beside 2.0
+# (they share a key/value head), so "far above every other head" is not its circuit (models/toy/README.md)
+CIRCUIT_FAMILIES = ["llava"]
 
 
 def test_training_a_few_steps_is_a_function_of_the_seed(tmp_path):
@@ -79,9 +81,9 @@ def test_cell_colours_find_a_drawn_shape():
     assert cells.sum() == 4 * (1 + toy.COLOR_NAMES.index("red"))
 
 
-# the held-out corner accuracy of each committed toy (model card: LLaVA 99.3%; Qwen2-VL 79.8%, under the
+# the held-out corner accuracy of each committed toy (model card: LLaVA 98.3%; Qwen2-VL 84.3%, under the
 # 95% target) less a margin for 40 images
-CORNER_FLOOR = {"llava": 0.9, "qwen2": 0.65}
+CORNER_FLOOR = {"llava": 0.9, "qwen2": 0.75}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -96,10 +98,10 @@ def test_committed_toy_answers_the_corner_question(family, tmp_path, capsys):
     assert line["accuracy"] >= CORNER_FLOOR[family]
 
 
-@pytest.mark.parametrize("family, said_yes", [("llava", 9), ("qwen2", 0)])
+@pytest.mark.parametrize("family, said_yes", [("llava", 9), ("qwen2", 12)])
 def test_committed_toy_is_evaluated_on_real_shapeworld(family, said_yes, real_sample, capsys):
     """The model card's figures on the real sample (16 true captions): LLaVA's toy says yes to 9 (it finds a shape
-    by its colour, and 9 of the 16 worlds give both shapes one colour), Qwen2-VL's to none (one answer either way
+    by its colour, and 9 of the 16 worlds give both shapes one colour), Qwen2-VL's to 12 (one answer either way
     is allowed for numerical noise); beside them the same captions with the relation swapped (all false) and the
     balanced mean, which a yes-bias or a no-bias puts at 0.5."""
     committed_toy(family)

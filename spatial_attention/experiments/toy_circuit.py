@@ -325,5 +325,7 @@ def circuit_probes(adapter, samples: list[toy.Sample], batch_size: int = 16) -> 
                               for kind in ("shape", "colour") if (kinds == kind).any()},
                 other_shape_mass=round(float(np.stack(elsewhere)[:, head].mean()), 4),
                 specificity=round(float(specific[:, head].mean()), 4),
-                other_heads_max_specificity=round(float(np.delete(specific.mean(0), head).max()), 4))
+                other_heads_max_specificity=round(float(np.delete(specific.mean(0), head).max()), 4),
+                most_specific_other_head=head_name(layer, int(np.argmax(np.where(
+                    np.arange(per_row.shape[1]) == head, -np.inf, specific.mean(0))))))
     return out
