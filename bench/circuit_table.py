@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from spatial_attention.experiments.ablation_heads import random_head_sets  # noqa: E402
 from spatial_attention.experiments.toy_circuit import (BINDING_HEAD, MENTION_HEADS, RELATION_HEAD,  # noqa: E402
-                                                        head_name)
+                                                       head_name)
 from spatial_attention.run.controls import control_seed_folders  # noqa: E402  (after the path)
 
 BINDING = head_name(*BINDING_HEAD)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import t as scipy_t
 from conftest import require_toy
+from scipy.stats import t as scipy_t
 
 from spatial_attention.common.errors import OptionError
 from spatial_attention.run import controls
