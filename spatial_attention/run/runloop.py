@@ -20,6 +20,7 @@ keys are the options' names, so that a refusal names the option to change.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import time
@@ -68,6 +69,8 @@ class ProcessShare:
         self.state = PartialState(cpu=cpu)
         self.rank = self.state.process_index
         self.size = self.state.num_processes
+        if self.size > 1:  # torn down before the interpreter's own exit, where gloo's threads can abort a process
+            atexit.register(self.state.destroy_process_group)
 
     @property
     def is_main(self) -> bool:
