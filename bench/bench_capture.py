@@ -21,7 +21,11 @@ machine's state) and peak memory (each mode in a fresh process; GPU:
 max_memory_allocated; CPU: the process's peak RSS during one pass after a
 warm-up); the attention rows the engine computes per recorded layer (``rows``);
 for ``engine``, the largest absolute difference from ``paper`` on every
-reduction, and of its next-token logits from ``plain``'s. One JSON object is
+reduction, and of its next-token logits from ``plain``'s. Also ``answer_seconds``:
+the seconds a row of an answer-position rerun through the whole language model
+takes (``prefix.answer_logits``: patching, and ablation at the answer position),
+the first batch copied 1, 4 and 16 times over, by rows per forward (the study's
+cost plan prices those reruns with it). One JSON object is
 printed and written to bench/results/{model}-{size}-{device}[-L{layers}].json.
 """
 from __future__ import annotations
@@ -154,10 +158,15 @@ def mode_pass(args, mode: str, adapter, worlds):
 
 def run_timing(args) -> dict:
     """Worker: every mode's seconds per sample, the modes' passes interleaved in this one process, so that they
-    share its memory layout and the machine's state (separate processes differ by 10-20% on this CPU)."""
+    share its memory layout and the machine's state (separate processes differ by 10-20% on this CPU); then the
+    seconds a row of an answer-position rerun of the first batch takes (``answer_seconds``, by rows)."""
+    from spatial_attention.study.calibration import answer_seconds
+
     adapter = build_adapter(args)
     worlds = scenes(args.samples)
-    passes = {mode: mode_pass(args, mode, adapter, worlds)[0] for mode in MODES}
+    passes = {mode: mode_pass(args, mode, adapter, worlds) for mode in MODES}
+    batch = passes["plain"][2][0]
+    passes = {mode: one_pass for mode, (one_pass, _, _) in passes.items()}
     for one_pass in passes.values():
         one_pass()  # warm-up
     runs = {mode: [] for mode in MODES}
@@ -166,7 +175,8 @@ def run_timing(args) -> dict:
             start = time.perf_counter()
             one_pass()
             runs[mode].append((time.perf_counter() - start) / args.samples)
-    return {mode: {"seconds_per_sample": statistics.median(r), "runs": r} for mode, r in runs.items()}
+    return {"modes": {mode: {"seconds_per_sample": statistics.median(r), "runs": r} for mode, r in runs.items()},
+            "answer_seconds": answer_seconds(adapter, batch)}
 
 
 def run_mode(args) -> dict:
@@ -246,7 +256,8 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"{mode} run failed:\n{done.stderr[-3000:]}")
         modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
-    for mode, timing in modes.pop("timing").items():
+    timed = modes.pop("timing")
+    for mode, timing in timed["modes"].items():
         modes[mode].update(timing)
         print(f"{mode}: {timing['seconds_per_sample']:.4f} s/sample, peak {modes[mode]['peak_memory_mb']:.0f} MB",
               file=sys.stderr)
@@ -262,7 +273,7 @@ def main() -> None:
     result = {
         "model": args.model, "size": args.size, "device": args.device, "dtype": args.dtype,
         "batch_size": args.batch_size, "samples": args.samples, "repeats": args.repeats,
-        "machine": _machine(args.device), "modes": modes,
+        "machine": _machine(args.device), "modes": modes, "answer_seconds": timed["answer_seconds"],
         "speedup_vs_paper": modes["paper"]["seconds_per_sample"] / modes["engine"]["seconds_per_sample"],
         "overhead_vs_plain": modes["engine"]["seconds_per_sample"] / modes["plain"]["seconds_per_sample"],
         "extra_peak_mb": {"paper": extra_paper, "engine": extra_engine},

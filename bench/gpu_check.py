@@ -190,6 +190,7 @@ def reports(work: Path) -> dict:
         details[name.stem] = {**{k: report.get(k) for k in ("overhead_vs_plain", "speedup_vs_paper", "extra_peak_mb",
                                                             "max_abs_diff", "logits_max_abs_diff_vs_plain")},
                               "seconds_per_sample": {m: v["seconds_per_sample"] for m, v in report["modes"].items()},
+                              "answer_seconds": report.get("answer_seconds"),
                               "peak_memory_mb": {m: v["peak_memory_mb"] for m, v in report["modes"].items()}}
     return details
 

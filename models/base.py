@@ -345,16 +345,26 @@ class VLMAdapter:
     def dtype(self) -> torch.dtype:
         return self.model.get_input_embeddings().weight.dtype
 
+    def language_model(self) -> torch.nn.Module:
+        """The decoder: its layers, final norm, and the forward that runs them."""
+        return self.model.model.language_model
+
     def lm_layers(self) -> torch.nn.ModuleList:
         """The language model's decoder layers, in order."""
-        return self.model.model.language_model.layers
+        return self.language_model().layers
+
+    def after_layer(self, index: int, hidden: torch.Tensor, lm_inputs: dict, times: int) -> torch.Tensor:
+        """What the language model's forward adds to layer ``index``'s output before the next layer reads it, for a
+        rerun of the layers alone (``engine/prefix.py``): ``lm_inputs`` are the keyword arguments the language model
+        was called with, ``hidden`` holds that batch ``times`` over. Here nothing: the layers follow each other."""
+        return hidden
 
     def lm_attention_modules(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self.lm_layers()]
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of the last decoder layer's output ``hidden`` (..., D): final norm, then the LM head."""
-        return self.model.lm_head(self.model.model.language_model.norm(hidden))
+        return self.model.lm_head(self.language_model().norm(hidden))
 
     def vision_attention_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError

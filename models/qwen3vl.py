@@ -63,6 +63,15 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
                                                   if i < vision["depth"]] or [0]
         return sizes
 
+    def after_layer(self, index, hidden, lm_inputs, times):
+        """DeepStack: after each of the first layers, its merger's output added to the image tokens' hidden states
+        (the language model's own ``_deepstack_process``)."""
+        embeds = lm_inputs.get("deepstack_visual_embeds")
+        if embeds is None or index >= len(embeds):
+            return hidden
+        return self.language_model()._deepstack_process(hidden, lm_inputs["visual_pos_masks"].repeat(times, 1),
+                                                        embeds[index].repeat(times, 1))
+
     @classmethod
     def _classes(cls):
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor

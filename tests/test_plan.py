@@ -94,7 +94,12 @@ def test_the_plan_counts_the_reruns_of_patching_and_ablation(family):
     ablation_measure.measure(adapter, batch, sets, answers, sets_per_forward=3)
     planned = patching.planned_forwards(1, heads, L, 3) + ablation_measure.planned_forwards(1, 1, 4, L, 1, 3)
     assert counter.forwards == full_inputs(planned) == 4
-    assert counter.token_layers == sum(f.inputs * f.layers * tokens for f in planned)
+    assert counter.token_layers == sum(f.inputs * f.layers * (1 if f.answer_only else tokens) for f in planned)
+    planned = ablation_measure.planned_forwards(1, 1, 4, L, 1, 3, answer_only=True)
+    before = counter.token_layers
+    ablation_measure.measure(adapter, batch, sets, answers, sets_per_forward=3, answer_only=True)
+    assert counter.token_layers - before == sum(f.inputs * f.layers * (1 if f.answer_only else tokens)
+                                                for f in planned)
 
 
 def _plan(tmp_path, **env) -> subprocess.CompletedProcess:
@@ -130,7 +135,8 @@ def test_scaling_prices_a_family_by_its_work():
     assert small.work(Forwards(1, 1, 2)) == small.work(rerun) + 8 * 10.0
 
 
-@pytest.mark.parametrize("content, says", [("{", "not JSON"), ('{"format": 1}', "process_seconds"),
+@pytest.mark.parametrize("content, says", [("{", "not JSON"), ('{"format": 2}', "process_seconds"),
+                                            ('{"format": 1}', "run bench/gpu_check.sh again"),
                                             (None, "cannot be read")])
 def test_a_bad_calibration_is_refused_in_one_line_before_anything_runs(tmp_path, content, says):
     path = tmp_path / "calibration.json"
@@ -142,6 +148,25 @@ def test_a_bad_calibration_is_refused_in_one_line_before_anything_runs(tmp_path,
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: CALIBRATION={path}: ") and says in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_answer_position_rerun_is_priced_by_its_rows():
+    """Rows a layer at the measured seconds a row (interpolated between the rows measured), scaled by the size of
+    a layer; their work counts one token a row."""
+    from dataclasses import asdict
+
+    from spatial_attention.study.calibration import forward_seconds
+
+    small = Geometry(2, 4, 100.0, 1, 10.0, 8, {"image": 50, "text": 10})
+    big = Geometry(4, 4, 200.0, 1, 10.0, 8, {"image": 100, "text": 20})
+    entry = {"geometry": asdict(small), "seconds_per_input": {"1": 1.0}, "capture_overhead": {"1": 1.0},
+             "answer_seconds": {"2": 0.5, "32": 0.1}, "build_seconds": 0.0}
+    rows = Forwards(64, 32, 1, full=False, answer_only=True)
+    assert forward_seconds(entry, small, rows) == pytest.approx(64 * 0.1 / 2)
+    assert forward_seconds(entry, big, rows) == pytest.approx(2 * 64 * 0.1 / 2)
+    assert forward_seconds(entry, small, Forwards(64, 17, 1, full=False, answer_only=True)) == pytest.approx(
+        64 * 0.3 / 2)
+    assert small.work(rows) == 1 * 100.0 and small.row_tokens(rows) == 1
 
 
 def test_the_recorded_h200_calibration_reads():

@@ -64,6 +64,9 @@ class AttentionHook:
         """Called with the per-head output (batch, q, heads, head_dim) before the output projection."""
         return output
 
+    def keys_values(self, module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Called with the keys and values (batch, kv_heads, keys, head_dim) the call attends to, after RoPE."""
+
 
 _active_hook: AttentionHook | None = None
 _forward_seconds = 0.0  # ``forward_seconds``
@@ -103,6 +106,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                                        **kwargs)
     hook = _active_hook
     if hook is not None:
+        hook.keys_values(module, key, value)
         rows = hook.query_rows(module, query.shape)
         if rows is not None:  # (on the layer's own device under --device-map)
             hook.observe(module, row_probabilities(module, query, key, attention_mask, scaling,

@@ -350,7 +350,8 @@ def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int]
 
 
 def planned_forwards(pairs: int, datasets: int, specs: list[str], batch: int, num_layers: int, num_heads: int,
-                     random_controls: int, mode: str = "zero", sets_per_forward: int = 8) -> list[Forwards]:
+                     random_controls: int, mode: str = "zero", sets_per_forward: int = 8, positions: str = "all"
+                     ) -> list[Forwards]:
     """The forwards of one model's ablations: on each of ``datasets`` data sets of ``pairs`` pairs, per --heads
     spec, ``measure``'s with the chosen set and its null sets. The heads are found by the run, so their lowest
     layer is planned at the expected lowest of as many heads placed at random (``planned_heads``)."""
@@ -360,7 +361,8 @@ def planned_forwards(pairs: int, datasets: int, specs: list[str], batch: int, nu
         sets = 1 + null_set_count(per_layer, num_heads, random_controls)
         first = lowest if lowest is not None else num_layers / (len(per_layer) + 1)
         planned += [replace(f, inputs=f.inputs * datasets) for f in ablation_measure.planned_forwards(
-            pairs, batch, sets, num_layers, first, sets_per_forward, means=mode == "mean")]
+            pairs, batch, sets, num_layers, first, sets_per_forward, means=mode == "mean",
+            answer_only=positions == "answer")]
     return planned
 
 

@@ -50,7 +50,7 @@ from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.data.counterfactual import Pair
 from spatial_attention.data.shapeworld import load_rgb
 from spatial_attention.engine.capture import AttentionHook, active, last_position_logits
-from spatial_attention.engine.prefix import run_prefix, upper_logits
+from spatial_attention.engine.prefix import answer_logits, run_prefix, upper_logits
 from spatial_attention.experiments.ablation_heads import Head
 from spatial_attention.run.cost import Forwards, batched, chunks
 from spatial_attention.stats.inference import bootstrap_ci
@@ -104,9 +104,13 @@ class HeadAblation(AttentionHook):
         if self.answer_only:
             if self.last is None or rows != self.sets * len(self.last):
                 raise RuntimeError("HeadAblation(answer_only=True) needs for_batch(batch) before each forward")
-            at_answer = torch.zeros(rows, output.shape[1], dtype=torch.bool, device=output.device)
-            at_answer[torch.arange(rows, device=output.device), self.last.repeat(self.sets).to(output.device)] = True
-            where = where & at_answer[:, :, None, None]
+            last = self.last.repeat(self.sets).to(output.device)
+            if output.shape[1] == 1:  # answer_logits's call: the answer position alone
+                fill = None if fill is None else fill[last.to(fill.device)][:, None]  # (rows, 1, heads, head_dim)
+            else:
+                at_answer = torch.zeros(rows, output.shape[1], dtype=torch.bool, device=output.device)
+                at_answer[torch.arange(rows, device=output.device), last] = True
+                where = where & at_answer[:, :, None, None]
         return torch.where(where, output.new_zeros(()) if fill is None else fill.to(output.dtype), output)
 
 
@@ -191,35 +195,38 @@ def measure(adapter, batch, head_sets: list[list[Head]], answer_ids: tuple[list[
 
     One plain forward runs the batch up to the lowest layer any set ablates (``prefix.run_prefix``); only the
     layers from there up run again, ``sets_per_forward`` copies of the batch per forward with a per-copy head set
-    (``HeadAblation``). Every forward has that many copies (the last is filled with unablated ones), and the
+    (``HeadAblation``), and with ``answer_only`` only at the answer positions (``prefix.answer_logits``). Every forward has that many copies (the last is filled with unablated ones), and the
     unablated log-odds are those of an unablated copy in the first: on a GPU, kernels round differently at
     another batch size, which would otherwise be part of every effect."""
     if sets_per_forward < 2:
         raise ValueError("measure: sets_per_forward must be >= 2 (one unablated copy and one head set)")
     pairs = len(batch) // 2
     first = min(layer for heads in head_sets for layer, _ in heads)
-    start = run_prefix(adapter, batch, [first])[0][first]
+    start = run_prefix(adapter, batch, [first], keys_values=answer_only)[0][first]
+    rerun = answer_logits if answer_only else upper_logits  # an answer-position edit: that position alone reruns
     per_forward = sets_per_forward - 1
     base, ablated = None, []
     for i in range(0, len(head_sets), per_forward):
         sets = head_sets[i:i + per_forward]
         copies = [[]] + sets + [[]] * (per_forward - len(sets))  # copy 0: unablated
         hook = HeadAblation(adapter, copies, means, answer_only).for_batch(batch)
-        lo = log_odds(upper_logits(adapter, start, len(copies), hook), *answer_ids).reshape(len(copies), -1)
+        lo = log_odds(rerun(adapter, start, len(copies), hook), *answer_ids).reshape(len(copies), -1)
         base = lo[0] if base is None else base
         ablated.append(lo[1:1 + len(sets)])
     return base.reshape(pairs, 2), np.concatenate(ablated).reshape(len(head_sets), pairs, 2)
 
 
 def planned_forwards(pairs: int, batch: int, sets: int, num_layers: int, first_layer: float,
-                     sets_per_forward: int = 8, means: bool = False) -> list[Forwards]:
+                     sets_per_forward: int = 8, means: bool = False, answer_only: bool = False) -> list[Forwards]:
     """The forwards of ``measure`` over ``pairs`` pairs, ``batch`` at a time, with ``sets`` head sets whose lowest
     ablated layer is ``first_layer``: one whole forward of each batch, then ``sets_per_forward`` copies of it per
-    forward from that layer up; with ``means`` first ``head_means``' pass."""
+    forward from that layer up (with ``answer_only``, of its answer positions); with ``means`` first
+    ``head_means``' pass."""
     rows = 2 * batched(pairs, batch)
     reruns = chunks(sets, sets_per_forward - 1) * sets_per_forward
     return [Forwards(2 * pairs, rows, num_layers)] * (2 if means else 1) + [
-        Forwards(reruns * 2 * pairs, sets_per_forward * rows, num_layers - first_layer, full=False)]
+        Forwards(reruns * 2 * pairs, sets_per_forward * rows, num_layers - first_layer, full=False,
+                 answer_only=answer_only)]
 
 
 def encode_pairs(adapter, pairs: list[Pair], prompt: str):

@@ -23,7 +23,8 @@ Exact, not a gradient estimate: attribution patching (the first-order estimate) 
 and ranked its heads wrongly (correlation 0.08 with the exact swap; one of its two causal heads got the wrong
 sign). The price: one forward of the pair's two images per scored head, batched ``heads_per_forward`` heads
 at a time with one unpatched copy of the pair, and each from the lowest layer of its batch of heads up (the
-layers below, and the vision encoder, run once per pair: ``prefix.py``); ``--layers`` restricts the heads scored.
+layers below, and the vision encoder, run once per pair: ``prefix.py``), at the answer position alone (a swap there
+changes nothing before it: ``prefix.answer_logits``); ``--layers`` restricts the heads scored.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 
 from spatial_attention.engine.capture import AttentionHook, greedy_answers
-from spatial_attention.engine.prefix import run_prefix, upper_logits
+from spatial_attention.engine.prefix import answer_logits, run_prefix
 from spatial_attention.experiments.ablation_measure import log_odds
 from spatial_attention.run.cost import Forwards
 
@@ -73,8 +74,10 @@ class AnswerSwap(AttentionHook):
             return output
         device = output.device
         edited = output.clone()
-        edited[rows.to(device), self.last[rows].to(device), self.heads[rows].to(device)] = \
-            self.fills[rows].to(device, output.dtype)
+        # a call of one position is answer_logits's: the answer position
+        at = self.last[rows].to(device) if output.shape[1] > 1 else torch.zeros(len(rows), dtype=torch.long,
+                                                                                 device=device)
+        edited[rows.to(device), at, self.heads[rows].to(device)] = self.fills[rows].to(device, output.dtype)
         return edited
 
 
@@ -92,7 +95,7 @@ def pair_scores(adapter, batch, heads: list[Head], answer_ids: tuple[list[int], 
     # one forward of the pair: its logits, every head's answer-position output, and the input of each chunk's
     # lowest layer, from which only the layers above run again (prefix.py)
     prefixes, logits = run_prefix(adapter, batch, sorted({min(layer for layer, _ in chunk) for chunk in chunks}),
-                                  recorder)
+                                  recorder, keys_values=True)
     base = log_odds(logits, *answer_ids)
     said = tuple(greedy_answers(adapter, logits))
     scores = {}
@@ -106,7 +109,7 @@ def pair_scores(adapter, batch, heads: list[Head], answer_ids: tuple[list[int], 
         copies = len(chunk) + 1
         swap = AnswerSwap(adapter, last.repeat(copies), rows, fills)
         prefix = prefixes[min(layer for layer, _ in chunk)]
-        patched = log_odds(upper_logits(adapter, prefix, copies, swap), *answer_ids).reshape(copies, 2)
+        patched = log_odds(answer_logits(adapter, prefix, copies, swap), *answer_ids).reshape(copies, 2)
         unpatched = patched[-1]
         for head, after in zip(chunk, patched[:-1]):
             scores[head] = (float(unpatched[0] - after[0]), float(unpatched[1] - after[1]))
@@ -120,10 +123,10 @@ def head_chunks(heads: list[Head], heads_per_forward: int) -> list[list[Head]]:
 
 def planned_forwards(pairs: int, heads: list[Head], num_layers: int, heads_per_forward: int) -> list[Forwards]:
     """The forwards of ``pair_scores`` over ``pairs`` pairs scoring ``heads`` in a model of ``num_layers``
-    layers: one whole forward of each pair, then per chunk of heads the pair once per head and once unpatched,
-    from the chunk's lowest layer up."""
+    layers: one whole forward of each pair, then per chunk of heads the pair's answer positions once per head and
+    once unpatched, from the chunk's lowest layer up."""
     reruns = [Forwards(2 * (len(chunk) + 1) * pairs, 2 * (len(chunk) + 1),
-                       num_layers - min(layer for layer, _ in chunk), full=False)
+                       num_layers - min(layer for layer, _ in chunk), full=False, answer_only=True)
               for chunk in head_chunks(heads, heads_per_forward)]
     return [Forwards(2 * pairs, 2, num_layers)] + reruns
 

@@ -175,7 +175,8 @@ def planned_forwards(args, pairs: int, batch: int, num_layers: int, num_heads: i
     sets = 1 + null_set_count(chosen, num_heads, args.random_sets)
     return patching.planned_forwards(len(found), heads, num_layers, HEADS_PER_FORWARD) * bool(found) + \
         ablation_measure.planned_forwards(len(split_pairs(range(pairs), "test")), batch, sets, num_layers,
-                                          num_layers / (len(chosen) + 1), args.sets_per_forward)
+                                          num_layers / (len(chosen) + 1), args.sets_per_forward,
+                                          answer_only=args.positions == "answer")
 
 
 def check_settings(args) -> None:

@@ -15,7 +15,9 @@ class Forwards:
     """``inputs`` input sequences through the top ``layers`` language-model layers, ``batch`` rows per forward.
 
     ``full``: the whole model (the vision encoder and the embeddings too); otherwise only those layers, rerun on a
-    batch's kept prefix (``engine/prefix.py``). ``image``: the input holds an image (else text alone);
+    batch's kept prefix (``engine/prefix.py``), with ``answer_only`` at each input's answer position alone (one
+    token a row, reading the keys and values of the input's other positions: ``prefix.answer_logits``), then
+    ``batch`` counts those rows. ``image``: the input holds an image (else text alone);
     ``captured``: attention is recorded on the way (``engine/capture.py``), which costs more than a plain forward.
     ``layers`` may be a mean where the lowest rerun layer is not known before the run (the ablated heads')."""
     inputs: int
@@ -24,6 +26,7 @@ class Forwards:
     full: bool = True
     image: bool = True
     captured: bool = False
+    answer_only: bool = False
 
 
 def batched(items: int, batch: int) -> int:

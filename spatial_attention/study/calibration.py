@@ -1,14 +1,17 @@
 """What a forward costs on a device, per model family: the calibration the study's plan prices its forwards with
 (``cost.py``; ``CALIBRATION=FILE``, written by ``bench/gpu_check.sh``, or measured here for tiny and toy models).
 
-A calibration file (JSON, ``"format": 1``) describes one device: ``device`` (its name), ``device_type`` (cuda,
+A calibration file (JSON, ``"format": 2``) describes one device: ``device`` (its name), ``device_type`` (cuda,
 cpu), ``process_seconds`` (a script's start: Python and the package's imports) and per family ``geometry`` (the
 model it was measured on: language-model layers, heads, parameters per layer, the vision encoder's, tokens per
 input), ``seconds_per_input`` and ``capture_overhead`` by batch size (a plain forward of one input, and what
-capturing attention multiplies it by) and ``build_seconds`` (one model build, with what else a script does once
-per model). A forward's cost is its work, multiply-adds of the linear layers (tokens x layers x parameters per
-layer, the vision encoder's where it runs), at the measured seconds per unit of work of its batch size: a family
-the file lacks is priced at another family's rate and marked scaled.
+capturing attention multiplies it by), ``answer_seconds`` by rows per forward (a row of an answer-position
+rerun through the whole language model: ``prefix.answer_logits``) and ``build_seconds`` (one model build, with
+what else a script does once per model). A forward's cost is its work, multiply-adds of the linear layers
+(tokens x layers x parameters per layer, the vision encoder's where it runs), at the measured seconds per unit of
+work of its batch size; an answer-position rerun's, whose one token a row leaves a GPU reading weights and keys
+rather than multiplying, is its rows at the measured seconds a row and layer. A family the file lacks is priced
+at another family's rate and marked scaled. ``estimated`` (optional) lists figures that were not measured.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ from pathlib import Path
 from spatial_attention.common.errors import OptionError
 from spatial_attention.run.cost import Forwards
 
-FORMAT = 1
+FORMAT = 2
+ANSWER_TIMES = (1, 4, 16)  # copies of a batch per answer-position rerun timed (rows: the batch times these)
 GEOMETRY_KEYS = ("layers", "heads", "lm_params", "vision_layers", "vision_params", "vision_tokens", "tokens")
 BATCHES = (1, 8)  # the batch sizes a calibration here times, as bench/gpu_check.sh does
 SAMPLE_CAPTION = ("red", "square", "blue", "circle", "left")  # one ShapeWorld caption: an input's typical length
@@ -43,10 +47,14 @@ class Geometry:
     vision_tokens: int
     tokens: dict
 
+    def row_tokens(self, forwards: Forwards) -> int:
+        """Tokens one input of ``forwards`` runs through its layers."""
+        return 1 if forwards.answer_only else self.tokens["image" if forwards.image else "text"]
+
     def work(self, forwards: Forwards) -> float:
         """Multiply-adds of one input of ``forwards`` in the linear layers (at a few hundred tokens, attention's
         own products add a few per cent)."""
-        done = self.tokens["image" if forwards.image else "text"] * forwards.layers * self.lm_params
+        done = self.row_tokens(forwards) * forwards.layers * self.lm_params
         if forwards.full and forwards.image:
             done += self.vision_tokens * self.vision_layers * self.vision_params
         return done
@@ -120,6 +128,9 @@ def at_batch(table: dict, batch: int) -> float:
 def forward_seconds(entry: dict, geometry: Geometry, forwards: Forwards) -> float:
     """Seconds of ``forwards`` on a model of ``geometry``, at the rate family calibration ``entry`` measured."""
     measured = Geometry(**entry["geometry"])
+    if forwards.answer_only:  # rows a layer, at the measured model's seconds (scaled by its layers' size)
+        per_row_layer = at_batch(entry["answer_seconds"], forwards.batch) / measured.layers
+        return forwards.inputs * forwards.layers * per_row_layer * geometry.lm_params / measured.lm_params
     per_work = at_batch(entry["seconds_per_input"], forwards.batch) / measured.work(Forwards(1, 1, measured.layers))
     overhead = at_batch(entry["capture_overhead"], forwards.batch) if forwards.captured else 1.0
     return forwards.inputs * geometry.work(forwards) * per_work * overhead
@@ -144,7 +155,8 @@ def read_calibration(path: Path) -> dict:
 def _problem(calibration) -> str | None:
     """What makes ``calibration`` unusable; None where nothing does."""
     if not isinstance(calibration, dict) or calibration.get("format") != FORMAT:
-        return f'no "format": {FORMAT}'
+        return (f'no "format": {FORMAT} (an older file lacks the answer-position reruns\' seconds: run '
+                'bench/gpu_check.sh again on that device)')
     if not _positive(calibration.get("process_seconds"), zero=True):
         return "process_seconds must be a number of 0 or more"
     families = calibration.get("families")
@@ -158,13 +170,15 @@ def _problem(calibration) -> str | None:
         if not all(_positive(geometry[k]) for k in GEOMETRY_KEYS if k != "tokens") or not all(
                 _positive(tokens.get(k)) for k in ("image", "text")):
             return f"{family}: geometry's numbers must be above 0 (tokens: image and text)"
-        for table in ("seconds_per_input", "capture_overhead"):
+        for table in ("seconds_per_input", "capture_overhead", "answer_seconds"):
             values = entry.get(table)
             if not isinstance(values, dict) or not values or not all(
                     str(k).isdigit() and int(k) >= 1 and _positive(v) for k, v in values.items()):
                 return f"{family}: {table} must map batch sizes to numbers above 0"
         if not _positive(entry.get("build_seconds"), zero=True):
             return f"{family}: build_seconds must be a number of 0 or more"
+    if not all(isinstance(figure, str) for figure in calibration.get("estimated", [])):
+        return "estimated must be a list of texts"
     return None
 
 
@@ -212,7 +226,26 @@ def measure_family(family: str, model_path: str, device: str, dtype: str) -> dic
             plain[str(size)] = _median_seconds(lambda: adapter.model(**batch.inputs)) / size
         captured[str(size)] = _median_seconds(lambda: capture(adapter, batch, request)) / size
     return {"model_path": model_path, "geometry": asdict(geometry), "seconds_per_input": plain,
-            "capture_overhead": {k: captured[k] / plain[k] for k in plain}, "build_seconds": round(build, 3)}
+            "capture_overhead": {k: captured[k] / plain[k] for k in plain},
+            "answer_seconds": answer_seconds(adapter, batch), "build_seconds": round(build, 3)}
+
+
+def answer_seconds(adapter, batch) -> dict[str, float]:
+    """Seconds a row of an answer-position rerun of ``batch`` (copied ``ANSWER_TIMES`` over) through every
+    language-model layer, by rows per forward; ``bench_capture.py`` reports them too."""
+    import torch
+
+    from spatial_attention.engine.prefix import answer_logits, run_prefix
+
+    prefix = run_prefix(adapter, batch, [0], keys_values=True)[0][0]
+    synchronise = torch.cuda.synchronize if adapter.device.type == "cuda" else (lambda: None)
+
+    def rerun(times):
+        answer_logits(adapter, prefix, times)  # its logits come to the CPU: a GPU's work is done
+        synchronise()
+
+    return {str(len(batch) * times): _median_seconds(lambda: rerun(times)) / (len(batch) * times)
+            for times in ANSWER_TIMES}
 
 
 def import_seconds() -> float:
@@ -294,7 +327,7 @@ def from_gpu_check(summary: dict, source: str) -> dict:
                    "dtype": "bf16" if summary["device"] == "cuda" else "fp32", "source": source,
                    "process_seconds": min(starts) if starts else 0.0, "families": {},
                    "notes": ["seconds_per_input: bench_capture.py's plain forward per input; capture_overhead: its "
-                             "engine over plain", "process_seconds: the quickest data-generation step (a start and "
+                             "engine over plain; answer_seconds: its answer-position reruns, per row", "process_seconds: the quickest data-generation step (a start and "
                              "some generating: an upper bound)", "build_seconds: experiment 1's wall time less its "
                              "forwards and process_seconds (the build with the script's other once-a-run work)",
                              "geometry: the model timed (random-7b: the 7B checkpoint's), tokens as the family's "
@@ -309,7 +342,9 @@ def from_gpu_check(summary: dict, source: str) -> dict:
         plain = {str(size): r["seconds_per_sample"]["plain"] for size, r in zip(BATCHES, reports)}
         entry = {"model_path": summary["model_path"], "geometry": asdict(geometry), "seconds_per_input": plain,
                  "capture_overhead": {str(size): r["seconds_per_sample"]["engine"] / r["seconds_per_sample"]["plain"]
-                                      for size, r in zip(BATCHES, reports)}, "build_seconds": 0.0}
+                                      for size, r in zip(BATCHES, reports)},
+                 "answer_seconds": {rows: s for r in reports for rows, s in r["answer_seconds"].items()},
+                 "build_seconds": 0.0}
         worlds = int(re.search(r"(\d+) worlds", exp1["step"])[1])
         forwards = sum(forward_seconds(entry, geometry, f) for f in planned_forwards(worlds, batch, geometry.layers))
         entry["build_seconds"] = round(max(0.0, exp1["seconds"] - calibration["process_seconds"] - forwards), 2)

@@ -30,7 +30,7 @@ log = logging.getLogger("spatial_attention.study")
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 SMALL_MODELS = ("tiny-random", "toy")  # built and timed here in seconds
 SWEEP_DEFAULTS = {"SCORE": "attention", "LAYERS": "all", "ABLATE_HEADS": "unique shared", "ABLATE_MODE": "zero",
-                  "RANDOM_CONTROLS": "100", "SAME_PAIRS": "0"}  # run_corner_experiments.sh's
+                  "RANDOM_CONTROLS": "100", "SAME_PAIRS": "0", "ABLATE_POSITIONS": "all"}  # run_corner_experiments.sh's
 
 
 @dataclass
@@ -88,7 +88,8 @@ def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, envir
     scoring = corner_stats.planned_forwards(scored, len(CORNERS), batch, sweep["SCORE"],
                                             layer_indices(sweep["LAYERS"], L), L, H)
     ablating = ablation.planned_forwards(tested, len(CORNERS), sweep["ABLATE_HEADS"].split(), batch, L, H,
-                                         int(sweep["RANDOM_CONTROLS"]), sweep["ABLATE_MODE"]) if s.ablate else []
+                                         int(sweep["RANDOM_CONTROLS"]), sweep["ABLATE_MODE"],
+                                         positions=sweep["ABLATE_POSITIONS"]) if s.ablate else []
     missing = any(not (s.data_dir / f"dataset_{c}" / "metadata.jsonl").is_file() for c in CORNERS)
     for name, runs in (("corners", 1), ("corners-control", seeds)):
         work[name] = StepWork()
@@ -122,7 +123,7 @@ def plan_study(s, steps) -> dict:
     device_type = (calibration or {}).get("device_type", "cuda" if s.device.startswith("cuda") else "cpu")
     batch = s.batch_size or (8 if device_type == "cuda" else 1)
     worlds = shapeworld_worlds(s)
-    rows, notes = [], []
+    rows, notes = [], [f"calibration, not measured: {figure}" for figure in (calibration or {}).get("estimated", [])]
     for model in s.models:
         families = (calibration or {}).get("families", {})
         if here and model in families:
@@ -157,10 +158,8 @@ def price(name: str, work: StepWork, geometry: Geometry | None, entry: dict | No
           scaled: str | None) -> dict:
     """One step's row of the plan: its counts, and its seconds where there is a calibration of its family."""
     forwards = full_inputs(work.forwards)
-    token_layers = sum(f.inputs * geometry.tokens["image" if f.image else "text"] * f.layers for f in work.forwards) \
-        if geometry else 0
-    tokens = sum(f.inputs * geometry.tokens["image" if f.image else "text"]
-                 for f in work.forwards if f.full) if geometry else 0
+    token_layers = sum(f.inputs * geometry.row_tokens(f) * f.layers for f in work.forwards) if geometry else 0
+    tokens = sum(f.inputs * geometry.row_tokens(f) for f in work.forwards if f.full) if geometry else 0
     seconds = None
     if calibration is not None and (entry is not None or not work.forwards):
         seconds = work.processes * calibration["process_seconds"]
