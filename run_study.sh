@@ -23,7 +23,9 @@
 #                               the plan prices for that device; without it, the one recorded for this GPU, else (tiny
 #                               and toy models) a timed forward here, else counts without seconds
 # The corner sweep's own settings (SCORE, ABLATE_HEADS, ABLATE_MODE, RANDOM_CONTROLS, LAYERS, ...; see
-# run_corner_experiments.sh) pass through to it.
+# run_corner_experiments.sh) pass through to it. One default differs from the sweep's: ABLATE_POSITIONS [answer]
+# ablates the heads at the answer position, where experiment 3's score found them (the paper's, all, recomputes
+# every position for each random head set: hours of a GPU at 7B); the report says which was done.
 #
 # Before any step the plan is printed and written to OUT_DIR/plan.json: per step its model builds, forwards,
 # tokens per forward, token-layers and estimated seconds, and the total (spatial_attention/study/cost.py).

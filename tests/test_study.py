@@ -200,6 +200,16 @@ def test_the_controls_of_experiments_1_and_2_run_on_the_first_control_items_worl
         assert max(paired) == 3 and min(paired) >= 1  # fewer where a metric is undefined in a world
 
 
+def test_the_study_ablates_at_the_answer_position_and_the_report_says_so(study):
+    out = study["out"]
+    for model in ("llava", "qwen2"):
+        summary = json.loads((out / model / "corners" / "ablation_topleft_unique" / "summary.json").read_text())
+        assert summary["positions"] == "answer"
+    markdown = (out / "report" / "REPORT.md").read_text()
+    assert "heads are ablated at the answer position alone (ABLATE_POSITIONS=answer, the study's default" in markdown
+    assert "heads (L" in markdown and ") at the answer position lowers the full images' yes log-odds" in markdown
+
+
 def test_the_failed_step_shows_in_the_report_with_the_end_of_its_log(study):
     page = _page(study["html"])
     assert f"{FAILING}: failed (exit 3)" in study["html"]
@@ -443,6 +453,7 @@ def test_readings_follow_the_stated_rules_on_planted_numbers(tmp_path):
                 r"has rank p 1/4; 19 are needed\)")
     assert said("flips with the roles)", r"yes \(q=[0-9.e-]+\) \(symmetry_score -0\.0020 \[-0\.0030, -0\.0010\]\); "
                                          r"beyond random weights: yes")
+    assert "heads are ablated at every position (ABLATE_POSITIONS=all, the paper's)" in markdown  # none recorded
     layers = "random heads of their layers"
     assert said(layers, r"yes \(q=[0-9.e-]+\) \(effect -9\.8 \[-12\.0, -7\.5\], random sets -1, p_drop 0\.001\); "
                         r"beyond random weights: yes \(q=")

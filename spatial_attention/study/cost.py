@@ -24,6 +24,7 @@ from spatial_attention.run.cost import Forwards, full_inputs, rerun_inputs
 from spatial_attention.study.calibration import (Geometry, device_slug, forward_seconds, measure_here, model_geometry,
                                                  read_calibration)
 from spatial_attention.study.folder import PLAN_FILE
+from spatial_attention.study.study import STUDY_SWEEP_DEFAULTS
 
 log = logging.getLogger("spatial_attention.study")
 
@@ -81,7 +82,7 @@ def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, envir
     args.control = "random-weights"
     work["exp4-control"].add(1, 0)
     work["exp4-control"].add(0, 1, exp4.planned_forwards(args, control_worlds, batch, L, H), times=seeds)
-    sweep = {k: environ.get(k) or v for k, v in SWEEP_DEFAULTS.items()}
+    sweep = {k: environ.get(k) or STUDY_SWEEP_DEFAULTS.get(k) or v for k, v in SWEEP_DEFAULTS.items()}
     same = sweep["SAME_PAIRS"] == "1"
     scored = len(split_pairs(range(s.count), "all" if same else "discovery"))
     tested = len(split_pairs(range(s.count), "all" if same else "test"))

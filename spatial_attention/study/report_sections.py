@@ -219,12 +219,13 @@ def _ablation_folders(o: Outputs, model: str) -> list[str]:
 
 
 def ablation(o: Outputs, models: list[str]) -> list:
-    blocks = [Heading(2, "The causal test: ablating the heads experiment 3 found", "ablation"),
-              Para(["Each corner's chosen heads are ablated and the change of the full images' yes/no log-odds "
-                    "(mean over pairs, 95% interval) is set against random head sets of the same layers: p_drop = "
-                    "(1 + random sets lowering it at least as much) / (1 + R). The random-weights column is the "
-                    "same ablation in random initialisations, each ablating the heads its own experiment 3 found."])]
     present = {m: _ablation_folders(o, m) for m in models}
+    blocks = [Heading(2, "The causal test: ablating the heads experiment 3 found", "ablation"),
+              Para(["Each corner's chosen heads are ablated ", _ablated_where(o, present), " and the change of the "
+                    "full images' yes/no log-odds (mean over pairs, 95% interval) is set against random head sets of "
+                    "the same layers: p_drop = (1 + random sets lowering it at least as much) / (1 + R). The "
+                    "random-weights column is the same ablation in random initialisations, each ablating the heads "
+                    "its own experiment 3 found."])]
     names = sorted({name for folders in present.values() for name in folders},
                    key=lambda n: (n.split("_", 2)[2], CORNERS.index(n.split("_")[1]) if n.split("_")[1] in CORNERS else 9))
     shown = [m for m in models if present[m]]
@@ -255,13 +256,26 @@ def ablation(o: Outputs, models: list[str]) -> list:
     return blocks
 
 
+POSITIONS_READ = {"answer": "at the answer position alone (ABLATE_POSITIONS=answer, the study's default: where "
+                             "experiment 3's score measured them; the paper ablated every position)",
+                  "all": "at every position (ABLATE_POSITIONS=all, the paper's)"}
+
+
+def _ablated_where(o: Outputs, present: dict[str, list[str]]) -> str:
+    """Where the ablations shown ablated their heads, from their summaries."""
+    found = {(o.json(f"{m}/corners/{name}/summary.json") or {}).get("positions", "all")
+             for m, names in present.items() for name in names}
+    return "; ".join(POSITIONS_READ.get(p, f"at positions {p!r}") for p in sorted(found)) or "(none ran)"
+
+
 def _ablation_reading(o: Outputs, m: str, corner: str, spec: str, rel: str, effect: list, p_drop, control) -> list:
     """An ablation's reading: its p_drop in the report's family, its effect's interval below 0, and its effect
     against the random initialisations' (``beyond_verdict``)."""
     heads = (o.json(rel) or {}).get("heads") or []
     named = " ".join(f"L{h['layer']}.H{h['head']}" for h in heads) or o.missing(rel)
-    claim = (f"{m}, {corner}: ablating the {spec} heads ({named}) lowers the full images' yes log-odds more than "
-             f"random heads of their layers")
+    where = "at the answer position " if (o.json(rel) or {}).get("positions") == "answer" else ""
+    claim = (f"{m}, {corner}: ablating the {spec} heads ({named}) {where}lowers the full images' yes log-odds more "
+             f"than random heads of their layers")
     sets = ((o.json(rel) or {}).get("random_controls") or {}).get("count")
     lo, hi = bounds(effect)
     test = f"p_drop against {sets} random head sets of the same layers"
