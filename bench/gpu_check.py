@@ -192,6 +192,10 @@ def reports(work: Path) -> dict:
                               "seconds_per_sample": {m: v["seconds_per_sample"] for m, v in report["modes"].items()},
                               "answer_seconds": report.get("answer_seconds"),
                               "peak_memory_mb": {m: v["peak_memory_mb"] for m, v in report["modes"].items()}}
+    for run in sorted(work.glob("exp1-*/run.json")):  # where experiment 1's time went after its build
+        timing = json.loads(run.read_text()).get("timing")
+        if timing:
+            details[run.parent.name] = timing
     return details
 
 

@@ -125,6 +125,32 @@ def test_plan_1_writes_the_plan_runs_nothing_and_scales_a_family_the_calibration
     assert "total: ~" in done.stderr and "(scaled from llava)" in done.stderr
 
 
+def test_the_host_s_work_is_priced_per_run_and_per_item(tmp_path):
+    """A calibration's own host_seconds: experiment 1's runs priced at per_run + worlds x per_item + its per-world
+    figures (8 for the model, none for an initialisation), every other kind at 0."""
+    from spatial_attention.study.cost import HOST_SECONDS
+
+    calibration = json.loads(H200.read_text())
+    kinds = json.loads(HOST_SECONDS.read_text())["kinds"]
+    settings = dict(MODELS="llava", MODEL_PATH_LLAVA="random-7b:2", WORLDS="10", COUNT="4", CONTROL_SEEDS="2",
+                    CONTROL_ITEMS="4")
+    rows = {}
+    for name, host in (("none", {}), ("exp1", {"exp1": {"per_run": 10.0, "per_item": 1.0},
+                                               "exp1_panel": {"per_run": 0.0, "per_item": 100.0}})):
+        calibration["host_seconds"] = {kind: {"per_run": 0.0, "per_item": 0.0} for kind in kinds} | host
+        (tmp_path / name).mkdir()
+        path = tmp_path / name / "calibration.json"
+        path.write_text(json.dumps(calibration))
+        done = _plan(tmp_path / name, CALIBRATION=str(path), **settings)
+        assert done.returncode == 0, done.stderr[-3000:]
+        rows[name] = {row["step"]: row["seconds"] for row in
+                      json.loads((tmp_path / name / "out" / "plan.json").read_text())["steps"]}
+    assert rows["exp1"]["llava/exp1"] - rows["none"]["llava/exp1"] == pytest.approx(10 + 10 * 1 + 8 * 100, abs=0.2)
+    assert rows["exp1"]["llava/exp1-control"] - rows["none"]["llava/exp1-control"] == pytest.approx(2 * (10 + 4),
+                                                                                                 abs=0.2)
+    assert all(rows["exp1"][step] == rows["none"][step] for step in rows["none"] if "exp1" not in step)
+
+
 def test_scaling_prices_a_family_by_its_work():
     """A family priced from another's rate: twice the parameters a layer and twice the tokens, four times the
     language model's part."""

@@ -200,11 +200,15 @@ def test_the_controls_of_experiments_1_and_2_run_on_the_first_control_items_worl
         assert max(paired) == 3 and min(paired) >= 1  # fewer where a metric is undefined in a world
 
 
-def test_the_study_ablates_at_the_answer_position_and_the_report_says_so(study):
+def test_the_study_ablates_at_the_answer_position_says_so_and_times_each_script(study):
     out = study["out"]
     for model in ("llava", "qwen2"):
         summary = json.loads((out / model / "corners" / "ablation_topleft_unique" / "summary.json").read_text())
         assert summary["positions"] == "answer"
+    for rel in ("corners/head_diff_stats_topleft", "corners/ablation_topleft_unique", "exp4"):  # each script's
+        timing = json.loads((out / "llava" / rel / "run.json").read_text())["timing"]  # where its time went
+        assert set(timing) == {"items", "forward_seconds", "other_seconds"} and timing["items"] > 0, rel
+        assert timing["forward_seconds"] > 0 and timing["other_seconds"] > 0, rel
     markdown = (out / "report" / "REPORT.md").read_text()
     assert "heads are ablated at the answer position alone (ABLATE_POSITIONS=answer, the study's default" in markdown
     assert "heads (L" in markdown and ") at the answer position lowers the full images' yes log-odds" in markdown

@@ -73,13 +73,14 @@ _forward_seconds = 0.0  # ``forward_seconds``
 
 
 def forward_seconds() -> float:
-    """Seconds this process has spent in the model's forwards (``last_position_logits``, ``capture_generate``), each
-    timed until its result is on the CPU: on a GPU the forward's time, not its launch's (run.json's ``timing``)."""
+    """Seconds this process has spent in the model's forwards (``last_position_logits``, ``capture_generate``, the
+    reruns of ``prefix.py``), each timed until its result is on the CPU: on a GPU the forward's time, not its
+    launch's (run.json's ``timing``)."""
     return _forward_seconds
 
 
 @contextlib.contextmanager
-def _timed_forward():
+def timed_forward():
     global _forward_seconds
     start = time.perf_counter()
     try:
@@ -385,7 +386,7 @@ def capture_generate(adapter, batch, request: CaptureRequest, max_new_tokens: in
     if len(batch) != 1 or request.blocks or request.vision_cells is not None:
         raise ValueError("capture_generate takes one sample and records last_mass only")
     recorder = _Recorder(adapter, batch, request, answer_rows=[-1])
-    with active(recorder), _timed_forward():
+    with active(recorder), timed_forward():
         ids = adapter.model.generate(**batch.inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=adapter.tokenizer.pad_token_id)
         answer = adapter.tokenizer.decode(ids[0, batch.layouts[0].length:], skip_special_tokens=True)
@@ -412,7 +413,7 @@ def last_position_logits(adapter, batch) -> torch.Tensor:
     150k-token vocabulary the full logits would dwarf everything else.
     """
     keep = logits_to_keep(batch)
-    with _timed_forward():
+    with timed_forward():
         return at_last_positions(adapter.model(**batch.inputs, use_cache=False, logits_to_keep=keep).logits, batch,
                                  keep)
 

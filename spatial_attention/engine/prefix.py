@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spatial_attention.engine.capture import AttentionHook, active, last_position_logits
+from spatial_attention.engine.capture import AttentionHook, active, last_position_logits, timed_forward
 
 
 @dataclass
@@ -110,13 +110,13 @@ def upper_logits(adapter, prefix: Prefix, times: int, hook: AttentionHook | None
     repeated: dict[int, torch.Tensor] = {}  # the layers share their mask and position embeddings: repeat each once
     hidden = _repeat(prefix.hidden, times, batch, repeated)
     layers = adapter.lm_layers()[prefix.first:]
-    with active(hook or AttentionHook()):
+    with active(hook or AttentionHook()), timed_forward():
         for index, (layer, kwargs) in enumerate(zip(layers, prefix.layer_kwargs), prefix.first):
             hidden = layer(hidden, **_repeat(kwargs, times, batch, repeated))
             hidden = adapter.after_layer(index, hidden, prefix.lm_inputs, times)
-    last = torch.tensor(prefix.last * times, device=hidden.device)
-    at_last = hidden[torch.arange(len(last), device=hidden.device), last][:, None]  # (times * B, 1, D)
-    return adapter.lm_logits(at_last)[:, 0].float().cpu()
+        last = torch.tensor(prefix.last * times, device=hidden.device)
+        at_last = hidden[torch.arange(len(last), device=hidden.device), last][:, None]  # (times * B, 1, D)
+        return adapter.lm_logits(at_last)[:, 0].float().cpu()
 
 
 def _repeat(value, times: int, batch: int, repeated: dict[int, torch.Tensor]):
@@ -147,11 +147,11 @@ def answer_logits(adapter, prefix: Prefix, times: int, hook: AttentionHook | Non
     hidden = prefix.hidden[torch.arange(batch, device=last.device), last][:, None].repeat(times, 1, 1)
     layers = adapter.lm_layers()[prefix.first:]
     at_answer: dict[int, object] = {}  # the layers share their mask and position embeddings: each taken once
-    with active(hook or AttentionHook()):
+    with active(hook or AttentionHook()), timed_forward():
         for layer, kwargs, (keys, values) in zip(layers, prefix.layer_kwargs, prefix.keys_values):
             hidden = layer(hidden, **_answer_kwargs(kwargs, last, length, times, at_answer),
                            cache=_EarlierPositions(keys, values, times))
-    return adapter.lm_logits(hidden)[:, 0].float().cpu()
+        return adapter.lm_logits(hidden)[:, 0].float().cpu()
 
 
 class _EarlierPositions:
@@ -162,8 +162,16 @@ class _EarlierPositions:
         self.keys, self.values, self.times = keys, values, times
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, **kwargs):
-        return (torch.cat([self.keys.repeat(self.times, 1, 1, 1), key.to(self.keys.dtype)], 2),
-                torch.cat([self.values.repeat(self.times, 1, 1, 1), value.to(self.values.dtype)], 2))
+        return self._joined(self.keys, key), self._joined(self.values, value)
+
+    def _joined(self, kept: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """(times * B, kv, T + 1, d): ``kept`` (B, kv, T, d) once per copy, then each row's ``new`` (one write of
+        the copies, not a repeat and then a concatenation)."""
+        batch, heads, length, dim = kept.shape
+        joined = kept.new_empty(self.times * batch, heads, length + 1, dim)
+        joined.view(self.times, batch, heads, length + 1, dim)[:, :, :, :length] = kept
+        joined[:, :, length:] = new
+        return joined
 
 
 def _answer_kwargs(kwargs: dict, last: torch.Tensor, length: int, times: int, done: dict) -> dict:

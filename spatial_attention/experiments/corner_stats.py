@@ -318,7 +318,7 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
     if {record["id"] for record in results.read()} >= set(ids) and _outputs_current(out, ids, scoring.topk):
         log.info("%s: all %d pairs already scored in %s; nothing to redo", corner, len(pairs), out)
         return
-    record = run.record(dataset=str(dataset.folder))
+    record, since = run.record(dataset=str(dataset.folder)), run.now()
     if run.share.is_main:
         start_run(out / "run.json", record)
     prompt = fill_corner_prompt(scoring.prompt, corner)
@@ -344,6 +344,7 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
         return [{"id": pair.id, "full": scores[2 * k], "control": scores[2 * k + 1], "full_answer": said[2 * k],
                  "control_answer": said[2 * k + 1]} for k, (pair, _) in enumerate(loaded)]
 
+    done_before = len(results.read())
     records = resumable_map(run.share, results, pairs, score_pairs, the_identity, batch_size=run.batch_size,
                             desc=f"{corner} pairs", unit="pair")
     skipped = run.share.gather(skipped)  # every process's
@@ -352,7 +353,8 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
     if not records:
         raise DataError(f"{corner}: none of the {len(pairs)} pairs could be scored (see the warnings above)")
     meta = write_outputs(run, scoring, dataset, out, records, skipped)
-    finish_run(out / "run.json", {**record, "pairs_scored": meta["N"], "pairs_skipped": meta["skipped"]["count"]})
+    finish_run(out / "run.json", {**record, "pairs_scored": meta["N"], "pairs_skipped": meta["skipped"]["count"],
+                                  "timing": run.timing(len(records) - done_before, since)})
 
 
 def write_outputs(run: Run, scoring: Scoring, dataset: CornerDataset, out: Path, records: list[dict],

@@ -252,17 +252,18 @@ def _experiment(args, options, share, data: Path, out: Path, pairs: list[Relatio
     if share.is_main:
         start_run(out / "run.json", run.record(data=str(data)))
     answer_ids = yes_no_ids(run.adapter.tokenizer)
-    ranking = None
+    ranking, made = None, 0
     if heads is None:
         records = resumable_map(share, found_in, discovery, lambda chunk: _score(run, chunk, args.prompt, answer_ids),
                                 {**run.identity(), **settings}, batch_size=1, desc="discovery pairs", unit="pair")
+        made = records.made if share.is_main else 0
         ranking = _rank(run, list(records), args.alpha, args.max_heads, out) if share.is_main else None
         heads = _shared_heads(share, out, ranking)
     if not heads:
         if share.is_main:
             write_json(tested_in.path.parent / IDENTITY_FILE, {RESULTS_KEY: tested_in.path.name, **run.identity(),
                                                                **test_identity, NONE_CHOSEN: True})
-            _finish(run, out, args, ranking, heads, None, len(discovery), len(test))
+            _finish(run, out, args, ranking, heads, None, len(discovery), len(test), made)
         return
     head_sets = [heads] + random_head_sets(heads, run.adapter.num_heads, args.random_sets, options.seed)
     records = resumable_map(share, tested_in, test,
@@ -270,10 +271,11 @@ def _experiment(args, options, share, data: Path, out: Path, pairs: list[Relatio
                             {**run.identity(), **test_identity}, batch_size=run.batch_size, desc="test pairs",
                             unit="pair")
     if share.is_main:
+        made += records.made
         records = list(records)
         base = np.array([r["base"] for r in records])
         ablated = np.stack([np.array(r["ablated"]) for r in records], axis=1)  # [S, N, 2]
-        _finish(run, out, args, ranking, heads, (base, ablated, head_sets), len(discovery), len(test))
+        _finish(run, out, args, ranking, heads, (base, ablated, head_sets), len(discovery), len(test), made)
 
 
 def _check_none_chosen(tested_in: Results, test_identity: dict) -> None:
@@ -384,8 +386,9 @@ def _box(x: int, y: int):
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2)
 
 
-def _finish(run: Run, out: Path, args, ranking: dict | None, heads, tested, n_discovery: int, n_test: int) -> None:
-    """summary.json, the test figure and run.json."""
+def _finish(run: Run, out: Path, args, ranking: dict | None, heads, tested, n_discovery: int, n_test: int,
+            made: int) -> None:
+    """summary.json, the test figure and run.json (``made``: the pairs this command ran, for its ``timing``)."""
     summary = {"model": run.adapter.family, "model_path": run.adapter.model_path, "kind": args.kind,
                "prompt": args.prompt, "positions": args.positions, "pairs": {"discovery": n_discovery, "test": n_test},
                "discovery": ranking, "chosen_heads": heads_json(heads),
@@ -412,7 +415,8 @@ def _finish(run: Run, out: Path, args, ranking: dict | None, heads, tested, n_di
     else:
         log.warning("no head carries the gap significantly (alpha %g): nothing to test", args.alpha)
     write_json(out / "summary.json", json_safe(summary))
-    finish_run(out / "run.json", run.record(data=str(run.data), chosen_heads=heads_json(heads)))
+    finish_run(out / "run.json", run.record(data=str(run.data), chosen_heads=heads_json(heads),
+                                            timing=run.timing(made)))
 
 
 def _pair_metrics(record: dict) -> dict[str, float]:

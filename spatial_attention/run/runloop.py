@@ -394,12 +394,19 @@ class Run:
         return run_record(self.settings, self.adapter, layers_0based=list(self.layers),
                           feed_size=self.adapter.feed_size, **extra)
 
-    def timing(self, items: int) -> dict:
-        """run.json's ``timing``: where this process's time went since the model was built, over ``items`` items
-        (those this command ran): ``forward_seconds`` in the model's forwards (``capture.forward_seconds``),
-        ``other_seconds`` everything else (inputs, metrics, writing, summary, figures)."""
-        wall, forward = (now - then for now, then in zip(_clock(), self.clock))
+    def timing(self, items: int, since: tuple[float, float] | None = None) -> dict:
+        """run.json's ``timing``: where this process's time went since the model was built (or since ``since``, a
+        ``Run.now()``: one of several runs of one model), over ``items`` items (those this command ran):
+        ``forward_seconds`` in the model's forwards (``capture.forward_seconds``), ``other_seconds`` everything
+        else (inputs, metrics, writing, summary, figures)."""
+        wall, forward = (now - then for now, then in zip(_clock(), since or self.clock))
         return {"items": items, "forward_seconds": round(forward, 3), "other_seconds": round(wall - forward, 3)}
+
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        """The clocks ``timing`` measures from: (wall clock, forward seconds)."""
+        return _clock()
 
 
 def _clock() -> tuple[float, float]:

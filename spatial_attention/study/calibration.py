@@ -11,7 +11,9 @@ what else a script does once per model). A forward's cost is its work, multiply-
 (tokens x layers x parameters per layer, the vision encoder's where it runs), at the measured seconds per unit of
 work of its batch size; an answer-position rerun's, whose one token a row leaves a GPU reading weights and keys
 rather than multiplying, is its rows at the measured seconds a row and layer. A family the file lacks is priced
-at another family's rate and marked scaled. ``estimated`` (optional) lists figures that were not measured.
+at another family's rate and marked scaled. Optional: ``host_seconds`` (per kind of run, its seconds outside the
+forwards per run and per item, as ``bench/host_costs.py`` writes them; kinds it lacks come from that script's
+recorded file) and ``estimated`` (figures that were not measured).
 """
 from __future__ import annotations
 
@@ -177,6 +179,10 @@ def _problem(calibration) -> str | None:
                 return f"{family}: {table} must map batch sizes to numbers above 0"
         if not _positive(entry.get("build_seconds"), zero=True):
             return f"{family}: build_seconds must be a number of 0 or more"
+    host = calibration.get("host_seconds", {})
+    if not isinstance(host, dict) or not all(isinstance(v, dict) and all(_positive(v.get(k), zero=True) for k in (
+            "per_run", "per_item")) for v in host.values()):
+        return "host_seconds must map kinds of run to their per_run and per_item seconds, numbers of 0 or more"
     if not all(isinstance(figure, str) for figure in calibration.get("estimated", [])):
         return "estimated must be a list of texts"
     return None
@@ -248,12 +254,18 @@ def answer_seconds(adapter, batch) -> dict[str, float]:
             for times in ANSWER_TIMES}
 
 
-def import_seconds() -> float:
-    """A script's start here: Python with torch, transformers and the package imported, in a fresh process."""
+SCRIPT_MODULES = ("models", "spatial_attention.experiments.vlm_analysis", "spatial_attention.experiments.text_analysis",
+                  "spatial_attention.experiments.relation_heads", "spatial_attention.experiments.corner_stats",
+                  "spatial_attention.experiments.ablation")  # what the study's model scripts import
+
+
+def import_seconds(modules: tuple[str, ...] = SCRIPT_MODULES) -> float:
+    """A script's start here: a fresh Python importing ``modules`` (a model script's: torch, transformers,
+    matplotlib and the package come with them)."""
     import subprocess
 
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, transformers, models, spatial_attention.run.runloop"],
+    subprocess.run([sys.executable, "-c", f"import {', '.join(modules)}"],
                    cwd=Path(__file__).resolve().parents[2], check=True, capture_output=True)
     return time.perf_counter() - start
 
@@ -327,9 +339,10 @@ def from_gpu_check(summary: dict, source: str) -> dict:
                    "dtype": "bf16" if summary["device"] == "cuda" else "fp32", "source": source,
                    "process_seconds": min(starts) if starts else 0.0, "families": {},
                    "notes": ["seconds_per_input: bench_capture.py's plain forward per input; capture_overhead: its "
-                             "engine over plain; answer_seconds: its answer-position reruns, per row", "process_seconds: the quickest data-generation step (a start and "
-                             "some generating: an upper bound)", "build_seconds: experiment 1's wall time less its "
-                             "forwards and process_seconds (the build with the script's other once-a-run work)",
+                             "engine over plain; answer_seconds: its answer-position reruns, per row",
+                             "process_seconds: the quickest data-generation step (a start and some generating: an "
+                             "upper bound)", "build_seconds: experiment 1's wall time less its forwards, its work "
+                             "outside them (run.json's timing) and process_seconds",
                              "geometry: the model timed (random-7b: the 7B checkpoint's), tokens as the family's "
                              "adapter feeds one caption with a picture, and alone"]}
     batch = 8 if summary["device"] == "cuda" else 1  # the scripts' default
@@ -345,8 +358,13 @@ def from_gpu_check(summary: dict, source: str) -> dict:
                                       for size, r in zip(BATCHES, reports)},
                  "answer_seconds": {rows: s for r in reports for rows, s in r["answer_seconds"].items()},
                  "build_seconds": 0.0}
-        worlds = int(re.search(r"(\d+) worlds", exp1["step"])[1])
-        forwards = sum(forward_seconds(entry, geometry, f) for f in planned_forwards(worlds, batch, geometry.layers))
-        entry["build_seconds"] = round(max(0.0, exp1["seconds"] - calibration["process_seconds"] - forwards), 2)
+        timing = summary["reports"].get(f"exp1-{family}")
+        if timing:  # its run.json: what the script did after the build
+            after_build = timing["forward_seconds"] + timing["other_seconds"]
+        else:  # a check from before run.json's timing: its forwards as the plan prices them (an upper bound)
+            worlds = int(re.search(r"(\d+) worlds", exp1["step"])[1])
+            after_build = sum(forward_seconds(entry, geometry, f) for f in planned_forwards(worlds, batch,
+                                                                                             geometry.layers))
+        entry["build_seconds"] = round(max(0.0, exp1["seconds"] - calibration["process_seconds"] - after_build), 2)
         calibration["families"][family] = entry
     return calibration

@@ -1,7 +1,12 @@
 """The study's cost plan: ``run_study.sh`` prints it before any step runs and writes it to ``OUT_DIR/plan.json``
 (``PLAN=1``: that alone, nothing run). Per step: its Python processes, model builds, forwards (inputs through the
 whole model), reruns (inputs rerun through the upper layers: patching, ablation), tokens per forward, token-layers
-(tokens x layers run, reruns included) and estimated seconds; and the total.
+(tokens x layers run, reruns included) and estimated seconds, split into its ``parts`` (process starts, builds,
+whole forwards, reruns, host work); and the total, split alike.
+
+Each step also works outside its forwards (inputs, metrics, writing, summaries, figures): per run and per
+item of each kind of run, from ``host_seconds`` (the calibration's own, else ``bench/results/host_seconds.json``,
+which ``bench/host_costs.py`` measures on this machine's CPU; the plan names the source).
 
 The counts are the experiment modules' own (each ``planned_forwards`` sits beside the code that makes the
 forwards); the sweep's processes follow ``run_corner_experiments.sh``. The seconds come from a calibration
@@ -13,6 +18,7 @@ get them (``bash bench/gpu_check.sh`` on that device).
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -24,11 +30,13 @@ from spatial_attention.run.cost import Forwards, full_inputs, rerun_inputs
 from spatial_attention.study.calibration import (Geometry, device_slug, forward_seconds, measure_here, model_geometry,
                                                  read_calibration)
 from spatial_attention.study.folder import PLAN_FILE
-from spatial_attention.study.study import STUDY_SWEEP_DEFAULTS
+from spatial_attention.study.study import CONTROL_OPTIONS, STUDY_SWEEP_DEFAULTS
 
 log = logging.getLogger("spatial_attention.study")
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+HOST_SECONDS = RESULTS / "host_seconds.json"  # bench/host_costs.py
+PARTS = ("processes", "builds", "forwards", "reruns", "host")  # where a step's seconds go
 SMALL_MODELS = ("tiny-random", "toy")  # built and timed here in seconds
 SWEEP_DEFAULTS = {"SCORE": "attention", "LAYERS": "all", "ABLATE_HEADS": "unique shared", "ABLATE_MODE": "zero",
                   "RANDOM_CONTROLS": "100", "SAME_PAIRS": "0", "ABLATE_POSITIONS": "all"}  # run_corner_experiments.sh's
@@ -36,16 +44,23 @@ SWEEP_DEFAULTS = {"SCORE": "attention", "LAYERS": "all", "ABLATE_HEADS": "unique
 
 @dataclass
 class StepWork:
-    """What one step computes: its Python processes, model builds and forwards."""
+    """What one step computes: its Python processes (of a model script; ``analyses``: those that load no model,
+    priced whole as host work), model builds and forwards, and its runs' work outside the forwards (``host``:
+    (kind, runs, items a run), priced by ``host_seconds``)."""
     processes: int = 0
+    analyses: int = 0
     builds: int = 0
     forwards: list[Forwards] = field(default_factory=list)
+    host: list[tuple[str, int, int]] = field(default_factory=list)
 
-    def add(self, processes: int = 0, builds: int = 0, forwards: list[Forwards] = (), times: int = 1) -> None:
-        """``processes`` more, and ``times`` runs of ``builds`` builds and ``forwards`` (one per initialisation)."""
+    def add(self, processes: int = 0, builds: int = 0, forwards: list[Forwards] = (), times: int = 1,
+            host: list[tuple[str, int, int]] = ()) -> None:
+        """``processes`` more, and ``times`` runs of ``builds`` builds, ``forwards`` and ``host`` (one per
+        initialisation)."""
         self.processes += processes
         self.builds += builds * times
         self.forwards += [replace(f, inputs=f.inputs * times) for f in forwards]
+        self.host += [(kind, runs * times, items) for kind, runs, items in host]
 
 
 def shapeworld_worlds(s) -> int:
@@ -70,18 +85,24 @@ def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, envir
 
     L, H, seeds = geometry.layers, geometry.heads, s.control_seeds
     control_worlds = min(worlds, s.control_items or worlds)
+    panels = vlm_analysis.build_parser(model).parse_args([]).plot_samples
+    control_panels = vlm_analysis.build_parser(model).parse_args(list(CONTROL_OPTIONS["exp1"])).plot_samples
     work = {}
     for name, count in (("exp1", vlm_analysis.planned_forwards), ("exp2", text_analysis.planned_forwards)):
         work[name], work[f"{name}-control"] = StepWork(), StepWork()
-        work[name].add(1, 1, count(worlds, batch, L))
-        work[f"{name}-control"].add(1, 0, times=seeds)
-        work[f"{name}-control"].add(0, 1, count(control_worlds, batch, L), times=seeds)
+        figures = [("exp1_panel", 1, min(panels, worlds))] if name == "exp1" else []
+        control_figures = [("exp1_panel", 1, min(control_panels, control_worlds))] if name == "exp1" else []
+        work[name].add(1, 1, count(worlds, batch, L), host=[(name, 1, worlds)] + figures)
+        work[f"{name}-control"].add(1, 0)
+        work[f"{name}-control"].add(0, 1, count(control_worlds, batch, L), times=seeds,
+                                    host=[(name, 1, control_worlds)] + control_figures)
     args = exp4.build_parser().parse_args(["--model", model])
     work["exp4"], work["exp4-control"] = StepWork(), StepWork()
-    work["exp4"].add(1, 1, exp4.planned_forwards(args, worlds, batch, L, H))
+    work["exp4"].add(1, 1, exp4.planned_forwards(args, worlds, batch, L, H), host=[("exp4", 1, worlds)])
     args.control = "random-weights"
     work["exp4-control"].add(1, 0)
-    work["exp4-control"].add(0, 1, exp4.planned_forwards(args, control_worlds, batch, L, H), times=seeds)
+    work["exp4-control"].add(0, 1, exp4.planned_forwards(args, control_worlds, batch, L, H), times=seeds,
+                             host=[("exp4", 1, len(split_pairs(range(control_worlds), "test")))])
     sweep = {k: environ.get(k) or STUDY_SWEEP_DEFAULTS.get(k) or v for k, v in SWEEP_DEFAULTS.items()}
     same = sweep["SAME_PAIRS"] == "1"
     scored = len(split_pairs(range(s.count), "all" if same else "discovery"))
@@ -92,12 +113,35 @@ def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, envir
                                          int(sweep["RANDOM_CONTROLS"]), sweep["ABLATE_MODE"],
                                          positions=sweep["ABLATE_POSITIONS"]) if s.ablate else []
     missing = any(not (s.data_dir / f"dataset_{c}" / "metadata.jsonl").is_file() for c in CORNERS)
+    specs = len(sweep["ABLATE_HEADS"].split()) if s.ablate else 0
     for name, runs in (("corners", 1), ("corners-control", seeds)):
         work[name] = StepWork()
         work[name].add(int(missing and name == "corners" and model == s.models[0]))  # the pairs generated
-        work[name].add(1 + runs + int(s.ablate) * 1)  # scoring, the analysis of each run, the ablation
-        work[name].add(0, 1 + int(s.ablate), scoring + ablating, times=runs)
+        work[name].add(1 + int(s.ablate))  # scoring, the ablation
+        work[name].analyses += runs  # each run's shared/unique analysis
+        work[name].add(0, 1 + int(s.ablate), scoring + ablating, times=runs,
+                       host=[("corners", len(CORNERS), scored), ("corner_analysis", 1, 0),
+                             ("ablation", len(CORNERS) * specs, tested)])
     return work
+
+
+def host_costs(calibration: dict | None) -> tuple[dict | None, str | None]:
+    """Per kind of run, its seconds outside the forwards (per_run, per_item): the calibration's own, the kinds it
+    lacks from the recorded file; and a note of where they come from (None: all the calibration's)."""
+    own = (calibration or {}).get("host_seconds") or {}
+    try:
+        recorded = json.loads(HOST_SECONDS.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:
+        return own or None, None if own else (f"no host work priced ({HOST_SECONDS} is missing or unreadable: "
+                                              "python bench/host_costs.py)")
+    if set(own) >= set(recorded["kinds"]):
+        return own, None
+    lacking = " of the kinds the calibration lacks" if own else ""
+    return {**recorded["kinds"], **own}, (f"host work (outside the forwards){lacking} from "
+                                          f"{HOST_SECONDS.relative_to(RESULTS.parents[1])}, measured on "
+                                          f"{recorded['machine']}")
 
 
 def study_calibration(s) -> tuple[dict | None, str]:
@@ -125,6 +169,8 @@ def plan_study(s, steps) -> dict:
     batch = s.batch_size or (8 if device_type == "cuda" else 1)
     worlds = shapeworld_worlds(s)
     rows, notes = [], [f"calibration, not measured: {figure}" for figure in (calibration or {}).get("estimated", [])]
+    host, host_source = host_costs(calibration)
+    notes += [host_source] if host_source else []
     for model in s.models:
         families = (calibration or {}).get("families", {})
         if here and model in families:
@@ -140,38 +186,50 @@ def plan_study(s, steps) -> dict:
         for step in steps:
             family, _, tail = step.name.partition("/")
             if family == model:
-                rows.append(price(step.name, work[tail], geometry, entry, calibration, scaled))
+                rows.append(price(step.name, work[tail], geometry, entry, calibration, scaled, host))
     generated = all(Path(p).exists() for step in steps if step.name == "data" for p in step.creates)
-    rows.insert(0, price("data", StepWork(processes=int(not generated)), None, None, calibration, None))
+    rows.insert(0, price("data", StepWork(processes=int(not generated)), None, None, calibration, None, host))
     known = [row["seconds"] for row in rows if row["seconds"] is not None]
     total = sum(known) if len(known) == len(rows) else None
     largest = max(rows, key=lambda row: row["seconds"] or 0)["step"] if known else None
+    parts = {part: round(sum(row["parts"][part] for row in rows), 1) for part in PARTS} if total is not None else None
     return {"calibration": {"source": source, **{k: (calibration or {}).get(k) for k in (
                 "device", "device_type", "dtype", "process_seconds")}},
             "settings": {"models": list(s.models), "model_paths": dict(s.model_paths), "worlds": worlds,
                          "control_items": s.control_items, "count": s.count, "controls": s.controls,
                          "control_seeds": s.control_seeds, "ablate": s.ablate, "batch_size": batch},
             "steps": rows, "total_seconds": None if total is None else round(total, 1), "largest_step": largest,
+            "total_parts": parts,
             "notes": notes}
 
 
 def price(name: str, work: StepWork, geometry: Geometry | None, entry: dict | None, calibration: dict | None,
-          scaled: str | None) -> dict:
-    """One step's row of the plan: its counts, and its seconds where there is a calibration of its family."""
+          scaled: str | None, host: dict | None = None) -> dict:
+    """One step's row of the plan: its counts, and its seconds where there is a calibration of its family
+    (``host_seconds``: its runs' work outside the forwards, counted where given), with ``parts``: the seconds of
+    its process starts, builds, whole forwards, reruns and host work."""
     forwards = full_inputs(work.forwards)
     token_layers = sum(f.inputs * geometry.row_tokens(f) * f.layers for f in work.forwards) if geometry else 0
     tokens = sum(f.inputs * geometry.row_tokens(f) for f in work.forwards if f.full) if geometry else 0
-    seconds = None
+    parts = None
     if calibration is not None and (entry is not None or not work.forwards):
-        seconds = work.processes * calibration["process_seconds"]
+        parts = dict.fromkeys(PARTS, 0.0)
+        parts["processes"] = work.processes * calibration["process_seconds"]
         if entry is not None:
             build = entry["build_seconds"]
             if scaled:  # a build takes as long as its parameters to draw or read
                 build *= geometry.params / Geometry(**entry["geometry"]).params
-            seconds += work.builds * build + sum(forward_seconds(entry, geometry, f) for f in work.forwards)
-    return {"step": name, "processes": work.processes, "builds": work.builds, "forwards": forwards,
+            parts["builds"] = work.builds * build
+            for f in work.forwards:
+                parts["forwards" if f.full else "reruns"] += forward_seconds(entry, geometry, f)
+        if host:
+            parts["host"] = sum(runs * (host[kind]["per_run"] + items * host[kind]["per_item"])
+                                for kind, runs, items in work.host if kind in host)
+    return {"step": name, "processes": work.processes + work.analyses, "builds": work.builds, "forwards": forwards,
             "reruns": rerun_inputs(work.forwards), "tokens_per_forward": round(tokens / forwards) if forwards else 0,
-            "token_layers": round(token_layers), "seconds": None if seconds is None else round(seconds, 1),
+            "token_layers": round(token_layers),
+            "seconds": None if parts is None else round(sum(parts.values()), 1),
+            **({"parts": {k: round(v, 1) for k, v in parts.items()}} if parts else {}),
             **({"scaled_from": scaled} if scaled else {})}
 
 
@@ -187,6 +245,8 @@ def report_plan(plan: dict, out_dir: Path) -> Path:
     total = plan["total_seconds"]
     log.info("  total: %s%s", "no estimate" if total is None else f"~{_duration(total)}",
              f"; largest step: {plan['largest_step']}" if plan["largest_step"] else "")
+    if plan["total_parts"]:
+        log.info("  of which: %s", ", ".join(f"{part} ~{_duration(s)}" for part, s in plan["total_parts"].items()))
     for note in plan["notes"]:
         log.info("  note: %s", note)
     path = out_dir / PLAN_FILE

@@ -58,6 +58,8 @@ NOT_COMPARED_ENV = ("DEVICE", "BATCH_SIZE", "PYTHON")
 LOG_TAIL_LINES = 15
 # worlds of experiments 1 and 2 per random initialisation: 19 x 100 forwards, about 4x the model's 500
 CONTROL_ITEMS = 100
+# an initialisation's per-world figures are in no report (its numbers are, against the model's): not drawn
+CONTROL_OPTIONS = {"exp1": ("--plot-samples", "0")}
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
@@ -247,7 +249,7 @@ def plan(s: StudySettings) -> list[Step]:
                 done = (str(out / comparison),) if exp != "exp4" else tuple(
                     str(seed_folder(out, seed) / "summary.json") for seed in control_init_seeds)
                 steps.append(Step(f"{model}/{exp}-control", f"{what}, random-weights control",
-                                  (base + control_limit + control,),
+                                  (base + control_limit + control + CONTROL_OPTIONS.get(exp, ()),),
                                   results=f"{model}/{exp}", outputs=done, python=s.python))
         corners = s.out_dir / model / "corners"
         sweep_env = {"MODEL": model, "MODEL_PATH": s.model_paths[model], "COUNT": str(s.count),
