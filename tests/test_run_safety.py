@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import models
-import models.base
+import models.hub
 from spatial_attention.common.errors import OptionError
 from spatial_attention.common.runio import write_json
 from spatial_attention.data.generate import generate_shapeworld
@@ -342,15 +342,15 @@ def test_a_hub_that_answers_or_is_slow_keeps_its_retries(monkeypatch):
             pass
 
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: Connection())
-    assert models.base.hub_unreachable() is None
+    assert models.hub.hub_unreachable() is None
 
     def slow(*args, **kwargs):
         time.sleep(2)
         return Connection()
 
     monkeypatch.setattr(socket, "create_connection", slow)
-    monkeypatch.setattr(models.base, "HUB_PROBE_SECONDS", 0.2)
-    assert models.base.hub_unreachable() is None
+    monkeypatch.setattr(models.hub, "HUB_PROBE_SECONDS", 0.2)
+    assert models.hub.hub_unreachable() is None
 
 
 # --------------------------------------------------------------------------- random streams

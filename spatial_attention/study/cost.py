@@ -20,7 +20,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +29,6 @@ from spatial_attention.run.cost import Forwards, full_inputs, rerun_inputs
 from spatial_attention.study.calibration import (Geometry, device_slug, forward_seconds, measure_here, model_geometry,
                                                  read_calibration)
 from spatial_attention.study.folder import PLAN_FILE
-from spatial_attention.study.study import CONTROL_OPTIONS, STUDY_SWEEP_DEFAULTS
 
 log = logging.getLogger("spatial_attention.study")
 
@@ -77,16 +75,20 @@ def shapeworld_worlds(s) -> int:
     return min(found, s.worlds or found)
 
 
-def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, environ) -> dict[str, StepWork]:
-    """Per step of ``model`` (its name's tail: exp1, exp1-control, ...), what it computes."""
+def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, steps: dict) -> dict[str, StepWork]:
+    """Per step of ``model`` (its name's tail: exp1, exp1-control, ...), what it computes; ``steps``: the study's
+    steps by name, whose commands and settings say what they will run (the sweep's settings, the figures)."""
     import spatial_attention.experiments.relation_heads as exp4
     from spatial_attention.experiments import ablation, corner_stats, text_analysis, vlm_analysis
     from spatial_attention.run.options import layer_indices
 
     L, H, seeds = geometry.layers, geometry.heads, s.control_seeds
     control_worlds = min(worlds, s.control_items or worlds)
-    panels = vlm_analysis.build_parser(model).parse_args([]).plot_samples
-    control_panels = vlm_analysis.build_parser(model).parse_args(list(CONTROL_OPTIONS["exp1"])).plot_samples
+    def plot_samples(step: str) -> int:  # the per-world figures the step's command asks for
+        command = steps[step].commands[0] if step in steps else ()
+        return vlm_analysis.build_parser(model).parse_known_args(list(command[2:]))[0].plot_samples
+
+    panels, control_panels = plot_samples(f"{model}/exp1"), plot_samples(f"{model}/exp1-control")
     work = {}
     for name, count in (("exp1", vlm_analysis.planned_forwards), ("exp2", text_analysis.planned_forwards)):
         work[name], work[f"{name}-control"] = StepWork(), StepWork()
@@ -103,7 +105,8 @@ def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, envir
     work["exp4-control"].add(1, 0)
     work["exp4-control"].add(0, 1, exp4.planned_forwards(args, control_worlds, batch, L, H), times=seeds,
                              host=[("exp4", 1, len(split_pairs(range(control_worlds), "test")))])
-    sweep = {k: environ.get(k) or STUDY_SWEEP_DEFAULTS.get(k) or v for k, v in SWEEP_DEFAULTS.items()}
+    environ = dict(steps[f"{model}/corners"].env) if f"{model}/corners" in steps else {}  # what the sweep is given
+    sweep = {k: environ.get(k) or v for k, v in SWEEP_DEFAULTS.items()}
     same = sweep["SAME_PAIRS"] == "1"
     scored = len(split_pairs(range(s.count), "all" if same else "discovery"))
     tested = len(split_pairs(range(s.count), "all" if same else "test"))
@@ -182,7 +185,7 @@ def plan_study(s, steps) -> dict:
         if entry is None and families and not here:
             scaled = next(iter(families))
             entry = families[scaled]
-        work = model_work(s, model, geometry, batch, worlds, os.environ)
+        work = model_work(s, model, geometry, batch, worlds, {step.name: step for step in steps})
         for step in steps:
             family, _, tail = step.name.partition("/")
             if family == model:
