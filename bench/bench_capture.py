@@ -25,7 +25,8 @@ reduction, and of its next-token logits from ``plain``'s. Also ``answer_seconds`
 the seconds a row of an answer-position rerun through the whole language model
 takes (``prefix.answer_logits``: patching, and ablation at the answer position),
 the first batch copied 1, 4 and 16 times over, by rows per forward (the study's
-cost plan prices those reruns with it). One JSON object is
+cost plan prices those reruns with it), and ``reinit_seconds``: a control's model
+re-initialised in place (``models.base.initialise``). One JSON object is
 printed and written to bench/results/{model}-{size}-{device}[-L{layers}].json.
 """
 from __future__ import annotations
@@ -160,7 +161,7 @@ def run_timing(args) -> dict:
     """Worker: every mode's seconds per sample, the modes' passes interleaved in this one process, so that they
     share its memory layout and the machine's state (separate processes differ by 10-20% on this CPU); then the
     seconds a row of an answer-position rerun of the first batch takes (``answer_seconds``, by rows)."""
-    from spatial_attention.study.calibration import answer_seconds
+    from spatial_attention.study.calibration import answer_seconds, reinit_seconds
 
     adapter = build_adapter(args)
     worlds = scenes(args.samples)
@@ -176,7 +177,7 @@ def run_timing(args) -> dict:
             one_pass()
             runs[mode].append((time.perf_counter() - start) / args.samples)
     return {"modes": {mode: {"seconds_per_sample": statistics.median(r), "runs": r} for mode, r in runs.items()},
-            "answer_seconds": answer_seconds(adapter, batch)}
+            "answer_seconds": answer_seconds(adapter, batch), "reinit_seconds": reinit_seconds(adapter)}
 
 
 def run_mode(args) -> dict:
@@ -274,6 +275,7 @@ def main() -> None:
         "model": args.model, "size": args.size, "device": args.device, "dtype": args.dtype,
         "batch_size": args.batch_size, "samples": args.samples, "repeats": args.repeats,
         "machine": _machine(args.device), "modes": modes, "answer_seconds": timed["answer_seconds"],
+        "reinit_seconds": timed["reinit_seconds"],
         "speedup_vs_paper": modes["paper"]["seconds_per_sample"] / modes["engine"]["seconds_per_sample"],
         "overhead_vs_plain": modes["engine"]["seconds_per_sample"] / modes["plain"]["seconds_per_sample"],
         "extra_peak_mb": {"paper": extra_paper, "engine": extra_engine},

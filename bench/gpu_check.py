@@ -191,6 +191,7 @@ def reports(work: Path) -> dict:
                                                             "max_abs_diff", "logits_max_abs_diff_vs_plain")},
                               "seconds_per_sample": {m: v["seconds_per_sample"] for m, v in report["modes"].items()},
                               "answer_seconds": report.get("answer_seconds"),
+                              "reinit_seconds": report.get("reinit_seconds"),
                               "peak_memory_mb": {m: v["peak_memory_mb"] for m, v in report["modes"].items()}}
     for run in sorted(work.glob("exp1-*/run.json")):  # where experiment 1's time went after its build
         timing = json.loads(run.read_text()).get("timing")

@@ -137,6 +137,20 @@ def centre_square(image: Image.Image, side: int) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+CONTROL_INITIALISATION = "transformers' init_weights, seeded, where the model runs"  # the identity's record
+
+
+def initialise(model, seed: int) -> None:
+    """Draw every weight of ``model`` anew, where it is, with transformers' own initialisation (each module's
+    ``_init_weights``, in module order) from torch seed ``seed``: the random-weights control's weights, the same
+    whether the model was just built or is re-initialised in place."""
+    for item in [*model.modules(), *model.parameters(), *model.buffers()]:
+        if getattr(item, "_is_hf_initialized", False):
+            item._is_hf_initialized = False  # else init_weights leaves it as it is
+    torch.manual_seed(seed)
+    model.init_weights()
+
+
 def pick_device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """Default: the GPU in bf16 when there is one, else the CPU in fp32."""
     if device is None or device == "auto":
@@ -208,6 +222,8 @@ class VLMAdapter:
         known before the model loads."""
         return cls.default_feed_size
 
+    _control: tuple | None = None  # (what it is, model, processor): the last control's model, kept for the next
+
     @classmethod
     def load(cls, model_path: str | None = None, device: str | None = None, dtype: str | None = None,
              device_map: str | None = None, revision: str | None = None, seed: int = 0,
@@ -215,11 +231,29 @@ class VLMAdapter:
         """Load from a hub id or local folder, or build ``tiny-random`` or ``random-7b[:N]`` offline.
 
         ``random_init_seed``: the random-weights control: the checkpoint's architecture (its config), processor
-        and tokenizer, but weights initialised with this seed instead of loaded (no weight file is read)."""
+        and tokenizer, but weights initialised with this seed instead of loaded (no weight file is read), by
+        ``initialise``. The process keeps that model: the next control load of the same checkpoint, device and
+        dtype re-initialises it in place instead of building another (the same weights either way)."""
         model_path = cls.resolve_model_path(model_path)
         dev, torch_dtype = pick_device_and_dtype(device, dtype)
+        if random_init_seed is None:
+            VLMAdapter._control = None  # no control's model kept beside another model
+            return cls._build(model_path, dev, torch_dtype, device_map, revision, seed)
+        what = (cls, model_path, dev, torch_dtype, revision)
+        if VLMAdapter._control is None or VLMAdapter._control[0] != what:
+            VLMAdapter._control = None  # freed before the next is built
+            adapter = cls._build(model_path, dev, torch_dtype, None, revision, random_init_seed, control=True)
+            VLMAdapter._control = (what, adapter.model, adapter.processor)
+        _, model, processor = VLMAdapter._control
+        initialise(model, random_init_seed)
+        return cls(model, processor, model_path, revision)
+
+    @classmethod
+    def _build(cls, model_path: str, dev: torch.device, torch_dtype: torch.dtype, device_map: str | None,
+               revision: str | None, seed: int, control: bool = False) -> "VLMAdapter":
+        """``load``'s model: built (random models, with ``seed``; a control, from the checkpoint's config) or read."""
         if is_random(model_path):
-            torch.manual_seed(seed if random_init_seed is None else random_init_seed)
+            torch.manual_seed(seed)
             depth = random_7b_depth(model_path)
             if depth is None:  # tiny-random: drawn on the CPU, the same weights on every device
                 model, processor = cls.build_random()
@@ -240,11 +274,10 @@ class VLMAdapter:
                       local_files_only=offline)
         try:
             processor = AutoProcessor.from_pretrained(model_path, revision=revision, local_files_only=offline)
-            if random_init_seed is not None:
+            if control:
                 from transformers import AutoConfig
 
                 config = AutoConfig.from_pretrained(model_path, revision=revision, local_files_only=offline)
-                torch.manual_seed(random_init_seed)
                 with torch.device(dev):  # initialised where it runs: a 7B model is not built on the CPU first
                     model = AutoModelForImageTextToText.from_config(
                         config, dtype=torch_dtype, attn_implementation=_registered_attention())

@@ -155,26 +155,37 @@ def test_unloadable_model_is_one_clear_line(family, tmp_path):
 @pytest.mark.parametrize("family", ["llava", "qwen2"])
 def test_random_weights_control_keeps_the_checkpoints_architecture_and_processor(family, tiny_models, tmp_path):
     """random_init_seed: the saved checkpoint's config and processor, its weights not read but drawn with the seed
-    (the same seed, the same weights; another seed, others)."""
+    (the same seed, the same weights; another seed, others). A process builds the control's model once: the next
+    initialisation re-initialises it in place, to exactly the weights a fresh build of that seed gets."""
     from models import ADAPTERS
+    from models.base import VLMAdapter
 
     saved = tiny_models[family]
     folder = tmp_path / "checkpoint"
     saved.model.save_pretrained(folder)
     saved.processor.save_pretrained(folder)
     cls = ADAPTERS[family]
-    draws = [cls.load(str(folder), device="cpu", dtype="fp32", random_init_seed=s) for s in (1, 1, 2)]
+    draws, states = [], []
+    for s in (1, 1, 2):
+        draws.append(cls.load(str(folder), device="cpu", dtype="fp32", random_init_seed=s))
+        states.append({k: v.clone() for k, v in draws[-1].model.state_dict().items()})
+    assert draws[0].model is draws[1].model is draws[2].model  # built once
+    VLMAdapter._control = None
+    fresh = cls.load(str(folder), device="cpu", dtype="fp32", random_init_seed=2).model.state_dict()
+    assert fresh.keys() == states[2].keys() and all(torch.equal(fresh[k], states[2][k]) for k in fresh)
     loaded = cls.load(str(folder), device="cpu", dtype="fp32")
+    assert VLMAdapter._control is None  # a model of its own frees the control's
     want = dict(saved.model.named_parameters())
     for adapter in draws:
         got = dict(adapter.model.named_parameters())
         assert got.keys() == want.keys() and all(got[k].shape == want[k].shape for k in want)
         assert adapter.num_layers == saved.num_layers and adapter.num_heads == saved.num_heads
         assert adapter.tokenizer("a red square").input_ids == saved.tokenizer("a red square").input_ids
-    weights = lambda adapter: adapter.model.get_input_embeddings().weight  # noqa: E731
-    assert torch.equal(weights(loaded), weights(saved))  # the plain load reads the weights
-    assert not torch.equal(weights(draws[0]), weights(saved))  # the control does not
-    assert torch.equal(weights(draws[0]), weights(draws[1])) and not torch.equal(weights(draws[0]), weights(draws[2]))
+    embedding = "model.language_model.embed_tokens.weight"
+    assert torch.equal(loaded.model.get_input_embeddings().weight, saved.model.get_input_embeddings().weight)
+    assert not torch.equal(states[0][embedding], saved.model.get_input_embeddings().weight)  # the control draws
+    assert torch.equal(states[0][embedding], states[1][embedding])
+    assert not torch.equal(states[0][embedding], states[2][embedding])
     if saved.feed_size:  # the session's Qwen2-VL may be fed at another size than the family's default
         draws[0].set_feed_size(saved.feed_size)
     layout = draws[0].encode(["a red square"], random_images(1)).layouts[0]  # it runs like the model it stands for

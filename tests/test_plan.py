@@ -21,13 +21,19 @@ H200 = REPO / "bench" / "results" / "calibration-nvidia-h200.json"
 
 
 class Counter:
-    """Counts what a model computes: builds, whole forwards (rows through the embeddings) and token-layers (rows x
-    tokens through each decoder layer, reruns above a prefix included)."""
+    """Counts what a model computes: builds, re-initialisations in place (a control's model loaded again), whole
+    forwards (rows through the embeddings) and token-layers (rows x tokens through each decoder layer, reruns above
+    a prefix included)."""
 
     def __init__(self):
-        self.builds, self.forwards, self.token_layers = 0, 0, 0
+        self.builds, self.reinits, self.forwards, self.token_layers = 0, 0, 0, 0
+        self.models = set()
 
     def watch(self, adapter):
+        if id(adapter.model) in self.models:
+            self.reinits += 1
+            return adapter
+        self.models.add(id(adapter.model))
         self.builds += 1
 
         def embedded(module, args, output):
@@ -69,7 +75,7 @@ def test_the_plan_counts_the_forwards_of_experiments_1_and_2(family, worlds, tmp
     text_analysis.main(family, [*common, "--out", str(tmp_path / "exp2"), "--control", "random-weights",
                                 "--control-seeds", "2"])
     planned = vlm_analysis.planned_forwards(3, 2, layers) + text_analysis.planned_forwards(3, 2, layers) * 2
-    assert counted.builds == 1 + 2
+    assert counted.builds == 1 + 1 and counted.reinits == 1  # the control's second initialisation: in place
     assert counted.forwards == full_inputs(planned) == 3 * 3 + 2 * 2 * 3
 
 
@@ -118,7 +124,8 @@ def test_plan_1_writes_the_plan_runs_nothing_and_scales_a_family_the_calibration
     rows = {row["step"]: row for row in plan["steps"]}
     assert {name for name, row in rows.items() if "scaled_from" in row} == {n for n in rows if n.startswith("qwen2/")}
     assert all(rows[n]["scaled_from"] == "llava" for n in rows if n.startswith("qwen2/"))
-    assert rows["llava/exp1"]["forwards"] == 3 * 10 and rows["llava/exp1-control"]["builds"] == 2
+    assert rows["llava/exp1"]["forwards"] == 3 * 10 and rows["llava/exp1-control"]["builds"] == 1 \
+        and rows["llava/exp1-control"]["reinits"] == 1
     assert rows["llava/exp1"]["tokens_per_forward"] > 576 and rows["llava/exp2"]["tokens_per_forward"] < 100
     assert plan["total_seconds"] == pytest.approx(sum(row["seconds"] for row in plan["steps"]), abs=0.1)
     assert plan["calibration"]["device"] == "NVIDIA H200" and plan["settings"]["batch_size"] == 8

@@ -164,7 +164,7 @@ class ModelOptions:
         """The model's part of a results folder's identity, as far as it is known before the model loads:
         the layers only when --layers lists numbers (a mode such as 'all' needs the model's depth)."""
         from models import family_adapter
-        from models.base import is_random, pick_device_and_dtype, random_7b_depth
+        from models.base import CONTROL_INITIALISATION, is_random, pick_device_and_dtype, random_7b_depth
 
         adapter = family_adapter(self.family)
         default_feed = adapter.checkpoint_feed_size(self.model_path)
@@ -183,6 +183,7 @@ class ModelOptions:
         if self.random_init_seed is not None:
             identity["--control"] = "random-weights"
             identity[INIT_SEED_KEY] = self.random_init_seed
+            identity["initialisation"] = CONTROL_INITIALISATION  # (controls drawn otherwise before 2026-12-07)
             # weights are drawn where the model runs, and one seed draws other numbers on a GPU than on a CPU
             identity["initialisation device"] = pick_device_and_dtype(self.device, self.dtype)[0].type
         return identity

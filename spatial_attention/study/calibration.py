@@ -6,10 +6,11 @@ cpu), ``process_seconds`` (a script's start: Python and the package's imports) a
 model it was measured on: language-model layers, heads, parameters per layer, the vision encoder's, tokens per
 input), ``seconds_per_input`` and ``capture_overhead`` by batch size (a plain forward of one input, and what
 capturing attention multiplies it by), ``answer_seconds`` by rows per forward (a row of an answer-position
-rerun through the whole language model: ``prefix.answer_logits``) and ``build_seconds`` (one model build, with
-what else a script does once per model). A forward's cost is its work, multiply-adds of the linear layers
-(tokens x layers x parameters per layer, the vision encoder's where it runs), at the measured seconds per unit of
-work of its batch size; an answer-position rerun's, whose one token a row leaves a GPU reading weights and keys
+rerun through the whole language model: ``prefix.answer_logits``), ``build_seconds`` (one model build, with
+what else a script does once per model) and, optional, ``reinit_seconds`` (a control's model re-initialised in
+place: ``models.base.initialise``; a build where it is missing). A forward's cost is its work, multiply-adds of
+the linear layers (tokens x layers x parameters per layer, the vision encoder's where it runs), at the measured
+seconds per unit of work of its batch size; an answer-position rerun's, whose one token a row leaves a GPU reading weights and keys
 rather than multiplying, is its rows at the measured seconds a row and layer. A family the file lacks is priced
 at another family's rate and marked scaled. Optional: ``host_seconds`` (per kind of run, its seconds outside the
 forwards per run and per item, as ``bench/host_costs.py`` writes them; kinds it lacks come from that script's
@@ -177,8 +178,9 @@ def _problem(calibration) -> str | None:
             if not isinstance(values, dict) or not values or not all(
                     str(k).isdigit() and int(k) >= 1 and _positive(v) for k, v in values.items()):
                 return f"{family}: {table} must map batch sizes to numbers above 0"
-        if not _positive(entry.get("build_seconds"), zero=True):
-            return f"{family}: build_seconds must be a number of 0 or more"
+        if not all(_positive(entry.get(k, 0), zero=True) for k in ("build_seconds", "reinit_seconds")) or \
+                "build_seconds" not in entry:
+            return f"{family}: build_seconds (and reinit_seconds, where given) must be numbers of 0 or more"
     host = calibration.get("host_seconds", {})
     if not isinstance(host, dict) or not all(isinstance(v, dict) and all(_positive(v.get(k), zero=True) for k in (
             "per_run", "per_item")) for v in host.values()):
@@ -233,7 +235,21 @@ def measure_family(family: str, model_path: str, device: str, dtype: str) -> dic
         captured[str(size)] = _median_seconds(lambda: capture(adapter, batch, request)) / size
     return {"model_path": model_path, "geometry": asdict(geometry), "seconds_per_input": plain,
             "capture_overhead": {k: captured[k] / plain[k] for k in plain},
-            "answer_seconds": answer_seconds(adapter, batch), "build_seconds": round(build, 3)}
+            "answer_seconds": answer_seconds(adapter, batch), "build_seconds": round(build, 3),
+            "reinit_seconds": round(reinit_seconds(adapter), 3)}
+
+
+def reinit_seconds(adapter) -> float:
+    """Seconds of a control's re-initialisation of ``adapter``'s model in place (``models.base.initialise``)."""
+    import torch
+
+    from models.base import initialise
+
+    start = time.perf_counter()
+    initialise(adapter.model, 0)
+    if adapter.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def answer_seconds(adapter, batch) -> dict[str, float]:
@@ -357,7 +373,7 @@ def from_gpu_check(summary: dict, source: str) -> dict:
                  "capture_overhead": {str(size): r["seconds_per_sample"]["engine"] / r["seconds_per_sample"]["plain"]
                                       for size, r in zip(BATCHES, reports)},
                  "answer_seconds": {rows: s for r in reports for rows, s in r["answer_seconds"].items()},
-                 "build_seconds": 0.0}
+                 "build_seconds": 0.0, "reinit_seconds": min(r["reinit_seconds"] for r in reports)}
         timing = summary["reports"].get(f"exp1-{family}")
         if timing:  # its run.json: what the script did after the build
             after_build = timing["forward_seconds"] + timing["other_seconds"]

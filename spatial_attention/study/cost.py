@@ -43,20 +43,23 @@ SWEEP_DEFAULTS = {"SCORE": "attention", "LAYERS": "all", "ABLATE_HEADS": "unique
 @dataclass
 class StepWork:
     """What one step computes: its Python processes (of a model script; ``analyses``: those that load no model,
-    priced whole as host work), model builds and forwards, and its runs' work outside the forwards (``host``:
-    (kind, runs, items a run), priced by ``host_seconds``)."""
+    priced whole as host work), model builds (``reinits``: a control's further initialisations, each re-initialising
+    the process's one model in place) and forwards, and its runs' work outside the forwards (``host``: (kind, runs,
+    items a run), priced by ``host_seconds``)."""
     processes: int = 0
     analyses: int = 0
     builds: int = 0
+    reinits: int = 0
     forwards: list[Forwards] = field(default_factory=list)
     host: list[tuple[str, int, int]] = field(default_factory=list)
 
     def add(self, processes: int = 0, builds: int = 0, forwards: list[Forwards] = (), times: int = 1,
             host: list[tuple[str, int, int]] = ()) -> None:
-        """``processes`` more, and ``times`` runs of ``builds`` builds, ``forwards`` and ``host`` (one per
-        initialisation)."""
+        """``processes`` more, and ``times`` runs of ``builds`` models, ``forwards`` and ``host`` (one per
+        initialisation: a model built once, then re-initialised)."""
         self.processes += processes
-        self.builds += builds * times
+        self.builds += builds
+        self.reinits += builds * (times - 1)
         self.forwards += [replace(f, inputs=f.inputs * times) for f in forwards]
         self.host += [(kind, runs * times, items) for kind, runs, items in host]
 
@@ -222,13 +225,14 @@ def price(name: str, work: StepWork, geometry: Geometry | None, entry: dict | No
             build = entry["build_seconds"]
             if scaled:  # a build takes as long as its parameters to draw or read
                 build *= geometry.params / Geometry(**entry["geometry"]).params
-            parts["builds"] = work.builds * build
+            parts["builds"] = work.builds * build + work.reinits * entry.get("reinit_seconds", build)
             for f in work.forwards:
                 parts["forwards" if f.full else "reruns"] += forward_seconds(entry, geometry, f)
         if host:
             parts["host"] = sum(runs * (host[kind]["per_run"] + items * host[kind]["per_item"])
                                 for kind, runs, items in work.host if kind in host)
-    return {"step": name, "processes": work.processes + work.analyses, "builds": work.builds, "forwards": forwards,
+    return {"step": name, "processes": work.processes + work.analyses, "builds": work.builds,
+            "reinits": work.reinits, "forwards": forwards,
             "reruns": rerun_inputs(work.forwards), "tokens_per_forward": round(tokens / forwards) if forwards else 0,
             "token_layers": round(token_layers),
             "seconds": None if parts is None else round(sum(parts.values()), 1),
@@ -242,8 +246,9 @@ def report_plan(plan: dict, out_dir: Path) -> Path:
              f"; {plan['calibration']['device']}" if plan["calibration"]["device"] else "")
     for row in plan["steps"]:
         seconds = "no estimate" if row["seconds"] is None else f"~{_duration(row['seconds'])}"
-        log.info("  %-22s %3d builds, %9s forwards x %4d tokens, %5s reruns, %.2g token-layers: %s%s", row["step"],
-                 row["builds"], f"{row['forwards']:,}", row["tokens_per_forward"], f"{row['reruns']:,}",
+        log.info("  %-22s %d builds%-11s %9s forwards x %4d tokens, %7s reruns, %.2g token-layers: %s%s",
+                 row["step"], row["builds"], f" +{row['reinits']} re-inits," if row["reinits"] else ",",
+                 f"{row['forwards']:,}", row["tokens_per_forward"], f"{row['reruns']:,}",
                  row["token_layers"], seconds, f" (scaled from {row['scaled_from']})" if "scaled_from" in row else "")
     total = plan["total_seconds"]
     log.info("  total: %s%s", "no estimate" if total is None else f"~{_duration(total)}",
