@@ -255,7 +255,7 @@ class VLMAdapter:
         if is_random(model_path):
             torch.manual_seed(seed)
             depth = random_7b_depth(model_path)
-            if depth is None:  # tiny-random: drawn on the CPU, the same weights on every device
+            if depth is None:  # tiny-random: drawn on the CPU, the same weights on every device (not a control's)
                 model, processor = cls.build_random()
             else:  # drawn where it runs and in its dtype: a 7B model is not built on the CPU, nor in fp32, first
                 with torch.device(dev):

@@ -11,6 +11,7 @@ import pytest
 from conftest import require_toy
 from scipy.stats import t as scipy_t
 
+from models.base import CONTROL_INITIALISATION
 from spatial_attention.common.errors import OptionError
 from spatial_attention.run import controls
 from spatial_attention.stats.inference import against_initialisations, bootstrap_ci, hierarchical_bootstrap_ci
@@ -156,7 +157,7 @@ def test_seed_options_and_counterparts(tmp_path):
         controls.counterpart(tmp_path / "head_diff_stats_topright", 1001, "--stats-dir")
 
 
-def test_experiment_1_control_runs_each_seed_and_compares(tmp_path):
+def test_experiment_1_control_runs_each_seed_and_compares(tmp_path, capsys):
     """The model, then its control with two initialisations: one folder each, identities that say so,
     and the comparison in the model's summary."""
     from spatial_attention.data.generate import generate_shapeworld
@@ -176,6 +177,16 @@ def test_experiment_1_control_runs_each_seed_and_compares(tmp_path):
         records = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
         assert len(records) == 3
         assert records[0]["metrics"] != model_records[0]["metrics"]  # other weights, other attention
+    # an initialisation drawn before the controls' weights came from transformers' init is not resumed into
+    drawn_before = folders[0] / "identity.json"
+    identity = json.loads(drawn_before.read_text())
+    del identity["initialisation"]
+    drawn_before.write_text(json.dumps(identity))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main("llava", common + ["--control", "random-weights", "--control-seeds", "2"])
+    assert refused.value.code == 2 and "does not record initialisation" in capsys.readouterr().err
+    drawn_before.write_text(json.dumps({**identity, "initialisation": CONTROL_INITIALISATION}))
     rows = list(csv.DictReader((out / "control_comparison.csv").open()))
     by_metric = {row["metric"]: row for row in rows}
     row = by_metric["subject_cross/iou"]

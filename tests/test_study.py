@@ -338,6 +338,26 @@ def test_bad_settings_are_refused_in_one_line(settings, error):
         StudySettings.from_env({"DEVICE": "cpu", **settings})
 
 
+def test_a_study_whose_controls_were_drawn_otherwise_is_refused(tmp_path):
+    """A study folder from before the controls' weights came from transformers' init: its control results are
+    other draws, which a rerun must not pool with new ones."""
+    from spatial_attention.study.folder import STUDY_FILE
+    from spatial_attention.study.study import StudySettings, check_study_folder
+
+    environ = {"MODEL_PATH_LLAVA": "tiny-random", "MODEL_PATH_QWEN2": "tiny-random", "OUT_DIR": str(tmp_path / "out"),
+               "DATA_DIR": str(tmp_path / "data")}
+    settings = StudySettings.from_env(environ)
+    settings.out_dir.mkdir()
+    recorded = settings.recorded()
+    (settings.out_dir / STUDY_FILE).write_text(json.dumps({"settings": recorded}))
+    assert check_study_folder(settings)["settings"] == recorded  # the same settings resume
+    del recorded["control_initialisation"]
+    (settings.out_dir / STUDY_FILE).write_text(json.dumps({"settings": recorded}))
+    with pytest.raises(OptionError, match="controls were drawn otherwise .* use another OUT_DIR"):
+        check_study_folder(settings)
+    assert check_study_folder(StudySettings.from_env({**environ, "CONTROLS": "0"}))  # no controls: nothing to mix
+
+
 def test_a_folder_of_other_files_is_not_taken_for_a_study(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     done = _run({"OUT_DIR": str(tmp_path), "DEVICE": "cpu"}, timeout=120)

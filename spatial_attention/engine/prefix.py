@@ -225,10 +225,11 @@ def _answer_mask(mask: torch.Tensor | None, last: torch.Tensor, length: int) -> 
     rows = torch.arange(len(last), device=last.device)
     if mask is None:
         earlier = (torch.arange(length, device=last.device) < last[:, None])[:, None]  # (B, 1, T)
-    elif mask.dtype == torch.bool:
+    elif mask.dtype == torch.bool:  # (on the embeddings' GPU under --device-map: the indices go there)
         mask = mask.expand(len(last), *mask.shape[1:])
-        earlier = mask[rows, :, last.to(mask.device), :length].clone()  # (B, 1 or heads, T)
-        earlier[rows, :, last.to(mask.device)] = False
+        rows, last = rows.to(mask.device), last.to(mask.device)
+        earlier = mask[rows, :, last, :length].clone()  # (B, 1 or heads, T)
+        earlier[rows, :, last] = False
     else:
         raise ValueError(f"answer_logits: an attention mask of dtype {mask.dtype}; the registered mask function "
                          "(sdpa's) makes boolean ones")

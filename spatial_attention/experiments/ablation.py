@@ -419,7 +419,13 @@ def check_stats_model(run: CornerRun, options: ModelOptions) -> None:
     if path is not None and checkpoint_name(path) != checkpoint_name(wanted):
         raise OptionError(f"--stats-dir {run.folder}: scored with --model-path {path!r}, not {wanted!r}; ablate "
                           f"in that checkpoint (--model-path {path}), or score this one first")
-    scored_seed = (recorded_identity(run.folder) or {}).get(INIT_SEED_KEY)  # a control's heads are its seed's
+    from models.base import CONTROL_INITIALISATION
+
+    scored = recorded_identity(run.folder) or {}
+    scored_seed = scored.get(INIT_SEED_KEY)  # a control's heads are its seed's, drawn as this run draws it
+    if scored_seed is not None and scored.get("initialisation") != CONTROL_INITIALISATION:
+        raise OptionError(f"--stats-dir {run.folder}: its random initialisation {scored_seed} was drawn otherwise "
+                          f"than by {CONTROL_INITIALISATION!r} (before 2026-12-07); score it again")
     if scored_seed != options.random_init_seed:
         said = lambda seed: "the model's own weights" if seed is None else f"random initialisation {seed}"  # noqa: E731
         raise OptionError(f"--stats-dir {run.folder}: scored with {said(scored_seed)}, not "

@@ -224,7 +224,7 @@ def measure_family(family: str, model_path: str, device: str, dtype: str) -> dic
     adapter = load_adapter(family, model_path, device=device, dtype=dtype)
     build = time.perf_counter() - start
     geometry = geometry_of(adapter)
-    plain, captured = {}, {}
+    plain, captured, answers = {}, {}, {}
     for size in BATCHES:
         batch = adapter.encode([format_caption(*SAMPLE_CAPTION)] * size,
                                [Image.new("RGB", (256, 256), (200, 200, 200))] * size)
@@ -233,9 +233,11 @@ def measure_family(family: str, model_path: str, device: str, dtype: str) -> dic
         with torch.inference_mode():
             plain[str(size)] = _median_seconds(lambda: adapter.model(**batch.inputs)) / size
         captured[str(size)] = _median_seconds(lambda: capture(adapter, batch, request)) / size
+        answers.update(answer_seconds(adapter, batch))
     return {"model_path": model_path, "geometry": asdict(geometry), "seconds_per_input": plain,
             "capture_overhead": {k: captured[k] / plain[k] for k in plain},
-            "answer_seconds": answer_seconds(adapter, batch), "build_seconds": round(build, 3),
+            "answer_seconds": dict(sorted(answers.items(), key=lambda item: int(item[0]))),
+            "build_seconds": round(build, 3),
             "reinit_seconds": round(reinit_seconds(adapter), 3)}
 
 

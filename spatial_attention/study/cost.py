@@ -225,12 +225,16 @@ def price(name: str, work: StepWork, geometry: Geometry | None, entry: dict | No
             build = entry["build_seconds"]
             if scaled:  # a build takes as long as its parameters to draw or read
                 build *= geometry.params / Geometry(**entry["geometry"]).params
-            parts["builds"] = work.builds * build + work.reinits * entry.get("reinit_seconds", build)
+            reinit = entry["reinit_seconds"] * build / entry["build_seconds"] if "reinit_seconds" in entry and \
+                entry["build_seconds"] else build  # scaled as the build is
+            parts["builds"] = work.builds * build + work.reinits * reinit
             for f in work.forwards:
                 parts["forwards" if f.full else "reruns"] += forward_seconds(entry, geometry, f)
         if host:
             parts["host"] = sum(runs * (host[kind]["per_run"] + items * host[kind]["per_item"])
                                 for kind, runs, items in work.host if kind in host)
+        if "corner_analysis" not in (host or {}):  # the analyses' processes, priced as starts
+            parts["processes"] += work.analyses * calibration["process_seconds"]
     return {"step": name, "processes": work.processes + work.analyses, "builds": work.builds,
             "reinits": work.reinits, "forwards": forwards,
             "reruns": rerun_inputs(work.forwards), "tokens_per_forward": round(tokens / forwards) if forwards else 0,

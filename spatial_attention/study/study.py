@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODELS = "llava qwen2"  # the paper's two models
 SHAPEWORLD_SUBDIR = DEFAULT_SHAPEWORLD.relative_to("data")  # where the experiment scripts look by default
 # the settings that change numbers: a rerun into the same OUT_DIR with other values is refused
-RECORDED = ("model_paths", "worlds", "count", "control_seeds", "control_items", "dtype", "data_dir")
+RECORDED = ("model_paths", "worlds", "count", "control_seeds", "control_items", "dtype", "data_dir",
+            "control_initialisation")
 # run_corner_experiments.sh's own settings, passed through to the sweep steps and part of what they did
 SWEEP_SETTINGS = ("SCORE", "LAYERS", "MAX_NEW_TOKENS", "TOPK", "PATCH_SIZE", "ABLATE_HEADS", "ABLATE_MODE",
                   "ABLATE_POSITIONS", "RANDOM_CONTROLS", "SAME_PAIRS")
@@ -159,9 +160,12 @@ class StudySettings:
 
     def recorded(self) -> dict:
         """The settings kept in study.json that a rerun must repeat."""
+        from models.base import CONTROL_INITIALISATION
+
         return {"model_paths": dict(self.model_paths), "worlds": self.worlds, "count": self.count,
                 "control_seeds": self.control_seeds, "control_items": self.control_items, "dtype": self.dtype,
-                "data_dir": str(self.data_dir.resolve())}
+                "data_dir": str(self.data_dir.resolve()),
+                "control_initialisation": CONTROL_INITIALISATION if self.controls else None}
 
     @property
     def shapeworld(self) -> Path:
@@ -295,6 +299,10 @@ def check_study_folder(s: StudySettings) -> dict | None:
                 if old[model] != new[model]:
                     raise OptionError(f"MODEL_PATH_{model.upper()}={new[model]}: {s.out_dir} was run with "
                                       f"{old[model]} ({path}); use that, or another OUT_DIR")
+        elif key == "control_initialisation" and old != new:  # the controls' weights are other draws now
+            raise OptionError(f"OUT_DIR={s.out_dir}: its random-weights controls were drawn otherwise than by "
+                              f"{new!r} ({path}), before 2026-12-07; new draws would not pool with them: use "
+                              "another OUT_DIR (or CONTROLS=0)")
         elif old != new:
             name = key.upper()
             shown = (lambda v: "all" if v is None else v) if key in ("worlds", "control_items") else (lambda v: v)
