@@ -110,3 +110,10 @@ def run_script(module: str, *args) -> None:
         raise SystemExit(130) from None
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     sys.exit(main(*args))
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as the study's lines write a duration: 1h05m from an hour on, else 4m07s."""
+    seconds = int(round(seconds))
+    hours, minutes = f"{seconds // 3600}h{seconds % 3600 // 60:02d}m", f"{seconds // 60}m{seconds % 60:02d}s"
+    return hours if seconds >= 3600 else minutes

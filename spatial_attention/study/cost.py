@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from spatial_attention.common.console import duration
 from spatial_attention.common.runio import write_json
 from spatial_attention.data.counterfactual import CORNERS, split_pairs
 from spatial_attention.run.cost import Forwards, full_inputs, rerun_inputs
@@ -249,25 +250,20 @@ def report_plan(plan: dict, out_dir: Path) -> Path:
     log.info("plan (calibration: %s%s):", plan["calibration"]["source"],
              f"; {plan['calibration']['device']}" if plan["calibration"]["device"] else "")
     for row in plan["steps"]:
-        seconds = "no estimate" if row["seconds"] is None else f"~{_duration(row['seconds'])}"
+        seconds = "no estimate" if row["seconds"] is None else f"~{duration(row['seconds'])}"
         log.info("  %-22s %d builds%-11s %9s forwards x %4d tokens, %7s reruns, %.2g token-layers: %s%s",
                  row["step"], row["builds"], f" +{row['reinits']} re-inits," if row["reinits"] else ",",
                  f"{row['forwards']:,}", row["tokens_per_forward"], f"{row['reruns']:,}",
                  row["token_layers"], seconds, f" (scaled from {row['scaled_from']})" if "scaled_from" in row else "")
     total = plan["total_seconds"]
-    log.info("  total: %s%s", "no estimate" if total is None else f"~{_duration(total)}",
+    log.info("  total: %s%s", "no estimate" if total is None else f"~{duration(total)}",
              f"; largest step: {plan['largest_step']}" if plan["largest_step"] else "")
     if plan["total_parts"]:
-        log.info("  of which: %s", ", ".join(f"{part} ~{_duration(s)}" for part, s in plan["total_parts"].items()))
+        log.info("  of which: %s", ", ".join(f"{part} ~{duration(s)}" for part, s in plan["total_parts"].items()))
     for note in plan["notes"]:
         log.info("  note: %s", note)
     path = out_dir / PLAN_FILE
     write_json(path, plan)
     return path
 
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 

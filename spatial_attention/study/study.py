@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+from spatial_attention.common.console import duration
 from spatial_attention.common.errors import OptionError
 from spatial_attention.data.shapeworld import DEFAULT_SHAPEWORLD
 from spatial_attention.run.cli import DTYPES
@@ -48,19 +49,15 @@ RECORDED = ("model_paths", "worlds", "count", "control_seeds", "control_items", 
 # run_corner_experiments.sh's own settings, passed through to the sweep steps and part of what they did
 SWEEP_SETTINGS = ("SCORE", "LAYERS", "MAX_NEW_TOKENS", "TOPK", "PATCH_SIZE", "ABLATE_HEADS", "ABLATE_MODE",
                   "ABLATE_POSITIONS", "RANDOM_CONTROLS", "SAME_PAIRS")
-# where the study's defaults differ from run_corner_experiments.sh's: the heads are ablated at the answer position,
-# where experiment 3's score (the answer position's attention) found them; only that position reruns, not every
-# position above the lowest ablated layer for each of the 100 random head sets (the paper's, ABLATE_POSITIONS=all:
-# hours of a GPU at 7B). The report says which was done.
+# unlike run_corner_experiments.sh's default (all, the paper's: every position above the lowest ablated layer rerun
+# for each random set, hours at 7B), the heads ablated where experiment 3 found them; the report says which
 STUDY_SWEEP_DEFAULTS = {"ABLATE_POSITIONS": "answer"}
 # what may change between runs without redoing a finished step: where and how fast it runs, not what it computes
 NOT_COMPARED = {"--device": 1, "--batch-size": 1}
 NOT_COMPARED_ENV = ("DEVICE", "BATCH_SIZE", "PYTHON")
 LOG_TAIL_LINES = 15
-# worlds of experiments 1 and 2 per random initialisation: 19 x 100 forwards, about 4x the model's 500
-CONTROL_ITEMS = 100
-# an initialisation's per-world figures are in no report (its numbers are, against the model's): not drawn
-CONTROL_OPTIONS = {"exp1": ("--plot-samples", "0")}
+CONTROL_ITEMS = 100  # worlds of experiments 1 and 2 per random initialisation: 19 x 100, about 4x the model's 500
+CONTROL_OPTIONS = {"exp1": ("--plot-samples", "0")}  # an initialisation's per-world figures are in no report
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
@@ -300,20 +297,14 @@ def check_study_folder(s: StudySettings) -> dict | None:
                     raise OptionError(f"MODEL_PATH_{model.upper()}={new[model]}: {s.out_dir} was run with "
                                       f"{old[model]} ({path}); use that, or another OUT_DIR")
         elif key == "control_initialisation" and old != new:  # the controls' weights are other draws now
-            raise OptionError(f"OUT_DIR={s.out_dir}: its random-weights controls were drawn otherwise than by "
-                              f"{new!r} ({path}), before 2026-12-07; new draws would not pool with them: use "
-                              "another OUT_DIR (or CONTROLS=0)")
+            raise OptionError(f"OUT_DIR={s.out_dir}: its random-weights controls were drawn otherwise than by {new!r} "
+                              f"({path}); new draws would not pool with them: use another OUT_DIR (or CONTROLS=0)")
         elif old != new:
             name = key.upper()
             shown = (lambda v: "all" if v is None else v) if key in ("worlds", "control_items") else (lambda v: v)
             raise OptionError(f"{name}={shown(new)}: {s.out_dir} was run with {name}={shown(old)} ({path}); use "
                               "that, or another OUT_DIR")
     return earlier
-
-
-def _seconds(value: float) -> str:
-    value = int(round(value))
-    return f"{value // 3600}h{value % 3600 // 60:02d}m" if value >= 3600 else f"{value // 60}m{value % 60:02d}s"
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
@@ -379,7 +370,7 @@ def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
     where = f"[{index}/{total}] {step.name}"
     done = all(Path(p).exists() for p in step.creates + step.outputs if p)
     if earlier and earlier.get("status") == "ok" and earlier.get("signature") == step.signature() and done:
-        log.info("%s: finished earlier (%s), skipped", where, _seconds(earlier.get("seconds", 0)))
+        log.info("%s: finished earlier (%s), skipped", where, duration(earlier.get("seconds", 0)))
         return earlier
     env = dict(step.env)
     record = {"name": step.name, "title": step.title, "results": step.results, "signature": step.signature(),
@@ -422,10 +413,10 @@ def run_step(step: Step, out_dir: Path, index: int, total: int) -> dict:
                   ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tail=log_tail(log_path) if rc else [])
     write_json(record_path, record)
     if rc:
-        log.warning("%s: FAILED (exit %d) after %s; the end of %s:\n    %s", where, rc, _seconds(record["seconds"]),
+        log.warning("%s: FAILED (exit %d) after %s; the end of %s:\n    %s", where, rc, duration(record["seconds"]),
                     log_path, "\n    ".join(record["tail"][-5:]))
     else:
-        log.info("%s: done in %s", where, _seconds(record["seconds"]))
+        log.info("%s: done in %s", where, duration(record["seconds"]))
     return record
 
 
@@ -486,7 +477,7 @@ def _run_steps(s: StudySettings, steps: list[Step], study: dict) -> int:
     write_json(s.out_dir / STUDY_FILE, study)
     html, markdown, unreadable = report.write_report(s.out_dir)
     log.info("%d of %d steps finished%s in %s", len(records) - len(failed), len(records),
-             f"; failed: {', '.join(failed)}" if failed else "", _seconds(study["seconds"]))
+             f"; failed: {', '.join(failed)}" if failed else "", duration(study["seconds"]))
     for rel, why in unreadable.items():
         log.error("unreadable: %s: %s", s.out_dir / rel, why)
     log.info("report: %s (and %s)", html, markdown)
