@@ -93,7 +93,7 @@ def main() -> None:
     run("vlm_atten_analysis_llava.py", *model, "--data", str(work / "worlds"), "--limit", str(panels),
         "--plot-samples", str(panels), "--out", str(work / "exp1-panels"))
     with_panels = timing(work / "exp1-panels")[1]
-    start = import_seconds()
+    process = import_seconds()
     fitted = {}
     for kind, points in kinds.items():
         per_size = len(points) // len(SIZES)  # the corner kinds: one run per corner at each size
@@ -107,7 +107,7 @@ def main() -> None:
     import torch
 
     result = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}", "threads": torch.get_num_threads(),
-              "model": "llava tiny-random, fp32, CPU", "process_seconds": round(start, 2), "kinds": fitted,
+              "model": "llava tiny-random, fp32, CPU", "process_seconds": round(process, 2), "kinds": fitted,
               "items": {"exp1": "worlds", "exp1_panel": "per-world figures (--plot-samples)", "exp2": "worlds",
                         "exp4": "pairs (discovery and test)", "corners": "pairs of a corner", "ablation": "test pairs of a corner and head spec",
                         "corner_analysis": "one per model or initialisation"}}

@@ -205,8 +205,8 @@ def _at_answer(name: str, value, last: torch.Tensor, length: int, times: int):
 
 
 def _entries(tensor: torch.Tensor, last: torch.Tensor, dim: int) -> torch.Tensor:
-    """``tensor``'s entries at each input's position ``last[b]`` along ``dim`` (negative), the batch on the
-    dimension before it (one broadcast row serving every input): that dimension then of size 1."""
+    """``tensor``'s entries at each input's position ``last[b]`` along ``dim`` (negative), which keeps size 1;
+    the batch is the dimension before it (a broadcast row of 1 serves every input)."""
     shape = list(tensor.shape)
     shape[dim - 1] = len(last)
     index_shape = [1] * len(shape)

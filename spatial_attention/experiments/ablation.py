@@ -321,7 +321,7 @@ def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int]
 
     identity = {**run.identity(), **prepared.settings}
     share.main_checks(lambda: check_identity(prepared.results.path, identity, "--out-dir"))  # before run.json changes
-    record, since, done_before = run.record(dataset=str(job.dataset.folder)), run.now(), len(prepared.results.read())
+    record, since = run.record(dataset=str(job.dataset.folder)), run.now()
     if share.is_main:
         start_run(out / "run.json", record)
     answer_ids = yes_no_ids(adapter.tokenizer)
@@ -342,7 +342,7 @@ def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int]
     ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
     metrics = write_outputs(out, adapter, pairs, corner, prompt, job.heads, args.mode, args.positions, run.options.seed,
                             head_sets, base, ablated, answer_ids, which_pairs(job))
-    finish_run(out / "run.json", {**record, "timing": run.timing(len(records) - done_before, since)})
+    finish_run(out / "run.json", {**record, "timing": run.timing(records.made, since)})
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "

@@ -344,7 +344,6 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
         return [{"id": pair.id, "full": scores[2 * k], "control": scores[2 * k + 1], "full_answer": said[2 * k],
                  "control_answer": said[2 * k + 1]} for k, (pair, _) in enumerate(loaded)]
 
-    done_before = len(results.read())
     records = resumable_map(run.share, results, pairs, score_pairs, the_identity, batch_size=run.batch_size,
                             desc=f"{corner} pairs", unit="pair")
     skipped = run.share.gather(skipped)  # every process's
@@ -354,7 +353,7 @@ def score_dataset(run: Run, scoring: Scoring, dataset: CornerDataset, results: R
         raise DataError(f"{corner}: none of the {len(pairs)} pairs could be scored (see the warnings above)")
     meta = write_outputs(run, scoring, dataset, out, records, skipped)
     finish_run(out / "run.json", {**record, "pairs_scored": meta["N"], "pairs_skipped": meta["skipped"]["count"],
-                                  "timing": run.timing(len(records) - done_before, since)})
+                                  "timing": run.timing(records.made, since)})
 
 
 def write_outputs(run: Run, scoring: Scoring, dataset: CornerDataset, out: Path, records: list[dict],

@@ -88,6 +88,7 @@ def model_work(s, model: str, geometry: Geometry, batch: int, worlds: int, steps
 
     L, H, seeds = geometry.layers, geometry.heads, s.control_seeds
     control_worlds = min(worlds, s.control_items or worlds)
+
     def plot_samples(step: str) -> int:  # the per-world figures the step's command asks for
         command = steps[step].commands[0] if step in steps else ()
         return vlm_analysis.build_parser(model).parse_known_args(list(command[2:]))[0].plot_samples
