@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from spatial_attention.stats.inference import (benjamini_hochberg, bootstrap_ci, json_safe, mean_std,
-                                               paired_permutation_p, paired_signflip_test, paired_summary,
+from spatial_attention.stats.inference import (benjamini_hochberg, bootstrap_ci, bootstrap_cis, json_safe, mean_std,
+                                               paired_permutation_p, paired_permutation_ps, paired_signflip_test,
                                                signflip_is_exact, signflip_method, signflip_min_permutations,
                                                signflip_p_floor)
 
@@ -58,17 +58,42 @@ def test_permutation_p_exact_enumeration():
     assert p in [(c + 1) / 9 for c in range(9)]
 
 
-def test_paired_summary_drops_incomplete_pairs():
-    # pairs kept: (1, 0), (2, 1) -> diff [1, 1]
-    got = paired_summary([1.0, 2.0, None, 4.0], [0.0, 1.0, 5.0, float("nan")], seed=0)
-    assert got["n"] == 2
-    assert (got["real_mean"], got["shuffled_mean"], got["mean_diff"]) == (1.5, 0.5, 1.0)
-    assert got["real_std"] == pytest.approx(math.sqrt(0.5)) and got["shuffled_std"] == pytest.approx(math.sqrt(0.5))
-    assert (got["ci_lo"], got["ci_hi"]) == (1.0, 1.0)
-    # exact: sign vectors give sums 2, 0, 0, -2 -> |sum| >= 2 in 2 of 4
-    assert got["p_value"] == 0.5
-    empty = paired_summary([None], [1.0])
-    assert empty["n"] == 0 and empty["mean_diff"] is None and empty["p_value"] is None
+def _bootstrap_one_draw(x, n_boot, seed):
+    """The slow, obvious bootstrap: every resample of one sample drawn at once, its means' 2.5/97.5% quantiles."""
+    v = np.array([np.nan if value is None else value for value in x], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return None, None
+    resamples = np.random.default_rng(seed).integers(0, v.size, size=(n_boot, v.size))
+    lo, hi = np.quantile(v[resamples].mean(axis=1), [0.025, 0.975])
+    return float(lo), float(hi)
+
+
+def _signflip_one_sample(x, n_perm, seed):
+    """The slow, obvious sign-flip p of one sample: its own random sign vectors (or all of them), counted."""
+    v = np.array([np.nan if value is None else value for value in x], dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return None
+    if 2 ** v.size <= n_perm:
+        signs = 1.0 - 2.0 * ((np.arange(2 ** v.size)[:, None] >> np.arange(v.size)) & 1)
+    else:
+        signs = 1.0 - 2.0 * np.random.default_rng(seed).integers(0, 2, size=(n_perm, v.size))
+    reached = np.count_nonzero(np.abs(signs @ v) >= abs(v.sum()) - 1e-12 * np.abs(v).sum())
+    return reached / len(signs) if 2 ** v.size <= n_perm else (reached + 1) / (n_perm + 1)
+
+
+def test_batched_draws_equal_each_sample_alone():
+    """bootstrap_cis and paired_permutation_ps share one draw between the samples of a size: the numbers must be
+    those of each sample drawn alone (sizes 0 to 300: exact and Monte Carlo tests, chunked resamples)."""
+    rng = np.random.default_rng(5)
+    samples = [rng.normal(0.1, 1.0, size=n).tolist() for n in (100, 25, 100, 300, 0, 1, 2, 9, 25, 14, 100)]
+    samples[2][3], samples[5] = None, [float("nan")]  # a null: size 99; nothing finite
+    samples.append([1.0] * 40)  # constant
+    assert bootstrap_cis(samples, n_boot=2000, seed=3) == [_bootstrap_one_draw(x, 2000, 3) for x in samples]
+    assert [bootstrap_ci(x, seed=3) for x in samples] == [_bootstrap_one_draw(x, 2000, 3) for x in samples]
+    assert paired_permutation_ps(samples, n_perm=10000, seed=3) == [_signflip_one_sample(x, 10000, 3)
+                                                                      for x in samples]
 
 
 def test_benjamini_hochberg_hand_example():

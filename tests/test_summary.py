@@ -162,3 +162,41 @@ def test_world_panel(tmp_path):
     plot_world_panel(tmp_path / "w2.png", image, maps, subject, obj, "with baseline",
                      shuffled_maps={k: rng.random((6, 6)) for k in maps}, shuffled_image=image.rotate(90))
     _png_ok(tmp_path / "w2.png")
+
+
+def test_rows_equal_each_row_alone():
+    """The summary draws every row's intervals and tests together: each row must hold what it would alone (nulls,
+    worlds without a shuffled value, a binding metric's own test), over every scope."""
+    from spatial_attention.stats.inference import bootstrap_ci, mean_std, paired_permutation_p
+
+    rng = np.random.default_rng(2)
+    records = []
+    for index in range(60):
+        real = {"subject_cross": {"iou": float(rng.uniform()), "specificity_word_swap": float(rng.normal(0.1))},
+                "object_cross": {"iou": None if index % 7 == 0 else float(rng.uniform())}}
+        shuffled = {"subject_cross": {"iou": float(rng.uniform()), "specificity_word_swap": float(rng.normal())},
+                    "object_cross": {"iou": None if index % 5 == 0 else float(rng.uniform())}}
+        records.append({"shard": 0, "index": index, "relation": ("left", "right", "above")[index % 3],
+                        "metrics": {"real": real, **({"shuffled": shuffled} if index % 4 else {})}})
+    summary = summarise_samples(records, seed=4, n_boot=300, n_perm=3000)
+    scopes = [(None, summary["by_metric"])] + list(summary["by_relation"].items())
+    for relation, rows in scopes:
+        assert len(rows) == 3
+        for row in rows:
+            # in the summary's order: all worlds are its relations' worlds one relation after another
+            chosen = [r for rel in summary["by_relation"] for r in records if rel == r["relation"] and
+                      relation in (None, rel)]
+            real = np.array([np.nan if (v := r["metrics"]["real"][row["map"]][row["metric"]]) is None else v
+                             for r in chosen])
+            shuf = np.array([np.nan if "shuffled" not in r["metrics"] or (v := r["metrics"]["shuffled"][row["map"]][
+                row["metric"]]) is None else v for r in chosen])
+            both = np.isfinite(real) & np.isfinite(shuf)
+            diff = real[both] - shuf[both]
+            assert (row["n"], row["real_mean"], row["real_std"]) == mean_std(real)
+            assert (row["real_ci_lo"], row["real_ci_hi"]) == bootstrap_ci(real, n_boot=300, seed=4)
+            assert (row["shuffled_ci_lo"], row["shuffled_ci_hi"]) == bootstrap_ci(shuf, n_boot=300, seed=4)
+            assert row["n_paired"] == int(both.sum()) and row["mean_diff"] == float(diff.mean())
+            assert (row["ci_lo"], row["ci_hi"]) == bootstrap_ci(diff, n_boot=300, seed=4)
+            assert row["p_value"] == paired_permutation_p(diff, n_perm=3000, seed=4)
+            binding = row["metric"] == "specificity_word_swap"
+            assert row["real_p_value"] == (paired_permutation_p(real, n_perm=3000, seed=4) if binding else None)

@@ -25,8 +25,7 @@ from matplotlib.figure import Figure
 from spatial_attention.common.runio import write_atomic, write_json
 from spatial_attention.data.shapeworld import RELATIONS
 from spatial_attention.run.figures import save_figure
-from spatial_attention.stats.inference import (benjamini_hochberg, bootstrap_ci, mean_std, paired_permutation_p,
-                                               paired_summary)
+from spatial_attention.stats.inference import benjamini_hochberg, bootstrap_cis, mean_std, paired_permutation_ps
 from spatial_attention.stats.metrics import BINDING_METRICS, CROSS_MAPS, HIGHER_IS_BETTER, MAPS, METRICS, display_order
 
 log = logging.getLogger("spatial_attention")
@@ -68,25 +67,36 @@ def better(metric: str) -> str:
     return "higher" if metric in HIGHER_IS_BETTER else "lower"
 
 
-def _row(map_name: str, metric: str, v: _Values, seed: int, n_boot: int, n_perm: int) -> dict:
-    """One summary row. n / real_* use every non-null real value, shuffled_* every non-null
-    shuffled one; n_paired, mean_diff, ci_* and p_value only the worlds where both are non-null. real_p_value:
-    the sign-flip p of the real mean = 0, for the binding metrics (None for the others)."""
-    real, shuf = np.asarray(v.real), np.asarray(v.shuffled)
-    real, shuf = real[np.isfinite(real)], shuf[np.isfinite(shuf)]
-    n, real_mean, real_std = mean_std(real)
-    _, shuf_mean, shuf_std = mean_std(shuf)
-    real_lo, real_hi = bootstrap_ci(real, n_boot=n_boot, seed=seed)
-    shuf_lo, shuf_hi = bootstrap_ci(shuf, n_boot=n_boot, seed=seed)
-    paired = paired_summary(v.real, v.shuffled, seed=seed, n_boot=n_boot, n_perm=n_perm)
+def _rows(cells: list[tuple[str, str, _Values]], seed: int, n_boot: int, n_perm: int) -> list[dict]:
+    """A summary row per (map, metric, values). n / real_* use every non-null real value, shuffled_* every
+    non-null shuffled one; n_paired, mean_diff, ci_* and p_value only the worlds where both are non-null.
+    real_p_value: the sign-flip p of the real mean = 0, for the binding metrics (None for the others). Every
+    row's intervals and tests are drawn together (``bootstrap_cis``, ``paired_permutation_ps``): the same
+    numbers as row by row, at a fraction of the draws."""
+    samples = []  # per row: the real values, the shuffled values, the paired differences
+    for _, _, v in cells:
+        real, shuf = np.asarray(v.real), np.asarray(v.shuffled)
+        paired = np.isfinite(real) & np.isfinite(shuf)
+        samples.append((real[np.isfinite(real)], shuf[np.isfinite(shuf)], real[paired] - shuf[paired]))
+    cis = iter(bootstrap_cis([x for sample in samples for x in sample], n_boot=n_boot, seed=seed))
     # a specificity's 0 means "no preference between the shapes": its own test, beside the shuffle's
-    real_p = paired_permutation_p(real, n_perm=n_perm, seed=seed) if metric in BINDING_METRICS else None
-    return {"map": map_name, "metric": metric, "better": better(metric), "n": n, "n_null": v.n_null,
-            "n_paired": paired["n"], "n_null_shuffled": v.n_null_shuffled,
-            "real_mean": real_mean, "real_std": real_std, "real_ci_lo": real_lo, "real_ci_hi": real_hi,
-            "real_p_value": real_p,
-            "shuffled_mean": shuf_mean, "shuffled_std": shuf_std, "shuffled_ci_lo": shuf_lo, "shuffled_ci_hi": shuf_hi,
-            **{k: paired[k] for k in ("mean_diff", "ci_lo", "ci_hi", "p_value")}}
+    tested = [diff for _, _, diff in samples] + [real for (_, metric, _), (real, _, _) in zip(cells, samples)
+                                                 if metric in BINDING_METRICS]
+    p_values = paired_permutation_ps(tested, n_perm=n_perm, seed=seed)
+    paired_p, real_p = iter(p_values[:len(cells)]), iter(p_values[len(cells):])
+    rows = []
+    for (map_name, metric, v), (real, shuf, diff) in zip(cells, samples):
+        n, real_mean, real_std = mean_std(real)
+        _, shuf_mean, shuf_std = mean_std(shuf)
+        (real_lo, real_hi), (shuf_lo, shuf_hi), (ci_lo, ci_hi) = next(cis), next(cis), next(cis)
+        rows.append({"map": map_name, "metric": metric, "better": better(metric), "n": n, "n_null": v.n_null,
+                     "n_paired": int(diff.size), "n_null_shuffled": v.n_null_shuffled,
+                     "real_mean": real_mean, "real_std": real_std, "real_ci_lo": real_lo, "real_ci_hi": real_hi,
+                     "real_p_value": next(real_p) if metric in BINDING_METRICS else None,
+                     "shuffled_mean": shuf_mean, "shuffled_std": shuf_std, "shuffled_ci_lo": shuf_lo,
+                     "shuffled_ci_hi": shuf_hi, "mean_diff": float(diff.mean()) if diff.size else None,
+                     "ci_lo": ci_lo, "ci_hi": ci_hi, "p_value": next(paired_p)})
+    return rows
 
 
 def add_q_values(rows: list[dict]) -> list[dict]:
@@ -107,7 +117,7 @@ def significance_star(row: dict) -> str:
 
 def summarise_samples(records: Iterable[dict], seed: int = 0, n_boot: int = 2000, n_perm: int = 10000) -> dict:
     """One pass over Experiment 1's records -> {"n_worlds", "n_worlds_shuffled", "n_worlds_by_relation",
-    "by_metric": [rows over all worlds], "by_relation": {relation: [rows]}} (rows: see ``_row``, plus
+    "by_metric": [rows over all worlds], "by_relation": {relation: [rows]}} (rows: see ``_rows``, plus
     ``q_value``: BH within the list the row is in)."""
     cells: dict[tuple[str, str, str], _Values] = {}
     n_worlds = n_shuffled = 0
@@ -130,7 +140,7 @@ def summarise_samples(records: Iterable[dict], seed: int = 0, n_boot: int = 2000
     relations = display_order(by_relation, RELATIONS)
 
     def rows(rels: list[str]) -> list[dict]:
-        out = []
+        scope = []
         for map_name in maps:
             for metric in metrics:
                 merged = _Values()
@@ -138,8 +148,8 @@ def summarise_samples(records: Iterable[dict], seed: int = 0, n_boot: int = 2000
                     if (map_name, metric, rel) in cells:
                         merged.extend(cells[map_name, metric, rel])
                 if len(merged.real):
-                    out.append(_row(map_name, metric, merged, seed, n_boot, n_perm))
-        return add_q_values(out)
+                    scope.append((map_name, metric, merged))
+        return add_q_values(_rows(scope, seed, n_boot, n_perm))
 
     summary = {"n_worlds": n_worlds, "n_worlds_shuffled": n_shuffled, "n_worlds_by_relation": by_relation,
                "by_metric": rows(relations), "by_relation": {rel: rows([rel]) for rel in relations}}

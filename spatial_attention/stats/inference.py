@@ -40,16 +40,38 @@ def bootstrap_ci(x: Iterable[float | None] | np.ndarray, n_boot: int = 2000, alp
                  seed: int = 0) -> tuple[float | None, float | None]:
     """Percentile bootstrap (1 - alpha) interval of the mean: the alpha/2 and 1 - alpha/2
     quantiles of the means of ``n_boot`` resamples with replacement. (None, None) when n < 2."""
-    v = _finite(x)
-    n = v.size
-    if n < 2:
-        return None, None
-    rng = np.random.default_rng(seed)
-    rows = max(1, _CHUNK_ELEMENTS // n)
-    means = np.concatenate([v[rng.integers(0, n, size=(min(rows, n_boot - start), n))].mean(axis=1)
-                            for start in range(0, n_boot, rows)])
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
+    return bootstrap_cis([x], n_boot=n_boot, alpha=alpha, seed=seed)[0]
+
+
+def bootstrap_cis(samples: list, n_boot: int = 2000, alpha: float = 0.05,
+                  seed: int = 0) -> list[tuple[float | None, float | None]]:
+    """``bootstrap_ci`` of each sample, the same numbers: the resamples depend on the seed and the sample's size
+    only, so they are drawn once per size and shared by every sample of that size (a summary's ~100 rows of one
+    scope have one or two sizes; drawing them is most of the work)."""
+    values = [_finite(x) for x in samples]
+    out: list[tuple[float | None, float | None]] = [(None, None)] * len(values)
+    for n, members in _by_size(values):
+        if n < 2:
+            continue
+        rng = np.random.default_rng(seed)
+        rows = max(1, _CHUNK_ELEMENTS // n)
+        means = np.empty((len(members), n_boot))
+        for start in range(0, n_boot, rows):
+            resamples = rng.integers(0, n, size=(min(rows, n_boot - start), n))
+            for row, i in enumerate(members):
+                means[row, start:start + len(resamples)] = values[i][resamples].mean(axis=1)
+        for row, i in enumerate(members):
+            lo, hi = np.quantile(means[row], [alpha / 2, 1 - alpha / 2])
+            out[i] = float(lo), float(hi)
+    return out
+
+
+def _by_size(values: list[np.ndarray]) -> list[tuple[int, list[int]]]:
+    """The indices of ``values`` grouped by their length, in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(int(v.size), []).append(i)
+    return list(groups.items())
 
 
 def hierarchical_bootstrap_ci(values: np.ndarray, n_boot: int = 2000, alpha: float = 0.05,
@@ -176,30 +198,21 @@ def _signflip_p(diff: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
 def paired_permutation_p(diff: Iterable[float | None] | np.ndarray, n_perm: int = 10000, seed: int = 0) -> float | None:
     """Two-sided paired sign-flip permutation p-value of mean(diff) = 0 (see _signflip_p);
     None when there is no finite difference."""
-    v = _finite(diff)
-    if v.size == 0:
-        return None
-    return float(_signflip_p(v[:, None], n_perm, seed)[0])
+    return paired_permutation_ps([diff], n_perm=n_perm, seed=seed)[0]
 
 
-def paired_summary(real: Iterable[float | None], shuffled: Iterable[float | None], seed: int = 0,
-                   n_boot: int = 2000, n_perm: int = 10000) -> dict:
-    """REAL vs SHUF over the pairs where both are finite: n, real_mean/std, shuffled_mean/std,
-    mean_diff (real - shuffled), its bootstrap ci_lo/ci_hi, and the permutation p_value."""
-    r = np.array([np.nan if v is None else v for v in real], dtype=np.float64)
-    s = np.array([np.nan if v is None else v for v in shuffled], dtype=np.float64)
-    if r.shape != s.shape:
-        raise ValueError(f"paired_summary: {r.size} real values but {s.size} shuffled")
-    keep = np.isfinite(r) & np.isfinite(s)
-    r, s = r[keep], s[keep]
-    diff = r - s
-    n, real_mean, real_std = mean_std(r)
-    _, shuffled_mean, shuffled_std = mean_std(s)
-    ci_lo, ci_hi = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
-    return {"n": n, "real_mean": real_mean, "real_std": real_std,
-            "shuffled_mean": shuffled_mean, "shuffled_std": shuffled_std,
-            "mean_diff": float(diff.mean()) if n else None, "ci_lo": ci_lo, "ci_hi": ci_hi,
-            "p_value": paired_permutation_p(diff, n_perm=n_perm, seed=seed)}
+def paired_permutation_ps(samples: list, n_perm: int = 10000, seed: int = 0) -> list[float | None]:
+    """``paired_permutation_p`` of each sample, the same numbers: the samples of one size are tested together
+    (``_signflip_p``'s columns), with the one set of sign vectors each would draw alone."""
+    values = [_finite(x) for x in samples]
+    out: list[float | None] = [None] * len(values)
+    for n, members in _by_size(values):
+        if n == 0:
+            continue
+        p = _signflip_p(np.stack([values[i] for i in members], axis=1), n_perm, seed)
+        for i, value in zip(members, p):
+            out[i] = float(value)
+    return out
 
 
 def benjamini_hochberg(pvalues: np.ndarray, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
