@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import random_images
 
+from models.base import CONTROL_INITIALISATION
 from spatial_attention.common.errors import DataError, OptionError
 from spatial_attention.data.counterfactual import DIGEST_KEY, SPLIT_KEY, read_dataset, read_pairs, split_pairs
 from spatial_attention.data.generate import generate_counterfactual
@@ -25,6 +26,8 @@ from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMe
                                                             hooked_logits, log_odds, measure, summarize, yes_no_ids)
 from spatial_attention.experiments.corner_results import load_corner_run
 from spatial_attention.experiments.heads import topk_count_cube
+from spatial_attention.run.controls import INIT_SEED_BASE, seed_folder
+from spatial_attention.run.options import INIT_SEED_KEY
 from spatial_attention.run.runloop import IDENTITY_FILE
 
 CAPTIONS = ["Is there anything in the top left corner?", "Is there anything?"]
@@ -414,6 +417,28 @@ def test_stats_dir_of_another_model_is_refused(tmp_path, corner_data, capsys, no
     error = run_cli([*argv, "--stats-dir", str(stats), "--dataset", str(corner_data), "--heads", "top:1",
                      "--out-dir", str(tmp_path / "out")], capsys)
     assert f"--stats-dir {stats}: {message}" in error
+
+
+@pytest.mark.parametrize("drawn_by", [None, CONTROL_INITIALISATION])
+def test_control_stats_dir_drawn_before_transformers_init_is_refused(tmp_path, corner_data, capsys, no_model_load,
+                                                                    drawn_by):
+    """Under --control, each initialisation ablates the heads its own scoring found; a scoring whose weights were
+    drawn the old way (its identity records no initialisation) found them in other weights: refused before the
+    model loads, naming the folder. One drawn by transformers' init passes on to the model load."""
+    stats = fake_stats(tmp_path / "stats", model="llava", model_path="tiny-random")
+    seed = INIT_SEED_BASE
+    control = fake_stats(seed_folder(stats, seed), model="llava", model_path="tiny-random")
+    identity = {SPLIT_KEY: "discovery", INIT_SEED_KEY: seed, **({"initialisation": drawn_by} if drawn_by else {})}
+    (control / IDENTITY_FILE).write_text(json.dumps(identity))
+    argv = ["--model", "llava", "--model-path", "tiny-random", "--control", "random-weights", "--control-seeds", "1",
+            "--stats-dir", str(stats), "--dataset", str(corner_data), "--heads", "top:1",
+            "--out-dir", str(tmp_path / "out")]
+    if drawn_by is None:
+        error = run_cli(argv, capsys)
+        assert f"--stats-dir {control}: its random initialisation {seed} was drawn otherwise than by" in error
+    else:
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main(argv)
 
 
 def test_same_checkpoint_by_another_path_is_accepted(tmp_path, corner_data, monkeypatch, no_model_load):
