@@ -23,7 +23,8 @@ from spatial_attention.experiments import corner_stats
 from spatial_attention.experiments.ablation import PAIRS_FILE, main, match_stats_dirs
 from spatial_attention.experiments.ablation_heads import check_heads, parse_heads, random_head_sets
 from spatial_attention.experiments.ablation_measure import (HeadAblation, HeadMeans, encode_pairs, head_means,
-                                                            hooked_logits, log_odds, measure, summarize, yes_no_ids)
+                                                            hooked_logits, log_odds, measure, measure_groups, summarize,
+                                                            yes_no_ids)
 from spatial_attention.experiments.corner_results import load_corner_run
 from spatial_attention.experiments.heads import topk_count_cube
 from spatial_attention.run.controls import INIT_SEED_BASE, seed_folder
@@ -178,6 +179,21 @@ def test_measure_equals_hand_made_o_proj_edits(adapter, corner_data, mode):
     np.testing.assert_allclose(base.ravel(), [log_odds(p, *answer_ids)[0] for p in plain], atol=1e-4)
     np.testing.assert_allclose(ablated[0].ravel(), [log_odds(p, *answer_ids)[0] for p in by_hand], atol=1e-4)
     assert not np.allclose(ablated[0], base, atol=1e-4)
+
+
+@pytest.mark.parametrize("answer_only", [False, True])
+def test_groups_sharing_one_forward_equal_each_group_alone(adapter, corner_data, answer_only):
+    """measure_groups (the --heads specs of one corner, one whole forward for all) against measure of each group
+    alone: the same numbers, bit for bit, with the groups' lowest layers 0 and 1."""
+    pairs, answer_ids = read_pairs(corner_data)[:2], yes_no_ids(adapter.tokenizer)
+    groups = [[[(1, 0)], [(1, 2), (0, 1)]], [[(1, 1)], [(1, 3)], [(1, 0), (1, 2)]]]
+    batch = encode_pairs(adapter, pairs, CAPTIONS[0])
+    together = measure_groups(adapter, batch, groups, answer_ids, answer_only=answer_only, sets_per_forward=2)
+    for (base, ablated), head_sets in zip(together, groups):
+        alone_base, alone = measure(adapter, batch, head_sets, answer_ids, answer_only=answer_only,
+                                    sets_per_forward=2)
+        assert np.array_equal(base, alone_base) and np.array_equal(ablated, alone)
+    assert not np.array_equal(together[0][1], together[1][1][:2])
 
 
 # --- the answer -----------------------------------------------------------------------
@@ -589,14 +605,15 @@ def test_finished_ablation_missing_an_output_is_rebuilt(ablated, tmp_path, monke
 
     argv, copy = into_a_copy(ablated, tmp_path)
     (copy / "ablation.csv").unlink()
-    monkeypatch.setattr(ablation, "measure", lambda *args, **options: pytest.fail("a pair was measured again"))
+    monkeypatch.setattr(ablation, "measure_groups", lambda *args, **options: pytest.fail("a pair was measured again"))
     main(argv)
     assert (copy / "ablation.csv").read_text() == (ablated[1] / "ablation.csv").read_text()
 
 
 def test_every_corner_and_head_spec_with_one_model_load(ablated, tmp_path, corner_data, monkeypatch):
     """Two data sets x two --heads values: one model load, four ablation folders named as the sweep names them,
-    each the same as the ablation run on its own (``ablated``: top:1 on corner_data)."""
+    each the same as the ablation run on its own (``ablated``: top:1 on corner_data), though a corner's specs
+    share its whole forwards."""
     import models
 
     loads = []
@@ -615,6 +632,7 @@ def test_every_corner_and_head_spec_with_one_model_load(ablated, tmp_path, corne
     for name in folders:
         run = json.loads((tmp_path / "sweep" / name / "run.json").read_text())
         assert run["status"] == "finished" and run["settings"]["heads"] == name.split("_")[-1].replace("-", ":")
+        assert run["timing"]["ablations_sharing_forwards"] == 2  # a corner's two specs: one forward of each batch
     alone = (ablated[1] / "ablation.csv").read_text()
     assert (tmp_path / "sweep" / "ablation_topleft_top-1" / "ablation.csv").read_text() == alone
     main(argv)  # finished: nothing loaded again

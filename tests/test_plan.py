@@ -98,14 +98,19 @@ def test_the_plan_counts_the_reruns_of_patching_and_ablation(family):
     patching.pair_scores(adapter, batch, heads, answers, 3)
     sets = [[(1, 0)], [(1, 1)], [(2, 0)], [(L - 1, 2)]]  # lowest ablated layer: 1
     ablation_measure.measure(adapter, batch, sets, answers, sets_per_forward=3)
-    planned = patching.planned_forwards(1, heads, L, 3) + ablation_measure.planned_forwards(1, 1, 4, L, 1, 3)
+    planned = patching.planned_forwards(1, heads, L, 3) + ablation_measure.whole_forwards(1, 1, L) + \
+        ablation_measure.planned_forwards(1, 1, 4, L, 1, 3)
     assert counter.forwards == full_inputs(planned) == 4
     assert counter.token_layers == sum(f.inputs * f.layers * (1 if f.answer_only else tokens) for f in planned)
-    planned = ablation_measure.planned_forwards(1, 1, 4, L, 1, 3, answer_only=True)
-    before = counter.token_layers
-    ablation_measure.measure(adapter, batch, sets, answers, sets_per_forward=3, answer_only=True)
-    assert counter.token_layers - before == sum(f.inputs * f.layers * (1 if f.answer_only else tokens)
-                                                for f in planned)
+    # two groups of head sets (two --heads specs) share one whole forward, each rerunning from its own lowest layer
+    planned = ablation_measure.whole_forwards(1, 1, L) + \
+        ablation_measure.planned_forwards(1, 1, 4, L, 1, 3, answer_only=True) + \
+        ablation_measure.planned_forwards(1, 1, 1, L, 2, 3, answer_only=True)
+    before = counter.forwards, counter.token_layers
+    ablation_measure.measure_groups(adapter, batch, [sets, [[(2, 1)]]], answers, sets_per_forward=3, answer_only=True)
+    assert counter.forwards - before[0] == full_inputs(planned) == 2
+    assert counter.token_layers - before[1] == sum(f.inputs * f.layers * (1 if f.answer_only else tokens)
+                                                   for f in planned)
 
 
 def _plan(tmp_path, **env) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from spatial_attention.common.runio import append_jsonl, claim_output, lacks_key
 from spatial_attention.data.generate import generate_counterfactual, generate_shapeworld
 from spatial_attention.experiments import ablation, corner_stats, text_analysis, verify, vlm_analysis
 from spatial_attention.run.runloop import (IDENTITY_FILE, RESULTS_KEY, ProcessShare, Results, ahead, check_free,
-                                           mark_results, resumable_map)
+                                           mark_results, resumable_map, resumable_map_many)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--model-path", "tiny-random", "--plot-samples", "0"]
@@ -67,6 +67,29 @@ def test_each_key_is_written_once_and_the_result_is_what_was_asked(share, tmp_pa
     # read from the file as they are iterated (in the items' order, not the file's), not held in memory
     assert len(got) == 5 and list(got) == [lines(path)[i] for i in (3, 1, 2, 0, 4)]
     assert not any(isinstance(value, list) and value and isinstance(value[0], dict) for value in vars(got).values())
+
+
+def test_several_results_files_share_each_item_and_each_resumes_what_it_lacks(share, tmp_path):
+    """One item's work, a record for each of two folders (two --heads specs of one ablation): an item runs when
+    either folder lacks it, and each record goes only where it is missing; each folder has its own identity."""
+    a, b = results_at(tmp_path / "a" / "records.jsonl"), results_at(tmp_path / "b" / "records.jsonl")
+    resumable_map(share, a, [1, 2], square, {"--heads": "a"})  # a has 1 and 2 from an earlier, interrupted run
+    done = []
+
+    def both(chunk):
+        done.extend(chunk)
+        return zip(square(chunk), [{"key": k, "value": -k} for k in chunk])
+
+    got = resumable_map_many(share, [(a, {"--heads": "a"}), (b, {"--heads": "b"})], [1, 2, 3], both, batch_size=2)
+    assert done == [1, 2, 3]  # b lacked them all
+    assert [r["value"] for r in lines(a.path)] == [1, 4, 9] and [r["value"] for r in lines(b.path)] == [-1, -2, -3]
+    assert [list(records) for records in got] == [lines(a.path), lines(b.path)] and got[0].made == 3
+    assert json.loads((b.path.parent / IDENTITY_FILE).read_text())["--heads"] == "b"
+    done.clear()
+    assert resumable_map_many(share, [(a, {"--heads": "a"}), (b, {"--heads": "b"})], [3], both)[1].made == 0
+    assert done == []
+    with pytest.raises(OptionError, match="--heads 'a', not 'c'"):  # each folder's identity is its own
+        resumable_map_many(share, [(a, {"--heads": "c"}), (b, {"--heads": "b"})], [4], both)
 
 
 def test_prepare_runs_one_batch_ahead_in_another_thread(share, tmp_path):

@@ -1,15 +1,14 @@
 """Experiment 3, step 3 (``head_ablation.py``): ablate the heads the corner analysis found and measure what happens
 to the model's yes/no answer, against random head sets of the same layers.
 
-Which heads and the null sets are ``ablation_heads.py``; the hooks, the log-odds and the effects are
-``ablation_measure.py``; this module is the command: its options, one model load for every (data set, head spec)
-job, the per-pair results appended as they finish (``ablation_pairs.jsonl``), the summary, CSV and figure.
+Which heads and the null sets are ``ablation_heads.py``; the hooks, the log-odds, the effects, the CSV and the
+figure are ``ablation_measure.py``; this module is the command: its options, one model load for every (data set,
+head spec) job, a data set's whole forwards once for all its head specs (each into its own folder), the per-pair
+results appended as they finish (``ablation_pairs.jsonl``), the summary.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import re
@@ -18,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from spatial_attention.common.console import check_at_least, command_parser, user_errors_exit
 from spatial_attention.common.errors import DataError, OptionError
@@ -30,61 +28,21 @@ from spatial_attention.experiments import ablation_measure
 from spatial_attention.experiments.ablation_heads import (HEADS_HELP, Head, check_heads, check_heads_in_stats_model,
                                                           head_name, heads_json, null_set_count, parse_heads,
                                                           planned_heads, random_head_sets)
-from spatial_attention.experiments.ablation_measure import (KINDS, METRICS, PRIMARY, encode_pairs, head_means, measure,
-                                                            summarize, yes_no_ids)
+from spatial_attention.experiments.ablation_measure import (PRIMARY, ablation_csv, encode_pairs, head_means,
+                                                            measure_groups, plot_effects, summarize, yes_no_ids)
 from spatial_attention.experiments.corner_results import CornerRun, load_corner_run
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args
 from spatial_attention.run.cost import Forwards
-from spatial_attention.run.figures import save_figure
 from spatial_attention.run.options import INIT_SEED_KEY, ModelOptions, checkpoint_name
 from spatial_attention.run.runloop import (Results, Run, check_identity, join_processes, load_run, open_results,
-                                           recorded_identity, resumable_map)
+                                           recorded_identity, resumable_map_many)
 
 log = logging.getLogger("spatial_attention")
 
 POSITIONS = ("all", "answer")  # --positions
 FIGURE = "figures/effect_vs_random.png"
 PAIRS_FILE = "ablation_pairs.jsonl"  # per pair, as it finishes: its log-odds unablated and with each head set ablated
-
-
-def ablation_csv(pairs: list[Pair], head_sets: list[list[Head]], base: np.ndarray, ablated: np.ndarray) -> str:
-    """One row per (head set, pair, image kind)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["head_set", "heads", "pair_id", "kind", "log_odds", "unablated_log_odds", "delta_log_odds",
-                     "says_yes", "unablated_says_yes", "correct", "unablated_correct", "delta_correct"])
-    for s, heads in enumerate(head_sets):
-        name, heads_text = ("chosen" if s == 0 else f"random_{s - 1}"), " ".join(map(head_name, heads))
-        for i, pair in enumerate(pairs):
-            for k, kind in enumerate(KINDS):
-                now, then = float(ablated[s, i, k]), float(base[i, k])
-                right_now, right_then = int((now > 0) == (k == 0)), int((then > 0) == (k == 0))
-                writer.writerow([name, heads_text, pair.id, kind, now, then, now - then, int(now > 0),
-                                 int(then > 0), right_now, right_then, right_now - right_then])
-    return buffer.getvalue()
-
-
-def plot_effects(path: Path, metrics: dict, title: str) -> None:
-    """Per metric: a histogram of the random sets' mean effects, the chosen heads' effect marked."""
-    fig = Figure(figsize=(12, 6.5))
-    for ax, name in zip(fig.subplots(2, 3).ravel(), METRICS):
-        m = metrics[name]
-        ax.hist(m["random_effects"], bins=max(5, len(m["random_effects"]) // 2), color="0.65",
-                label=f"{len(m['random_effects'])} random sets")
-        ax.axvline(m["effect"], color="tab:red", linewidth=2, label="chosen heads")
-        if m["ci_lo"] is not None:
-            ax.axvspan(m["ci_lo"], m["ci_hi"], color="tab:red", alpha=0.15, label="chosen: 95% CI over pairs")
-        ax.axvline(0.0, color="black", linewidth=0.8, linestyle=":")
-        ax.set_title(f"{name}\np_drop {m['p_drop']:.3g}, p_rise {m['p_rise']:.3g}", fontsize=9)
-        ax.set_xlabel("mean change (ablated - unablated)", fontsize=8)
-        ax.set_ylabel("random sets", fontsize=8)
-        ax.locator_params(axis="x", nbins=5)
-        ax.tick_params(labelsize=7)
-    fig.axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 # --- the command line ---------------------------------------------------------------
@@ -252,9 +210,18 @@ def _ablate(args, options: ModelOptions, jobs: list[Job]) -> bool:
     run = load_run(replace(options, feed_size=first.feed_size), share, vars(args), out=first.out,
                    data=first.job.dataset.folder)
     loaded_feed = run.adapter.feed_size  # what a job whose stats dir records none gets, as when run alone
-    for prepared in ready:
-        _ablate_one(args, run, prepared, loaded_feed)
+    for group in _same_inputs(ready):
+        _ablate_group(args, run, group, loaded_feed)
     return share.is_main
+
+
+def _same_inputs(ready: list[Prepared]) -> list[list[Prepared]]:
+    """The ablations grouped by what their forwards read: one data set's pairs, with one prompt at one feed size
+    (the --heads specs of a corner). A group's batches run once for all of its head sets (``measure_groups``)."""
+    groups: dict[tuple, list[Prepared]] = {}
+    for prepared in ready:
+        groups.setdefault((id(prepared.job.dataset), prepared.prompt, prepared.feed_size), []).append(prepared)
+    return list(groups.values())
 
 
 @dataclass(frozen=True)
@@ -300,70 +267,92 @@ def _prepare(args, options: ModelOptions, share, job: Job) -> Prepared | None:
     return Prepared(job, stats, chosen, prompt, out, feed_size, head_sets, settings, results)
 
 
-def _ablate_one(args, run: Run, prepared: Prepared, loaded_feed: tuple[int, int] | None) -> None:
-    """One prepared ablation with the loaded model of ``run`` (``loaded_feed``: its feed size as loaded)."""
-    job, stats, chosen, head_sets, prompt = prepared.job, prepared.stats, prepared.chosen, prepared.head_sets, \
-        prepared.prompt
-    pairs, corner, out, share = job.dataset.pairs, job.dataset.corner, prepared.out, run.share
-    adapter = run.adapter
-    if prepared.feed_size or loaded_feed:
-        adapter.set_feed_size(prepared.feed_size or loaded_feed)
+def _ablate_group(args, run: Run, group: list[Prepared], loaded_feed: tuple[int, int] | None) -> None:
+    """The prepared ablations of one corner's pairs (``_same_inputs``) with the loaded model of ``run``
+    (``loaded_feed``: its feed size as loaded): each batch's whole forward once for all of them, each
+    ablation's reruns from its own lowest layer, as alone; each into its own folder."""
+    dataset, prompt, share, adapter = group[0].job.dataset, group[0].prompt, run.share, run.adapter
+    if group[0].feed_size or loaded_feed:
+        adapter.set_feed_size(group[0].feed_size or loaded_feed)
+    started = [_start_ablation(args, run, prepared) for prepared in group]
+    answer_ids = yes_no_ids(adapter.tokenizer)
+    layers = sorted({layer for prepared in group for heads in prepared.head_sets for layer, _ in heads})
+    means = head_means(adapter, dataset.pairs, prompt, layers, run.batch_size) if args.mode == "mean" else None
+
+    def ablate(chunk: list[Pair]):
+        measured = measure_groups(adapter, encode_pairs(adapter, chunk, prompt),
+                                  [prepared.head_sets for prepared in group], answer_ids, means,
+                                  answer_only=args.positions == "answer", sets_per_forward=args.sets_per_forward)
+        for i, pair in enumerate(chunk):
+            yield tuple({"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
+                        for base, ablated in measured)
+
+    stored = resumable_map_many(share, [(prepared.results, identity) for prepared, (_, identity, _, _) in
+                                        zip(group, started)], dataset.pairs, ablate, batch_size=run.batch_size,
+                                desc=f"ablation {dataset.corner} {' '.join(p.job.heads for p in group)} "
+                                     f"({sum(len(p.head_sets) for p in group)} head sets)", unit="pair")
+    if not share.is_main:
+        return
+    for prepared, (job_run, _, record, since), records in zip(group, started, stored):
+        _finish_ablation(args, job_run, prepared, records, answer_ids, {**record, "timing": {
+            **job_run.timing(records.made, since), **({"ablations_sharing_forwards": len(group)}
+                                                       if len(group) > 1 else {})}})
+
+
+def _start_ablation(args, run: Run, prepared: Prepared) -> tuple[Run, dict, dict, tuple[float, float]]:
+    """One ablation's checks with the loaded model, and its run.json started: its own run (what run.json records:
+    this ablation's inputs), its folder's identity, its run.json record and the clocks its timing starts from."""
+    job, stats, chosen = prepared.job, prepared.stats, prepared.chosen
+    adapter, out = run.adapter, prepared.out
     settings = {**run.settings, "dataset": str(job.dataset.folder), "stats_dir": str(job.stats_dir),
                 "analysis_dir": job.analysis_dir and str(job.analysis_dir), "heads": job.heads, "out_dir": str(out)}
     run = replace(run, options=replace(run.options, feed_size=prepared.feed_size), out=out, data=job.dataset.folder,
-                  settings=settings)  # run.json: this ablation's own inputs
+                  settings=settings)
     if stats.full.shape[1] != adapter.num_heads:
         raise DataError(f"{job.stats_dir}: scored {stats.full.shape[1]} heads per layer, the model has "
                         f"{adapter.num_heads}; the stats dir comes from another model")
     check_heads(chosen, job.heads, adapter.num_layers, adapter.num_heads)
-    log.info("%s: ablating %s (%s, mode %s, %s positions) on %d pairs, %d random controls", corner,
-             " ".join(map(head_name, chosen)), job.heads, args.mode, args.positions, len(pairs), args.random_controls)
-
+    log.info("%s: ablating %s (%s, mode %s, %s positions) on %d pairs, %d random controls", job.dataset.corner,
+             " ".join(map(head_name, chosen)), job.heads, args.mode, args.positions, len(job.dataset.pairs),
+             args.random_controls)
     identity = {**run.identity(), **prepared.settings}
-    share.main_checks(lambda: check_identity(prepared.results.path, identity, "--out-dir"))  # before run.json changes
+    run.share.main_checks(lambda: check_identity(prepared.results.path, identity, "--out-dir"))  # before run.json
     record, since = run.record(dataset=str(job.dataset.folder)), run.now()
-    if share.is_main:
+    if run.share.is_main:
         start_run(out / "run.json", record)
-    answer_ids = yes_no_ids(adapter.tokenizer)
-    layers = sorted({layer for heads in head_sets for layer, _ in heads})
-    means = head_means(adapter, pairs, prompt, layers, run.batch_size) if args.mode == "mean" else None
+    return run, identity, record, since
 
-    def ablate(chunk: list[Pair]) -> list[dict]:
-        base, ablated = measure(adapter, encode_pairs(adapter, chunk, prompt), head_sets, answer_ids, means,
-                                answer_only=args.positions == "answer", sets_per_forward=args.sets_per_forward)
-        return [{"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
-                for i, pair in enumerate(chunk)]
 
-    records = resumable_map(share, prepared.results, pairs, ablate, identity, batch_size=run.batch_size,
-                            desc=f"ablation {corner} {job.heads} ({len(head_sets)} head sets)", unit="pair")
-    if not share.is_main:
-        return
+def _finish_ablation(args, run: Run, prepared: Prepared, records, answer_ids, record: dict) -> None:
+    """One ablation's outputs from its ``records`` and its finished run.json (``record``)."""
+    job, out = prepared.job, prepared.out
     base = np.array([r["log_odds"] for r in records])  # [N, 2]
     ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
-    metrics = write_outputs(out, adapter, pairs, corner, prompt, job.heads, args.mode, args.positions, run.options.seed,
-                            head_sets, base, ablated, answer_ids, which_pairs(job))
-    finish_run(out / "run.json", {**record, "timing": run.timing(records.made, since)})
+    metrics = write_outputs(out, run.adapter, job.dataset.pairs, job.dataset.corner, prepared.prompt, job.heads,
+                            args.mode, args.positions, run.options.seed, prepared.head_sets, base, ablated,
+                            answer_ids, which_pairs(job))
+    finish_run(out / "run.json", record)
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "
-             "p_drop %.3g -> %s", corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
+             "p_drop %.3g -> %s", job.dataset.corner, m["effect"], ci, m["random_mean"], m["p_drop"], out)
 
 
 def planned_forwards(pairs: int, datasets: int, specs: list[str], batch: int, num_layers: int, num_heads: int,
                      random_controls: int, mode: str = "zero", sets_per_forward: int = 8, positions: str = "all"
                      ) -> list[Forwards]:
-    """The forwards of one model's ablations: on each of ``datasets`` data sets of ``pairs`` pairs, per --heads
-    spec, ``measure``'s with the chosen set and its null sets. The heads are found by the run, so their lowest
-    layer is planned at the expected lowest of as many heads placed at random (``planned_heads``)."""
-    planned = []
+    """The forwards of one model's ablations: on each of ``datasets`` data sets of ``pairs`` pairs, one whole
+    forward of each batch for every --heads spec together (``measure_groups``), then per spec the reruns of the
+    chosen set and its null sets. The heads are found by the run, so their lowest layer is planned at the
+    expected lowest of as many heads placed at random (``planned_heads``)."""
+    planned = ablation_measure.whole_forwards(pairs, batch, num_layers, means=mode == "mean") if specs else []
     for spec in specs:
         per_layer, lowest = planned_heads(spec)
         sets = 1 + null_set_count(per_layer, num_heads, random_controls)
         first = lowest if lowest is not None else num_layers / (len(per_layer) + 1)
-        planned += [replace(f, inputs=f.inputs * datasets) for f in ablation_measure.planned_forwards(
-            pairs, batch, sets, num_layers, first, sets_per_forward, means=mode == "mean",
-            answer_only=positions == "answer")]
-    return planned
+        planned += ablation_measure.planned_forwards(pairs, batch, sets, num_layers, first, sets_per_forward,
+                                                     answer_only=positions == "answer")
+    return [replace(f, inputs=f.inputs * datasets) for f in planned]
 
 
 def _pair_effects(record: dict) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""What an ablation measures: the model's yes/no answer with heads removed, through the capture engine.
+"""What an ablation measures (the model's yes/no answer with heads removed, through the capture engine), and its
+table and figure.
 
 Ablating a head replaces its slice of its layer's per-head attention output,
 at every position (``--positions all``, the paper's) or at the answer position
@@ -22,7 +23,9 @@ It goes through the capture engine's attention function (``HeadAblation`` is an
 ``AttentionHook`` whose ``edit_output`` replaces the chosen slices), so the model
 code is never copied; with no head chosen the forward is the plain model's. Each
 batch runs once up to the lowest ablated layer; the layers above run again for
-several head sets per forward (``measure``, ``prefix.py``).
+several head sets per forward (``measure``, ``prefix.py``); several groups of
+head sets (--heads specs) on the same pairs share that one forward
+(``measure_groups``).
 
 Measured for every pair, image kind (full: subject in the corner, should be
 "yes"; control: subject removed, should be "no") and head set, at the answer
@@ -42,8 +45,13 @@ picked at random from the same layers?
 """
 from __future__ import annotations
 
+import csv
+import io
+from pathlib import Path
+
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from spatial_attention.common.errors import DataError, OptionError
@@ -51,8 +59,9 @@ from spatial_attention.data.counterfactual import Pair
 from spatial_attention.data.shapeworld import load_rgb
 from spatial_attention.engine.capture import AttentionHook, active, last_position_logits
 from spatial_attention.engine.prefix import answer_logits, run_prefix, upper_logits
-from spatial_attention.experiments.ablation_heads import Head
+from spatial_attention.experiments.ablation_heads import Head, head_name
 from spatial_attention.run.cost import Forwards, batched, chunks
+from spatial_attention.run.figures import save_figure
 from spatial_attention.stats.inference import bootstrap_ci
 
 KINDS = ("full", "control")
@@ -195,14 +204,31 @@ def measure(adapter, batch, head_sets: list[list[Head]], answer_ids: tuple[list[
 
     One plain forward runs the batch up to the lowest layer any set ablates (``prefix.run_prefix``); only the
     layers from there up run again, ``sets_per_forward`` copies of the batch per forward with a per-copy head set
-    (``HeadAblation``), and with ``answer_only`` only at the answer positions (``prefix.answer_logits``). Every forward has that many copies (the last is filled with unablated ones), and the
-    unablated log-odds are those of an unablated copy in the first: on a GPU, kernels round differently at
-    another batch size, which would otherwise be part of every effect."""
+    (``HeadAblation``), and with ``answer_only`` only at the answer positions (``prefix.answer_logits``). Every
+    forward has that many copies (the last is filled with unablated ones), and the unablated log-odds are those of
+    an unablated copy in the first: on a GPU, kernels round differently at another batch size, which would
+    otherwise be part of every effect."""
+    return measure_groups(adapter, batch, [head_sets], answer_ids, means, answer_only, sets_per_forward)[0]
+
+
+def measure_groups(adapter, batch, groups: list[list[list[Head]]], answer_ids: tuple[list[int], list[int]],
+                   means: dict[int, torch.Tensor] | None = None, answer_only: bool = False, sets_per_forward: int = 8
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``measure`` of each group of head sets (the ablations of several --heads specs on the same pairs), the same
+    numbers, from one whole forward of the batch: it keeps the input of each group's lowest ablated layer, and
+    each group reruns from its own, as it would alone."""
     if sets_per_forward < 2:
         raise ValueError("measure: sets_per_forward must be >= 2 (one unablated copy and one head set)")
+    firsts = [min(layer for heads in head_sets for layer, _ in heads) for head_sets in groups]
+    starts = run_prefix(adapter, batch, sorted(set(firsts)), keys_values=answer_only)[0]
+    return [_ablated_log_odds(adapter, batch, starts[first], head_sets, answer_ids, means, answer_only,
+                              sets_per_forward) for first, head_sets in zip(firsts, groups)]
+
+
+def _ablated_log_odds(adapter, batch, start, head_sets: list[list[Head]], answer_ids, means, answer_only: bool,
+                      sets_per_forward: int) -> tuple[np.ndarray, np.ndarray]:
+    """``measure``'s reruns from ``start`` (the prefix of the head sets' lowest layer)."""
     pairs = len(batch) // 2
-    first = min(layer for heads in head_sets for layer, _ in heads)
-    start = run_prefix(adapter, batch, [first], keys_values=answer_only)[0][first]
     rerun = answer_logits if answer_only else upper_logits  # an answer-position edit: that position alone reruns
     per_forward = sets_per_forward - 1
     base, ablated = None, []
@@ -217,16 +243,21 @@ def measure(adapter, batch, head_sets: list[list[Head]], answer_ids: tuple[list[
 
 
 def planned_forwards(pairs: int, batch: int, sets: int, num_layers: int, first_layer: float,
-                     sets_per_forward: int = 8, means: bool = False, answer_only: bool = False) -> list[Forwards]:
-    """The forwards of ``measure`` over ``pairs`` pairs, ``batch`` at a time, with ``sets`` head sets whose lowest
-    ablated layer is ``first_layer``: one whole forward of each batch, then ``sets_per_forward`` copies of it per
-    forward from that layer up (with ``answer_only``, of its answer positions); with ``means`` first
-    ``head_means``' pass."""
+                     sets_per_forward: int = 8, answer_only: bool = False) -> list[Forwards]:
+    """The reruns of ``measure`` over ``pairs`` pairs, ``batch`` at a time, with ``sets`` head sets whose lowest
+    ablated layer is ``first_layer``: ``sets_per_forward`` copies of each batch per forward from that layer up
+    (with ``answer_only``, of its answer positions). The whole forwards, one per batch (and with --mode mean
+    ``head_means``' pass), are shared by every group of head sets on those pairs: ``whole_forwards``."""
     rows = 2 * batched(pairs, batch)
     reruns = chunks(sets, sets_per_forward - 1) * sets_per_forward
-    return [Forwards(2 * pairs, rows, num_layers)] * (2 if means else 1) + [
-        Forwards(reruns * 2 * pairs, sets_per_forward * rows, num_layers - first_layer, full=False,
-                 answer_only=answer_only)]
+    return [Forwards(reruns * 2 * pairs, sets_per_forward * rows, num_layers - first_layer, full=False,
+                     answer_only=answer_only)]
+
+
+def whole_forwards(pairs: int, batch: int, num_layers: int, means: bool = False) -> list[Forwards]:
+    """The whole forwards of ``measure_groups`` over ``pairs`` pairs, ``batch`` at a time: one per batch, with
+    ``means`` first ``head_means``' pass."""
+    return [Forwards(2 * pairs, 2 * batched(pairs, batch), num_layers)] * (2 if means else 1)
 
 
 def encode_pairs(adapter, pairs: list[Pair], prompt: str):
@@ -260,3 +291,42 @@ def summarize(base: np.ndarray, ablated: np.ndarray, seed: int) -> dict:
                      "random_std": float(random_effects.std(ddof=1)) if n_random > 1 else None,
                      "p_drop": p_drop, "p_rise": p_rise, "p_two_sided": min(1.0, 2 * min(p_drop, p_rise))}
     return out
+
+
+def ablation_csv(pairs: list[Pair], head_sets: list[list[Head]], base: np.ndarray, ablated: np.ndarray) -> str:
+    """One row per (head set, pair, image kind)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["head_set", "heads", "pair_id", "kind", "log_odds", "unablated_log_odds", "delta_log_odds",
+                     "says_yes", "unablated_says_yes", "correct", "unablated_correct", "delta_correct"])
+    for s, heads in enumerate(head_sets):
+        name, heads_text = ("chosen" if s == 0 else f"random_{s - 1}"), " ".join(map(head_name, heads))
+        for i, pair in enumerate(pairs):
+            for k, kind in enumerate(KINDS):
+                now, then = float(ablated[s, i, k]), float(base[i, k])
+                right_now, right_then = int((now > 0) == (k == 0)), int((then > 0) == (k == 0))
+                writer.writerow([name, heads_text, pair.id, kind, now, then, now - then, int(now > 0),
+                                 int(then > 0), right_now, right_then, right_now - right_then])
+    return buffer.getvalue()
+
+
+def plot_effects(path: Path, metrics: dict, title: str) -> None:
+    """Per metric: a histogram of the random sets' mean effects, the chosen heads' effect marked."""
+    fig = Figure(figsize=(12, 6.5))
+    for ax, name in zip(fig.subplots(2, 3).ravel(), METRICS):
+        m = metrics[name]
+        ax.hist(m["random_effects"], bins=max(5, len(m["random_effects"]) // 2), color="0.65",
+                label=f"{len(m['random_effects'])} random sets")
+        ax.axvline(m["effect"], color="tab:red", linewidth=2, label="chosen heads")
+        if m["ci_lo"] is not None:
+            ax.axvspan(m["ci_lo"], m["ci_hi"], color="tab:red", alpha=0.15, label="chosen: 95% CI over pairs")
+        ax.axvline(0.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_title(f"{name}\np_drop {m['p_drop']:.3g}, p_rise {m['p_rise']:.3g}", fontsize=9)
+        ax.set_xlabel("mean change (ablated - unablated)", fontsize=8)
+        ax.set_ylabel("random sets", fontsize=8)
+        ax.locator_params(axis="x", nbins=5)
+        ax.tick_params(labelsize=7)
+    fig.axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)

@@ -55,9 +55,8 @@ from spatial_attention.data.counterfactual import split_pairs
 from spatial_attention.data.shapeworld import (FLIPPED_RELATION, RELATION_AXIS, Skipped, World, format_caption,
                                                iter_worlds, load_rgb)
 from spatial_attention.experiments import ablation_measure, patching
-from spatial_attention.experiments.ablation import plot_effects
 from spatial_attention.experiments.ablation_heads import head_name, heads_json, null_set_count, random_head_sets
-from spatial_attention.experiments.ablation_measure import measure, summarize, yes_no_ids
+from spatial_attention.experiments.ablation_measure import measure, plot_effects, summarize, yes_no_ids
 from spatial_attention.experiments.heads import rank_heads
 from spatial_attention.run import controls
 from spatial_attention.run.cli import add_model_args, add_shapeworld_args
@@ -173,10 +172,11 @@ def planned_forwards(args, pairs: int, batch: int, num_layers: int, num_heads: i
     heads = [(layer, h) for layer in range(num_layers) for h in range(num_heads)]
     chosen = [1] * min(args.max_heads, num_layers)
     sets = 1 + null_set_count(chosen, num_heads, args.random_sets)
+    tested = len(split_pairs(range(pairs), "test"))
     return patching.planned_forwards(len(found), heads, num_layers, HEADS_PER_FORWARD) * bool(found) + \
-        ablation_measure.planned_forwards(len(split_pairs(range(pairs), "test")), batch, sets, num_layers,
-                                          num_layers / (len(chosen) + 1), args.sets_per_forward,
-                                          answer_only=args.positions == "answer")
+        ablation_measure.whole_forwards(tested, batch, num_layers) + \
+        ablation_measure.planned_forwards(tested, batch, sets, num_layers, num_layers / (len(chosen) + 1),
+                                          args.sets_per_forward, answer_only=args.positions == "answer")
 
 
 def check_settings(args) -> None:

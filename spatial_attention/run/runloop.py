@@ -271,37 +271,58 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
     ``items`` (in their order; an item ``fn`` gave no record for is absent) as ``StoredRecords``, whose
     ``made`` counts the items this call ran (in every process); [] in the others.
     """
-    path = results.path
-    records = results.read()  # every process: what earlier runs finished (read once)
-    share.main_checks(lambda: check_results(results, identity, items, records))
-    if share.is_main and not records:
-        write_json(path.parent / IDENTITY_FILE, {RESULTS_KEY: path.name, **identity})
+    stored = resumable_map_many(share, [(results, identity)], items, lambda given: ((r,) for r in fn(given)),
+                                batch_size, desc, unit, prepare)
+    return stored[0] if stored else []
+
+
+def resumable_map_many(share: ProcessShare, targets: list[tuple[Results, dict]], items: Sequence,
+                       fn: Callable[[list], Iterable[tuple[dict, ...]]], batch_size: int = 1, desc: str = "",
+                       unit: str = "item", prepare: Callable[[list], object] | None = None) -> list[StoredRecords]:
+    """``resumable_map`` into several results files (``targets``: each with its identity) at once: ``fn`` gives per
+    item a tuple of records, one for each target (a batch's work shared by several analyses of the same items:
+    one forward, several head sets' ablations). An item runs when any target lacks it, and each record is
+    appended only where its target lacks it. Returns each target's ``StoredRecords`` in the main process, [] in
+    the others."""
+    records = [results.read() for results, _ in targets]  # every process: what earlier runs finished (read once)
+    for (results, identity), done in zip(targets, records):
+        share.main_checks(lambda: check_results(results, identity, items, done))
+    for (results, identity), done in zip(targets, records):
+        if share.is_main and not done:
+            write_json(results.path.parent / IDENTITY_FILE, {RESULTS_KEY: results.path.name, **identity})
     share.wait()
+    key_of = targets[0][0].item_key  # the targets' items are the same items
     unique: dict = {}  # key -> the first item with it
     for item in items:
-        unique.setdefault(results.item_key(item), item)
-    done = {results.record_key(record) for record in records}
-    todo = [item for key, item in unique.items() if key not in done]
+        unique.setdefault(key_of(item), item)
+    done = [{results.record_key(record) for record in found} for (results, _), found in zip(targets, records)]
+    todo = [item for key, item in unique.items() if any(key not in keys for keys in done)]
     if len(todo) < len(unique):
-        log.info("resuming: %d of %d %ss already in %s", len(unique) - len(todo), len(unique), unit, path)
+        log.info("resuming: %d of %d %ss already in %s", len(unique) - len(todo), len(unique), unit,
+                 ", ".join(str(results.path) for results, _ in targets))
     share.wait()  # every process has read what is done before any of them appends
     mine = share.take(todo)
     if share.size > 1:
         log.info("process %d of %d: %d of %d %ss to do", share.rank + 1, share.size, len(mine), len(todo), unit)
-    part = share.part_path(path)
+    parts = [share.part_path(results.path) for results, _ in targets]
     progress = tqdm(total=len(mine), desc=desc, unit=unit, disable=not share.is_main)
     chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
     for chunk, given in zip(chunks, chunks if prepare is None else ahead(prepare, chunks)):
-        for record in fn(given):
-            append_jsonl(part, record)
+        for made in fn(given):
+            for (results, _), part, keys, record in zip(targets, parts, done, made, strict=True):
+                if results.record_key(record) not in keys:
+                    append_jsonl(part, record)
         progress.update(len(chunk))
     progress.close()
     share.wait()
     if not share.is_main:
         return []
-    if share.size > 1 or len(record_files(path)) > 1:
-        _merge(results, list(unique))
-    return StoredRecords(results, list(unique), made=len(todo))
+    stored = []
+    for results, _ in targets:
+        if share.size > 1 or len(record_files(results.path)) > 1:
+            _merge(results, list(unique))
+        stored.append(StoredRecords(results, list(unique), made=len(todo)))
+    return stored
 
 
 def ahead(prepare: Callable[[list], object], chunks: list[list]) -> Iterator:
