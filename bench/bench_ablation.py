@@ -5,7 +5,8 @@
 On the ``tiny-random`` model (random weights, real architecture), for one chosen head set (two heads
 in each layer from the second up) and --random-controls random sets from its layers, over --pairs counterfactual pairs (generated):
 
-- ``engine``: ``measure`` as head_ablation.py runs it: one plain forward per batch of pairs, which keeps
+- ``engine``: ``measure``, as head_ablation.py runs each --heads spec (``measure_groups``, which shares the
+  plain forward between a corner's specs): one plain forward per batch of pairs, which keeps
   the input of the lowest ablated layer, then only the layers from there up, --sets-per-forward head
   sets per forward (the batch repeated once per set);
 - ``whole_forward``: the path before it: the whole model (vision encoder included) once per head set,

@@ -540,6 +540,31 @@ def test_interrupted_ablation_resumes_with_the_missing_pairs(ablated, tmp_path, 
         assert (copy / name).read_text() == (ablated[1] / name).read_text(), name
 
 
+def test_a_spec_added_to_a_half_done_ablation_shares_the_rest_and_redoes_nothing(ablated, tmp_path, monkeypatch):
+    """top:1 killed after two of four pairs, rerun beside a new top:2: the first two pairs' forwards ablate only
+    top:2's sets, the last two both; top:1's results equal an unbroken run's, and each run.json counts the pairs
+    it was given."""
+    from spatial_attention.experiments import ablation
+
+    argv, out = ablated
+    parent = tmp_path / "sweep"
+    half = shutil.copytree(out, parent / "ablation_topleft_top-1")
+    lines = (half / PAIRS_FILE).read_text().splitlines(keepends=True)
+    (half / PAIRS_FILE).write_text("".join(lines[:2]))
+    (half / "summary.json").unlink()
+    groups, real = [], ablation.measure_groups
+    monkeypatch.setattr(ablation, "measure_groups", lambda adapter, batch, sets, *rest, **options:
+                        groups.append(len(sets)) or real(adapter, batch, sets, *rest, **options))
+    heads, out_dir = argv.index("--heads"), argv.index("--out-dir")
+    main([*argv[:heads + 2], "top:2", *argv[heads + 2:out_dir], "--out-parent", str(parent)])
+    assert groups == [1, 1, 2, 2]  # batch size 1 on the CPU
+    for name in ("ablation.csv", "summary.json", PAIRS_FILE):
+        assert (half / name).read_text() == (out / name).read_text(), name
+    items = [json.loads((parent / f"ablation_topleft_{spec}" / "run.json").read_text())["timing"]["items"]
+             for spec in ("top-1", "top-2")]
+    assert items == [2, 4]
+
+
 def test_out_dir_with_results_of_unknown_settings_is_refused(ablated, tmp_path, capsys, no_model_load):
     argv, copy = into_a_copy(ablated, tmp_path)
     (copy / IDENTITY_FILE).unlink()

@@ -76,14 +76,15 @@ def test_several_results_files_share_each_item_and_each_resumes_what_it_lacks(sh
     resumable_map(share, a, [1, 2], square, {"--heads": "a"})  # a has 1 and 2 from an earlier, interrupted run
     done = []
 
-    def both(chunk):
-        done.extend(chunk)
-        return zip(square(chunk), [{"key": k, "value": -k} for k in chunk])
+    def both(chunk, wanted):
+        done.append((chunk, wanted))
+        return zip(square(chunk) if wanted[0] else [None] * len(chunk), [{"key": k, "value": -k} for k in chunk])
 
     got = resumable_map_many(share, [(a, {"--heads": "a"}), (b, {"--heads": "b"})], [1, 2, 3], both, batch_size=2)
-    assert done == [1, 2, 3]  # b lacked them all
+    assert done == [([1, 2], (False, True)), ([3], (True, True))]  # b lacked them all; a's work not redone
     assert [r["value"] for r in lines(a.path)] == [1, 4, 9] and [r["value"] for r in lines(b.path)] == [-1, -2, -3]
-    assert [list(records) for records in got] == [lines(a.path), lines(b.path)] and got[0].made == 3
+    assert [list(records) for records in got] == [lines(a.path), lines(b.path)]
+    assert (got[0].made, got[1].made) == (1, 3)  # what each folder was given
     assert json.loads((b.path.parent / IDENTITY_FILE).read_text())["--heads"] == "b"
     done.clear()
     assert resumable_map_many(share, [(a, {"--heads": "a"}), (b, {"--heads": "b"})], [3], both)[1].made == 0

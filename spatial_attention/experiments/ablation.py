@@ -275,33 +275,35 @@ def _ablate_group(args, run: Run, group: list[Prepared], loaded_feed: tuple[int,
     if group[0].feed_size or loaded_feed:
         adapter.set_feed_size(group[0].feed_size or loaded_feed)
     started = [_start_ablation(args, run, prepared) for prepared in group]
+    since = run.now()  # the group's time: each folder's timing holds it, and its own outputs' writing
     answer_ids = yes_no_ids(adapter.tokenizer)
     layers = sorted({layer for prepared in group for heads in prepared.head_sets for layer, _ in heads})
     means = head_means(adapter, dataset.pairs, prompt, layers, run.batch_size) if args.mode == "mean" else None
 
-    def ablate(chunk: list[Pair]):
-        measured = measure_groups(adapter, encode_pairs(adapter, chunk, prompt),
-                                  [prepared.head_sets for prepared in group], answer_ids, means,
-                                  answer_only=args.positions == "answer", sets_per_forward=args.sets_per_forward)
+    def ablate(chunk: list[Pair], wanted: tuple[bool, ...]):
+        measured = iter(measure_groups(adapter, encode_pairs(adapter, chunk, prompt),
+                                       [prepared.head_sets for prepared, want in zip(group, wanted) if want],
+                                       answer_ids, means, answer_only=args.positions == "answer",
+                                       sets_per_forward=args.sets_per_forward))
+        by_group = [next(measured) if want else None for want in wanted]  # a folder that has the batch: nothing
         for i, pair in enumerate(chunk):
-            yield tuple({"id": pair.id, "log_odds": base[i].tolist(), "ablated_log_odds": ablated[:, i].tolist()}
-                        for base, ablated in measured)
+            yield tuple(None if got is None else {"id": pair.id, "log_odds": got[0][i].tolist(),
+                                                  "ablated_log_odds": got[1][:, i].tolist()} for got in by_group)
 
-    stored = resumable_map_many(share, [(prepared.results, identity) for prepared, (_, identity, _, _) in
+    stored = resumable_map_many(share, [(prepared.results, identity) for prepared, (_, identity, _) in
                                         zip(group, started)], dataset.pairs, ablate, batch_size=run.batch_size,
                                 desc=f"ablation {dataset.corner} {' '.join(p.job.heads for p in group)} "
                                      f"({sum(len(p.head_sets) for p in group)} head sets)", unit="pair")
     if not share.is_main:
         return
-    for prepared, (job_run, _, record, since), records in zip(group, started, stored):
-        _finish_ablation(args, job_run, prepared, records, answer_ids, {**record, "timing": {
-            **job_run.timing(records.made, since), **({"ablations_sharing_forwards": len(group)}
-                                                       if len(group) > 1 else {})}})
+    loop = run.timing(0, since)
+    for prepared, (job_run, _, record), records in zip(group, started, stored):
+        _finish_ablation(args, job_run, prepared, records, answer_ids, record, loop, len(group))
 
 
-def _start_ablation(args, run: Run, prepared: Prepared) -> tuple[Run, dict, dict, tuple[float, float]]:
+def _start_ablation(args, run: Run, prepared: Prepared) -> tuple[Run, dict, dict]:
     """One ablation's checks with the loaded model, and its run.json started: its own run (what run.json records:
-    this ablation's inputs), its folder's identity, its run.json record and the clocks its timing starts from."""
+    this ablation's inputs), its folder's identity and its run.json record."""
     job, stats, chosen = prepared.job, prepared.stats, prepared.chosen
     adapter, out = run.adapter, prepared.out
     settings = {**run.settings, "dataset": str(job.dataset.folder), "stats_dir": str(job.stats_dir),
@@ -317,21 +319,29 @@ def _start_ablation(args, run: Run, prepared: Prepared) -> tuple[Run, dict, dict
              args.random_controls)
     identity = {**run.identity(), **prepared.settings}
     run.share.main_checks(lambda: check_identity(prepared.results.path, identity, "--out-dir"))  # before run.json
-    record, since = run.record(dataset=str(job.dataset.folder)), run.now()
+    record = run.record(dataset=str(job.dataset.folder))
     if run.share.is_main:
         start_run(out / "run.json", record)
-    return run, identity, record, since
+    return run, identity, record
 
 
-def _finish_ablation(args, run: Run, prepared: Prepared, records, answer_ids, record: dict) -> None:
-    """One ablation's outputs from its ``records`` and its finished run.json (``record``)."""
-    job, out = prepared.job, prepared.out
+def _finish_ablation(args, run: Run, prepared: Prepared, records, answer_ids, record: dict, loop: dict,
+                     sharing: int) -> None:
+    """One ablation's outputs from its ``records``, and its run.json finished (``record``), with the ``timing`` of
+    its group's loop (``loop``: shared by ``sharing`` ablations, each of which records it whole) and of its own
+    outputs."""
+    job, out, written = prepared.job, prepared.out, run.now()
     base = np.array([r["log_odds"] for r in records])  # [N, 2]
     ablated = np.array([r["ablated_log_odds"] for r in records]).transpose(1, 0, 2)  # [S, N, 2]
     metrics = write_outputs(out, run.adapter, job.dataset.pairs, job.dataset.corner, prepared.prompt, job.heads,
                             args.mode, args.positions, run.options.seed, prepared.head_sets, base, ablated,
                             answer_ids, which_pairs(job))
-    finish_run(out / "run.json", record)
+    own = run.timing(records.made, written)
+    timing = {"items": own["items"], **{key: round(loop[key] + own[key], 3)
+                                        for key in ("forward_seconds", "other_seconds")}}
+    if sharing > 1:
+        timing["ablations_sharing_forwards"] = sharing
+    finish_run(out / "run.json", {**record, "timing": timing})
     m = metrics[PRIMARY]
     ci = "n/a" if m["ci_lo"] is None else f"{m['ci_lo']:+.3f}..{m['ci_hi']:+.3f}"
     log.info("%s: change of the log-odds on full images %+.3f (95%% CI %s), random sets %+.3f on average; "

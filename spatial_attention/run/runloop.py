@@ -11,7 +11,8 @@ calls, in this order:
   two and starts run.json, for an experiment with one results folder);
 - ``resumable_map(...)``: the items not yet done, appended as they finish,
   sharded over the processes of ``accelerate launch``, merged; it returns the
-  records of exactly the items asked for, which is what the summary covers.
+  records of exactly the items asked for, which is what the summary covers
+  (``resumable_map_many``: one item's work into several results folders).
 
 The identity of a folder (``identity.json`` beside its records) is everything
 that changes the numbers: the model (family, checkpoint, revision, dtype), the
@@ -271,24 +272,26 @@ def resumable_map(share: ProcessShare, results: Results, items: Sequence, fn: Ca
     ``items`` (in their order; an item ``fn`` gave no record for is absent) as ``StoredRecords``, whose
     ``made`` counts the items this call ran (in every process); [] in the others.
     """
-    stored = resumable_map_many(share, [(results, identity)], items, lambda given: ((r,) for r in fn(given)),
+    stored = resumable_map_many(share, [(results, identity)], items, lambda given, _: ((r,) for r in fn(given)),
                                 batch_size, desc, unit, prepare)
     return stored[0] if stored else []
 
 
 def resumable_map_many(share: ProcessShare, targets: list[tuple[Results, dict]], items: Sequence,
-                       fn: Callable[[list], Iterable[tuple[dict, ...]]], batch_size: int = 1, desc: str = "",
-                       unit: str = "item", prepare: Callable[[list], object] | None = None) -> list[StoredRecords]:
-    """``resumable_map`` into several results files (``targets``: each with its identity) at once: ``fn`` gives per
-    item a tuple of records, one for each target (a batch's work shared by several analyses of the same items:
-    one forward, several head sets' ablations). An item runs when any target lacks it, and each record is
-    appended only where its target lacks it. Returns each target's ``StoredRecords`` in the main process, [] in
-    the others."""
+                       fn: Callable[[object, tuple[bool, ...]], Iterable[tuple[dict | None, ...]]],
+                       batch_size: int = 1, desc: str = "", unit: str = "item",
+                       prepare: Callable[[list], object] | None = None) -> list[StoredRecords]:
+    """``resumable_map`` into several results files (``targets``: each with its identity) at once, a batch's work
+    shared by several analyses of the same items (one forward, several head specs' ablations): ``fn(batch,
+    wanted)`` gives per item a tuple of records, one for each target, where ``wanted`` says which targets lack an
+    item of the batch (the others' entries may be None: nothing of theirs is redone). An item runs when any target
+    lacks it, and each record is appended only where its target lacks it. Returns each target's
+    ``StoredRecords`` (``made``: the items appended to it) in the main process, [] in the others."""
     records = [results.read() for results, _ in targets]  # every process: what earlier runs finished (read once)
-    for (results, identity), done in zip(targets, records):
-        share.main_checks(lambda: check_results(results, identity, items, done))
-    for (results, identity), done in zip(targets, records):
-        if share.is_main and not done:
+    for (results, identity), found in zip(targets, records):
+        share.main_checks(lambda: check_results(results, identity, items, found))
+    for (results, identity), found in zip(targets, records):
+        if share.is_main and not found:
             write_json(results.path.parent / IDENTITY_FILE, {RESULTS_KEY: results.path.name, **identity})
     share.wait()
     key_of = targets[0][0].item_key  # the targets' items are the same items
@@ -296,10 +299,12 @@ def resumable_map_many(share: ProcessShare, targets: list[tuple[Results, dict]],
     for item in items:
         unique.setdefault(key_of(item), item)
     done = [{results.record_key(record) for record in found} for (results, _), found in zip(targets, records)]
-    todo = [item for key, item in unique.items() if any(key not in keys for keys in done)]
-    if len(todo) < len(unique):
-        log.info("resuming: %d of %d %ss already in %s", len(unique) - len(todo), len(unique), unit,
-                 ", ".join(str(results.path) for results, _ in targets))
+    lacking = [[key for key in unique if key not in keys] for keys in done]
+    for (results, _), missing in zip(targets, lacking):
+        if len(missing) < len(unique):
+            log.info("resuming: %d of %d %ss already in %s", len(unique) - len(missing), len(unique), unit,
+                     results.path)
+    todo = [unique[key] for key in unique if any(key not in keys for keys in done)]
     share.wait()  # every process has read what is done before any of them appends
     mine = share.take(todo)
     if share.size > 1:
@@ -308,9 +313,10 @@ def resumable_map_many(share: ProcessShare, targets: list[tuple[Results, dict]],
     progress = tqdm(total=len(mine), desc=desc, unit=unit, disable=not share.is_main)
     chunks = [mine[start:start + batch_size] for start in range(0, len(mine), batch_size)]
     for chunk, given in zip(chunks, chunks if prepare is None else ahead(prepare, chunks)):
-        for made in fn(given):
+        wanted = tuple(any(key_of(item) not in keys for item in chunk) for keys in done)
+        for made in fn(given, wanted):
             for (results, _), part, keys, record in zip(targets, parts, done, made, strict=True):
-                if results.record_key(record) not in keys:
+                if record is not None and results.record_key(record) not in keys:
                     append_jsonl(part, record)
         progress.update(len(chunk))
     progress.close()
@@ -318,10 +324,10 @@ def resumable_map_many(share: ProcessShare, targets: list[tuple[Results, dict]],
     if not share.is_main:
         return []
     stored = []
-    for results, _ in targets:
+    for (results, _), missing in zip(targets, lacking):
         if share.size > 1 or len(record_files(results.path)) > 1:
             _merge(results, list(unique))
-        stored.append(StoredRecords(results, list(unique), made=len(todo)))
+        stored.append(StoredRecords(results, list(unique), made=len(missing)))
     return stored
 
 
