@@ -103,3 +103,14 @@ def test_an_active_environment_is_used_where_the_checkout_has_none(bare_checkout
     env.update(VIRTUAL_ENV=sys.prefix, PYTHONPATH=str(REPO), MODELS="gpt4")
     done = _run(bare_checkout / "run_study.sh", env=env)
     assert done.returncode == 2 and done.stderr.splitlines()[-1].startswith("error: MODELS: 'gpt4' is not one of")
+
+
+@pytest.mark.parametrize("given, kept", [(None, "AUTO,STRICT"), ("COMPATIBLE", "COMPATIBLE")])
+def test_cpu_runs_repeat_their_bytes_unless_told_otherwise(given, kept):
+    """Every command imports the package before torch: it asks MKL for reproducible products (MKL_CBWR) before
+    torch loads MKL, and keeps a value the environment gives."""
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"} | ({"MKL_CBWR": given} if given else {})
+    done = subprocess.run([sys.executable, "-c", "import sys; import spatial_attention, os; "
+                           "print('torch' in sys.modules, os.environ['MKL_CBWR'])"],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", kept]
