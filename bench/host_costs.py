@@ -1,6 +1,6 @@
 """Benchmark: each study step's work outside its model's forwards, per run and per item, for the cost plan.
 
-    python bench/host_costs.py            # about 3 minutes here; writes bench/results/host_seconds.json
+    python bench/host_costs.py            # about 1.5 minutes here; writes bench/results/host_seconds.json
 
 What a step does besides starting processes, building models and running forwards (reading and encoding inputs,
 metrics, writing results, summaries, figures) runs on the host, at a cost per item (a world, a pair) and per run
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from spatial_attention.data.counterfactual import CORNERS  # noqa: E402  (after the path)
 from spatial_attention.study.calibration import import_seconds  # noqa: E402
 
-SIZES = (4, 12)  # items of the two runs of each kind
+SIZES = (8, 32)  # items of the two runs of each kind: far enough apart that the per-item slope is not run-to-run noise
 
 
 def run(script: str, *args: str) -> float:
